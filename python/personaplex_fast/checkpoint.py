@@ -1,0 +1,185 @@
+"""Loading LM checkpoints: official PyTorch safetensors or our converted directories.
+
+A model source is a local directory (official layout or `convert` output), a
+local `.safetensors` file, or a Hugging Face repo name such as
+`nvidia/personaplex-7b-v1`. Official key names are mapped onto ours here and
+nowhere else; every mismatch is reported by key and file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import CONFIG, LM_WEIGHTS, LMConfig
+from .errors import CheckpointError
+from .models.lm import LM
+
+# Written into config.json by `convert`; its presence means keys are already ours.
+CONVERTED_KEY = "personaplex_fast"
+_HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_ATTN = re.compile(r"^(transformer|depformer)\.layers\.(\d+)\.self_attn\."
+                   r"(in_proj_weight|in_proj\.weight|out_proj\.weight)$")
+# Per-codebook-step groups: a checkpoint may carry more depformer steps than we
+# run (PersonaPlex's generator was built with 16); the extra ones are unused.
+_STEP_KEYS = [
+    (re.compile(r"^depformer\.layers\.\d+\.gating\.(\d+)\."), 0),
+    (re.compile(r"^depformer\.layers\.\d+\.self_attn\.(?:in|out)_projs\.(\d+)\."), 0),
+    (re.compile(r"^linears\.(\d+)\."), 0),
+    (re.compile(r"^depformer_in\.(\d+)\."), 0),
+    (re.compile(r"^depformer_emb\.(\d+)\."), 1),
+]
+
+
+def is_hf_name(source: str) -> bool:
+    return not Path(source).exists() and bool(_HF_NAME.match(source))
+
+
+def resolve(source: str | Path, files: tuple[str, ...] = (LM_WEIGHTS,),
+            optional: tuple[str, ...] = (CONFIG,)) -> Path:
+    """A local directory holding `files` (and `optional` when available).
+
+    Hugging Face names are downloaded (with progress bars) into the HF cache.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.parent if path.is_file() else path
+    if not _HF_NAME.match(source):
+        raise CheckpointError(f"{source}: no such file or directory (and not a Hugging Face repo name)")
+    from .hub import download
+
+    return download(source, files, optional)
+
+
+def read_config(directory: Path) -> tuple[LMConfig, dict]:
+    file = directory / CONFIG
+    raw = {}
+    if file.exists():
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    try:
+        return LMConfig.load(directory), raw
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def _weights_file(source: Path) -> Path:
+    if source.is_file():
+        return source
+    file = source / LM_WEIGHTS
+    if not file.exists():
+        raise CheckpointError(f"{source}: no {LM_WEIGHTS} in this directory")
+    return file
+
+
+def load_weights(file: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except Exception as e:  # mlx raises plain exceptions for unreadable files
+        raise CheckpointError(f"{file}: cannot read safetensors ({e})") from None
+
+
+def from_official(weights: dict[str, mx.array], cfg: LMConfig, file: Path) -> dict[str, mx.array]:
+    """Official key names -> ours: split stacked attention projections per step,
+    drop depformer steps beyond dep_q."""
+    out = {}
+    d = cfg.depformer
+    for key, w in weights.items():
+        m = _ATTN.match(key)
+        if m is None:
+            out[key] = w
+            continue
+        part, layer, name = m.groups()
+        dim = cfg.dim if part == "transformer" else d.dim
+        rows = 3 * dim if name.startswith("in_proj") else dim
+        steps_we_run = cfg.dep_q if part == "depformer" and d.weights_per_step else 1
+        if w.ndim != 2 or w.shape[0] % rows or w.shape[0] // rows < steps_we_run:
+            raise CheckpointError(
+                f"{file}: {key} has shape {tuple(w.shape)}, expected ({steps_we_run * rows}, {dim})")
+        kind = "in_projs" if name.startswith("in_proj") else "out_projs"
+        for s in range(w.shape[0] // rows):
+            out[f"{part}.layers.{layer}.self_attn.{kind}.{s}.weight"] = w[s * rows:(s + 1) * rows]
+    if d.weights_per_step:
+        out = {k: v for k, v in out.items() if not _extra_step(k, cfg.dep_q)}
+    return out
+
+
+def _extra_step(key: str, dep_q: int) -> bool:
+    for pattern, shift in _STEP_KEYS:
+        m = pattern.match(key)
+        if m:
+            return int(m.group(1)) + shift >= dep_q
+    return False
+
+
+def to_official(params: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our key names -> official ones (stacked per-step attention projections)."""
+    out, stacks = {}, {}
+    for key, w in params.items():
+        m = re.match(r"^(.*\.self_attn)\.(in|out)_projs\.(\d+)\.weight$", key)
+        if m is None:
+            out[key] = w
+            continue
+        name = f"{m.group(1)}.in_proj_weight" if m.group(2) == "in" else f"{m.group(1)}.out_proj.weight"
+        stacks.setdefault(name, {})[int(m.group(3))] = w
+    for name, parts in stacks.items():
+        out[name] = mx.concatenate([parts[i] for i in sorted(parts)], axis=0)
+    return out
+
+
+def check_keys(model: nn.Module, weights: dict[str, mx.array], file: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{file}: missing key {missing[0]}{more}")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{file}: unexpected key {unexpected[0]}{more}")
+    for key, w in weights.items():
+        if tuple(w.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{file}: {key} has shape {tuple(w.shape)}, expected {tuple(expected[key].shape)}")
+
+
+def quantizable(group_size: int):
+    """Which layers `convert` quantizes: linears whose input width the group divides."""
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
+
+    return predicate
+
+
+def load_lm(source: str | Path, dtype: mx.Dtype | None = None) -> LM:
+    """Build the LM from any supported source, checking every key and shape."""
+    directory = resolve(source)
+    path = Path(source).expanduser()
+    file = _weights_file(path if path.is_file() else directory)
+    cfg, raw = read_config(directory)
+    model = LM(cfg)
+    weights = load_weights(file)
+    converted = raw.get(CONVERTED_KEY)
+    if converted:
+        q = converted.get("quantization")
+        if q:
+            nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                        class_predicate=quantizable(q["group_size"]))
+    else:
+        weights = from_official(weights, cfg, file)
+    check_keys(model, weights, file)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model

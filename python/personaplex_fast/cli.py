@@ -1,0 +1,75 @@
+"""`personaplex-fast`: the one command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+def _make_tiny(args) -> None:
+    from .tiny import make_tiny
+
+    path = make_tiny(args.dir, seed=args.seed)
+    print(f"wrote a tiny random checkpoint to {path}")
+
+
+def _convert(args) -> None:
+    import mlx.core as mx
+
+    from .convert import convert
+
+    dtype = {"bf16": mx.bfloat16, "fp16": mx.float16, "fp32": mx.float32, None: None}[args.dtype]
+    path = convert(args.src, args.dst, q_bits=args.q_bits, group_size=args.group_size, dtype=dtype)
+    print(f"wrote {path}")
+
+
+def _lm_run(args) -> None:
+    from .lmrun import run
+
+    run(args.model, frames=args.frames, seed=args.seed, greedy=args.greedy, batch=args.batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="personaplex-fast", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official format")
+    s.add_argument("dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_make_tiny)
+
+    s = sub.add_parser("convert", help="official checkpoint -> MLX-ready directory")
+    s.add_argument("src", help="HF repo name, checkpoint directory or model.safetensors")
+    s.add_argument("dst")
+    s.add_argument("--q-bits", type=int, choices=(4, 8), default=None)
+    s.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="cast unquantized weights (default: keep the checkpoint's)")
+    s.set_defaults(func=_convert)
+
+    s = sub.add_parser("lm-run", help="step the language model on silence and time it")
+    s.add_argument("--model", required=True, help="HF repo name or local checkpoint")
+    s.add_argument("--frames", type=int, default=100)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--greedy", action="store_true")
+    s.set_defaults(func=_lm_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"personaplex-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

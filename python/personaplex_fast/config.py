@@ -1,0 +1,172 @@
+"""Model configuration: frozen dataclasses read from a checkpoint's config.json.
+
+The field names follow the official `lm_config` keys (the flat dict Kyutai's
+`config.json` files and `moshi.models.loaders._lm_kwargs` use), so a config.json
+from either model repo maps onto them without renaming. Keys we do not model are
+ignored; absent keys take the official PersonaPlex / Moshi 7B value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The three file names used by both official model repos.
+LM_WEIGHTS = "model.safetensors"
+MIMI_WEIGHTS = "tokenizer-e351c8d8-checkpoint125.safetensors"
+TEXT_TOKENIZER = "tokenizer_spm_32k_3.model"
+CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class DepformerConfig:
+    """The small transformer that emits the model's audio codebooks one by one."""
+
+    dim: int = 1024
+    num_heads: int = 16
+    num_layers: int = 6
+    dim_feedforward: int = 4224  # int(4.125 * 1024)
+    # One set of attention/FFN weights per codebook step ("weights per step").
+    weights_per_step: bool = True
+    # One input projection from the temporal output per codebook ("multi linear").
+    multi_linear: bool = True
+    # The official model uses no positional embedding in the depformer; its
+    # attention spans the dep_q steps of one frame.
+    pos_emb: str = "none"
+    max_period: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return _gated_hidden(self.dim, self.dim_feedforward)
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The temporal transformer, its embeddings and heads, and the depformer."""
+
+    dim: int = 4096
+    num_heads: int = 32
+    num_layers: int = 32
+    hidden_scale: float = 4.125
+    context: int = 3000
+    max_period: float = 10000.0
+    norm: str = "rms_norm_f32"
+    positional_embedding: str = "rope"
+    gating: str = "silu"
+    text_card: int = 32000
+    existing_text_padding_id: int = 3
+    existing_text_end_padding_id: int = 0
+    card: int = 2048
+    n_q: int = 16
+    dep_q: int = 8
+    delays: tuple[int, ...] = (0, 0) + (1,) * 7 + (0,) + (1,) * 7
+    depformer: DepformerConfig = field(default_factory=DepformerConfig)
+
+    def __post_init__(self):
+        if len(self.delays) != self.n_q + 1:
+            raise ValueError(
+                f"config: {len(self.delays)} delays given, need n_q + 1 = {self.n_q + 1}"
+            )
+        if self.dim % self.num_heads:
+            raise ValueError(f"config: dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.norm not in ("rms_norm_f32", "rms_norm"):
+            raise ValueError(f"config: norm {self.norm!r} is not supported (rms_norm_f32, rms_norm)")
+        if self.gating != "silu":
+            raise ValueError(f"config: gating {self.gating!r} is not supported (silu)")
+        if self.positional_embedding != "rope":
+            raise ValueError(
+                f"config: positional_embedding {self.positional_embedding!r} is not supported (rope)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        return _gated_hidden(self.dim, int(self.hidden_scale * self.dim))
+
+    @property
+    def norm_eps(self) -> float:
+        # Moshi's float32 RMSNorm uses eps 1e-8, the plain one 1e-5.
+        return 1e-8 if self.norm == "rms_norm_f32" else 1e-5
+
+    @property
+    def max_delay(self) -> int:
+        return max(self.delays)
+
+    @property
+    def user_q(self) -> int:
+        """Audio codebooks fed by the user stream (the ones the model does not emit)."""
+        return self.n_q - self.dep_q
+
+    @property
+    def text_initial_token(self) -> int:
+        return self.text_card
+
+    @property
+    def audio_initial_token(self) -> int:
+        return self.card
+
+    def to_dict(self) -> dict:
+        """The flat official layout (depformer fields prefixed), ready for config.json."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "depformer"}
+        out["delays"] = list(self.delays)
+        for f in dataclasses.fields(DepformerConfig):
+            out[_DEP_KEYS.get(f.name, "depformer_" + f.name)] = getattr(self.depformer, f.name)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "LMConfig":
+        dep = {}
+        for f in dataclasses.fields(DepformerConfig):
+            key = _DEP_KEYS.get(f.name, "depformer_" + f.name)
+            if key in raw:
+                dep[f.name] = raw[key]
+        top = {}
+        for f in dataclasses.fields(cls):
+            if f.name in raw and f.name != "depformer":
+                top[f.name] = raw[f.name]
+        if "delays" in top:
+            top["delays"] = tuple(int(d) for d in top["delays"])
+        return cls(depformer=DepformerConfig(**dep), **top)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LMConfig":
+        """Read `config.json` from a checkpoint directory (or the file itself).
+
+        A directory without config.json gets the official 7B configuration.
+        """
+        path = Path(path)
+        file = path / CONFIG if path.is_dir() else path
+        if not file.exists():
+            return cls()
+        try:
+            raw = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if "lm_config" in raw and isinstance(raw["lm_config"], dict):
+            raw = {**raw, **raw["lm_config"]}
+        return cls.from_dict(raw)
+
+
+# Official names of the depformer fields that are not simply "depformer_<field>".
+_DEP_KEYS = {
+    "pos_emb": "depformer_pos_emb",
+    "dim": "depformer_dim",
+    "dim_feedforward": "depformer_dim_feedforward",
+}
+
+
+def _gated_hidden(dim: int, dim_feedforward: int) -> int:
+    # Moshi's gated FFN keeps 2/3 of the nominal width (one matrix becomes two),
+    # with 21/8 * dim as the special case for a nominal 4 * dim.
+    if dim_feedforward == 4 * dim:
+        return (21 * dim) // 8
+    return (2 * dim_feedforward) // 3

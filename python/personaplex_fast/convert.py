@@ -1,0 +1,64 @@
+"""`convert`: an official checkpoint -> an MLX-ready directory.
+
+The output holds the weights under our own key names (attention projections
+already split per step), optionally quantized in MLX's affine layout, so
+loading is a straight read with no re-layout; the codec, tokenizer and voices
+are carried along unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from tqdm import tqdm
+
+from .checkpoint import CONVERTED_KEY, load_lm, quantizable, resolve
+from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, TEXT_TOKENIZER
+from .errors import CheckpointError
+
+CARRIED = (MIMI_WEIGHTS, TEXT_TOKENIZER, "voices.tgz", "mimi_config.json", "tokenizer.model")
+
+
+def convert(source: str | Path, dest: str | Path, q_bits: int | None = None,
+            group_size: int = 64, dtype: mx.Dtype | None = None) -> Path:
+    if q_bits not in (None, 4, 8):
+        raise CheckpointError(f"--q-bits must be 4 or 8, got {q_bits}")
+    dest = Path(dest)
+    src_dir = resolve(source, optional=(CONFIG, MIMI_WEIGHTS, TEXT_TOKENIZER, "voices.tgz"))
+    if dest.exists() and any(dest.iterdir()):
+        raise CheckpointError(f"{dest}: destination exists and is not empty; remove it or choose another")
+    steps = tqdm(total=4, desc="convert", unit="step")
+    model = load_lm(source, dtype=dtype)
+    steps.update()
+    if q_bits:
+        nn.quantize(model, group_size=group_size, bits=q_bits, class_predicate=quantizable(group_size))
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(weights)
+    steps.update()
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / LM_WEIGHTS), weights, metadata={"format": "mlx"})
+    config = model.cfg.to_dict()
+    config[CONVERTED_KEY] = {
+        "format": 1,
+        "quantization": {"bits": q_bits, "group_size": group_size} if q_bits else None,
+    }
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    steps.update()
+    for name in CARRIED:
+        if (src_dir / name).exists():
+            shutil.copy2(src_dir / name, tmp / name)
+    # Written aside and moved into place last, so an interrupted run never leaves
+    # a directory that looks complete.
+    if dest.exists():
+        dest.rmdir()
+    tmp.rename(dest)
+    steps.update()
+    steps.close()
+    return dest

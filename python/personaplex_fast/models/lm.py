@@ -1,0 +1,187 @@
+"""The PersonaPlex / Moshi language model: temporal transformer + depformer.
+
+One step consumes one 80 ms frame per session: the user's audio codes come in,
+one text token and the model's `dep_q` audio codes come out. The streams are
+offset in time by the acoustic delays (`config.delays`); the step keeps a small
+ring of delayed tokens per session, so the caller feeds and receives aligned
+frames and never sees the delays, exactly like the official `LMGen.step`:
+
+    inputs at frame t   text(t-1 generated), model audio, user audio, each read
+                        from the delayed token ring at t
+    outputs at frame t  the frame whose last delayed stream just completed
+                        (max_delay frames late; earlier outputs are invalid)
+
+A batch holds B independent sessions with their own positions; `LMState` is the
+whole per-session state and can be reset per session.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import RingKVCache
+from ..config import LMConfig
+from ..sampling import SamplingConfig, sample
+from .transformer import RMSNorm, Transformer
+
+ZERO_TOKEN = -1  # "no input": its embedding is exactly zero
+UNGENERATED = -2  # output slot not produced yet (warm-up frames)
+
+
+def embed(table: nn.Embedding, ids: mx.array) -> mx.array:
+    out = table(mx.maximum(ids, 0))
+    return mx.where((ids == ZERO_TOKEN)[..., None], mx.zeros((), out.dtype), out)
+
+
+@dataclass
+class LMState:
+    """Per-session streaming state for a batch of sessions."""
+
+    kv: RingKVCache
+    offsets: mx.array  # [B] frames stepped so far, per session
+    tokens: mx.array  # [B, 1 + n_q, max_delay + 2] delayed token ring
+    key: mx.array  # sampling PRNG key
+
+    def reset(self, sessions: list[int] | None = None) -> None:
+        """Restart the given sessions (all if None) from frame 0.
+
+        Their KV slots need no clearing: attention only reads positions at or
+        after the session's restart, which are rewritten before being read.
+        """
+        B = self.offsets.shape[0]
+        mask = mx.ones((B,), dtype=mx.bool_)
+        if sessions is not None:
+            mask = mx.zeros((B,), dtype=mx.bool_)
+            mask[mx.array(sessions, dtype=mx.int32)] = True
+        self.offsets = mx.where(mask, 0, self.offsets)
+        self.tokens = mx.where(mask[:, None, None], UNGENERATED, self.tokens)
+
+
+@dataclass
+class StepOutput:
+    text: mx.array  # [B] int32, UNGENERATED where not valid yet
+    audio: mx.array  # [B, dep_q] int32, UNGENERATED where not valid yet
+    valid: mx.array  # [B] bool
+    text_logits: mx.array  # [B, text_card] logits of the token sampled this step
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.depformer
+        f32 = cfg.norm == "rms_norm_f32"
+        self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
+        self.emb = [nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)]
+        self.transformer = Transformer(
+            cfg.num_layers, dim=cfg.dim, num_heads=cfg.num_heads, ffn_hidden=cfg.ffn_hidden,
+            norm_eps=cfg.norm_eps, norm_f32=f32)
+        self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps, f32)
+        self.text_linear = nn.Linear(cfg.dim, cfg.text_card, bias=False)
+        n_in = cfg.dep_q if d.multi_linear else 1
+        self.depformer_in = [nn.Linear(cfg.dim, d.dim, bias=False) for _ in range(n_in)]
+        self.depformer_text_emb = nn.Embedding(cfg.text_card + 1, d.dim)
+        self.depformer_emb = [nn.Embedding(cfg.card + 1, d.dim) for _ in range(cfg.dep_q - 1)]
+        steps = cfg.dep_q if d.weights_per_step else 1
+        self.depformer = Transformer(
+            d.num_layers, dim=d.dim, num_heads=d.num_heads, ffn_hidden=d.ffn_hidden,
+            norm_eps=cfg.norm_eps, norm_f32=f32, steps=steps)
+        self.linears = [nn.Linear(d.dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.text_emb.weight.dtype
+
+    def new_state(self, batch: int, seed: int = 0) -> LMState:
+        cfg = self.cfg
+        kv = RingKVCache(cfg.num_layers, batch, cfg.num_heads, cfg.context, cfg.head_dim, self.dtype)
+        tokens = mx.full((batch, cfg.n_q + 1, cfg.max_delay + 2), UNGENERATED, dtype=mx.int32)
+        return LMState(kv, mx.zeros((batch,), dtype=mx.int32), tokens, mx.random.key(seed))
+
+    def embed_frame(self, tokens: mx.array) -> mx.array:
+        """tokens [B, 1 + n_q] (text, model audio, user audio) -> [B, 1, dim]."""
+        x = embed(self.text_emb, tokens[:, :1])
+        for c in range(self.cfg.n_q):
+            x = x + embed(self.emb[c], tokens[:, 1 + c:2 + c])
+        return x
+
+    def temporal(self, x: mx.array, state: LMState) -> tuple[mx.array, mx.array]:
+        """[B, 1, dim] embeddings -> (normed hidden [B, 1, dim], text logits [B, text_card])."""
+        h = self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period)
+        h = self.out_norm(h)
+        return h, self.text_linear(h)[:, 0]
+
+    def depformer_frame(self, h: mx.array, text: mx.array, sampling: SamplingConfig,
+                        key: mx.array) -> mx.array:
+        """Sample the dep_q model codebooks of one frame, in order. h: [B, 1, dim]."""
+        cfg, d = self.cfg, self.cfg.depformer
+        B = h.shape[0]
+        # A fresh cache per frame: the depformer's context is the frame's own steps.
+        cache = RingKVCache(d.num_layers, B, d.num_heads, cfg.dep_q, d.head_dim, h.dtype)
+        rope = d.max_period if d.pos_emb == "rope" else None
+        keys = mx.random.split(key, cfg.dep_q)
+        prev, codes = text, []
+        for k in range(cfg.dep_q):
+            x = self.depformer_in[k if d.multi_linear else 0](h)
+            table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
+            x = x + embed(table, prev[:, None])
+            pos = mx.full((B,), k, dtype=mx.int32)
+            x = self.depformer(x, cache, pos, k if d.weights_per_step else 0, rope)
+            logits = self.linears[k](x)[:, 0]
+            prev = sample(logits, sampling.temp_audio, sampling.topk_audio, sampling.greedy, keys[k])
+            codes.append(prev)
+        return mx.stack(codes, axis=1)
+
+    def step(self, state: LMState, user_codes: mx.array,
+             sampling: SamplingConfig = SamplingConfig()) -> StepOutput:
+        """One frame for every session. user_codes: [B, n_q - dep_q] int (aligned, undelayed)."""
+        cfg = self.cfg
+        B = state.offsets.shape[0]
+        ring = state.tokens.shape[-1]
+        delays = mx.array(cfg.delays, dtype=mx.int32)
+        o = state.offsets
+        user = mx.array(user_codes).astype(mx.int32).reshape(B, cfg.user_q)
+
+        # The user's streams enter the ring at their own delay.
+        user_delays = delays[1 + cfg.dep_q:]
+        tokens = _ring_write(state.tokens, 1 + cfg.dep_q, user, (o[:, None] + user_delays) % ring)
+
+        # This frame's input: the ring at o, or the initial token while a stream's
+        # delay has not elapsed yet.
+        cur = _ring_read(tokens, (o % ring)[:, None] + mx.zeros((1, cfg.n_q + 1), mx.int32))
+        initial = mx.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, mx.int32)
+        cur = mx.where(o[:, None] <= delays[None, :], initial[None, :], cur)
+
+        h, text_logits = self.temporal(self.embed_frame(cur), state)
+        key, k_text, k_audio = mx.random.split(state.key, 3)
+        text = sample(text_logits, sampling.temp_text, sampling.topk_text, sampling.greedy, k_text)
+        audio = self.depformer_frame(h, text, sampling, k_audio)
+
+        o = o + 1
+        generated = mx.concatenate([text[:, None], audio], axis=1)
+        tokens = _ring_write(tokens, 0, generated, (o % ring)[:, None] + mx.zeros((1, 1 + cfg.dep_q), mx.int32))
+        gen_delays = delays[:1 + cfg.dep_q]
+        out = _ring_read(tokens, (o[:, None] - cfg.max_delay + gen_delays[None, :]) % ring)
+        valid = o > cfg.max_delay
+        out = mx.where(valid[:, None], out, UNGENERATED)
+
+        state.offsets, state.tokens, state.key = o, tokens, key
+        return StepOutput(out[:, 0], out[:, 1:], valid, text_logits)
+
+
+def _ring_write(tokens: mx.array, first: int, values: mx.array, slots: mx.array) -> mx.array:
+    """tokens[b, first + c, slots[b, c]] = values[b, c], for per-session slots."""
+    n = values.shape[1]
+    ring = tokens.shape[-1]
+    hit = mx.arange(ring)[None, None, :] == slots[:, :, None]
+    block = mx.where(hit, values[:, :, None], tokens[:, first:first + n])
+    return mx.concatenate([tokens[:, :first], block, tokens[:, first + n:]], axis=1)
+
+
+def _ring_read(tokens: mx.array, slots: mx.array) -> mx.array:
+    """tokens[b, c, slots[b, c]] for the first slots.shape[1] streams."""
+    n = slots.shape[1]
+    return mx.take_along_axis(tokens[:, :n], slots[:, :, None], axis=2)[:, :, 0]

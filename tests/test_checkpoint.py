@@ -1,0 +1,157 @@
+"""Checkpoint loading, key checking, make-tiny and convert, through the CLI as a user runs them."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from personaplex_fast.checkpoint import load_lm
+from personaplex_fast.config import LMConfig
+from personaplex_fast.errors import CheckpointError
+from personaplex_fast.sampling import SamplingConfig
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "personaplex_fast.cli", *args],
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cli {args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    cli("make-tiny", str(d))
+    return d
+
+
+def logits_for(model, frames=6, seed=0):
+    rng = np.random.default_rng(seed)
+    state = model.new_state(1)
+    out = []
+    for _ in range(frames):
+        step = model.step(state, mx.array(rng.integers(0, model.cfg.card, (1, model.cfg.user_q))),
+                          SamplingConfig(greedy=True))
+        out.append(np.array(step.text_logits.astype(mx.float32)))
+    return np.stack(out)
+
+
+def test_make_tiny_writes_official_layout(tiny):
+    from safetensors import safe_open
+
+    with safe_open(str(tiny / "model.safetensors"), "np") as f:
+        keys = set(f.keys())
+    assert "transformer.layers.0.self_attn.in_proj_weight" in keys
+    assert "depformer.layers.0.self_attn.in_proj_weight" in keys
+    assert "out_norm.alpha" in keys and "text_emb.weight" in keys
+    cfg = json.loads((tiny / "config.json").read_text())
+    assert LMConfig.from_dict(cfg).dim == cfg["dim"]
+
+
+def test_default_config_is_the_official_7b():
+    cfg = LMConfig()
+    assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.context) == (4096, 32, 32, 3000)
+    assert cfg.ffn_hidden == 11264 and cfg.depformer.ffn_hidden == 2816
+    assert cfg.delays == (0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1)
+    assert (cfg.text_card, cfg.card, cfg.n_q, cfg.dep_q) == (32000, 2048, 16, 8)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_convert_quantized_loads_and_stays_close(tiny, tmp_path, bits):
+    dst = tmp_path / f"q{bits}"
+    cli("convert", str(tiny), str(dst), "--q-bits", str(bits))
+    q = load_lm(dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["personaplex_fast"]["quantization"] == {"bits": bits, "group_size": 64}
+    w = q.transformer.layers[0].gating.linear_in
+    assert w.bits == bits and w.group_size == 64
+    ref, got = logits_for(load_lm(tiny)), logits_for(q)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert rel < (0.25 if bits == 4 else 0.03), rel
+    assert (dst / "tokenizer-e351c8d8-checkpoint125.safetensors").exists() == (
+        tiny / "tokenizer-e351c8d8-checkpoint125.safetensors").exists()
+
+
+def test_convert_unquantized_is_exact(tiny, tmp_path):
+    cli("convert", str(tiny), str(tmp_path / "plain"))
+    np.testing.assert_array_equal(logits_for(load_lm(tmp_path / "plain")), logits_for(load_lm(tiny)))
+
+
+def test_convert_refuses_to_overwrite(tiny, tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    proc = cli("convert", str(tiny), str(tmp_path), check=False)
+    assert proc.returncode == 2 and "not empty" in proc.stderr
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def _rewrite(tiny, dst, edit):
+    dst.mkdir()
+    weights = mx.load(str(tiny / "model.safetensors"))
+    edit(weights)
+    mx.save_safetensors(str(dst / "model.safetensors"), weights)
+    (dst / "config.json").write_text((tiny / "config.json").read_text())
+    return dst
+
+
+def test_missing_key_is_named_without_traceback(tiny, tmp_path):
+    bad = _rewrite(tiny, tmp_path / "bad", lambda w: w.pop("transformer.layers.1.norm2.alpha"))
+    proc = cli("convert", str(bad), str(tmp_path / "out"), "--q-bits", "4", check=False)
+    assert proc.returncode == 2
+    assert "missing key transformer.layers.1.norm2.alpha" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_unexpected_and_misshaped_keys_are_named(tiny, tmp_path):
+    def extra(w):
+        w["transformer.layers.0.bogus.weight"] = mx.zeros((2,))
+
+    def misshape(w):
+        w["text_linear.weight"] = w["text_linear.weight"][:-1]
+
+    with pytest.raises(CheckpointError, match="unexpected key transformer.layers.0.bogus.weight"):
+        load_lm(_rewrite(tiny, tmp_path / "extra", extra))
+    with pytest.raises(CheckpointError, match=r"text_linear.weight has shape \(999, 128\)"):
+        load_lm(_rewrite(tiny, tmp_path / "shape", misshape))
+
+
+def test_sources_that_cannot_be_found_give_one_line(tmp_path):
+    proc = cli("convert", str(tmp_path / "nowhere"), str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = cli("convert", str(tmp_path / "empty"), str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "no model.safetensors" in proc.stderr
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"not a safetensors file")
+    proc = cli("convert", str(tmp_path / "junk"), str(tmp_path / "out"), check=False)
+    assert proc.returncode == 2 and "cannot read safetensors" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_hf_name_offline_fails_with_one_clear_line(tmp_path):
+    """No machine here reaches the Hub: the download path must say so in one line."""
+    env_cache = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "personaplex_fast.cli", "lm-run", "--model", "nvidia/personaplex-7b-v1"],
+        capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "HF_HOME": str(env_cache)})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nvidia/personaplex-7b-v1" in lines[0], proc.stderr
+    assert "not reachable" in lines[0] or "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_depformer_steps_beyond_dep_q_are_ignored(tiny, tmp_path):
+    """PersonaPlex's generator carries 16 depformer steps; we run the first dep_q."""
+    def more_steps(w):
+        for k in list(w):
+            if k.startswith("linears."):
+                w[f"linears.{8 + int(k.split('.')[1])}.weight"] = w[k]
+            if k.endswith("self_attn.in_proj_weight") and k.startswith("depformer."):
+                w[k] = mx.concatenate([w[k], w[k]], axis=0)
+    model = load_lm(_rewrite(tiny, tmp_path / "sixteen", more_steps))
+    np.testing.assert_array_equal(logits_for(model), logits_for(load_lm(tiny)))
