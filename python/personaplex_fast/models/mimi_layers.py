@@ -1,0 +1,318 @@
+"""Streaming building blocks of the Mimi codec: causal convolutions, SEANet, and the
+small windowed transformer, each with its per-session cache as an explicit object.
+
+Layout is channels-last throughout ([B, T, C]), MLX's native conv layout; the checkpoint
+loader transposes PyTorch's [C_out, C_in, K] weights once at load time.
+
+Every layer computes a whole clip exactly as it computes a stream: a clip is one long
+step from a fresh cache. That is what makes `Mimi.encode` equal to streaming frame by
+frame (up to float summation order), and it matches moshi, whose non-streaming path
+also runs the causal convolutions from a zero (or replicated) left context.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def _keep_where(mask: mx.array, fresh: mx.array, old: mx.array) -> mx.array:
+    """Per-session select: `fresh` where mask[b] is set, else `old` (batch is axis 0)."""
+    shape = (mask.shape[0],) + (1,) * (old.ndim - 1)
+    return mx.where(mask.reshape(shape), fresh, old)
+
+
+# ---------------------------------------------------------------------------- caches
+
+
+class ConvCache:
+    """Left context of a causal conv: the last (effective kernel - stride) input samples."""
+
+    def __init__(self, batch: int, length: int, channels: int, dtype: mx.Dtype, replicate: bool):
+        self.previous = mx.zeros((batch, length, channels), dtype=dtype)
+        # 'replicate' padding (the 12.5 Hz downsampler) fills the context with the first
+        # sample a session sees, so each session remembers whether it has seen one yet.
+        self.replicate = replicate
+        self.first = mx.ones((batch,), dtype=mx.bool_)
+
+    def reset(self, mask: mx.array) -> None:
+        self.previous = _keep_where(mask, mx.zeros_like(self.previous), self.previous)
+        self.first = mx.where(mask, True, self.first)
+
+
+class ConvTrCache:
+    """Overlap of a transposed conv: the (kernel - stride) output samples that the next
+    input frame still adds to, stored without bias so the bias is counted once."""
+
+    def __init__(self, batch: int, length: int, channels: int, dtype: mx.Dtype):
+        self.partial = mx.zeros((batch, length, channels), dtype=dtype)
+
+    def reset(self, mask: mx.array) -> None:
+        self.partial = _keep_where(mask, mx.zeros_like(self.partial), self.partial)
+
+
+class WindowKVCache:
+    """Keys/values of the last `context` steps of every session, concat-and-trim.
+
+    `positions[b, i]` is the absolute time of entry i for session b, -1 when empty, so
+    a reset session masks out its stale entries without moving the others. Sessions step
+    together, so one trim length fits all.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, context: int, dtype: mx.Dtype):
+        self.context = context
+        self.keys = mx.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        self.values = mx.zeros((batch, heads, 0, head_dim), dtype=dtype)
+        self.positions = mx.zeros((batch, 0), dtype=mx.int32)
+
+    def update(self, k: mx.array, v: mx.array, pos: mx.array):
+        keys = mx.concatenate([self.keys, k], axis=2)
+        values = mx.concatenate([self.values, v], axis=2)
+        positions = mx.concatenate([self.positions, pos], axis=1)
+        # The newest query reaches back `context` steps; older queries of this chunk were
+        # served by the untrimmed arrays returned below.
+        self.keys = keys[:, :, -self.context:]
+        self.values = values[:, :, -self.context:]
+        self.positions = positions[:, -self.context:]
+        return keys, values, positions
+
+    def reset(self, mask: mx.array) -> None:
+        self.positions = _keep_where(mask, mx.full(self.positions.shape, -1, mx.int32), self.positions)
+
+
+class TransformerCache:
+    """Per-session time offset (for RoPE and the causal window) plus one KV cache per layer."""
+
+    def __init__(self, batch: int, layers: list[WindowKVCache]):
+        self.offset = mx.zeros((batch,), dtype=mx.int32)
+        self.layers = layers
+
+    def reset(self, mask: mx.array) -> None:
+        self.offset = mx.where(mask, 0, self.offset)
+        for layer in self.layers:
+            layer.reset(mask)
+
+
+# ------------------------------------------------------------------------ convolutions
+
+
+class CausalConv1d(nn.Module):
+    """Conv1d padded on the left only, by the kernel's reach minus the stride, so every
+    `stride` new input samples give exactly one new output sample."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, dilation=1, bias=True, replicate=False):
+        super().__init__()
+        self.weight = mx.zeros((c_out, kernel, c_in))
+        if bias:
+            self.bias = mx.zeros((c_out,))
+        self.stride, self.dilation, self.replicate = stride, dilation, replicate
+        self.context = (kernel - 1) * dilation + 1 - stride
+
+    def new_cache(self, batch: int, dtype: mx.Dtype) -> ConvCache:
+        return ConvCache(batch, self.context, self.weight.shape[2], dtype, self.replicate)
+
+    def __call__(self, x: mx.array, cache: ConvCache) -> mx.array:
+        if x.shape[1] % self.stride:
+            raise ValueError(f"conv input of {x.shape[1]} steps is not a multiple of stride {self.stride}")
+        if self.context:
+            previous = cache.previous
+            if self.replicate:
+                first = mx.broadcast_to(x[:, :1], previous.shape)
+                previous = _keep_where(cache.first, first, previous)
+                cache.first = mx.zeros_like(cache.first)
+            x = mx.concatenate([previous, x], axis=1)
+            cache.previous = x[:, -self.context:]
+        y = mx.conv1d(x, self.weight, stride=self.stride, dilation=self.dilation)
+        return y + self.bias if "bias" in self else y
+
+
+class CausalConvTranspose1d(nn.Module):
+    """ConvTranspose1d whose last (kernel - stride) outputs are held back until the next
+    frame has added its overlap; a clip's tail overlap is dropped, as in moshi."""
+
+    def __init__(self, c_in, c_out, kernel, stride, bias=True, groups=1):
+        super().__init__()
+        self.weight = mx.zeros((c_out, kernel, c_in // groups))
+        if bias:
+            self.bias = mx.zeros((c_out,))
+        self.stride, self.groups = stride, groups
+        self.overlap = kernel - stride
+
+    def new_cache(self, batch: int, dtype: mx.Dtype) -> ConvTrCache:
+        return ConvTrCache(batch, self.overlap, self.weight.shape[0], dtype)
+
+    def __call__(self, x: mx.array, cache: ConvTrCache) -> mx.array:
+        y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
+        if self.overlap:
+            head = y[:, : self.overlap] + cache.partial
+            y = mx.concatenate([head, y[:, self.overlap:]], axis=1)
+            cache.partial = y[:, -self.overlap:]
+            y = y[:, : -self.overlap]
+        return y + self.bias if "bias" in self else y
+
+
+# ------------------------------------------------------------------------------ SEANet
+
+
+class ResidualUnit(nn.Module):
+    """ELU -> dilated conv to dim/compress -> ELU -> 1x1 conv back, plus identity skip."""
+
+    def __init__(self, dim: int, hidden: int, kernel: int, dilation: int):
+        super().__init__()
+        self.conv1 = CausalConv1d(dim, hidden, kernel, dilation=dilation)
+        self.conv2 = CausalConv1d(hidden, dim, 1)
+
+    def convs(self) -> list:
+        return [self.conv1, self.conv2]
+
+    def __call__(self, x, caches):
+        h = self.conv1(nn.elu(x), caches[0])
+        return x + self.conv2(nn.elu(h), caches[1])
+
+
+def _residual_units(cfg, dim: int) -> list:
+    return [ResidualUnit(dim, dim // cfg.compress, cfg.residual_kernel_size, cfg.dilation_base**j)
+            for j in range(cfg.n_residual_layers)]
+
+
+class SeanetEncoder(nn.Module):
+    """Waveform [B, T, 1] -> latent [B, T / hop, dimension], downsampling by ratios[::-1]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        width = cfg.n_filters
+        self.input_conv = CausalConv1d(cfg.channels, width, cfg.kernel_size)
+        self.residuals, self.downsamples = [], []
+        for ratio in reversed(cfg.ratios):
+            self.residuals.append(_residual_units(cfg, width))
+            self.downsamples.append(CausalConv1d(width, 2 * width, 2 * ratio, stride=ratio))
+            width *= 2
+        self.output_conv = CausalConv1d(width, cfg.dimension, cfg.last_kernel_size)
+
+    def convs(self) -> list:
+        """Every conv in execution order; the cache list follows this order."""
+        out = [self.input_conv]
+        for units, down in zip(self.residuals, self.downsamples):
+            out += [c for unit in units for c in unit.convs()] + [down]
+        return out + [self.output_conv]
+
+    def __call__(self, x, caches):
+        caches = iter(caches)
+        x = self.input_conv(x, next(caches))
+        for units, down in zip(self.residuals, self.downsamples):
+            for unit in units:
+                x = unit(x, [next(caches), next(caches)])
+            x = down(nn.elu(x), next(caches))
+        return self.output_conv(nn.elu(x), next(caches))
+
+
+class SeanetDecoder(nn.Module):
+    """Latent [B, T, dimension] -> waveform [B, T * hop, 1], upsampling by ratios."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        width = cfg.n_filters * 2 ** len(cfg.ratios)
+        self.input_conv = CausalConv1d(cfg.dimension, width, cfg.kernel_size)
+        self.upsamples, self.residuals = [], []
+        for ratio in cfg.ratios:
+            self.upsamples.append(CausalConvTranspose1d(width, width // 2, 2 * ratio, ratio))
+            self.residuals.append(_residual_units(cfg, width // 2))
+            width //= 2
+        self.output_conv = CausalConv1d(width, cfg.channels, cfg.last_kernel_size)
+
+    def convs(self) -> list:
+        out = [self.input_conv]
+        for up, units in zip(self.upsamples, self.residuals):
+            out += [up] + [c for unit in units for c in unit.convs()]
+        return out + [self.output_conv]
+
+    def __call__(self, x, caches):
+        caches = iter(caches)
+        x = self.input_conv(x, next(caches))
+        for up, units in zip(self.upsamples, self.residuals):
+            x = up(nn.elu(x), next(caches))
+            for unit in units:
+                x = unit(x, [next(caches), next(caches)])
+        return self.output_conv(nn.elu(x), next(caches))
+
+
+# ------------------------------------------------------------------------- transformer
+
+
+def apply_rope(x: mx.array, positions: mx.array, max_period: float) -> mx.array:
+    """Interleaved RoPE (pairs x[2i], x[2i+1]) for x [B, H, T, D] at positions [B, T].
+    Angles use moshi's fp32 formula, so the two rotations differ only by sin/cos rounding."""
+    d = x.shape[-1]
+    freqs = mx.exp(mx.arange(d // 2, dtype=mx.float32) * (-math.log(max_period) * 2 / d))
+    angles = positions.astype(mx.float32)[:, None, :, None] * freqs
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], d // 2, 2)
+    re, im = pairs[..., 0], pairs[..., 1]
+    out = mx.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer: x + s1 * attn(LN(x)), then x + s2 * W2 gelu(W1 LN(x))."""
+
+    def __init__(self, cfg, steps_per_frame: int):
+        super().__init__()
+        d = cfg.d_model
+        self.heads, self.context, self.max_period = cfg.num_heads, cfg.context, cfg.max_period
+        self.steps_per_frame = steps_per_frame
+        self.attn_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.in_proj = nn.Linear(d, 3 * d, bias=False)
+        self.out_proj = nn.Linear(d, d, bias=False)
+        self.attn_scale = mx.full((d,), cfg.layer_scale)
+        self.ffn_norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.ffn_in = nn.Linear(d, cfg.dim_feedforward, bias=False)
+        self.ffn_out = nn.Linear(cfg.dim_feedforward, d, bias=False)
+        self.ffn_scale = mx.full((d,), cfg.layer_scale)
+
+    def attention(self, x, positions, cache: WindowKVCache):
+        b, t, d = x.shape
+        qkv = self.in_proj(x).reshape(b, t, 3, self.heads, d // self.heads).transpose(2, 0, 3, 1, 4)
+        q = apply_rope(qkv[0], positions, self.max_period)
+        k = apply_rope(qkv[1], positions, self.max_period)
+        keys, values, key_pos = cache.update(k, qkv[2], positions)
+        # moshi streams a frame's steps into a ring of `context` slots before attending, so
+        # the oldest keys are already gone for the frame's earlier queries: the window ends
+        # at the frame's last step, not at the query. Same mask for any chunking.
+        g = self.steps_per_frame
+        frame_end = (positions // g + 1) * g - 1
+        k_pos = key_pos[:, None, :]
+        mask = ((k_pos >= 0) & (k_pos <= positions[:, :, None])
+                & (frame_end[:, :, None] - k_pos < self.context))
+        out = mx.fast.scaled_dot_product_attention(
+            q, keys, values, scale=1.0 / math.sqrt(d // self.heads), mask=mask[:, None])
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+    def __call__(self, x, positions, cache: WindowKVCache):
+        x = x + self.attn_scale * self.attention(self.attn_norm(x), positions, cache)
+        ffn = self.ffn_out(nn.gelu(self.ffn_in(self.ffn_norm(x))))
+        return x + self.ffn_scale * ffn
+
+
+class Transformer(nn.Module):
+    """Causal transformer over [B, T, d_model] latents with a sliding window of `context`
+    steps; a codec frame spans `steps_per_frame` steps (see the mask in attention)."""
+
+    def __init__(self, cfg, steps_per_frame: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [TransformerLayer(cfg, steps_per_frame) for _ in range(cfg.num_layers)]
+
+    def new_cache(self, batch: int, dtype: mx.Dtype) -> TransformerCache:
+        c = self.cfg
+        return TransformerCache(batch, [
+            WindowKVCache(batch, c.num_heads, c.d_model // c.num_heads, c.context, dtype)
+            for _ in self.layers])
+
+    def __call__(self, x, cache: TransformerCache):
+        positions = cache.offset[:, None] + mx.arange(x.shape[1], dtype=mx.int32)
+        for layer, kv in zip(self.layers, cache.layers):
+            x = layer(x, positions, kv)
+        cache.offset = cache.offset + x.shape[1]
+        return x
