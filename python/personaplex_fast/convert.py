@@ -32,9 +32,9 @@ def convert(source: str | Path, dest: str | Path, q_bits: int | None = None,
     src_dir = resolve(source, optional=(CONFIG, MIMI_WEIGHTS, TEXT_TOKENIZER, "voices.tgz"))
     if dest.exists() and any(dest.iterdir()):
         raise CheckpointError(f"{dest}: destination exists and is not empty; remove it or choose another")
-    steps = tqdm(total=4, desc="convert", unit="step")
-    model = load_lm(source, dtype=dtype)
-    steps.update()
+    model = load_lm(source, dtype=dtype)  # fails on bad input before any output is made
+    # disable=None: a bar on a terminal, nothing when stderr is a pipe or a log.
+    steps = tqdm(total=4, initial=1, desc="convert", unit="step", disable=None)
     if q_bits:
         nn.quantize(model, group_size=group_size, bits=q_bits, class_predicate=quantizable(group_size))
     weights = dict(tree_flatten(model.parameters()))

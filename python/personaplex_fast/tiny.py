@@ -2,7 +2,7 @@
 
 `make_tiny(dir)` writes what an official model repo holds (`model.safetensors`
 with the official key names, `config.json` in the official flat layout) at toy
-sizes, plus the tiny Mimi codec when that module is available.
+sizes, plus the tiny Mimi codec.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .checkpoint import to_official
-from .config import CONFIG, LM_WEIGHTS, DepformerConfig, LMConfig
+from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, DepformerConfig, LMConfig
+from .mimi_checkpoint import write_tiny_mimi
 from .models.lm import LM
 
 # Small enough for CI, but every structural feature of the 7B is kept: per-step
 # depformer weights, multi-linear inputs, 8 + 8 audio codebooks with the
-# official delays, and widths that group-64 quantization divides.
+# official delays, and widths that group-64 quantization divides. The audio card
+# equals the tiny Mimi's codebook size (64 bins).
 TINY = LMConfig(
-    dim=128, num_heads=4, num_layers=2, context=250, text_card=1000, card=256,
+    dim=128, num_heads=4, num_layers=2, context=250, text_card=1000, card=64,
     depformer=DepformerConfig(dim=64, num_heads=4, num_layers=2, dim_feedforward=192),
 )
 
@@ -54,11 +56,7 @@ def write_lm(directory: str | Path, cfg: LMConfig = TINY, seed: int = 0, dtype=m
 
 
 def make_tiny(directory: str | Path, seed: int = 0, cfg: LMConfig = TINY) -> Path:
-    """The whole tiny model directory: LM, and Mimi when the codec module exists."""
+    """The whole tiny model directory: LM and Mimi codec."""
     directory = write_lm(directory, cfg, seed)
-    try:
-        from .mimi_checkpoint import write_tiny_mimi
-    except ImportError:
-        return directory
-    write_tiny_mimi(directory, seed=seed)
+    write_tiny_mimi(directory / MIMI_WEIGHTS, seed=seed)
     return directory

@@ -1,0 +1,234 @@
+// Graph construction and the CPU path of RingAttention.
+// The GPU paths live in ring_attention_gpu.cpp (CUDA) or are absent (see eval_gpu).
+
+#include "ring_attention.h"
+
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+
+namespace personaplex {
+
+namespace {
+
+std::atomic<int64_t> g_cache_copies{0};
+
+// Read access to mx::array's private descriptor pointer, only to read its
+// reference count (see donate_cache). Explicit instantiation is exempt from
+// access checking, which is what makes this standard C++.
+struct DescTag {
+  friend auto desc_member(DescTag);
+};
+template <auto Member>
+struct DescAccess {
+  friend auto desc_member(DescTag) { return Member; }
+};
+template struct DescAccess<&mx::array::array_desc_>;
+
+long desc_refs(const mx::array& a) { return (a.*desc_member(DescTag{})).use_count(); }
+
+std::string shape_str(const mx::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < a.shape().size(); ++i) os << (i ? ", " : "") << a.shape()[i];
+  os << ")";
+  return os.str();
+}
+
+void check(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("ring_attention: " + msg);
+}
+
+// RoPE as in Kyutai's moshi: pairs (x[2i], x[2i+1]) rotated by p * f_i with
+// f_i = max_period^(-2i/D); angles and products in float32, result rounded back
+// to the storage type (the reference rounds the same way).
+template <typename T>
+void rope_row(const T* x, T* y, int D, float position, float max_period) {
+  if (max_period <= 0.f) {
+    std::memcpy(y, x, sizeof(T) * D);
+    return;
+  }
+  // The exponent step is formed in double and rounded once, as Python/torch do.
+  const float step = static_cast<float>(-std::log(static_cast<double>(max_period)) * 2.0 / D);
+  for (int i = 0; i < D / 2; ++i) {
+    float freq = std::exp(static_cast<float>(i) * step);
+    float angle = freq * position;
+    float c = std::cos(angle), s = std::sin(angle);
+    float re = static_cast<float>(x[2 * i]), im = static_cast<float>(x[2 * i + 1]);
+    y[2 * i] = static_cast<T>(re * c - im * s);
+    y[2 * i + 1] = static_cast<T>(re * s + im * c);
+  }
+}
+
+template <typename T>
+void attend_cpu(const T* q, const T* k, const T* v, const T* kc, const T* vc, const int32_t* pos,
+                T* out, T* krot, int B, int H, int T_, int D, int W, float scale,
+                float max_period) {
+  std::vector<T> qrot(D);
+  std::vector<float> acc(D);
+  for (int b = 0; b < B; ++b) {
+    const int p0 = pos[b];
+    for (int h = 0; h < H; ++h) {
+      const size_t new_base = (static_cast<size_t>(b) * H + h) * T_ * D;
+      const size_t cache_base = (static_cast<size_t>(b) * H + h) * W * D;
+      for (int t = 0; t < T_; ++t) {
+        rope_row(k + new_base + t * D, krot + new_base + t * D, D,
+                 static_cast<float>(p0 + t), max_period);
+      }
+      for (int t = 0; t < T_; ++t) {
+        const int p = p0 + t;
+        rope_row(q + new_base + t * D, qrot.data(), D, static_cast<float>(p), max_period);
+        // Online softmax over the window [max(0, p - W + 1), p]: keys before p0
+        // come from the cache (not yet overwritten: writes happen afterwards).
+        float m = -INFINITY, l = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int j = std::max(0, p - W + 1); j <= p; ++j) {
+          const T* key = j < p0 ? kc + cache_base + static_cast<size_t>(j % W) * D
+                                : krot + new_base + static_cast<size_t>(j - p0) * D;
+          const T* val = j < p0 ? vc + cache_base + static_cast<size_t>(j % W) * D
+                                : v + new_base + static_cast<size_t>(j - p0) * D;
+          float s = 0.f;
+          for (int d = 0; d < D; ++d) s += static_cast<float>(qrot[d]) * static_cast<float>(key[d]);
+          s *= scale;
+          float m_new = std::max(m, s);
+          float correction = std::exp(m - m_new);
+          float w = std::exp(s - m_new);
+          l = l * correction + w;
+          for (int d = 0; d < D; ++d) acc[d] = acc[d] * correction + w * static_cast<float>(val[d]);
+          m = m_new;
+        }
+        T* o = out + new_base + t * D;
+        for (int d = 0; d < D; ++d) o[d] = static_cast<T>(acc[d] / l);
+      }
+    }
+  }
+}
+
+template <typename T>
+void write_cpu(T* cache, const T* nw, const int32_t* pos, int B, int H, int T_, int D, int W) {
+  // Only the last W new positions survive when a chunk is longer than the ring.
+  const int first = std::max(0, T_ - W);
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      for (int t = first; t < T_; ++t) {
+        const int slot = (pos[b] + t) % W;
+        std::memcpy(cache + ((static_cast<size_t>(b) * H + h) * W + slot) * D,
+                    nw + ((static_cast<size_t>(b) * H + h) * T_ + t) * D, sizeof(T) * D);
+      }
+    }
+  }
+}
+
+template <typename F>
+void dispatch_float(mx::Dtype dtype, F&& f) {
+  if (dtype == mx::float32) {
+    f(float{});
+  } else if (dtype == mx::bfloat16) {
+    f(mx::bfloat16_t{});
+  } else if (dtype == mx::float16) {
+    f(mx::float16_t{});
+  } else {
+    throw std::invalid_argument("ring_attention: dtype must be float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+
+int64_t ring_cache_copies() { return g_cache_copies.load(); }
+
+std::vector<mx::array> ring_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                                      const mx::array& k_cache, const mx::array& v_cache,
+                                      const mx::array& pos, float scale, float rope_max_period,
+                                      mx::StreamOrDevice s) {
+  check(q.ndim() == 4, "q must be [B, H, T, D], got " + shape_str(q));
+  check(k.shape() == q.shape() && v.shape() == q.shape(),
+        "q, k, v shapes differ: " + shape_str(q) + ", " + shape_str(k) + ", " + shape_str(v));
+  const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+  check(D % 2 == 0, "head dim must be even");
+  check(k_cache.ndim() == 4 && k_cache.shape(0) == B && k_cache.shape(1) == H &&
+            k_cache.shape(3) == D && v_cache.shape() == k_cache.shape(),
+        "caches must be [B, H, W, D] matching q; got " + shape_str(k_cache) + " and " +
+            shape_str(v_cache));
+  check(pos.ndim() == 1 && pos.shape(0) == B, "pos must be [B], got " + shape_str(pos));
+  const auto dt = q.dtype();
+  check(k.dtype() == dt && v.dtype() == dt && k_cache.dtype() == dt && v_cache.dtype() == dt,
+        "q, k, v and the caches must share one dtype");
+  auto st = mx::to_stream(s);
+
+  // Kernels read dense rows: make every input row-contiguous (a no-op when it is).
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  auto p = mx::astype(pos, mx::int32, st);
+  auto prim = std::make_shared<RingAttention>(st, scale, rope_max_period);
+  return mx::array::make_arrays({q.shape(), k_cache.shape(), v_cache.shape()}, {dt, dt, dt}, prim,
+                                {c(q), c(k), c(v), c(k_cache), c(v_cache), p});
+}
+
+bool donate_cache(const mx::array& in, mx::array& out, int siblings) {
+  // Referenced only by the `siblings` input lists of this primitive's outputs
+  // (no Python handle, no other consumer), and the buffer is not shared with
+  // another array (a view, or a pending task of an earlier op in this eval).
+  const bool ok = desc_refs(in) == siblings && in.data_shared_ptr().use_count() == 1 &&
+                  in.data_shared_ptr()->is_owned() && in.flags().row_contiguous;
+  if (ok) {
+    out.copy_shared_buffer(in);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    g_cache_copies.fetch_add(1);
+  }
+  return ok;
+}
+
+bool RingAttention::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const RingAttention&>(other);
+  return scale_ == o.scale_ && rope_max_period_ == o.rope_max_period_;
+}
+
+std::vector<mx::Shape> RingAttention::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape(), inputs[3].shape(), inputs[4].shape()};
+}
+
+void RingAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& q = inputs[0];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  const int n_out = static_cast<int>(outputs.size());
+  const bool k_donated = donate_cache(inputs[3], outputs[1], n_out);
+  const bool v_donated = donate_cache(inputs[4], outputs[2], n_out);
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  for (auto& a : outputs) enc.set_output_array(a);
+  const int B = q.shape(0), H = q.shape(1), T = q.shape(2), D = q.shape(3);
+  const int W = inputs[3].shape(2);
+  // The rotated new keys: a temporary, kept alive until the task has run.
+  mx::array k_rot(q.shape(), q.dtype(), nullptr, {});
+  k_rot.set_data(mx::allocator::malloc(k_rot.nbytes()));
+  enc.add_temporary(k_rot);
+  dispatch_float(q.dtype(), [&](auto zero) {
+    using T_ = decltype(zero);
+    enc.dispatch([q = q.data<T_>(), k = inputs[1].data<T_>(), v = inputs[2].data<T_>(),
+                  kc = inputs[3].data<T_>(), vc = inputs[4].data<T_>(),
+                  pos = inputs[5].data<int32_t>(), o = out.data<T_>(), kr = k_rot.data<T_>(),
+                  kc_out = outputs[1].data<T_>(), vc_out = outputs[2].data<T_>(),
+                  bytes = outputs[1].nbytes(), k_donated, v_donated, B, H, T, D, W,
+                  scale = scale_, mp = rope_max_period_]() {
+      attend_cpu<T_>(q, k, v, kc, vc, pos, o, kr, B, H, T, D, W, scale, mp);
+      // Writes last: the attention above read the old slots.
+      if (!k_donated) std::memcpy(kc_out, kc, bytes);
+      if (!v_donated) std::memcpy(vc_out, vc, bytes);
+      write_cpu<T_>(kc_out, kr, pos, B, H, T, D, W);
+      write_cpu<T_>(vc_out, v, pos, B, H, T, D, W);
+    });
+  });
+}
+
+#ifndef PERSONAPLEX_WITH_CUDA
+void RingAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("ring_attention: no GPU kernel in this build (CPU only)");
+}
+#endif
+
+}  // namespace personaplex

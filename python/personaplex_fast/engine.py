@@ -1,0 +1,90 @@
+"""The duplex engine: one 80 ms tick for a batch of conversation sessions.
+
+A tick takes one 1920-sample frame of user audio per session and returns one
+frame of model audio and one text token per session:
+
+    user pcm --Mimi encode--> user codes --LM step--> text + model codes --Mimi decode--> pcm
+
+The batch has a fixed number of slots. Sessions join into a free slot (which is
+reset) and leave between ticks; the other sessions' state is untouched. Free
+slots are fed silence and their outputs dropped, so the batch shape never
+changes and nothing is recompiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from .models.lm import LM, UNGENERATED, LMState
+from .models.mimi import Mimi, MimiState
+from .sampling import SamplingConfig
+
+
+@dataclass
+class TickOutput:
+    pcm: np.ndarray  # [B, 1920] float32 model audio (silence while warming up)
+    text: np.ndarray  # [B] int text token, UNGENERATED (-2) while warming up
+
+
+class SessionsFull(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, lm: LM, mimi: Mimi, slots: int = 1,
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0):
+        if lm.cfg.card != mimi.cfg.quantizer.bins:
+            raise ValueError(f"LM audio card {lm.cfg.card} != Mimi codebook size {mimi.cfg.quantizer.bins}")
+        self.lm, self.mimi, self.sampling = lm, mimi, sampling
+        self.slots = slots
+        self.frame_size = mimi.cfg.frame_size
+        self.lm_state: LMState = lm.new_state(slots, seed=seed)
+        self.encoder: MimiState = mimi.new_encoder_state(slots)
+        self.decoder: MimiState = mimi.new_decoder_state(slots)
+        self.active = [False] * slots
+
+    # -- sessions
+
+    def join(self) -> int:
+        for slot, used in enumerate(self.active):
+            if not used:
+                self.reset(slot)
+                self.active[slot] = True
+                return slot
+        raise SessionsFull(f"all {self.slots} session slots are in use")
+
+    def leave(self, slot: int) -> None:
+        self.active[slot] = False
+
+    def reset(self, slot: int) -> None:
+        self.lm_state.reset([slot])
+        self.encoder.reset(slot)
+        self.decoder.reset(slot)
+
+    # -- one frame
+
+    def tick(self, pcm: np.ndarray) -> TickOutput:
+        """pcm [slots, 1920] float32 (rows of free slots are ignored)."""
+        pcm = np.asarray(pcm, dtype=np.float32)
+        if pcm.shape != (self.slots, self.frame_size):
+            raise ValueError(f"tick takes [{self.slots}, {self.frame_size}] samples, got {pcm.shape}")
+        user = self.mimi.encode_step(mx.array(pcm), self.encoder)
+        out = self.lm.step(self.lm_state, user[:, : self.lm.cfg.user_q], self.sampling)
+        # Warm-up frames have no model codes yet: decode code 0 and mute the result,
+        # which keeps the decoder's streaming state advancing in lockstep.
+        codes = mx.where(out.valid[:, None], out.audio, 0)
+        audio = self.mimi.decode_step(codes, self.decoder)
+        audio = mx.where(out.valid[:, None], audio, 0.0)
+        mx.eval(audio, out.text, *self.state_arrays())
+        return TickOutput(np.array(audio), np.array(out.text))
+
+    def state_arrays(self) -> list[mx.array]:
+        s = self.lm_state
+        return [s.offsets, s.tokens, s.key, *s.kv.arrays(), *self.encoder.arrays(), *self.decoder.arrays()]
+
+
+def is_text(token: int) -> bool:
+    return token != UNGENERATED

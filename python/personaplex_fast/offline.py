@@ -1,0 +1,55 @@
+"""`offline`: a whole conversation from a wav file, frame by frame, as if live.
+
+The input is streamed through the same engine tick as a live session (after the
+prompt phases), so the output wav has exactly the input's duration at 24 kHz and
+the transcript's frame times are those a live listener would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .audio import SAMPLE_RATE, read_audio, write_wav
+from .engine import Engine, is_text
+from .sampling import SamplingConfig
+
+
+def run_offline(engine: Engine, pcm: np.ndarray, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+    """pcm [T] float32 at 24 kHz -> (model pcm [T], text tokens with frame times)."""
+    fs = engine.frame_size
+    frames = -(-len(pcm) // fs)
+    padded = np.zeros(frames * fs, dtype=np.float32)
+    padded[: len(pcm)] = pcm
+    slot = engine.join()
+    out = np.zeros_like(padded)
+    tokens = []
+    batch = np.zeros((engine.slots, fs), dtype=np.float32)
+    for i in tqdm(range(frames), desc="frames", unit="frame", disable=not progress):
+        batch[slot] = padded[i * fs:(i + 1) * fs]
+        tick = engine.tick(batch)
+        out[i * fs:(i + 1) * fs] = tick.pcm[slot]
+        token = int(tick.text[slot])
+        if is_text(token):
+            tokens.append({"frame": i, "time_s": round(i * fs / SAMPLE_RATE, 3), "token": token})
+    engine.leave(slot)
+    return out[: len(pcm)], tokens
+
+
+def offline(engine: Engine, input_wav: str | Path, output_wav: str | Path, output_text: str | Path,
+            decode=None) -> None:
+    pcm = read_audio(input_wav)
+    out, tokens = run_offline(engine, pcm)
+    if decode is not None:
+        for t in tokens:
+            t["text"] = decode(t["token"])
+    write_wav(output_wav, out, SAMPLE_RATE)
+    Path(output_text).write_text(json.dumps(
+        {"sample_rate": SAMPLE_RATE, "frame_rate": SAMPLE_RATE / engine.frame_size,
+         "duration_s": len(pcm) / SAMPLE_RATE, "tokens": tokens}, indent=1) + "\n")
+
+
+__all__ = ["offline", "run_offline", "SamplingConfig"]
