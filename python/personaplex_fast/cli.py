@@ -31,6 +31,53 @@ def _lm_run(args) -> None:
     run(args.model, frames=args.frames, seed=args.seed, greedy=args.greedy, batch=args.batch)
 
 
+def _sampling(args):
+    from .sampling import SamplingConfig
+
+    return SamplingConfig(temp_text=args.temp_text, topk_text=args.topk_text,
+                          temp_audio=args.temp_audio, topk_audio=args.topk_audio, greedy=args.greedy)
+
+
+def _add_model_args(s) -> None:
+    s.add_argument("--model", required=True,
+                   help="HF repo name (nvidia/personaplex-7b-v1), checkpoint or converted directory")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    s.add_argument("--temp-text", type=float, default=0.7)
+    s.add_argument("--topk-text", type=int, default=25)
+    s.add_argument("--temp-audio", type=float, default=0.8)
+    s.add_argument("--topk-audio", type=int, default=250)
+    s.add_argument("--reference", action="store_true", help="run every op through its pure-MLX reference")
+    s.add_argument("--check", action="store_true",
+                   help="run fused and reference ops on the same inputs and report the largest difference")
+
+
+def _set_ops_mode(args) -> None:
+    from . import ops
+
+    ops.set_mode("check" if args.check else "reference" if args.reference else "fused")
+
+
+def _report_check(args) -> None:
+    if args.check:
+        from . import ops
+
+        for name, diff in sorted(ops.check_report().items()):
+            print(f"check: {name}: largest |fused - reference| = {diff:.3g}")
+
+
+def _offline(args) -> None:
+    from .loading import load_model
+    from .offline import offline
+
+    _set_ops_mode(args)
+    model = load_model(args.model)
+    engine = model.engine(slots=1, sampling=_sampling(args), seed=args.seed)
+    offline(engine, args.input_wav, args.output_wav, args.output_text, decode=model.decode_text)
+    print(f"wrote {args.output_wav} and {args.output_text}")
+    _report_check(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="personaplex-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="cast unquantized weights (default: keep the checkpoint's)")
     s.set_defaults(func=_convert)
+
+    s = sub.add_parser("offline", help="a conversation from a wav file: model audio + transcript")
+    _add_model_args(s)
+    s.add_argument("--input-wav", required=True)
+    s.add_argument("--output-wav", required=True)
+    s.add_argument("--output-text", required=True, help="json: text tokens with their frame times")
+    s.set_defaults(func=_offline)
 
     s = sub.add_parser("lm-run", help="step the language model on silence and time it")
     s.add_argument("--model", required=True, help="HF repo name or local checkpoint")
