@@ -101,3 +101,33 @@ def test_memory_is_flat_past_the_context(lm):
             marks.append(mx.get_active_memory())
     assert state.kv.nbytes == kv_bytes
     assert max(marks[2:]) - min(marks[2:]) < 64 * 1024, marks
+
+
+def test_forced_tokens_are_emitted_at_their_frame_and_only_for_their_session(lm):
+    """PersonaPlex's prompts force the model's own text/audio tokens: a token forced at
+    step t must come out as the aligned frame t + 1, in that session only."""
+    rng = np.random.default_rng(7)
+    T, at = 8, 3
+    user = rng.integers(0, SMALL.card, size=(T, 2, SMALL.user_q))
+    _, free, _ = run(lm, user)
+    text = int(rng.integers(0, SMALL.text_card))
+    audio = rng.integers(0, SMALL.card, size=SMALL.dep_q).tolist()
+    state = lm.new_state(2)
+    outs = []
+    for t in range(T):
+        kw = {}
+        if t == at:
+            kw = dict(force_text=mx.array([text, -1]), force_audio=mx.array([audio, [-1] * SMALL.dep_q]))
+        out = lm.step(state, mx.array(user[t]), GREEDY, **kw)
+        outs.append(np.concatenate([np.array(out.text)[:, None], np.array(out.audio)], 1))
+    outs = np.stack(outs)
+    # Step t generates frame t + 1, which comes out max_delay steps later (aligned).
+    emitted = outs[at + SMALL.max_delay]
+    assert emitted[0, 0] == text and np.array_equal(emitted[0, 1:], audio)
+    assert np.array_equal(outs[:, 1], free[:, 1])  # the other session is untouched
+    assert np.array_equal(outs[:at, 0], free[:at, 0])
+    # The aligned frame `at` shares step `at` with the forced frame: its text and
+    # semantic tokens were generated a step earlier and are untouched; its delayed
+    # acoustic tokens are sampled after the forced semantic token (the depformer
+    # runs codebooks in order), so they may change.
+    assert np.array_equal(outs[at, 0, :2], free[at, 0, :2])

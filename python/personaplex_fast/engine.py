@@ -83,7 +83,7 @@ class Engine:
 
     def state_arrays(self) -> list[mx.array]:
         s = self.lm_state
-        return [s.offsets, s.tokens, s.key, *s.kv.arrays(), *self.encoder.arrays(), *self.decoder.arrays()]
+        return [s.offsets, s.tokens, s.forced, s.key, *s.kv.arrays(), *self.encoder.arrays(), *self.decoder.arrays()]
 
 
 def is_text(token: int) -> bool:

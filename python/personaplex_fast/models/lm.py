@@ -29,6 +29,7 @@ from .transformer import RMSNorm, Transformer
 
 ZERO_TOKEN = -1  # "no input": its embedding is exactly zero
 UNGENERATED = -2  # output slot not produced yet (warm-up frames)
+NOT_FORCED = -1  # in force_text / force_audio: sample this token
 
 
 def embed(table: nn.Embedding, ids: mx.array) -> mx.array:
@@ -43,6 +44,7 @@ class LMState:
     kv: RingKVCache
     offsets: mx.array  # [B] frames stepped so far, per session
     tokens: mx.array  # [B, 1 + n_q, max_delay + 2] delayed token ring
+    forced: mx.array  # [B, 1 + dep_q, max_delay + 2] tokens to emit instead of sampling, -1: none
     key: mx.array  # sampling PRNG key
 
     def reset(self, sessions: list[int] | None = None) -> None:
@@ -58,6 +60,7 @@ class LMState:
             mask[mx.array(sessions, dtype=mx.int32)] = True
         self.offsets = mx.where(mask, 0, self.offsets)
         self.tokens = mx.where(mask[:, None, None], UNGENERATED, self.tokens)
+        self.forced = mx.where(mask[:, None, None], NOT_FORCED, self.forced)
 
 
 @dataclass
@@ -98,8 +101,10 @@ class LM(nn.Module):
     def new_state(self, batch: int, seed: int = 0) -> LMState:
         cfg = self.cfg
         kv = RingKVCache(cfg.num_layers, batch, cfg.num_heads, cfg.context, cfg.head_dim, self.dtype)
-        tokens = mx.full((batch, cfg.n_q + 1, cfg.max_delay + 2), UNGENERATED, dtype=mx.int32)
-        return LMState(kv, mx.zeros((batch,), dtype=mx.int32), tokens, mx.random.key(seed))
+        ring = cfg.max_delay + 2
+        tokens = mx.full((batch, cfg.n_q + 1, ring), UNGENERATED, dtype=mx.int32)
+        forced = mx.full((batch, cfg.dep_q + 1, ring), NOT_FORCED, dtype=mx.int32)
+        return LMState(kv, mx.zeros((batch,), dtype=mx.int32), tokens, forced, mx.random.key(seed))
 
     def embed_frame(self, tokens: mx.array) -> mx.array:
         """tokens [B, 1 + n_q] (text, model audio, user audio) -> [B, 1, dim]."""
@@ -115,8 +120,12 @@ class LM(nn.Module):
         return h, self.text_linear(h)[:, 0]
 
     def depformer_frame(self, h: mx.array, text: mx.array, sampling: SamplingConfig,
-                        key: mx.array) -> mx.array:
-        """Sample the dep_q model codebooks of one frame, in order. h: [B, 1, dim]."""
+                        key: mx.array, forced: mx.array | None = None) -> mx.array:
+        """Sample the dep_q model codebooks of one frame, in order. h: [B, 1, dim].
+
+        forced [B, dep_q]: a token >= 0 replaces the sampled one, also as the next
+        codebook's input (teacher forcing, as PersonaPlex's voice prompt does).
+        """
         cfg, d = self.cfg, self.cfg.depformer
         B = h.shape[0]
         # A fresh cache per frame: the depformer's context is the frame's own steps.
@@ -132,22 +141,43 @@ class LM(nn.Module):
             x = self.depformer(x, cache, pos, k if d.weights_per_step else 0, rope)
             logits = self.linears[k](x)[:, 0]
             prev = sample(logits, sampling.temp_audio, sampling.topk_audio, sampling.greedy, keys[k])
+            if forced is not None:
+                prev = mx.where(forced[:, k] >= 0, forced[:, k], prev)
             codes.append(prev)
         return mx.stack(codes, axis=1)
 
     def step(self, state: LMState, user_codes: mx.array,
-             sampling: SamplingConfig = SamplingConfig()) -> StepOutput:
-        """One frame for every session. user_codes: [B, n_q - dep_q] int (aligned, undelayed)."""
+             sampling: SamplingConfig = SamplingConfig(), force_text: mx.array | None = None,
+             force_audio: mx.array | None = None, embeddings: mx.array | None = None,
+             use_embeddings: mx.array | None = None) -> StepOutput:
+        """One frame for every session.
+
+        user_codes [B, n_q - dep_q]: the user's audio codes of this frame (aligned).
+        force_text [B], force_audio [B, dep_q]: tokens the model must emit for the
+            frame this step generates instead of sampling them (NOT_FORCED = sample);
+            each stream is forced at its own delay, like the user's streams.
+        embeddings [B, 1, dim] with use_embeddings [B] bool: feed these as the
+            temporal input instead of the embedded tokens (precomputed voice prompts).
+        """
         cfg = self.cfg
         B = state.offsets.shape[0]
         ring = state.tokens.shape[-1]
         delays = mx.array(cfg.delays, dtype=mx.int32)
+        gen_delays = delays[:1 + cfg.dep_q]
         o = state.offsets
         user = mx.array(user_codes).astype(mx.int32).reshape(B, cfg.user_q)
 
         # The user's streams enter the ring at their own delay.
         user_delays = delays[1 + cfg.dep_q:]
         tokens = _ring_write(state.tokens, 1 + cfg.dep_q, user, (o[:, None] + user_delays) % ring)
+        # So do forced tokens, for the frame generated now (position o + 1).
+        force = mx.full((B, 1 + cfg.dep_q), NOT_FORCED, dtype=mx.int32)
+        if force_text is not None:
+            force = mx.concatenate([mx.array(force_text).astype(mx.int32).reshape(B, 1), force[:, 1:]], 1)
+        if force_audio is not None:
+            audio_force = mx.array(force_audio).astype(mx.int32).reshape(B, cfg.dep_q)
+            force = mx.concatenate([force[:, :1], audio_force], 1)
+        forced = _ring_write(state.forced, 0, force, (o[:, None] + 1 + gen_delays[None, :]) % ring)
 
         # This frame's input: the ring at o, or the initial token while a stream's
         # delay has not elapsed yet.
@@ -155,20 +185,24 @@ class LM(nn.Module):
         initial = mx.array([cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q, mx.int32)
         cur = mx.where(o[:, None] <= delays[None, :], initial[None, :], cur)
 
-        h, text_logits = self.temporal(self.embed_frame(cur), state)
+        x = self.embed_frame(cur)
+        if embeddings is not None:
+            x = mx.where(use_embeddings[:, None, None], embeddings.astype(x.dtype), x)
+        h, text_logits = self.temporal(x, state)
         key, k_text, k_audio = mx.random.split(state.key, 3)
+        now = _ring_read(forced, ((o + 1) % ring)[:, None] + mx.zeros((1, 1 + cfg.dep_q), mx.int32))
         text = sample(text_logits, sampling.temp_text, sampling.topk_text, sampling.greedy, k_text)
-        audio = self.depformer_frame(h, text, sampling, k_audio)
+        text = mx.where(now[:, 0] >= 0, now[:, 0], text)
+        audio = self.depformer_frame(h, text, sampling, k_audio, now[:, 1:])
 
         o = o + 1
         generated = mx.concatenate([text[:, None], audio], axis=1)
         tokens = _ring_write(tokens, 0, generated, (o % ring)[:, None] + mx.zeros((1, 1 + cfg.dep_q), mx.int32))
-        gen_delays = delays[:1 + cfg.dep_q]
         out = _ring_read(tokens, (o[:, None] - cfg.max_delay + gen_delays[None, :]) % ring)
         valid = o > cfg.max_delay
         out = mx.where(valid[:, None], out, UNGENERATED)
 
-        state.offsets, state.tokens, state.key = o, tokens, key
+        state.offsets, state.tokens, state.forced, state.key = o, tokens, forced, key
         return StepOutput(out[:, 0], out[:, 1:], valid, text_logits)
 
 
