@@ -108,10 +108,21 @@ class LM(nn.Module):
 
     def embed_frame(self, tokens: mx.array) -> mx.array:
         """tokens [B, 1 + n_q] (text, model audio, user audio) -> [B, 1, dim]."""
-        x = embed(self.text_emb, tokens[:, :1])
+        return self.embed_frame_sequence(tokens[:, None])
+
+    def embed_frame_sequence(self, tokens: mx.array) -> mx.array:
+        """tokens [B, T, 1 + n_q] (or [T, 1 + n_q] for one session) -> [B, T, dim]."""
+        if tokens.ndim == 2:
+            tokens = tokens[None]
+        x = embed(self.text_emb, tokens[..., 0])
         for c in range(self.cfg.n_q):
-            x = x + embed(self.emb[c], tokens[:, 1 + c:2 + c])
+            x = x + embed(self.emb[c], tokens[..., 1 + c])
         return x
+
+    def temporal_sequence(self, x: mx.array, state: LMState) -> mx.array:
+        """Feed [B, T, dim] inputs through the temporal transformer at the sessions'
+        positions (T > 1: a prompt chunk); the caller advances state.offsets."""
+        return self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period)
 
     def temporal(self, x: mx.array, state: LMState) -> tuple[mx.array, mx.array]:
         """[B, 1, dim] embeddings -> (normed hidden [B, 1, dim], text logits [B, text_card])."""
