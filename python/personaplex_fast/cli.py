@@ -72,9 +72,26 @@ def _offline(args) -> None:
 
     _set_ops_mode(args)
     model = load_model(args.model)
-    engine = model.engine(slots=1, sampling=_sampling(args), seed=args.seed)
-    offline(engine, args.input_wav, args.output_wav, args.output_text, decode=model.decode_text)
+    sampling = _sampling(args)
+    engine = model.engine(slots=1, sampling=sampling, seed=args.seed)
+    prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
+    offline(engine, args.input_wav, args.output_wav, args.output_text, decode=model.decode_text,
+            prompt=prompt)
     print(f"wrote {args.output_wav} and {args.output_text}")
+    _report_check(args)
+
+
+def _chat(args) -> None:
+    from .chat import chat
+    from .loading import load_model
+
+    if args.voice_prompt or args.text_prompt:
+        raise UserError("--voice-prompt/--text-prompt: the PersonaPlex prompt phases are not implemented yet")
+    _set_ops_mode(args)
+    model = load_model(args.model)
+    engine = model.engine(slots=1, sampling=_sampling(args), seed=args.seed)
+    chat(engine, model.decode_text, input_device=args.input_device, output_device=args.output_device,
+         seconds=args.seconds)
     _report_check(args)
 
 
@@ -101,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-wav", required=True)
     s.add_argument("--output-wav", required=True)
     s.add_argument("--output-text", required=True, help="json: text tokens with their frame times")
+    s.add_argument("--voice-prompt", default=None,
+                   help="packaged voice (NATF0-3, NATM0-3, VARF0-4, VARM0-4) or a wav/.pt file")
+    s.add_argument("--text-prompt", default=None, help="role prompt, wrapped in <system> tags")
     s.set_defaults(func=_offline)
 
     s = sub.add_parser("lm-run", help="step the language model on silence and time it")
@@ -110,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--greedy", action="store_true")
     s.set_defaults(func=_lm_run)
+
+    s = sub.add_parser("chat", help="a live conversation through the microphone and speaker")
+    _add_model_args(s)
+    s.add_argument("--input-device", help="PortAudio device index or name substring (default: the system's)")
+    s.add_argument("--output-device", help="PortAudio device index or name substring (default: the system's)")
+    s.add_argument("--seconds", type=float, default=None, help="stop after this much audio (default: Ctrl-C)")
+    s.add_argument("--voice-prompt", help="wav of the voice the model speaks with (PersonaPlex)")
+    s.add_argument("--text-prompt", help="role / persona text (PersonaPlex)")
+    s.set_defaults(func=_chat)
     return p
 
 

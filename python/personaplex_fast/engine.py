@@ -48,13 +48,27 @@ class Engine:
 
     # -- sessions
 
-    def join(self) -> int:
+    def join(self, prompt: LMState | None = None) -> int:
+        """Take a free slot, fresh or continuing from a prompted batch-of-one LM state
+        (prompts.prefill): the slot's KV rows, positions and token rings are copied in."""
         for slot, used in enumerate(self.active):
             if not used:
                 self.reset(slot)
+                if prompt is not None:
+                    self._load_row(slot, prompt)
                 self.active[slot] = True
                 return slot
         raise SessionsFull(f"all {self.slots} session slots are in use")
+
+    def _load_row(self, slot: int, src: LMState) -> None:
+        dst = self.lm_state
+        for arrays, rows in ((dst.kv.keys, src.kv.keys), (dst.kv.values, src.kv.values)):
+            for i, row in enumerate(rows):
+                arrays[i][slot] = row[0]
+        dst.offsets[slot] = src.offsets[0]
+        dst.tokens[slot] = src.tokens[0]
+        dst.forced[slot] = src.forced[0]
+        mx.eval(dst.offsets, dst.tokens, dst.forced, *dst.kv.arrays())
 
     def leave(self, slot: int) -> None:
         self.active[slot] = False

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .checkpoint import load_lm, resolve
+from .checkpoint import is_hf_name, load_lm, resolve
 from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, TEXT_TOKENIZER
 from .engine import Engine
 from .errors import CheckpointError
@@ -26,6 +26,27 @@ class Model:
     lm: LM
     mimi: Mimi
     directory: Path
+    source: str = ""
+
+    def voice(self, spec: str):
+        """A packaged voice name (NATF2) or a voice file (wav/flac/mp3 or .pt)."""
+        from .voices import VOICES_ARCHIVE, load_voice
+
+        if not Path(spec).expanduser().exists() and not (self.directory / VOICES_ARCHIVE).exists() \
+                and is_hf_name(self.source):
+            from .hub import download
+
+            download(self.source, (VOICES_ARCHIVE,))
+        return load_voice(spec, self.directory)
+
+    def prompt(self, voice: str | None = None, text: str | None = None, seed: int = 0,
+               sampling: SamplingConfig = SamplingConfig()):
+        """The PersonaPlex-prompted LM state of one session (None: no prompt)."""
+        from .session_prompt import prompt_state, text_prompt_tokens
+
+        v = self.voice(voice) if voice else None
+        return prompt_state(self.lm, self.mimi, v, text_prompt_tokens(self.tokenizer, text),
+                            seed=seed, sampling=sampling)
 
     def decode_text(self, token: int) -> str:
         """A text token as the transcript shows it ('' for padding and special ids)."""
@@ -59,4 +80,4 @@ def load_model(source: str | Path, dtype: mx.Dtype | None = None) -> Model:
         raise CheckpointError(
             f"{directory}: LM audio card {lm.cfg.card} does not match the codec's "
             f"{mimi.cfg.quantizer.bins} codebook entries")
-    return Model(lm, mimi, directory)
+    return Model(lm, mimi, directory, str(source))

@@ -18,13 +18,17 @@ from .engine import Engine, is_text
 from .sampling import SamplingConfig
 
 
-def run_offline(engine: Engine, pcm: np.ndarray, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
-    """pcm [T] float32 at 24 kHz -> (model pcm [T], text tokens with frame times)."""
+def run_offline(engine: Engine, pcm: np.ndarray, progress: bool = True,
+                prompt=None) -> tuple[np.ndarray, list[dict]]:
+    """pcm [T] float32 at 24 kHz -> (model pcm [T], text tokens with frame times).
+
+    `prompt`: a prompted LM state (prompts.prefill) the session starts from.
+    """
     fs = engine.frame_size
     frames = -(-len(pcm) // fs)
     padded = np.zeros(frames * fs, dtype=np.float32)
     padded[: len(pcm)] = pcm
-    slot = engine.join()
+    slot = engine.join(prompt)
     out = np.zeros_like(padded)
     tokens = []
     batch = np.zeros((engine.slots, fs), dtype=np.float32)
@@ -40,9 +44,9 @@ def run_offline(engine: Engine, pcm: np.ndarray, progress: bool = True) -> tuple
 
 
 def offline(engine: Engine, input_wav: str | Path, output_wav: str | Path, output_text: str | Path,
-            decode=None) -> None:
+            decode=None, prompt=None) -> None:
     pcm = read_audio(input_wav)
-    out, tokens = run_offline(engine, pcm)
+    out, tokens = run_offline(engine, pcm, prompt=prompt)
     if decode is not None:
         for t in tokens:
             t["text"] = decode(t["token"])

@@ -15,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .checkpoint import to_official
-from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, DepformerConfig, LMConfig
+from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, TEXT_TOKENIZER, DepformerConfig, LMConfig
 from .mimi_checkpoint import write_tiny_mimi
 from .models.lm import LM
 
@@ -56,7 +56,79 @@ def write_lm(directory: str | Path, cfg: LMConfig = TINY, seed: int = 0, dtype=m
 
 
 def make_tiny(directory: str | Path, seed: int = 0, cfg: LMConfig = TINY) -> Path:
-    """The whole tiny model directory: LM and Mimi codec."""
+    """The whole tiny model directory: LM, Mimi codec, text tokenizer and voices."""
     directory = write_lm(directory, cfg, seed)
     write_tiny_mimi(directory / MIMI_WEIGHTS, seed=seed)
+    write_tiny_tokenizer(directory / TEXT_TOKENIZER, cfg.text_card)
+    write_tiny_voices(directory)
     return directory
+
+
+_WORDS = ("you are a wise and friendly teacher answer questions or provide advice in clear "
+          "engaging way hello there how doing today would like to book table for two people "
+          "tonight at seven the weather is nice let us talk about technology music science "
+          "your name is jane enjoy having good conversation deep customer service agent help "
+          "me with my order please thank very much what time does store open").split()
+
+
+def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
+    """A small sentencepiece model with the official special ids (0 unk/end-pad,
+    1 bos, 2 eos, 3 pad), trained deterministically on generated sentences."""
+    import io
+
+    import sentencepiece
+
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(_WORDS, size=rng.integers(4, 12))) for _ in range(2000)]
+    corpus += ["<system> " + s + " <system>" for s in corpus[:200]]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, vocab_size=min(vocab_size, 400),
+        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
+        user_defined_symbols=["<system>"], minloglevel=2)
+    path.write_bytes(model.getvalue())
+
+
+def write_tiny_voices(directory: Path, seed: int = 0) -> None:
+    """voices.tgz with the official layout: voices/NAME.pt recordings of the voice
+    phase (made as PersonaPlex makes them, from the voice's audio), and wavs."""
+    import tarfile
+    import tempfile
+
+    from . import torchfile
+    from .loading import load_model
+    from .prompts import build_frames, input_tokens
+    from .session_prompt import encode_frames, special_codes
+
+    model = load_model(directory)
+    silence, sine = special_codes(model.mimi)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "voices"
+        folder.mkdir()
+        for i, name in enumerate(("NATF0", "NATM1", "VARF2")):
+            pcm = _synthetic_voice(seed + i)
+            from .audio import write_wav
+
+            write_wav(folder / f"{name}.wav", pcm)
+            codes = encode_frames(model.mimi, pcm)
+            frames = build_frames(codes, len(codes), [], silence)
+            E = len(codes) - 1
+            tokens = [input_tokens(model.lm, frames, sine, p) for p in range(E + 2)]
+            emb = np.array(model.lm.embed_frame_sequence(mx.array(np.stack(tokens[:E]).astype(np.int32))))
+            ring = np.full((1, model.lm.cfg.n_q + 1, 4), -2, dtype=np.int64)
+            for j in (0, 1):
+                ring[0, :, (E + j) % 4] = tokens[E + j]
+            torchfile.save(folder / f"{name}.pt", {"embeddings": emb.reshape(E, 1, 1, -1), "cache": ring},
+                           bf16=("embeddings",))
+        with tarfile.open(directory / "voices.tgz", "w:gz") as tar:
+            tar.add(folder, arcname="voices")
+
+
+def _synthetic_voice(seed: int, seconds: float = 2.0, sr: int = 24000) -> np.ndarray:
+    """A voiced, vowel-like signal with a wandering pitch: enough to give distinct codes."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 110 + 60 * rng.random() + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    pcm = sum(np.sin(k * phase) / k for k in range(1, 8)) * (0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2)
+    return (0.2 * pcm / np.abs(pcm).max()).astype(np.float32)

@@ -1,0 +1,93 @@
+"""Voice files: the torch-free restricted .pt reader, voices.tgz unpacking, caching."""
+
+import io
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from personaplex_fast import torchfile, voices
+from personaplex_fast.errors import UserError
+
+
+def test_reader_matches_torch_for_plain_tensors(tmp_path):
+    t = {
+        "embeddings": torch.randn(6, 1, 1, 16).to(torch.bfloat16),
+        "cache": torch.arange(120).view(10, 12)[:, 3:9].t(),  # a strided, offset view
+        "nested": {"half": torch.randn(3, dtype=torch.float16), "flag": torch.tensor([True, False])},
+    }
+    torch.save(t, tmp_path / "v.pt")
+    got = torchfile.load(tmp_path / "v.pt")
+    assert np.array_equal(got["embeddings"], t["embeddings"].float().numpy())
+    assert np.array_equal(got["cache"], t["cache"].numpy())
+    assert np.array_equal(got["nested"]["half"], t["nested"]["half"].numpy())
+    assert got["nested"]["flag"].tolist() == [True, False]
+
+
+def test_writer_output_loads_in_torch(tmp_path):
+    x = {"embeddings": np.random.default_rng(0).standard_normal((4, 1, 1, 8)).astype(np.float32),
+         "cache": np.arange(17 * 4).reshape(1, 17, 4)}
+    torchfile.save(tmp_path / "w.pt", x, bf16=("embeddings",))
+    back = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert back["embeddings"].dtype == torch.bfloat16
+    np.testing.assert_allclose(back["embeddings"].float().numpy(), x["embeddings"], rtol=8e-3)
+    assert np.array_equal(back["cache"].numpy(), x["cache"])
+    assert np.array_equal(torchfile.load(tmp_path / "w.pt")["cache"], x["cache"])
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_code_in_a_pickle_is_refused_not_run(tmp_path):
+    sentinel = tmp_path / "pwned"
+    torch.save({"embeddings": torch.zeros(1), "x": _Exploit(sentinel)}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refusing to load .*system"):
+        torchfile.load(tmp_path / "evil.pt")
+    assert not sentinel.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="cannot read PyTorch file"):
+        torchfile.load(tmp_path / "junk.pt")
+
+
+def test_archive_with_path_traversal_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAPLEX_FAST_CACHE", str(tmp_path / "cache"))
+    archive = tmp_path / "voices.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        data = b"x"
+        info = tarfile.TarInfo("voices/../../evil.pt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(UserError, match="unsafe archive member"):
+        voices.unpack(archive)
+    assert not (tmp_path / "evil.pt").exists()
+
+
+def test_packaged_voice_is_cached_as_safetensors(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAPLEX_FAST_CACHE", str(tmp_path / "cache"))
+    E, dim = 5, 8
+    emb = np.random.default_rng(1).standard_normal((E, 1, 1, dim)).astype(np.float32)
+    ring = np.random.default_rng(2).integers(0, 50, (1, 17, 4))
+    folder = tmp_path / "voices"
+    folder.mkdir()
+    torchfile.save(folder / "NATF2.pt", {"embeddings": emb, "cache": ring})
+    with tarfile.open(tmp_path / "voices.tgz", "w:gz") as tar:
+        tar.add(folder, arcname="voices")
+    v = voices.load_voice("NATF2", tmp_path)
+    assert np.array_equal(v.embeddings, emb.reshape(E, dim))
+    # PersonaPlex saved the ring at offset E + 1 (ring of 4): positions E and E + 1.
+    assert np.array_equal(v.ring_tokens, np.stack([ring[0, :, E % 4], ring[0, :, (E + 1) % 4]]))
+    cached = list((tmp_path / "cache").rglob("NATF2.safetensors"))
+    assert len(cached) == 1
+    again = voices.load_voice("NATF2", tmp_path)
+    assert np.array_equal(again.embeddings, v.embeddings)
+    with pytest.raises(UserError, match="not in .*voices.tgz"):
+        voices.load_voice("VARM4", tmp_path)
+    with pytest.raises(UserError, match="no voices.tgz"):
+        voices.load_voice("NATF2", tmp_path / "voices")
