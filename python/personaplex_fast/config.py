@@ -135,6 +135,11 @@ class LMConfig:
                 top[f.name] = raw[f.name]
         if "delays" in top:
             top["delays"] = tuple(int(d) for d in top["delays"])
+        # PersonaPlex builds its generator with dep_q = n_q = 16: the depformer also
+        # predicts the user's 8 codebooks, which the duplex loop always overwrites
+        # with the user's real codes. The model's own streams are the first half.
+        if top.get("dep_q") is not None and top.get("dep_q") == top.get("n_q", cls.n_q):
+            top["dep_q"] = top["dep_q"] // 2
         return cls(depformer=DepformerConfig(**dep), **top)
 
     @classmethod
