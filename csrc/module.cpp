@@ -2,10 +2,14 @@
 // Built with NB_DOMAIN mlx so mx.array arguments are accepted (see CMakeLists.txt).
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "conv1d_stream.h"
+#include "conv_transpose1d_stream.h"
 #include "ring_attention.h"
+#include "rvq.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -20,4 +24,21 @@ NB_MODULE(_ext, m) {
         "rope_max_period <= 0 disables RoPE. See csrc/ring_attention.h.");
   m.def("ring_cache_copies", &personaplex::ring_cache_copies,
         "Number of whole-cache copies ring_attention made because it could not reuse the input buffer.");
+  m.def("ring_cache_waits", &personaplex::ring_cache_waits,
+        "Number of times the CUDA ring_attention waited for in-flight work before reusing a cache.");
+
+  m.def("conv1d_stream", &personaplex::conv1d_stream, "x"_a, "previous"_a, "weight"_a,
+        "bias"_a.none(), "first"_a.none(), "stride"_a, "dilation"_a, "groups"_a, "elu_input"_a,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "One streaming causal conv1d step: returns [y, previous']. See csrc/conv1d_stream.h.");
+  m.def("conv_transpose1d_stream", &personaplex::conv_transpose1d_stream, "x"_a, "partial"_a,
+        "weight"_a, "bias"_a.none(), "stride"_a, "groups"_a, "elu_input"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "One streaming transposed conv1d step: returns [y, partial']. See "
+        "csrc/conv_transpose1d_stream.h.");
+  m.def("rvq_encode", &personaplex::rvq_encode, "x"_a, "codebooks"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "Residual VQ codes [..., n_q] int32 of x [..., D] over codebooks [n_q, bins, D].");
+  m.def("rvq_decode", &personaplex::rvq_decode, "codes"_a, "codebooks"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "Sum of the codebook entries named by codes [..., n_q]: [..., D] float32.");
 }

@@ -1,11 +1,10 @@
 // Graph construction and the CPU path of RingAttention.
-// The GPU paths live in ring_attention_gpu.cpp (CUDA) or are absent (see eval_gpu).
+// The CUDA path lives in ring_attention_cuda.cpp (built when MLX has CUDA); Metal is absent.
 
 #include "ring_attention.h"
 
 #include <cmath>
 #include <cstring>
-#include <sstream>
 #include <stdexcept>
 #include <vector>
 
@@ -32,11 +31,9 @@ template struct DescAccess<&mx::array::array_desc_>;
 long desc_refs(const mx::array& a) { return (a.*desc_member(DescTag{})).use_count(); }
 
 std::string shape_str(const mx::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < a.shape().size(); ++i) os << (i ? ", " : "") << a.shape()[i];
-  os << ")";
-  return os.str();
+  std::string s = "(";
+  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
+  return s + ")";
 }
 
 void check(bool ok, const std::string& msg) {
@@ -161,23 +158,28 @@ std::vector<mx::array> ring_attention(const mx::array& q, const mx::array& k, co
 
   // Kernels read dense rows: make every input row-contiguous (a no-op when it is).
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
-  auto p = mx::astype(pos, mx::int32, st);
+  auto p = c(mx::astype(pos, mx::int32, st));  // a broadcast position has stride 0
   auto prim = std::make_shared<RingAttention>(st, scale, rope_max_period);
   return mx::array::make_arrays({q.shape(), k_cache.shape(), v_cache.shape()}, {dt, dt, dt}, prim,
                                 {c(q), c(k), c(v), c(k_cache), c(v_cache), p});
 }
 
+bool cache_unobserved(const mx::array& in, int siblings) {
+  return desc_refs(in) == siblings && in.flags().row_contiguous;
+}
+
+void count_cache_copy() { g_cache_copies.fetch_add(1); }
+
 bool donate_cache(const mx::array& in, mx::array& out, int siblings) {
-  // Referenced only by the `siblings` input lists of this primitive's outputs
-  // (no Python handle, no other consumer), and the buffer is not shared with
-  // another array (a view, or a pending task of an earlier op in this eval).
-  const bool ok = desc_refs(in) == siblings && in.data_shared_ptr().use_count() == 1 &&
-                  in.data_shared_ptr()->is_owned() && in.flags().row_contiguous;
+  // Unobserved, and the buffer is not shared with another array (a view, or a
+  // pending task of an earlier op in this eval).
+  const bool ok = cache_unobserved(in, siblings) && in.data_shared_ptr().use_count() == 1 &&
+                  in.data_shared_ptr()->is_owned();
   if (ok) {
     out.copy_shared_buffer(in);
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
-    g_cache_copies.fetch_add(1);
+    count_cache_copy();
   }
   return ok;
 }
@@ -229,6 +231,8 @@ void RingAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
 void RingAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("ring_attention: no GPU kernel in this build (CPU only)");
 }
+
+int64_t ring_cache_waits() { return 0; }
 #endif
 
 }  // namespace personaplex

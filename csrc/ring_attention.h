@@ -50,6 +50,11 @@ class RingAttention : public mx::Primitive {
 // otherwise `out` gets a fresh buffer and the copy is counted.
 bool donate_cache(const mx::array& in, mx::array& out, int siblings);
 
+// Whether input cache `in` is referenced only by the `siblings` input lists of this
+// primitive's outputs (no Python handle, no other consumer) and is row-contiguous.
+bool cache_unobserved(const mx::array& in, int siblings);
+void count_cache_copy();
+
 // q, k, v: [B, H, T, D]; k_cache, v_cache: [B, H, W, D]; pos: int32 [B].
 // Returns {out [B, H, T, D], k_cache', v_cache'}.
 std::vector<mx::array> ring_attention(
@@ -60,5 +65,9 @@ std::vector<mx::array> ring_attention(
 // How many times a ring cache had to be copied a whole cache because its input could
 // not be donated (tests assert this stays flat during decoding).
 int64_t ring_cache_copies();
+
+// How many times the CUDA path waited for in-flight work to release a ring cache
+// before taking it over (0 on builds without CUDA; see ring_attention_cuda.cpp).
+int64_t ring_cache_waits();
 
 }  // namespace personaplex

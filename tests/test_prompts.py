@@ -93,3 +93,90 @@ def test_packaged_voice_equals_its_audio_prompt(lm):
     stepped = step_through(lm, frames, sine)
     for a, b in zip(continue_logits(lm, filled), continue_logits(lm, stepped)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------- against a model of PersonaPlex's cache
+#
+# `personaplex_inputs` restates how NVIDIA's LMGen.prepare_step_input fills its token
+# cache (ring of max_delay + 3): call o writes frame o's streams at o + delay,
+# resets position o of every stream whose delay is >= o to the initial token, does
+# nothing else on call 0, and on call o > 0 feeds position o - 1 to the model.
+
+
+def personaplex_inputs(cfg, frames, sine):
+    ring = cfg.max_delay + 3
+    cache = np.full((1 + cfg.n_q, ring), -2)
+    initial = [cfg.text_initial_token] + [cfg.audio_initial_token] * cfg.n_q
+    inputs = []
+    for o, frame in enumerate(frames):
+        streams = [frame.text, *frame.audio, *sine]
+        for k, delay in enumerate(cfg.delays):
+            cache[k, (o + delay) % ring] = streams[k]
+        for k, delay in enumerate(cfg.delays):
+            if o <= delay:
+                cache[k, o % ring] = initial[k]
+        if o == 0:
+            cache[:, 0] = initial
+            continue
+        inputs.append(cache[:, (o - 1) % ring].copy())
+    return np.stack(inputs), cache
+
+
+def tiny_text_tokens(tmp_path, text):
+    from personaplex_fast.tokenizer import load_tokenizer, prompt_tokens, write_tiny_tokenizer
+
+    return prompt_tokens(load_tokenizer(write_tiny_tokenizer(tmp_path, 1000)), text)
+
+
+def test_prompt_inputs_match_personaplex_cache(tmp_path):
+    """Every temporal input of the four phases, with a real (tiny) text prompt."""
+    from types import SimpleNamespace
+
+    from personaplex_fast.tiny import TINY
+
+    text = tiny_text_tokens(tmp_path, "You are a wise teacher. Answer the question.")
+    rng = np.random.default_rng(3)
+    voice = rng.integers(0, TINY.card, (11, TINY.dep_q))
+    silence = tuple(range(10, 10 + TINY.dep_q))
+    sine = tuple(range(40, 40 + TINY.user_q))
+    frames = build_frames(voice, len(voice), text, silence)
+    # Phase lengths: voice frames, 6 spacers, one frame per token, 6 spacers.
+    assert len(frames) == 11 + SPACER_FRAMES + len(text) + SPACER_FRAMES
+    assert [f.text for f in frames] == [TEXT_PAD] * (11 + SPACER_FRAMES) + text + [TEXT_PAD] * SPACER_FRAMES
+    expected, _ = personaplex_inputs(TINY, frames, sine)
+    lm_like = SimpleNamespace(cfg=TINY)
+    ours = np.stack([input_tokens(lm_like, frames, sine, p) for p in range(len(frames) - 1)])
+    np.testing.assert_array_equal(ours, expected)
+    # The first frame is never seen; position 0 is all initial tokens.
+    assert ours[0].tolist() == [TINY.text_initial_token] + [TINY.audio_initial_token] * TINY.n_q
+
+
+def test_packaged_voice_ring_is_personaplex_cache_after_the_voice(tmp_path):
+    """A .pt voice's "cache" is LMGen's cache after the voice phase (E + 1 calls for
+    E embeddings); read_pt_voice must pick the two positions the next phases read."""
+    from types import SimpleNamespace
+
+    from personaplex_fast import torchfile
+    from personaplex_fast.tiny import TINY
+    from personaplex_fast.voices import read_pt_voice
+
+    rng = np.random.default_rng(4)
+    voice = rng.integers(0, TINY.card, (9, TINY.dep_q))
+    silence = tuple(range(10, 10 + TINY.dep_q))
+    sine = tuple(range(40, 40 + TINY.user_q))
+    frames = build_frames(voice, len(voice), [5, 6], silence)
+    _, cache = personaplex_inputs(TINY, frames[:len(voice)], sine)
+    E = len(voice) - 1
+    torchfile.save(tmp_path / "v.pt", {"embeddings": np.zeros((E, 1, 1, 4), np.float32),
+                                       "cache": cache[None]})
+    packaged = read_pt_voice(tmp_path / "v.pt")
+    lm_like = SimpleNamespace(cfg=TINY)
+    np.testing.assert_array_equal(packaged.ring_tokens[0], input_tokens(lm_like, frames, sine, E))
+    delayed = [k for k, d in enumerate(TINY.delays) if d == 1]
+    np.testing.assert_array_equal(packaged.ring_tokens[1][delayed],
+                                  input_tokens(lm_like, frames, sine, E + 1)[delayed])
+    # Given as a packaged voice, the prompt reads the same tokens from position E on.
+    frames_pt = build_frames(None, len(voice), [5, 6], silence)
+    for p in range(E, len(frames) - 1):
+        np.testing.assert_array_equal(input_tokens(lm_like, frames_pt, sine, p, packaged),
+                                      input_tokens(lm_like, frames, sine, p))

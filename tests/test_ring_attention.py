@@ -168,3 +168,59 @@ def test_check_mode_records_the_largest_difference():
         ops.ring_attention(q, k, v, kc, vc, mx.array([5]))
     report = ops.check_report()
     assert set(report) == {"ring_attention"} and 0 <= report["ring_attention"] < 1e-5
+
+
+class _Layer:
+    """The model's pattern: the layer owns its caches and replaces them every step."""
+
+    def __init__(self, B, H, W, D, w):
+        self.k, self.v, self.w = mx.zeros((B, H, W, D)), mx.zeros((B, H, W, D)), w
+
+    def step(self, x, pos):
+        # q, k, v: still-lazy projections, evaluated in the same graph as the attention.
+        q, k, v = (mx.tanh(x @ (self.w * s)) for s in (1.0, 0.5, -1.0))
+        out, self.k, self.v = ops.ring_attention(q, k, v, self.k, self.v, pos)
+        return out
+
+
+def test_model_style_decode_copies_no_cache_after_the_first_step():
+    """20 decode steps through an object that owns its caches (`self.k, self.v = ...`),
+    lazy projections as inputs, only `out` evaluated: after the first step the caches'
+    buffers are reused in place, and the results equal the reference path."""
+    rng = np.random.default_rng(7)
+    B, H, D, W, steps = 2, 2, 16, 8, 20
+    w = rand(rng, (D, D), mx.float32) * 0.3
+    xs = [rand(rng, (B, H, 1, D), mx.float32) for _ in range(steps)]
+    fused, reference_layer = _Layer(B, H, W, D, w), _Layer(B, H, W, D, w)
+    copies = []
+    for i, x in enumerate(xs):
+        pos = mx.array([i, i + 3])
+        out = fused.step(x, pos)
+        mx.eval(out)
+        copies.append(_ext.ring_cache_copies())
+        with ops.use_reference():
+            ref = reference_layer.step(x, pos)
+        assert_close(out, ref, mx.float32, f"step {i}", max_pos=i + 3)
+    assert copies[-1] == copies[0], f"cache copies after the first step: {np.diff(copies)}"
+    assert_close(fused.k, reference_layer.k, mx.float32, "k_cache", max_pos=steps + 3)
+
+
+def test_strided_inputs_and_views_are_never_overwritten():
+    """Transposed q, caches that are views of a larger array and a scalar position: the
+    result is right and the viewed array is left untouched (a view is never donated)."""
+    rng = np.random.default_rng(8)
+    B, H, T, D, W = 2, 2, 3, 8, 5
+    q = rand(rng, (B, T, H, D), mx.float32).transpose(0, 2, 1, 3)
+    k, v = rand(rng, (B, H, T, D), mx.float32), rand(rng, (B, H, T, D), mx.float32)
+    big_k, big_v = rand(rng, (B, H, 2 * W, D), mx.float32), rand(rng, (B, H, 2 * W, D), mx.float32)
+    mx.eval(q, big_k, big_v)
+    before = np.array(big_k), np.array(big_v)
+    kc, vc = big_k[:, :, ::2], big_v[:, :, 1::2]
+    got = ops.ring_attention(q, k, v, kc, vc, 12)
+    ref = reference.ring_attention(q, k, v, kc, vc, mx.array([12, 12]))
+    mx.eval(*got)
+    for name, a, b in zip(("out", "k_cache", "v_cache"), got, ref):
+        assert_close(a, b, mx.float32, name, max_pos=15)
+    np.testing.assert_array_equal(np.array(big_k), before[0])
+    np.testing.assert_array_equal(np.array(big_v), before[1])
+

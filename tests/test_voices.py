@@ -91,3 +91,54 @@ def test_packaged_voice_is_cached_as_safetensors(tmp_path, monkeypatch):
         voices.load_voice("VARM4", tmp_path)
     with pytest.raises(UserError, match="no voices.tgz"):
         voices.load_voice("NATF2", tmp_path / "voices")
+
+
+class _StorageRef:
+    pass
+
+
+class _OutOfBounds:
+    """Pickles as a tensor view reaching far past its 4-element storage."""
+
+    def __reduce__(self):
+        import collections
+
+        return (torch._utils._rebuild_tensor_v2,
+                (_StorageRef(), 0, (1 << 20,), (1,), False, collections.OrderedDict()))
+
+
+def _save_crafted(path, obj, storage=np.arange(4, dtype=np.int64)):
+    import pickle
+    import zipfile
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, o):
+            return ("storage", torch.LongStorage, "0", "cpu", 4) if isinstance(o, _StorageRef) else None
+
+    buf = io.BytesIO()
+    Pickler(buf, protocol=2).dump(obj)
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x/data.pkl", buf.getvalue())
+        z.writestr("x/data/0", storage.tobytes())
+
+
+def test_views_outside_their_storage_are_refused(tmp_path):
+    _save_crafted(tmp_path / "oob.pt", {"cache": _OutOfBounds()})
+    with pytest.raises(UserError, match="outside its storage"):
+        torchfile.load(tmp_path / "oob.pt")
+
+
+def test_voice_file_without_the_voice_keys_is_refused(tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "w.pt")
+    with pytest.raises(UserError, match="not a PersonaPlex voice"):
+        voices.read_pt_voice(tmp_path / "w.pt")
+
+
+def test_macos_resource_forks_are_not_voices(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONAPLEX_FAST_CACHE", str(tmp_path / "cache"))
+    with tarfile.open(tmp_path / "voices.tgz", "w:gz") as tar:
+        for name in ("voices/._NATF0.pt", "voices/NATF0.wav"):
+            info = tarfile.TarInfo(name)
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    assert voices.list_voices(voices.unpack(tmp_path / "voices.tgz")) == ["NATF0"]

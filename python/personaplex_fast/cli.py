@@ -85,14 +85,23 @@ def _chat(args) -> None:
     from .chat import chat
     from .loading import load_model
 
-    if args.voice_prompt or args.text_prompt:
-        raise UserError("--voice-prompt/--text-prompt: the PersonaPlex prompt phases are not implemented yet")
     _set_ops_mode(args)
     model = load_model(args.model)
-    engine = model.engine(slots=1, sampling=_sampling(args), seed=args.seed)
+    sampling = _sampling(args)
+    engine = model.engine(slots=1, sampling=sampling, seed=args.seed)
+    prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
     chat(engine, model.decode_text, input_device=args.input_device, output_device=args.output_device,
-         seconds=args.seconds)
+         seconds=args.seconds, prompt=prompt)
     _report_check(args)
+
+
+def _serve(args) -> None:
+    from .loading import load_model
+    from .server import serve
+
+    _set_ops_mode(args)
+    serve(load_model(args.model), args.host, args.port, args.max_sessions, sampling=_sampling(args),
+          seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,9 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-device", help="PortAudio device index or name substring (default: the system's)")
     s.add_argument("--output-device", help="PortAudio device index or name substring (default: the system's)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this much audio (default: Ctrl-C)")
-    s.add_argument("--voice-prompt", help="wav of the voice the model speaks with (PersonaPlex)")
-    s.add_argument("--text-prompt", help="role / persona text (PersonaPlex)")
+    s.add_argument("--voice-prompt", default=None,
+                   help="packaged voice (NATF0-3, NATM0-3, VARF0-4, VARM0-4) or a wav/.pt file")
+    s.add_argument("--text-prompt", default=None, help="role prompt, wrapped in <system> tags")
     s.set_defaults(func=_chat)
+
+    s = sub.add_parser("serve", help="a web page for live conversations, all sessions batched on one engine")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8998, help="0: any free port (printed at start)")
+    s.add_argument("--max-sessions", type=int, default=4, help="engine slots: concurrent conversations")
+    s.set_defaults(func=_serve)
     return p
 
 

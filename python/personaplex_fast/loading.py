@@ -50,10 +50,9 @@ class Model:
 
     def decode_text(self, token: int) -> str:
         """A text token as the transcript shows it ('' for padding and special ids)."""
-        tok = self.tokenizer
-        if tok is None or token < 0 or token in (0, 3) or token >= tok.vocab_size():
-            return ""
-        return tok.id_to_piece(token).replace("\u2581", " ")
+        from .tokenizer import token_text
+
+        return "" if self.tokenizer is None else token_text(self.tokenizer, token)
 
     @property
     def tokenizer(self):

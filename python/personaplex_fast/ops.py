@@ -40,7 +40,12 @@ def use_mode(new: str):
         set_mode(old)
 
 
+def set_reference_mode(flag: bool) -> None:
+    set_mode("reference" if flag else "fused")
+
+
 def use_reference(flag: bool = True):
+    """Context manager: the pure-MLX references inside (or the fused ops, flag=False)."""
     return use_mode("reference" if flag else "fused")
 
 
@@ -60,8 +65,8 @@ def _ext():
 
 
 def _record(name: str, fused, ref) -> None:
-    worst = max(float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))))
-                for a, b in zip(fused, ref))
+    worst = max((float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))))
+                 for a, b in zip(fused, ref) if a.size), default=0.0)
     _diffs[name] = max(_diffs.get(name, 0.0), worst)
 
 
@@ -71,7 +76,10 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     if _mode == "reference":
         return reference.ring_attention(q, k, v, k_cache, v_cache, pos,
                                         rope_max_period=rope_max_period, scale=scale)
-    pos = mx.array(pos).astype(mx.int32)
+    # The C++ signature takes mx.array only (no implicit conversion of ints/numpy).
+    q, k, v, k_cache, v_cache = (x if isinstance(x, mx.array) else mx.array(x)
+                                 for x in (q, k, v, k_cache, v_cache))
+    pos = reference.positions(pos, q.shape[0])
     D = q.shape[-1]
     fused = tuple(_ext().ring_attention(
         q, k, v, k_cache, v_cache, pos,
@@ -81,4 +89,52 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
         ref = reference.ring_attention(q, k, v, k_cache, v_cache, pos,
                                        rope_max_period=rope_max_period, scale=scale)
         _record("ring_attention", fused, ref)
+    return fused
+
+
+def conv1d_stream(x, previous, weight, bias=None, *, stride: int = 1, dilation: int = 1,
+                  elu_input: bool = False, groups: int = 1, first=None):
+    """See reference.conv1d_stream; returns (y, previous')."""
+    kw = dict(stride=stride, dilation=dilation, elu_input=elu_input, groups=groups, first=first)
+    if _mode == "reference":
+        return reference.conv1d_stream(x, previous, weight, bias, **kw)
+    fused = tuple(_ext().conv1d_stream(x, previous, weight, bias, first, int(stride), int(dilation),
+                                       int(groups), bool(elu_input)))
+    if _mode == "check":
+        _record("conv1d_stream", fused, reference.conv1d_stream(x, previous, weight, bias, **kw))
+    return fused
+
+
+def conv_transpose1d_stream(x, partial, weight, bias=None, *, stride: int, groups: int = 1,
+                            elu_input: bool = False):
+    """See reference.conv_transpose1d_stream; returns (y, partial')."""
+    kw = dict(stride=stride, groups=groups, elu_input=elu_input)
+    if _mode == "reference":
+        return reference.conv_transpose1d_stream(x, partial, weight, bias, **kw)
+    fused = tuple(_ext().conv_transpose1d_stream(x, partial, weight, bias, int(stride), int(groups),
+                                                 bool(elu_input)))
+    if _mode == "check":
+        _record("conv_transpose1d_stream", fused,
+                reference.conv_transpose1d_stream(x, partial, weight, bias, **kw))
+    return fused
+
+
+def rvq_encode(x, codebooks):
+    """See reference.rvq_encode; codes [..., n_q] int32. Check mode records the
+    largest code difference: nonzero only where summation order flipped a near-tie."""
+    if _mode == "reference":
+        return reference.rvq_encode(x, codebooks)
+    fused = _ext().rvq_encode(x, codebooks)
+    if _mode == "check":
+        _record("rvq_encode", [fused], [reference.rvq_encode(x, codebooks)])
+    return fused
+
+
+def rvq_decode(codes, codebooks):
+    """See reference.rvq_decode; [..., D] float32."""
+    if _mode == "reference":
+        return reference.rvq_decode(codes, codebooks)
+    fused = _ext().rvq_decode(codes, codebooks)
+    if _mode == "check":
+        _record("rvq_decode", [fused], [reference.rvq_decode(codes, codebooks)])
     return fused

@@ -10,6 +10,8 @@ the user's stream carries a constant 440 Hz tone ("sine frame"):
     4. spacer         as 2
 
 (see LMGen.step_system_prompts and its _step_* helpers in NVIDIA/personaplex).
+Phase 1 is absent without a voice. PersonaPlex always has a text prompt (it
+fails without one); here an empty one leaves phase 3 out, so the spacers meet.
 A packaged voice (.pt) replaces phase 1 by the temporal transformer's input
 embeddings recorded from the same phase, plus the token ring at its end.
 
@@ -33,8 +35,8 @@ import numpy as np
 
 from .models.lm import LM, NOT_FORCED, UNGENERATED, LMState
 from .sampling import SamplingConfig
+from .tokenizer import TEXT_PAD, wrap_system  # noqa: F401  (wrap_system: re-exported)
 
-TEXT_PAD = 3
 SPACER_FRAMES = 6  # int(0.5 s * 12.5 Hz)
 # Codes of the official Mimi for one frame of silence and one of the 440 Hz,
 # 0.5-amplitude tone (constants of PersonaPlex's lm.py). A codec with another
@@ -42,14 +44,6 @@ SPACER_FRAMES = 6  # int(0.5 s * 12.5 Hz)
 OFFICIAL_SILENCE_CODES = (948, 243, 1178, 546, 1736, 1030, 1978, 2008)
 OFFICIAL_SINE_CODES = (430, 1268, 381, 1611, 1095, 1495, 56, 472)
 PREFILL_CHUNK = 64
-
-
-def wrap_system(text: str) -> str:
-    """The text prompt as the model was trained on it: "<system> ... <system>"."""
-    text = text.strip()
-    if text.startswith("<system>") and text.endswith("<system>"):
-        return text
-    return f"<system> {text} <system>"
 
 
 def sine_frame(frame_size: int = 1920, sample_rate: int = 24000) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
+import mlx.nn as nn
 
 
 def rope(x: mx.array, start: mx.array, max_period: float) -> mx.array:
@@ -27,6 +28,12 @@ def rope(x: mx.array, start: mx.array, max_period: float) -> mx.array:
     return out.reshape(B, H, T, D).astype(x.dtype)
 
 
+def positions(pos, batch: int) -> mx.array:
+    """pos as int32 [batch]: an int (or 0-d array) is every session's position."""
+    pos = (pos if isinstance(pos, mx.array) else mx.array(pos)).astype(mx.int32)
+    return mx.broadcast_to(pos, (batch,)) if pos.ndim == 0 else pos
+
+
 def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | None = 10000.0,
                    scale: float | None = None):
     """One streaming attention step over a ring KV cache (see csrc/ring_attention.h).
@@ -37,7 +44,7 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     """
     B, H, T, D = q.shape
     W = k_cache.shape[2]
-    pos = mx.array(pos).astype(mx.int32)
+    pos = positions(pos, B)
     if rope_max_period is not None:
         q, k = rope(q, pos, rope_max_period), rope(k, pos, rope_max_period)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -64,3 +71,71 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     v_new = mx.take_along_axis(v, src[:, None, :, None], axis=2)
     mask = written[:, None, :, None]
     return out, mx.where(mask, k_new, k_cache), mx.where(mask, v_new, v_cache)
+
+
+# ------------------------------------------------------------------------ Mimi codec
+
+
+def conv1d_stream(x, previous, weight, bias=None, *, stride: int = 1, dilation: int = 1,
+                  elu_input: bool = False, groups: int = 1, first=None):
+    """One streaming causal conv1d step (see csrc/conv1d_stream.h); returns (y, previous').
+
+    x [B, T, C_in] with T a multiple of stride; previous [B, context, C_in], the last
+    context = (K - 1) * dilation + 1 - stride conv inputs (post-ELU); weight
+    [C_out, K, C_in / groups]. `first` (bool [B]): 'replicate' padding, where set the
+    context is the first new sample repeated.
+    """
+    if elu_input:
+        x = nn.elu(x)
+    context = previous.shape[1]
+    if context:
+        if first is not None:
+            repeated = mx.broadcast_to(x[:, :1], previous.shape)
+            previous = mx.where(first[:, None, None], repeated, previous)
+        x = mx.concatenate([previous, x], axis=1)
+        previous = x[:, -context:]
+    y = mx.conv1d(x, weight, stride=stride, dilation=dilation, groups=groups)
+    return (y if bias is None else y + bias), previous
+
+
+def conv_transpose1d_stream(x, partial, weight, bias=None, *, stride: int, groups: int = 1,
+                            elu_input: bool = False):
+    """One streaming transposed conv1d step (see csrc/conv_transpose1d_stream.h);
+    returns (y, partial'). partial [B, K - stride, C_out] is the previous step's
+    overlap, without bias."""
+    if elu_input:
+        x = nn.elu(x)
+    y = mx.conv_transpose1d(x, weight, stride=stride, groups=groups)
+    overlap = partial.shape[1]
+    if overlap:
+        head = y[:, :overlap] + partial
+        y = mx.concatenate([head, y[:, overlap:]], axis=1)
+        partial = y[:, -overlap:]
+        y = y[:, :-overlap]
+    return (y if bias is None else y + bias), partial
+
+
+def rvq_encode(x, codebooks):
+    """Residual VQ: codes [..., n_q] int32 of x [..., D] over codebooks [n_q, bins, D].
+
+    float32 throughout; distances |r|^2 - 2 r.e + |e|^2 (|r|^2 kept to round like
+    moshi's cdist); ties go to the lowest index (mx.argmin)."""
+    residual = x.astype(mx.float32)
+    codebooks = codebooks.astype(mx.float32)
+    codes = []
+    for book in codebooks:
+        dist = ((residual * residual).sum(-1, keepdims=True) - 2 * (residual @ book.T)
+                + (book * book).sum(-1))
+        c = mx.argmin(dist, axis=-1).astype(mx.int32)
+        residual = residual - book[c]
+        codes.append(c)
+    return mx.stack(codes, axis=-1)
+
+
+def rvq_decode(codes, codebooks):
+    """Sum over q of codebooks[q, codes[..., q]]: [..., D] float32."""
+    codebooks = codebooks.astype(mx.float32)
+    total = codebooks[0][codes[..., 0]]
+    for q in range(1, codebooks.shape[0]):
+        total = total + codebooks[q][codes[..., q]]
+    return total

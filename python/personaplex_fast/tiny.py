@@ -15,8 +15,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .checkpoint import to_official
-from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, TEXT_TOKENIZER, DepformerConfig, LMConfig
+from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, DepformerConfig, LMConfig
 from .mimi_checkpoint import write_tiny_mimi
+from .tokenizer import write_tiny_tokenizer
 from .models.lm import LM
 
 # Small enough for CI, but every structural feature of the 7B is kept: per-step
@@ -59,34 +60,9 @@ def make_tiny(directory: str | Path, seed: int = 0, cfg: LMConfig = TINY) -> Pat
     """The whole tiny model directory: LM, Mimi codec, text tokenizer and voices."""
     directory = write_lm(directory, cfg, seed)
     write_tiny_mimi(directory / MIMI_WEIGHTS, seed=seed)
-    write_tiny_tokenizer(directory / TEXT_TOKENIZER, cfg.text_card)
+    write_tiny_tokenizer(directory, cfg.text_card)
     write_tiny_voices(directory)
     return directory
-
-
-_WORDS = ("you are a wise and friendly teacher answer questions or provide advice in clear "
-          "engaging way hello there how doing today would like to book table for two people "
-          "tonight at seven the weather is nice let us talk about technology music science "
-          "your name is jane enjoy having good conversation deep customer service agent help "
-          "me with my order please thank very much what time does store open").split()
-
-
-def write_tiny_tokenizer(path: Path, vocab_size: int) -> None:
-    """A small sentencepiece model with the official special ids (0 unk/end-pad,
-    1 bos, 2 eos, 3 pad), trained deterministically on generated sentences."""
-    import io
-
-    import sentencepiece
-
-    rng = np.random.default_rng(0)
-    corpus = [" ".join(rng.choice(_WORDS, size=rng.integers(4, 12))) for _ in range(2000)]
-    corpus += ["<system> " + s + " <system>" for s in corpus[:200]]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model, vocab_size=min(vocab_size, 400),
-        hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
-        user_defined_symbols=["<system>"], minloglevel=2)
-    path.write_bytes(model.getvalue())
 
 
 def write_tiny_voices(directory: Path, seed: int = 0) -> None:

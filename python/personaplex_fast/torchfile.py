@@ -45,6 +45,11 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 def _rebuild_tensor(storage, offset, size, stride, *_):
     data, bf16 = storage
     item = data.itemsize
+    # as_strided does not check bounds: a crafted file could otherwise read memory.
+    if (len(size) != len(stride) or min(size, default=1) < 0 or min(stride, default=0) < 0
+            or offset < 0 or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride))
+                              >= len(data))):
+        raise ValueError(f"tensor view {tuple(size)}/{tuple(stride)}+{offset} outside its storage")
     view = np.lib.stride_tricks.as_strided(data[offset:], shape=tuple(size),
                                            strides=tuple(s * item for s in stride))
     out = np.array(view)  # own the memory: the storage may be shared by other views
@@ -85,8 +90,12 @@ def load(path: str | Path) -> object:
             if len(pkl) != 1:
                 raise UserError(f"{path}: not a PyTorch zip checkpoint (no data.pkl)")
             root = pkl[0][: -len("/data.pkl")]
+            if f"{root}/byteorder" in archive.namelist() and \
+                    archive.read(f"{root}/byteorder").strip() != b"little":
+                raise UserError(f"{path}: big-endian PyTorch file; re-save it on a little-endian machine")
             return _Unpickler(archive.read(pkl[0]), archive, root, path).load()
-    except (zipfile.BadZipFile, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, pickle.UnpicklingError, TypeError,
+            ValueError, AttributeError, IndexError) as e:
         raise UserError(f"{path}: cannot read PyTorch file ({e})") from None
 
 

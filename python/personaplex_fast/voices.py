@@ -59,8 +59,8 @@ def unpack(archive: Path) -> Path:
                     continue
                 if not member.isfile() or name.is_absolute() or ".." in name.parts:
                     raise UserError(f"{archive}: refusing unsafe archive member {member.name!r}")
-                if name.suffix not in (".pt", ".wav"):
-                    continue
+                if name.suffix not in (".pt", ".wav") or name.name.startswith("._"):
+                    continue  # "._x" are macOS resource forks, not voices
                 data = tar.extractfile(member).read()
                 (dest / name.name).write_bytes(data)
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -93,12 +93,16 @@ def _cached_pt(path: Path) -> PackagedVoice:
     from safetensors.numpy import load_file, save_file
 
     cached = path.with_suffix(".safetensors")
-    if cached.exists():
+    in_cache = path.resolve().parent.is_relative_to(cache_root().resolve())
+    if in_cache and cached.exists():
         d = load_file(str(cached))
         return PackagedVoice(d["embeddings"], d["ring_tokens"])
     voice = read_pt_voice(path)
-    if path.parent.is_relative_to(cache_root()):
-        save_file({"embeddings": voice.embeddings, "ring_tokens": voice.ring_tokens}, str(cached))
+    if in_cache:
+        # Written aside and renamed: an interrupted write must not leave a bad cache.
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        save_file({"embeddings": voice.embeddings, "ring_tokens": voice.ring_tokens}, str(tmp))
+        os.replace(tmp, cached)
     return voice
 
 
@@ -111,7 +115,8 @@ def audio_voice(path: Path) -> AudioVoice:
     loudness = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(pcm)
     if np.isfinite(loudness):
         pcm = pyloudnorm.normalize.loudness(pcm, loudness, VOICE_LOUDNESS_LUFS)
-    return AudioVoice(np.clip(pcm, -1.0, 1.0).astype(np.float32))
+    # Not clipped: PersonaPlex feeds the normalized audio to Mimi as it is.
+    return AudioVoice(pcm.astype(np.float32))
 
 
 def load_voice(spec: str, model_dir: Path | None) -> Voice:

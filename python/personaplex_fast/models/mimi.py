@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import ops
 from .mimi_layers import (CausalConv1d, CausalConvTranspose1d, SeanetDecoder, SeanetEncoder,
                           Transformer)
 
@@ -115,17 +117,6 @@ class Codebook(nn.Module):
         super().__init__()
         self.embedding = mx.zeros((bins, dim))
 
-    def encode(self, x: mx.array) -> mx.array:
-        # Distances in fp32 even for bf16 weights: near-ties would otherwise flip codes.
-        # |x|^2 is kept (not needed for the argmin) to round like moshi's cdist.
-        e = self.embedding.astype(mx.float32)
-        x = x.astype(mx.float32)
-        dist = (x * x).sum(-1, keepdims=True) - 2 * (x @ e.T) + (e * e).sum(-1)
-        return mx.argmin(dist, axis=-1).astype(mx.int32)
-
-    def decode(self, codes: mx.array, chunk_frames: int = 125) -> mx.array:
-        return self.embedding[codes]
-
 
 class ResidualVQ(nn.Module):
     """Projection 512 -> 256, residual nearest-neighbour over `n` codebooks, projection back."""
@@ -136,19 +127,25 @@ class ResidualVQ(nn.Module):
         self.input_proj = nn.Linear(cfg.seanet.dimension, q.dimension, bias=False)
         self.output_proj = nn.Linear(q.dimension, cfg.seanet.dimension, bias=False)
         self.codebooks = [Codebook(q.bins, q.dimension) for _ in range(n)]
+        # Not an array attribute, so not a parameter: the stacked tables and their sources.
+        self._stack = types.SimpleNamespace(sources=(), tables=None)
+
+    def tables(self) -> mx.array:
+        """[n, bins, dim] float32 (distances stay fp32 even for bf16 weights: near-ties would
+        otherwise flip codes); rebuilt only when a codebook's embedding is replaced."""
+        sources = tuple(book.embedding for book in self.codebooks)
+        if len(sources) != len(self._stack.sources) or any(
+                a is not b for a, b in zip(sources, self._stack.sources)):
+            self._stack.sources = sources
+            self._stack.tables = mx.stack(sources).astype(mx.float32)
+        return self._stack.tables
 
     def encode(self, x: mx.array) -> mx.array:
-        residual = self.input_proj(x)
-        codes = []
-        for book in self.codebooks:
-            c = book.encode(residual)
-            residual = residual - book.decode(c)
-            codes.append(c)
-        return mx.stack(codes, axis=-1)
+        return ops.rvq_encode(self.input_proj(x), self.tables())
 
     def decode(self, codes: mx.array, chunk_frames: int = 125) -> mx.array:
-        total = sum(book.decode(codes[..., i]) for i, book in enumerate(self.codebooks))
-        return self.output_proj(total)
+        total = ops.rvq_decode(codes, self.tables())
+        return self.output_proj(total.astype(self.output_proj.weight.dtype))
 
 
 class SplitResidualVQ(nn.Module):

@@ -17,6 +17,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import ops
+
 
 def _keep_where(mask: mx.array, fresh: mx.array, old: mx.array) -> mx.array:
     """Per-session select: `fresh` where mask[b] is set, else `old` (batch is axis 0)."""
@@ -113,19 +115,17 @@ class CausalConv1d(nn.Module):
     def new_cache(self, batch: int, dtype: mx.Dtype) -> ConvCache:
         return ConvCache(batch, self.context, self.weight.shape[2], dtype, self.replicate)
 
-    def __call__(self, x: mx.array, cache: ConvCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: ConvCache, elu: bool = False) -> mx.array:
+        """`elu`: apply ELU to x first (SEANet's pre-activation), fused into the conv."""
         if x.shape[1] % self.stride:
             raise ValueError(f"conv input of {x.shape[1]} steps is not a multiple of stride {self.stride}")
-        if self.context:
-            previous = cache.previous
-            if self.replicate:
-                first = mx.broadcast_to(x[:, :1], previous.shape)
-                previous = _keep_where(cache.first, first, previous)
-                cache.first = mx.zeros_like(cache.first)
-            x = mx.concatenate([previous, x], axis=1)
-            cache.previous = x[:, -self.context:]
-        y = mx.conv1d(x, self.weight, stride=self.stride, dilation=self.dilation)
-        return y + self.bias if "bias" in self else y
+        y, cache.previous = ops.conv1d_stream(
+            x, cache.previous, self.weight, self.bias if "bias" in self else None,
+            stride=self.stride, dilation=self.dilation, elu_input=elu,
+            first=cache.first if self.replicate else None)
+        if self.replicate:
+            cache.first = mx.zeros_like(cache.first)
+        return y
 
 
 class CausalConvTranspose1d(nn.Module):
@@ -143,14 +143,11 @@ class CausalConvTranspose1d(nn.Module):
     def new_cache(self, batch: int, dtype: mx.Dtype) -> ConvTrCache:
         return ConvTrCache(batch, self.overlap, self.weight.shape[0], dtype)
 
-    def __call__(self, x: mx.array, cache: ConvTrCache) -> mx.array:
-        y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
-        if self.overlap:
-            head = y[:, : self.overlap] + cache.partial
-            y = mx.concatenate([head, y[:, self.overlap:]], axis=1)
-            cache.partial = y[:, -self.overlap:]
-            y = y[:, : -self.overlap]
-        return y + self.bias if "bias" in self else y
+    def __call__(self, x: mx.array, cache: ConvTrCache, elu: bool = False) -> mx.array:
+        y, cache.partial = ops.conv_transpose1d_stream(
+            x, cache.partial, self.weight, self.bias if "bias" in self else None,
+            stride=self.stride, groups=self.groups, elu_input=elu)
+        return y
 
 
 # ------------------------------------------------------------------------------ SEANet
@@ -168,8 +165,8 @@ class ResidualUnit(nn.Module):
         return [self.conv1, self.conv2]
 
     def __call__(self, x, caches):
-        h = self.conv1(nn.elu(x), caches[0])
-        return x + self.conv2(nn.elu(h), caches[1])
+        h = self.conv1(x, caches[0], elu=True)
+        return x + self.conv2(h, caches[1], elu=True)
 
 
 def _residual_units(cfg, dim: int) -> list:
@@ -204,8 +201,8 @@ class SeanetEncoder(nn.Module):
         for units, down in zip(self.residuals, self.downsamples):
             for unit in units:
                 x = unit(x, [next(caches), next(caches)])
-            x = down(nn.elu(x), next(caches))
-        return self.output_conv(nn.elu(x), next(caches))
+            x = down(x, next(caches), elu=True)
+        return self.output_conv(x, next(caches), elu=True)
 
 
 class SeanetDecoder(nn.Module):
@@ -232,10 +229,10 @@ class SeanetDecoder(nn.Module):
         caches = iter(caches)
         x = self.input_conv(x, next(caches))
         for up, units in zip(self.upsamples, self.residuals):
-            x = up(nn.elu(x), next(caches))
+            x = up(x, next(caches), elu=True)
             for unit in units:
                 x = unit(x, [next(caches), next(caches)])
-        return self.output_conv(nn.elu(x), next(caches))
+        return self.output_conv(x, next(caches), elu=True)
 
 
 # ------------------------------------------------------------------------- transformer

@@ -1,0 +1,35 @@
+// CUDA instantiations of kernels/ring_attention.cuh. Built by nvcc into a fatbin
+// that the extension embeds and loads with cuModuleLoadData (see
+// csrc/ring_attention_cuda.cpp for why not as ordinary runtime kernels).
+// Names: ring_attend_<dtype>_d<head dim>_q<queries per block>, ring_finish_<dtype>.
+
+#include "../ring_attention.cuh"
+
+#define RING_ATTEND(DT, F, D, TQ)                                                              \
+  extern "C" __global__ void __launch_bounds__(ring::kThreads)                                 \
+      ring_attend_##DT##_d##D##_q##TQ(const F::Elem* q, const F::Elem* k, const F::Elem* v,    \
+                                      const F::Elem* kc, const F::Elem* vc, const int* pos,    \
+                                      float* ws, RingArgs a) {                                 \
+    __shared__ float smem[ring::kWarps * TQ * (D + 2)];                                        \
+    ring::attend<F, D, TQ>(q, k, v, kc, vc, pos, ws, a, smem, blockIdx.x, blockIdx.y,          \
+                           blockIdx.z, threadIdx.x);                                           \
+  }
+
+#define RING_FINISH(DT, F)                                                                     \
+  extern "C" __global__ void __launch_bounds__(ring::kThreads) ring_finish_##DT(               \
+      const float* ws, const F::Elem* k, const F::Elem* v, const int* pos, const F::Elem* kc,  \
+      const F::Elem* vc, F::Elem* out, F::Elem* kc_out, F::Elem* vc_out, RingArgs a) {         \
+    ring::finish<F>(ws, k, v, pos, kc, vc, out, kc_out, vc_out, a, blockIdx.x, blockIdx.y,     \
+                    threadIdx.x);                                                              \
+  }
+
+#define RING_DTYPE(DT, F) \
+  RING_ATTEND(DT, F, 64, 1)  \
+  RING_ATTEND(DT, F, 64, 4)  \
+  RING_ATTEND(DT, F, 128, 1) \
+  RING_ATTEND(DT, F, 128, 4) \
+  RING_FINISH(DT, F)
+
+RING_DTYPE(f32, ring::F32)
+RING_DTYPE(bf16, ring::BF16)
+RING_DTYPE(f16, ring::F16)

@@ -1,0 +1,40 @@
+// Metal instantiations of kernels/ring_attention.cuh, the twin of
+// kernels/cuda/ring_attention.cu. NOT YET COMPILED: no Metal toolchain on this
+// project's Linux machines, and no eval_gpu for Metal is wired up. Needs MSL
+// 3.0+ (32-wide SIMD groups, simd_shuffle_xor); dispatch with 128 threads per
+// threadgroup and the grids of the CUDA path.
+
+#include "../ring_attention.cuh"
+
+#define RING_ATTEND(DT, F, D, TQ)                                                              \
+  [[kernel]] void ring_attend_##DT##_d##D##_q##TQ(                                             \
+      const device F::Elem* q [[buffer(0)]], const device F::Elem* k [[buffer(1)]],            \
+      const device F::Elem* v [[buffer(2)]], const device F::Elem* kc [[buffer(3)]],           \
+      const device F::Elem* vc [[buffer(4)]], const device int* pos [[buffer(5)]],             \
+      device float* ws [[buffer(6)]], constant RingArgs& a [[buffer(7)]],                      \
+      uint3 g [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]]) {    \
+    threadgroup float smem[ring::kWarps * TQ * (D + 2)];                                       \
+    ring::attend<F, D, TQ>(q, k, v, kc, vc, pos, ws, a, smem, g.x, g.y, g.z, tid);             \
+  }
+
+#define RING_FINISH(DT, F)                                                                     \
+  [[kernel]] void ring_finish_##DT(                                                            \
+      const device float* ws [[buffer(0)]], const device F::Elem* k [[buffer(1)]],             \
+      const device F::Elem* v [[buffer(2)]], const device int* pos [[buffer(3)]],              \
+      const device F::Elem* kc [[buffer(4)]], const device F::Elem* vc [[buffer(5)]],          \
+      device F::Elem* out [[buffer(6)]], device F::Elem* kc_out [[buffer(7)]],                 \
+      device F::Elem* vc_out [[buffer(8)]], constant RingArgs& a [[buffer(9)]],                \
+      uint3 g [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]]) {    \
+    ring::finish<F>(ws, k, v, pos, kc, vc, out, kc_out, vc_out, a, g.x, g.y, tid);             \
+  }
+
+#define RING_DTYPE(DT, F) \
+  RING_ATTEND(DT, F, 64, 1)  \
+  RING_ATTEND(DT, F, 64, 4)  \
+  RING_ATTEND(DT, F, 128, 1) \
+  RING_ATTEND(DT, F, 128, 4) \
+  RING_FINISH(DT, F)
+
+RING_DTYPE(f32, ring::F32)
+RING_DTYPE(bf16, ring::BF16)
+RING_DTYPE(f16, ring::F16)

@@ -1,0 +1,75 @@
+// The few things CUDA and Metal spell differently, so that a kernel body
+// (kernels/*.cuh) is written once and instantiated by a thin .cu and a thin
+// .metal file. Both targets run 32-wide warps / SIMD groups (Apple GPUs and
+// NVIDIA alike); the bodies assume it.
+//
+// Thread and block indices are not read here: the instantiating kernel passes
+// them to the body as plain ints, because Metal only hands them out as kernel
+// arguments. Workgroup memory is likewise declared in the kernel (Metal allows
+// `threadgroup` variables in kernel scope only) and passed down as a pointer.
+
+#pragma once
+
+#if defined(__CUDACC__)
+
+#include <cuda_fp16.h>
+
+#define PP_DEVICE __device__ __forceinline__
+#define PP_GLOBAL           // address space of kernel buffers
+#define PP_SHARED __shared__  // declares workgroup memory
+#define PP_SHARED_PTR       // address space of a pointer into workgroup memory
+#define PP_THREAD           // address space of thread-private arrays and references
+#define PP_BARRIER() __syncthreads()
+
+typedef unsigned int pp_u32;
+typedef unsigned short pp_u16;
+typedef uint4 pp_u32x4;
+
+PP_DEVICE float pp_shfl_xor(float x, int mask) { return __shfl_xor_sync(0xffffffffu, x, mask); }
+PP_DEVICE float pp_bits_to_float(pp_u32 u) { return __uint_as_float(u); }
+PP_DEVICE pp_u32 pp_float_to_bits(float f) { return __float_as_uint(f); }
+PP_DEVICE float pp_half_to_float(pp_u16 h) { return __half2float(__ushort_as_half(h)); }
+PP_DEVICE pp_u16 pp_float_to_half(float f) { return __half_as_ushort(__float2half_rn(f)); }
+// Accurate (not fast-math) versions: RoPE angles must round like the CPU path.
+PP_DEVICE float pp_exp(float x) { return expf(x); }
+PP_DEVICE float pp_cos(float x) { return cosf(x); }
+PP_DEVICE float pp_sin(float x) { return sinf(x); }
+PP_DEVICE float pp_max(float a, float b) { return fmaxf(a, b); }
+PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) { return *static_cast<const uint4*>(p); }
+PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *static_cast<uint4*>(p) = v; }
+PP_DEVICE pp_u32x4 pp_zero16() { return make_uint4(0u, 0u, 0u, 0u); }
+#define PP_NEG_INF (-__int_as_float(0x7f800000))
+
+#elif defined(__METAL_VERSION__)
+
+#include <metal_stdlib>
+using namespace metal;
+
+#define PP_DEVICE inline
+#define PP_GLOBAL device
+#define PP_SHARED threadgroup
+#define PP_SHARED_PTR threadgroup
+#define PP_THREAD thread
+#define PP_BARRIER() threadgroup_barrier(mem_flags::mem_threadgroup | mem_flags::mem_device)
+
+typedef uint pp_u32;
+typedef ushort pp_u16;
+typedef uint4 pp_u32x4;
+
+PP_DEVICE float pp_shfl_xor(float x, int mask) { return simd_shuffle_xor(x, ushort(mask)); }
+PP_DEVICE float pp_bits_to_float(pp_u32 u) { return as_type<float>(u); }
+PP_DEVICE pp_u32 pp_float_to_bits(float f) { return as_type<uint>(f); }
+PP_DEVICE float pp_half_to_float(pp_u16 h) { return float(as_type<half>(h)); }
+PP_DEVICE pp_u16 pp_float_to_half(float f) { return as_type<ushort>(half(f)); }
+PP_DEVICE float pp_exp(float x) { return precise::exp(x); }
+PP_DEVICE float pp_cos(float x) { return precise::cos(x); }
+PP_DEVICE float pp_sin(float x) { return precise::sin(x); }
+PP_DEVICE float pp_max(float a, float b) { return fmax(a, b); }
+PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) { return *(const device uint4*)p; }
+PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *(device uint4*)p = v; }
+PP_DEVICE pp_u32x4 pp_zero16() { return uint4(0u); }
+#define PP_NEG_INF (-INFINITY)
+
+#else
+#error "kernels/portable.h is for nvcc or the Metal compiler"
+#endif

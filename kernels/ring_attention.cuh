@@ -1,0 +1,292 @@
+// RingAttention's GPU kernels, written once against portable.h (see
+// csrc/ring_attention.h for what the primitive computes).
+//
+// Two launches, ordered in the stream / graph:
+//   attend: grid (S splits, H, B * query groups). Each block takes up to TQ new
+//     queries of one (session, head) and 1/S of their key window, and leaves a
+//     partial softmax (max, sum, weighted values) per query in a float32
+//     workspace. Split-K over the window fills the GPU at B = 1 (32 heads are a
+//     quarter of an H100's multiprocessors) and costs one small extra pass.
+//   finish: grid (H, B). Combines the S partials into `out`, then writes the
+//     rotated new keys and the values into their ring slots. The writes come
+//     after every read of the old slots because they are a later launch: a
+//     chunk (T > 1) overwrites slots that its own earlier queries still read.
+//
+// Keys and values stream through 16-byte loads: a key row is read by G = D / VEC
+// lanes (VEC elements each), so a warp covers 32 / G keys per step. New keys are
+// rotated on the fly; q and k are rounded to the storage type after RoPE, where
+// the reference rounds, and everything else is float32.
+
+#pragma once
+
+// Scalars of both launches; plain C, shared with the host (ring_attention_cuda.cpp).
+struct RingArgs {
+  int B, H, T, D, W;
+  int S;             // splits of the key window in `attend`
+  int copy_k, copy_v;  // `finish` first copies the old cache (it could not be donated)
+  int rope;          // 0: no RoPE
+  float rope_step;   // -ln(max_period) * 2 / D, rounded once from double as the CPU path does
+  float scale;
+};
+
+#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+
+#include "portable.h"
+
+namespace ring {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kUnroll = 4;  // key steps in flight per warp before the first use
+
+// Storage formats, handled as raw bits and converted in registers (no bf16 type
+// is common to both languages).
+struct F32 {
+  typedef pp_u32 Elem;
+  static constexpr int kPerVec = 4;
+  static PP_DEVICE float load(pp_u32 e) { return pp_bits_to_float(e); }
+  static PP_DEVICE pp_u32 store(float f) { return pp_float_to_bits(f); }
+};
+
+struct BF16 {
+  typedef pp_u16 Elem;
+  static constexpr int kPerVec = 8;
+  static PP_DEVICE float load(pp_u32 e) { return pp_bits_to_float(e << 16); }
+  static PP_DEVICE pp_u16 store(float f) {  // round to nearest even, as MLX's astype
+    pp_u32 u = pp_float_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return pp_u16(0x7fc0);
+    return pp_u16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+};
+
+struct F16 {
+  typedef pp_u16 Elem;
+  static constexpr int kPerVec = 8;
+  static PP_DEVICE float load(pp_u32 e) { return pp_half_to_float(pp_u16(e)); }
+  static PP_DEVICE pp_u16 store(float f) { return pp_float_to_half(f); }
+};
+
+template <class F>
+PP_DEVICE float round_trip(float x) { return F::load(F::store(x)); }
+
+template <class F>
+PP_DEVICE void unpack(pp_u32x4 r, PP_THREAD float* out) {
+  pp_u32 w[4] = {r.x, r.y, r.z, r.w};
+  #pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (F::kPerVec == 4) {
+      out[i] = F::load(w[i]);
+    } else {
+      out[2 * i] = F::load(w[i] & 0xffffu);
+      out[2 * i + 1] = F::load(w[i] >> 16);
+    }
+  }
+}
+
+// Moshi's interleaved RoPE on pair i: angle = position * exp(i * step), in float32.
+PP_DEVICE void rope_pair(PP_THREAD float& re, PP_THREAD float& im, int i, float position,
+                         float step) {
+  float angle = pp_exp(float(i) * step) * position;
+  float c = pp_cos(angle), s = pp_sin(angle);
+  float r = re * c - im * s;
+  im = re * s + im * c;
+  re = r;
+}
+
+// Merge partial softmax (mo, lo, ao) into (m, l, a); an empty partial has m = -inf.
+template <int N>
+PP_DEVICE void merge(PP_THREAD float& m, PP_THREAD float& l, PP_THREAD float* a, float mo,
+                     float lo, PP_THREAD const float* ao) {
+  float mn = pp_max(m, mo);
+  if (mn == PP_NEG_INF) return;
+  float c1 = pp_exp(m - mn), c2 = pp_exp(mo - mn);
+  l = l * c1 + lo * c2;
+  #pragma unroll
+  for (int e = 0; e < N; ++e) a[e] = a[e] * c1 + ao[e] * c2;
+  m = mn;
+}
+
+// smem: kWarps * TQ * (D + 2) floats. ws: [B, H, T, S, D + 2] (values, max, sum).
+template <class F, int D, int TQ>
+PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typename F::Elem* k,
+                      const PP_GLOBAL typename F::Elem* v, const PP_GLOBAL typename F::Elem* kc,
+                      const PP_GLOBAL typename F::Elem* vc, const PP_GLOBAL int* pos,
+                      PP_GLOBAL float* ws, RingArgs a, PP_SHARED_PTR float* smem, int split,
+                      int h, int bz, int tid) {
+  constexpr int VEC = F::kPerVec, G = D / VEC, KPW = 32 / G, STEP = kWarps * KPW;
+  const int groups = (a.T + TQ - 1) / TQ;
+  const int b = bz / groups, t0 = (bz % groups) * TQ;
+  const int nt = a.T - t0 < TQ ? a.T - t0 : TQ;
+  const int lane = tid & 31, warp = tid >> 5, sub = lane / G, gl = lane % G;
+  const int p0 = pos[b], qpos0 = p0 + t0;
+  const int lo = qpos0 - a.W + 1 > 0 ? qpos0 - a.W + 1 : 0;
+  const int n_keys = qpos0 + nt - lo;  // keys lo .. last query's position
+  const int chunk = (a.W + TQ - 1 + a.S - 1) / a.S;
+  const int r_begin = split * chunk;
+  const int r_end = n_keys < r_begin + chunk ? n_keys : r_begin + chunk;
+  const long bh = long(b) * a.H + h;
+  const long new_row = bh * a.T, cache_row = bh * a.W;
+
+  float qf[TQ][VEC], m[TQ], l[TQ], acc[TQ][VEC];
+  #pragma unroll
+  for (int t = 0; t < TQ; ++t) {
+    m[t] = PP_NEG_INF;
+    l[t] = 0.f;
+    #pragma unroll
+    for (int e = 0; e < VEC; ++e) qf[t][e] = acc[t][e] = 0.f;
+    if (t < nt) {
+      unpack<F>(pp_load16(q + (new_row + t0 + t) * D + gl * VEC), qf[t]);
+      #pragma unroll
+      for (int e = 0; e < VEC; e += 2) {
+        if (a.rope) rope_pair(qf[t][e], qf[t][e + 1], (gl * VEC + e) / 2, float(qpos0 + t), a.rope_step);
+        qf[t][e] = round_trip<F>(qf[t][e]) * a.scale;
+        qf[t][e + 1] = round_trip<F>(qf[t][e + 1]) * a.scale;
+      }
+    }
+  }
+
+  // The loop bound is warp-uniform (shuffles need the whole warp); a subgroup past
+  // the end loads nothing and scores -inf.
+  for (int rw = r_begin + warp * KPW; rw < r_end; rw += kUnroll * STEP) {
+    pp_u32x4 kr[kUnroll], vr[kUnroll];
+    int jj[kUnroll];
+    #pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int r = rw + u * STEP + sub;
+      jj[u] = r < r_end ? lo + r : -1;
+      kr[u] = vr[u] = pp_zero16();
+      if (jj[u] >= 0) {
+        const int j = jj[u];
+        const long row = j < p0 ? cache_row + j % a.W : new_row + (j - p0);
+        kr[u] = pp_load16((j < p0 ? kc : k) + row * D + gl * VEC);
+        vr[u] = pp_load16((j < p0 ? vc : v) + row * D + gl * VEC);
+      }
+    }
+    #pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = jj[u];
+      float kf[VEC], vf[VEC];
+      unpack<F>(kr[u], kf);
+      unpack<F>(vr[u], vf);
+      if (j >= p0 && a.rope) {  // a new key: rotate at its position, round as stored
+        #pragma unroll
+        for (int e = 0; e < VEC; e += 2) {
+          rope_pair(kf[e], kf[e + 1], (gl * VEC + e) / 2, float(j), a.rope_step);
+          kf[e] = round_trip<F>(kf[e]);
+          kf[e + 1] = round_trip<F>(kf[e + 1]);
+        }
+      }
+      #pragma unroll
+      for (int t = 0; t < TQ; ++t) {
+        float s = 0.f;
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) s += qf[t][e] * kf[e];
+        #pragma unroll
+        for (int off = G / 2; off > 0; off >>= 1) s += pp_shfl_xor(s, off);
+        const int qp = qpos0 + t;
+        if (j >= 0 && t < nt && j <= qp && j > qp - a.W) {
+          float one = 1.f;
+          merge<VEC>(m[t], l[t], acc[t], s, one, vf);
+        }
+      }
+    }
+  }
+
+  // Subgroups of a warp, then warps of the block.
+  #pragma unroll
+  for (int off = G; off < 32; off <<= 1) {
+    #pragma unroll
+    for (int t = 0; t < TQ; ++t) {
+      float mo = pp_shfl_xor(m[t], off), lo_ = pp_shfl_xor(l[t], off), ao[VEC];
+      #pragma unroll
+      for (int e = 0; e < VEC; ++e) ao[e] = pp_shfl_xor(acc[t][e], off);
+      merge<VEC>(m[t], l[t], acc[t], mo, lo_, ao);
+    }
+  }
+  if (sub == 0) {
+    #pragma unroll
+    for (int t = 0; t < TQ; ++t) {
+      PP_SHARED_PTR float* row = smem + (warp * TQ + t) * (D + 2);
+      #pragma unroll
+      for (int e = 0; e < VEC; ++e) row[gl * VEC + e] = acc[t][e];
+      if (gl == 0) {
+        row[D] = m[t];
+        row[D + 1] = l[t];
+      }
+    }
+  }
+  PP_BARRIER();
+  for (int i = tid; i < nt * (D + 1); i += kThreads) {
+    const int t = i / (D + 1), d = i % (D + 1);  // d == D: the (max, sum) pair
+    float mx = PP_NEG_INF;
+    #pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = pp_max(mx, smem[(w * TQ + t) * (D + 2) + D]);
+    PP_GLOBAL float* dst = ws + ((new_row + t0 + t) * a.S + split) * (D + 2);
+    float sum = 0.f;
+    #pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      PP_SHARED_PTR const float* row = smem + (w * TQ + t) * (D + 2);
+      if (row[D] != PP_NEG_INF) sum += row[d < D ? d : D + 1] * pp_exp(row[D] - mx);
+    }
+    if (d < D) {
+      dst[d] = sum;
+    } else {
+      dst[D] = mx;
+      dst[D + 1] = sum;
+    }
+  }
+}
+
+// One block per (session, head): out = combined partials; then the ring write.
+template <class F>
+PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Elem* k,
+                      const PP_GLOBAL typename F::Elem* v, const PP_GLOBAL int* pos,
+                      const PP_GLOBAL typename F::Elem* kc, const PP_GLOBAL typename F::Elem* vc,
+                      PP_GLOBAL typename F::Elem* out, PP_GLOBAL typename F::Elem* kc_out,
+                      PP_GLOBAL typename F::Elem* vc_out, RingArgs a, int h, int b, int tid) {
+  const int D = a.D, VEC = F::kPerVec;
+  const long bh = long(b) * a.H + h;
+  const long new_row = bh * a.T, cache_row = bh * a.W;
+  const int p0 = pos[b];
+
+  for (int i = tid; i < a.T * D; i += kThreads) {
+    const int t = i / D, d = i % D;
+    const PP_GLOBAL float* part = ws + (new_row + t) * a.S * (D + 2);
+    float mx = PP_NEG_INF;
+    for (int s = 0; s < a.S; ++s) mx = pp_max(mx, part[s * (D + 2) + D]);
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < a.S; ++s) {
+      const PP_GLOBAL float* p = part + s * (D + 2);
+      if (p[D] == PP_NEG_INF) continue;
+      const float c = pp_exp(p[D] - mx);
+      num += p[d] * c;
+      den += p[D + 1] * c;
+    }
+    out[(new_row + t) * D + d] = F::store(num / den);
+  }
+
+  const long n_vec = long(a.W) * D / VEC;
+  for (long i = tid; a.copy_k && i < n_vec; i += kThreads)
+    pp_store16(kc_out + cache_row * D + i * VEC, pp_load16(kc + cache_row * D + i * VEC));
+  for (long i = tid; a.copy_v && i < n_vec; i += kThreads)
+    pp_store16(vc_out + cache_row * D + i * VEC, pp_load16(vc + cache_row * D + i * VEC));
+  PP_BARRIER();
+
+  // Only the last W new positions survive when a chunk is longer than the ring.
+  const int first = a.T > a.W ? a.T - a.W : 0;
+  for (int i = tid; i < (a.T - first) * (D / 2); i += kThreads) {
+    const int t = first + i / (D / 2), pair = i % (D / 2);
+    const long src = (new_row + t) * D + 2 * pair;
+    const long dst = (cache_row + (p0 + t) % a.W) * D + 2 * pair;
+    float re = F::load(k[src]), im = F::load(k[src + 1]);
+    if (a.rope) rope_pair(re, im, pair, float(p0 + t), a.rope_step);
+    kc_out[dst] = F::store(re);
+    kc_out[dst + 1] = F::store(im);
+    vc_out[dst] = v[src];
+    vc_out[dst + 1] = v[src + 1];
+  }
+}
+
+}  // namespace ring
+
+#endif

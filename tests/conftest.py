@@ -1,0 +1,31 @@
+"""Fixtures shared by the server and browser tests."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from personaplex_fast.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    """`personaplex-fast serve` on a tiny checkpoint, a free port and three slots; yields
+    its base url and checks it shuts down cleanly (its log is printed at the end)."""
+    tiny = make_tiny(tmp_path_factory.mktemp("tiny"))
+    log = open(tmp_path_factory.mktemp("log") / "serve.err", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "personaplex_fast.cli", "serve", "--model", str(tiny), "--port", "0",
+         "--max-sessions", "3", "--seed", "1"],
+        stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving http://"), (line, open(log.name).read())
+        yield line.split()[1].rstrip("/")
+    finally:
+        proc.terminate()
+        rc = proc.wait(10)
+        log.seek(0)
+        print(log.read())
+        assert rc == 0
