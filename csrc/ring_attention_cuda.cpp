@@ -1,31 +1,13 @@
-// The CUDA path of RingAttention: two kernel nodes in MLX's CUDA graph.
-//
-// Compiled by g++ (nvcc cannot compile MLX's headers); the kernels come from
-// kernels/cuda/ring_attention.cu, built into a fatbin that CMake embeds here.
-// They are loaded as driver-API CUfunctions with cuModuleLoadData: a kernel of
-// our own .so added by its runtime function pointer fails inside MLX's graphs
-// ("invalid resource handle"), a CUfunction is what MLX's own JIT kernels use.
-//
-// Memory: MLX's device allocator (cu::malloc_async) is not exported, and
-// allocator::malloc hands out managed memory, which may even migrate a cached
-// device buffer on the spot. So outputs and the workspace are stream-ordered
-// device allocations of our own (cuMemAllocAsync on MLX's stream), wrapped in
-// an MLX buffer whose deleter frees them; MLX releases buffers only after the
-// work that uses them has completed.
-
-#include <cuda.h>
+// The CUDA path of RingAttention: two kernel nodes in MLX's CUDA graph, from
+// kernels/cuda/ring_attention.cu (loaded and allocated as cuda_common.h says).
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <unordered_set>
 
-#include "mlx/backend/cuda/device.h"
-#include "mlx/backend/cuda/utils.h"
+#include "cuda_common.h"
 #include "ring_attention.cuh"  // RingArgs
 #include "ring_attention.h"
 
@@ -39,110 +21,22 @@ namespace cu = mx::cu;
 
 std::atomic<int64_t> g_cache_waits{0};
 
-void check_cu(CUresult r, const char* what) {
-  if (r != CUDA_SUCCESS) {
-    const char* msg = nullptr;
-    cuGetErrorString(r, &msg);
-    throw std::runtime_error(std::string("ring_attention (CUDA): ") + what + ": " +
-                             (msg ? msg : "unknown error"));
-  }
-}
-
 constexpr const char* kDtypes[3] = {"f32", "bf16", "f16"};
 
-struct Kernels {
-  CUcontext ctx = nullptr;
-  CUmodule module = nullptr;
-  CUfunction attend[3][2][2] = {};  // [dtype][D 64, 128][TQ 1, 4]
-  CUfunction finish[3] = {};
-  CUstream free_stream = nullptr;
-  int n_sm = 0;
-};
-
-// Loaded once per device, in its primary context (the one MLX's runtime uses).
-Kernels& kernels(int device) {
-  static std::mutex mu;
-  static std::unique_ptr<Kernels> per_device[64];
-  std::lock_guard lock(mu);
-  auto& k = per_device[device];
-  if (k) return *k;
-  k = std::make_unique<Kernels>();
-  CUdevice dev;
-  check_cu(cuDeviceGet(&dev, device), "cuDeviceGet");
-  check_cu(cuDevicePrimaryCtxRetain(&k->ctx, dev), "cuDevicePrimaryCtxRetain");
-  check_cu(cuCtxPushCurrent(k->ctx), "cuCtxPushCurrent");
-  check_cu(cuModuleLoadData(&k->module, ring_attention_fatbin), "loading the embedded fatbin");
-  for (int f = 0; f < 3; ++f) {
-    for (int d = 0; d < 2; ++d) {
-      for (int q = 0; q < 2; ++q) {
-        auto name = std::string("ring_attend_") + kDtypes[f] + (d ? "_d128" : "_d64") + (q ? "_q4" : "_q1");
-        check_cu(cuModuleGetFunction(&k->attend[f][d][q], k->module, name.c_str()), name.c_str());
-      }
-    }
-    auto name = std::string("ring_finish_") + kDtypes[f];
-    check_cu(cuModuleGetFunction(&k->finish[f], k->module, name.c_str()), name.c_str());
-  }
-  check_cu(cuDeviceGetAttribute(&k->n_sm, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "SM count");
-  check_cu(cuStreamCreate(&k->free_stream, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
-  CUcontext popped;
-  cuCtxPopCurrent(&popped);
-  return *k;
-}
-
-// Buffers from device_malloc, so that a cache copied into one can be donated later.
-std::mutex g_ours_mu;
-std::unordered_set<const void*> g_ours;
-
-bool is_ours(const void* buffer) {
-  std::lock_guard lock(g_ours_mu);
-  return g_ours.count(buffer) > 0;
-}
-
-mx::allocator::Data device_malloc(size_t bytes, cu::CommandEncoder& enc, Kernels& kk) {
-  CUdeviceptr p = 0;
-  if (bytes > 0) {
-    check_cu(cuMemAllocAsync(&p, bytes, static_cast<CUstream>(static_cast<cudaStream_t>(enc.stream()))),
-             "cuMemAllocAsync");
-  }
-  auto* buf = new cu::CudaBuffer{reinterpret_cast<void*>(p), bytes, enc.device().cuda_device()};
-  {
-    std::lock_guard lock(g_ours_mu);
-    g_ours.insert(buf);
-  }
-  auto deleter = [ctx = kk.ctx, stream = kk.free_stream](mx::allocator::Buffer b) {
-    auto* buf = static_cast<cu::CudaBuffer*>(b.ptr());
-    {
-      std::lock_guard lock(g_ours_mu);
-      g_ours.erase(buf);
-    }
-    if (buf->data && cuCtxPushCurrent(ctx) == CUDA_SUCCESS) {
-      auto ptr = reinterpret_cast<CUdeviceptr>(buf->data);
-      if (buf->device >= 0) {
-        cuMemFreeAsync(ptr, stream);
-      } else {  // moved to unified memory by a host read (Buffer::raw_ptr)
-        unsigned int managed = 0;
-        cuPointerGetAttribute(&managed, CU_POINTER_ATTRIBUTE_IS_MANAGED, ptr);
-        managed ? cuMemFree(ptr) : cuMemFreeHost(buf->data);
-      }
-      CUcontext popped;
-      cuCtxPopCurrent(&popped);
-    }
-    delete buf;
-  };
-  return mx::allocator::Data(mx::allocator::Buffer(buf), deleter);
+CUfunction kernel(const std::string& name, int device) {
+  return cuda::function(ring_attention_fatbin, name.c_str(), device);
 }
 
 // On the GPU a buffer read by work still in flight is also referenced by the
 // encoder until that work completes (reported by a worker thread, a little
 // after mx.eval returns). An unobserved cache held only that way is waited for
 // rather than copied: a wait costs the pipelining of one step, a copy 2 x W rows.
-bool donate_cache_gpu(const mx::array& in, mx::array& out, bool unobserved, cu::CommandEncoder& enc,
-                      Kernels& kk) {
+bool donate_cache_gpu(const mx::array& in, mx::array& out, bool unobserved, cu::CommandEncoder& enc) {
   if (unobserved && in.data_shared_ptr().use_count() == 1) {
     out.copy_shared_buffer(in);
     return true;
   }
-  out.set_data(device_malloc(out.nbytes(), enc, kk));
+  cuda::alloc_output(out, enc);
   count_cache_copy();
   return false;
 }
@@ -168,12 +62,12 @@ void RingAttention::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   }
   const int f = dtype_index(q.dtype());
   auto& enc = cu::get_command_encoder(stream());
-  auto& kk = kernels(enc.device().cuda_device());
+  const int device = enc.device().cuda_device();
 
   const int n_out = static_cast<int>(outputs.size());
   auto ours_to_overwrite = [&](const mx::array& c) {
     return cache_unobserved(c, n_out) &&
-           (c.data_shared_ptr()->is_owned() || is_ours(c.buffer().ptr()));
+           (c.data_shared_ptr()->is_owned() || cuda::is_ours(c.buffer().ptr()));
   };
   const bool k_free = ours_to_overwrite(inputs[3]);
   const bool v_free = ours_to_overwrite(inputs[4]);
@@ -182,16 +76,16 @@ void RingAttention::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
     enc.synchronize();
     g_cache_waits.fetch_add(1);
   }
-  outputs[0].set_data(device_malloc(outputs[0].nbytes(), enc, kk));
-  const bool k_donated = donate_cache_gpu(inputs[3], outputs[1], k_free, enc, kk);
-  const bool v_donated = donate_cache_gpu(inputs[4], outputs[2], v_free, enc, kk);
+  cuda::alloc_output(outputs[0], enc);
+  const bool k_donated = donate_cache_gpu(inputs[3], outputs[1], k_free, enc);
+  const bool v_donated = donate_cache_gpu(inputs[4], outputs[2], v_free, enc);
 
   // Split the window until the grid holds ~4 blocks per multiprocessor; each
   // split keeps at least 64 keys.
   const int tq = T == 1 ? 1 : 4;
   const int blocks = B * H * ((T + tq - 1) / tq);
   const int max_splits = std::max(1, (W + tq - 1) / 64);
-  const int S = std::clamp((4 * kk.n_sm + blocks - 1) / blocks, 1, max_splits);
+  const int S = std::clamp((4 * cuda::sm_count(device) + blocks - 1) / blocks, 1, max_splits);
   RingArgs args{B, H, T, D, W, S, !k_donated, !v_donated, rope_max_period_ > 0.f,
                 rope_max_period_ > 0.f
                     ? static_cast<float>(-std::log(static_cast<double>(rope_max_period_)) * 2.0 / D)
@@ -199,10 +93,10 @@ void RingAttention::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
                 scale_};
 
   mx::array ws({B * H * T * S * (D + 2)}, mx::float32, nullptr, {});
-  ws.set_data(device_malloc(ws.nbytes(), enc, kk));
+  cuda::alloc_output(ws, enc);
   enc.add_temporary(ws);
 
-  auto ptr = [](const mx::array& a) { return mx::gpu_ptr<void>(a); };
+  using cuda::ptr;
   void *qp = ptr(q), *kp = ptr(inputs[1]), *vp = ptr(inputs[2]), *kcp = ptr(inputs[3]),
        *vcp = ptr(inputs[4]), *posp = ptr(inputs[5]), *wsp = ptr(ws), *op = ptr(outputs[0]),
        *kop = ptr(outputs[1]), *vop = ptr(outputs[2]);
@@ -210,14 +104,16 @@ void RingAttention::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   for (auto& a : inputs) enc.set_input_array(a);
   enc.set_output_array(ws);
   void* attend_params[] = {&qp, &kp, &vp, &kcp, &vcp, &posp, &wsp, &args};
-  enc.add_kernel_node_raw(kk.attend[f][D == 128][tq == 4],
+  const std::string attend = std::string("ring_attend_") + kDtypes[f] + (D == 128 ? "_d128" : "_d64") +
+                             (tq == 4 ? "_q4" : "_q1");
+  enc.add_kernel_node_raw(kernel(attend, device),
                           dim3(S, H, B * ((T + tq - 1) / tq)), dim3(128), {}, 0, attend_params);
 
   enc.set_input_array(ws);
   for (auto& a : inputs) enc.set_input_array(a);
   for (auto& a : outputs) enc.set_output_array(a);
   void* finish_params[] = {&wsp, &kp, &vp, &posp, &kcp, &vcp, &op, &kop, &vop, &args};
-  enc.add_kernel_node_raw(kk.finish[f], dim3(H, B), dim3(128), {}, 0, finish_params);
+  enc.add_kernel_node_raw(kernel(std::string("ring_finish_") + kDtypes[f], device), dim3(H, B), dim3(128), {}, 0, finish_params);
 }
 
 }  // namespace personaplex
