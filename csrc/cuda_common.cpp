@@ -2,6 +2,7 @@
 
 #include "cuda_common.h"
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -50,6 +51,7 @@ Device& device_locked(int device) {
   return *d;
 }
 
+std::atomic<bool> g_poison{false};
 std::mutex g_ours_mu;
 std::unordered_set<const void*> g_ours;
 
@@ -83,6 +85,8 @@ int sm_count(int device) {
   return device_locked(device).n_sm;
 }
 
+void set_poison(bool on) { g_poison.store(on); }
+
 bool is_ours(const void* buffer) {
   std::lock_guard lock(g_ours_mu);
   return g_ours.count(buffer) > 0;
@@ -98,6 +102,10 @@ mx::allocator::Data device_malloc(size_t bytes, mx::cu::CommandEncoder& enc) {
   if (bytes > 0) {
     check(cuMemAllocAsync(&p, bytes, static_cast<CUstream>(static_cast<cudaStream_t>(enc.stream()))),
           "personaplex", "cuMemAllocAsync");
+    if (g_poison.load()) {
+      check(cuMemsetD8Async(p, 0xFF, bytes, static_cast<CUstream>(static_cast<cudaStream_t>(enc.stream()))),
+            "personaplex", "cuMemsetD8Async");
+    }
   }
   auto* buf = new mx::cu::CudaBuffer{reinterpret_cast<void*>(p), bytes, enc.device().cuda_device()};
   {

@@ -38,6 +38,10 @@ int sm_count(int device);
 // A device buffer of `bytes` on the encoder's stream, freed when MLX releases it.
 mx::allocator::Data device_malloc(size_t bytes, mx::cu::CommandEncoder& enc);
 
+// Debug aid for the GPU tests: fill every buffer device_malloc hands out with
+// 0xFF bytes (NaN for floats, -1 for int32) so an unwritten output shows.
+void set_poison(bool on);
+
 // Gives `a` a fresh device buffer from device_malloc.
 void alloc_output(mx::array& a, mx::cu::CommandEncoder& enc);
 

@@ -7,6 +7,9 @@
 #include <nanobind/stl/vector.h>
 
 #include "conv1d_stream.h"
+#ifdef PERSONAPLEX_CUDA_BUILD
+#include "cuda_common.h"
+#endif
 #include "conv_transpose1d_stream.h"
 #include "ring_attention.h"
 #include "rvq.h"
@@ -26,6 +29,21 @@ NB_MODULE(_ext, m) {
         "Number of whole-cache copies ring_attention made because it could not reuse the input buffer.");
   m.def("ring_cache_waits", &personaplex::ring_cache_waits,
         "Number of times the CUDA ring_attention waited for in-flight work before reusing a cache.");
+
+  m.def("cuda_build", []() {
+#ifdef PERSONAPLEX_CUDA_BUILD
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build has the CUDA kernels.");
+  m.def("set_gpu_poison", [](bool on) {
+#ifdef PERSONAPLEX_CUDA_BUILD
+    personaplex::cuda::set_poison(on);
+#else
+    (void)on;
+#endif
+  }, "on"_a, "GPU tests: fill every output the CUDA kernels allocate with 0xFF bytes first (no-op without CUDA).");
 
   m.def("conv1d_stream", &personaplex::conv1d_stream, "x"_a, "previous"_a, "weight"_a,
         "bias"_a.none(), "first"_a.none(), "stride"_a, "dilation"_a, "groups"_a, "elu_input"_a,
