@@ -31,7 +31,7 @@ struct RingArgs {
 
 #if defined(__CUDACC__) || defined(__METAL_VERSION__)
 
-#include "portable.h"
+#include "formats.cuh"
 
 namespace ring {
 
@@ -39,49 +39,11 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kUnroll = 4;  // key steps in flight per warp before the first use
 
-// Storage formats, handled as raw bits and converted in registers (no bf16 type
-// is common to both languages).
-struct F32 {
-  typedef pp_u32 Elem;
-  static constexpr int kPerVec = 4;
-  static PP_DEVICE float load(pp_u32 e) { return pp_bits_to_float(e); }
-  static PP_DEVICE pp_u32 store(float f) { return pp_float_to_bits(f); }
-};
-
-struct BF16 {
-  typedef pp_u16 Elem;
-  static constexpr int kPerVec = 8;
-  static PP_DEVICE float load(pp_u32 e) { return pp_bits_to_float(e << 16); }
-  static PP_DEVICE pp_u16 store(float f) {  // round to nearest even, as MLX's astype
-    pp_u32 u = pp_float_to_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return pp_u16(0x7fc0);
-    return pp_u16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-  }
-};
-
-struct F16 {
-  typedef pp_u16 Elem;
-  static constexpr int kPerVec = 8;
-  static PP_DEVICE float load(pp_u32 e) { return pp_half_to_float(pp_u16(e)); }
-  static PP_DEVICE pp_u16 store(float f) { return pp_float_to_half(f); }
-};
-
-template <class F>
-PP_DEVICE float round_trip(float x) { return F::load(F::store(x)); }
-
-template <class F>
-PP_DEVICE void unpack(pp_u32x4 r, PP_THREAD float* out) {
-  pp_u32 w[4] = {r.x, r.y, r.z, r.w};
-  #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (F::kPerVec == 4) {
-      out[i] = F::load(w[i]);
-    } else {
-      out[2 * i] = F::load(w[i] & 0xffffu);
-      out[2 * i + 1] = F::load(w[i] >> 16);
-    }
-  }
-}
+using pp::BF16;
+using pp::F16;
+using pp::F32;
+using pp::round_trip;
+using pp::unpack;
 
 // Moshi's interleaved RoPE on pair i: angle = position * exp(i * step), in float32.
 PP_DEVICE void rope_pair(PP_THREAD float& re, PP_THREAD float& im, int i, float position,
