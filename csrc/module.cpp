@@ -1,7 +1,13 @@
 // The nanobind module personaplex_fast._ext: one function per primitive.
 // Built with NB_DOMAIN mlx so mx.array arguments are accepted (see CMakeLists.txt).
 
+#include <dlfcn.h>
+#include <execinfo.h>
 #include <nanobind/nanobind.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -11,14 +17,40 @@
 #include "cuda_common.h"
 #endif
 #include "conv_transpose1d_stream.h"
+#include "decoder_layers.h"
+#include "matvec.h"
 #include "ring_attention.h"
 #include "rvq.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
 
+namespace {
+
+// Debug aid (PERSONAPLEX_SEGV_BACKTRACE=1): on a crash, print each native frame as
+// library + offset (for addr2line) before dying as usual.
+void print_backtrace(int sig) {
+  void* frames[64];
+  const int n = backtrace(frames, 64);
+  for (int i = 0; i < n; ++i) {
+    Dl_info info;
+    if (dladdr(frames[i], &info) && info.dli_fname) {
+      fprintf(stderr, "#%d %s +0x%lx %s\n", i, info.dli_fname,
+              static_cast<unsigned long>(static_cast<char*>(frames[i]) - static_cast<char*>(info.dli_fbase)),
+              info.dli_sname ? info.dli_sname : "?");
+    }
+  }
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+}  // namespace
+
 NB_MODULE(_ext, m) {
   m.doc() = "personaplex_fast fused primitives (MLX custom primitives)";
+  if (const char* e = std::getenv("PERSONAPLEX_SEGV_BACKTRACE"); e && e[0] == '1') {
+    signal(SIGSEGV, print_backtrace);
+  }
 
   m.def("ring_attention", &personaplex::ring_attention, "q"_a, "k"_a, "v"_a, "k_cache"_a,
         "v_cache"_a, "pos"_a, "scale"_a, "rope_max_period"_a, nb::kw_only(),
@@ -54,6 +86,16 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "One streaming transposed conv1d step: returns [y, partial']. See "
         "csrc/conv_transpose1d_stream.h.");
+  m.def("matvec", &personaplex::matvec, "x"_a, "w"_a, "scales"_a.none(), "biases"_a.none(),
+        "alpha"_a.none(), "residual"_a.none(), "bits"_a, "gate"_a, "eps"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "x [M, K] times W^T, W dense [N, K] (bits 0) or MLX affine q4/q8 (group 64), with an\n"
+        "RMSNorm of x in front (alpha), a SiLU gate (gate) and a residual add. See csrc/matvec.h.");
+  m.def("decoder_layers", &personaplex::decoder_layers, "x"_a, "pos"_a, "weights"_a, "k_caches"_a,
+        "v_caches"_a, "heads"_a, "bits"_a, "eps"_a, "rope_max_period"_a, nb::kw_only(),
+        "stream"_a = nb::none(),
+        "One decode step (T = 1) through a stack of transformer layers: returns\n"
+        "[y, k_caches'..., v_caches'...]. See csrc/decoder_layers.h.");
   m.def("rvq_encode", &personaplex::rvq_encode, "x"_a, "codebooks"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "Residual VQ codes [..., n_q] int32 of x [..., D] over codebooks [n_q, bins, D].");

@@ -3,6 +3,8 @@
 
 #include "ring_attention.h"
 
+#include "cpu_kernels.h"
+
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -134,6 +136,25 @@ void dispatch_float(mx::Dtype dtype, F&& f) {
 }
 
 }  // namespace
+
+void cpu::ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, const void* kc,
+                      const void* vc, const int32_t* pos, void* out, void* k_rot, int B, int H, int T,
+                      int D, int W, float scale, float rope_max_period) {
+  dispatch_float(dtype, [&](auto zero) {
+    using T_ = decltype(zero);
+    attend_cpu<T_>(static_cast<const T_*>(q), static_cast<const T_*>(k), static_cast<const T_*>(v),
+                   static_cast<const T_*>(kc), static_cast<const T_*>(vc), pos, static_cast<T_*>(out),
+                   static_cast<T_*>(k_rot), B, H, T, D, W, scale, rope_max_period);
+  });
+}
+
+void cpu::ring_write(mx::Dtype dtype, void* cache, const void* nw, const int32_t* pos, int B, int H,
+                     int T, int D, int W) {
+  dispatch_float(dtype, [&](auto zero) {
+    using T_ = decltype(zero);
+    write_cpu<T_>(static_cast<T_*>(cache), static_cast<const T_*>(nw), pos, B, H, T, D, W);
+  });
+}
 
 int64_t ring_cache_copies() { return g_cache_copies.load(); }
 

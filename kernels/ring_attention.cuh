@@ -27,6 +27,11 @@ struct RingArgs {
   int rope;          // 0: no RoPE
   float rope_step;   // -ln(max_period) * 2 / D, rounded once from double as the CPU path does
   float scale;
+  // Element strides of the new q, k, v between sessions, heads and positions:
+  // [B, H, T, D] contiguous is {H * T * D, T * D, D}; the rows of a fused QKV
+  // projection [B, T, 3, H, D] are {T * 3 * H * D, D, 3 * H * D}. out is always
+  // [B, H, T, D] contiguous.
+  long new_b, new_h, new_t;
 };
 
 #if defined(__CUDACC__) || defined(__METAL_VERSION__)
@@ -87,7 +92,8 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
   const int r_begin = split * chunk;
   const int r_end = n_keys < r_begin + chunk ? n_keys : r_begin + chunk;
   const long bh = long(b) * a.H + h;
-  const long new_row = bh * a.T, cache_row = bh * a.W;
+  const long new_row = bh * a.T, cache_row = bh * a.W;  // rows of out / ws, and of the caches
+  const long new_base = b * a.new_b + h * a.new_h;        // element offset in q, k, v
 
   float qf[TQ][VEC], m[TQ], l[TQ], acc[TQ][VEC];
   #pragma unroll
@@ -97,7 +103,7 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
     #pragma unroll
     for (int e = 0; e < VEC; ++e) qf[t][e] = acc[t][e] = 0.f;
     if (t < nt) {
-      unpack<F>(pp_load16(q + (new_row + t0 + t) * D + gl * VEC), qf[t]);
+      unpack<F>(pp_load16(q + new_base + (t0 + t) * a.new_t + gl * VEC), qf[t]);
       #pragma unroll
       for (int e = 0; e < VEC; e += 2) {
         if (a.rope) rope_pair(qf[t][e], qf[t][e + 1], (gl * VEC + e) / 2, float(qpos0 + t), a.rope_step);
@@ -119,9 +125,9 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
       kr[u] = vr[u] = pp_zero16();
       if (jj[u] >= 0) {
         const int j = jj[u];
-        const long row = j < p0 ? cache_row + j % a.W : new_row + (j - p0);
-        kr[u] = pp_load16((j < p0 ? kc : k) + row * D + gl * VEC);
-        vr[u] = pp_load16((j < p0 ? vc : v) + row * D + gl * VEC);
+        const long at = j < p0 ? (cache_row + j % a.W) * D : new_base + (j - p0) * a.new_t;
+        kr[u] = pp_load16((j < p0 ? kc : k) + at + gl * VEC);
+        vr[u] = pp_load16((j < p0 ? vc : v) + at + gl * VEC);
       }
     }
     #pragma unroll
@@ -209,6 +215,7 @@ PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Ele
   const int D = a.D, VEC = F::kPerVec;
   const long bh = long(b) * a.H + h;
   const long new_row = bh * a.T, cache_row = bh * a.W;
+  const long new_base = b * a.new_b + h * a.new_h;
   const int p0 = pos[b];
 
   for (int i = tid; i < a.T * D; i += kThreads) {
@@ -238,7 +245,7 @@ PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Ele
   const int first = a.T > a.W ? a.T - a.W : 0;
   for (int i = tid; i < (a.T - first) * (D / 2); i += kThreads) {
     const int t = first + i / (D / 2), pair = i % (D / 2);
-    const long src = (new_row + t) * D + 2 * pair;
+    const long src = new_base + t * a.new_t + 2 * pair;
     const long dst = (cache_row + (p0 + t) % a.W) * D + 2 * pair;
     float re = F::load(k[src]), im = F::load(k[src + 1]);
     if (a.rope) rope_pair(re, im, pair, float(p0 + t), a.rope_step);

@@ -29,6 +29,10 @@
   }
 
 #define RING_DTYPE(DT, F) \
+  RING_ATTEND(DT, F, 16, 1)  \
+  RING_ATTEND(DT, F, 16, 4)  \
+  RING_ATTEND(DT, F, 32, 1)  \
+  RING_ATTEND(DT, F, 32, 4)  \
   RING_ATTEND(DT, F, 64, 1)  \
   RING_ATTEND(DT, F, 64, 4)  \
   RING_ATTEND(DT, F, 128, 1) \

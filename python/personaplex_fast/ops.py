@@ -64,6 +64,29 @@ def _ext():
     return ext
 
 
+_warned_no_kernels = False
+
+
+def kernels_here() -> bool:
+    """Whether the fused primitives can run on the default device: always on the CPU;
+    on a GPU only in a build with its kernels (CUDA). Metal kernels are not wired up
+    yet, so on Apple GPUs every op takes its pure-MLX reference, with one warning."""
+    global _warned_no_kernels
+    if mx.default_device().type == mx.cpu or _ext().cuda_build():
+        return True
+    if not _warned_no_kernels:
+        import warnings
+
+        warnings.warn("personaplex_fast: no GPU kernels in this build for this device; "
+                      "running the pure-MLX reference ops", RuntimeWarning, stacklevel=3)
+        _warned_no_kernels = True
+    return False
+
+
+def _reference() -> bool:
+    return _mode == "reference" or not kernels_here()
+
+
 def _record(name: str, fused, ref) -> None:
     worst = max((float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))))
                  for a, b in zip(fused, ref) if a.size), default=0.0)
@@ -73,7 +96,7 @@ def _record(name: str, fused, ref) -> None:
 def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | None = 10000.0,
                    scale: float | None = None):
     """See reference.ring_attention; returns (out, k_cache', v_cache')."""
-    if _mode == "reference":
+    if _reference():
         return reference.ring_attention(q, k, v, k_cache, v_cache, pos,
                                         rope_max_period=rope_max_period, scale=scale)
     # The C++ signature takes mx.array only (no implicit conversion of ints/numpy).
@@ -96,7 +119,7 @@ def conv1d_stream(x, previous, weight, bias=None, *, stride: int = 1, dilation: 
                   elu_input: bool = False, groups: int = 1, first=None):
     """See reference.conv1d_stream; returns (y, previous')."""
     kw = dict(stride=stride, dilation=dilation, elu_input=elu_input, groups=groups, first=first)
-    if _mode == "reference":
+    if _reference():
         return reference.conv1d_stream(x, previous, weight, bias, **kw)
     fused = tuple(_ext().conv1d_stream(x, previous, weight, bias, first, int(stride), int(dilation),
                                        int(groups), bool(elu_input)))
@@ -109,7 +132,7 @@ def conv_transpose1d_stream(x, partial, weight, bias=None, *, stride: int, group
                             elu_input: bool = False):
     """See reference.conv_transpose1d_stream; returns (y, partial')."""
     kw = dict(stride=stride, groups=groups, elu_input=elu_input)
-    if _mode == "reference":
+    if _reference():
         return reference.conv_transpose1d_stream(x, partial, weight, bias, **kw)
     fused = tuple(_ext().conv_transpose1d_stream(x, partial, weight, bias, int(stride), int(groups),
                                                  bool(elu_input)))
@@ -122,7 +145,7 @@ def conv_transpose1d_stream(x, partial, weight, bias=None, *, stride: int, group
 def rvq_encode(x, codebooks):
     """See reference.rvq_encode; codes [..., n_q] int32. Check mode records the
     largest code difference: nonzero only where summation order flipped a near-tie."""
-    if _mode == "reference":
+    if _reference():
         return reference.rvq_encode(x, codebooks)
     fused = _ext().rvq_encode(x, codebooks)
     if _mode == "check":
@@ -132,9 +155,57 @@ def rvq_encode(x, codebooks):
 
 def rvq_decode(codes, codebooks):
     """See reference.rvq_decode; [..., D] float32."""
-    if _mode == "reference":
+    if _reference():
         return reference.rvq_decode(codes, codebooks)
     fused = _ext().rvq_decode(codes, codebooks)
     if _mode == "check":
         _record("rvq_decode", [fused], [reference.rvq_decode(codes, codebooks)])
+    return fused
+
+
+# Largest number of activation rows (sessions x new positions) sent to the fused
+# matvec; above it MLX's own matmul (a GEMM) reads the weights fewer times.
+MATVEC_MAX_ROWS = 8
+
+
+def matvec_fusable(x, w, bits: int = 0) -> bool:
+    """Whether ops.matvec takes the fused primitive for these operands."""
+    K = x.shape[-1]
+    rows = x.size // K if K else 0
+    return (0 < rows <= MATVEC_MAX_ROWS and x.dtype in (mx.float32, mx.bfloat16, mx.float16)
+            and K % 8 == 0 and (w.dtype == x.dtype if bits == 0 else bits in (4, 8)))
+
+
+def matvec(x, w, scales=None, biases=None, *, bits: int = 0, alpha=None, eps: float = 1e-8,
+           gate: bool = False, residual=None):
+    """See reference.matvec; x [..., K] -> [..., n_out]. Falls back to the reference
+    where the fused primitive does not apply (matvec_fusable)."""
+    kw = dict(bits=bits, alpha=alpha, eps=eps, gate=gate, residual=residual)
+    if _reference() or not matvec_fusable(x, w, bits):
+        return reference.matvec(x, w, scales, biases, **kw)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)
+    res2 = None if residual is None else residual.reshape(x2.shape[0], -1)
+    y = _ext().matvec(x2, w, scales, biases, alpha, res2, int(bits), bool(gate), float(eps))
+    y = y.reshape(*lead, y.shape[-1])
+    if _mode == "check":
+        _record("matvec", [y], [reference.matvec(x, w, scales, biases, **kw)])
+    return y
+
+
+def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int = 0,
+                   eps: float = 1e-8, rope_max_period: float | None = 10000.0):
+    """See reference.decoder_layers; returns (y, k_caches', v_caches') as lists."""
+    kw = dict(heads=heads, bits=bits, eps=eps, rope_max_period=rope_max_period)
+    if _reference():
+        return reference.decoder_layers(x, pos, weights, k_caches, v_caches, **kw)
+    pos = reference.positions(pos, x.shape[0])
+    out = _ext().decoder_layers(x, pos, list(weights), list(k_caches), list(v_caches), int(heads),
+                                int(bits), float(eps),
+                                0.0 if rope_max_period is None else float(rope_max_period))
+    L = len(k_caches)
+    fused = (out[0], out[1:1 + L], out[1 + L:])
+    if _mode == "check":
+        ref = reference.decoder_layers(x, pos, weights, k_caches, v_caches, **kw)
+        _record("decoder_layers", [fused[0], *fused[1], *fused[2]], [ref[0], *ref[1], *ref[2]])
     return fused

@@ -139,3 +139,57 @@ def rvq_decode(codes, codebooks):
     for q in range(1, codebooks.shape[0]):
         total = total + codebooks[q][codes[..., q]]
     return total
+
+
+def matvec(x, w, scales=None, biases=None, *, bits: int = 0, alpha=None, eps: float = 1e-8,
+           gate: bool = False, residual=None):
+    """A linear layer with its neighbours (see csrc/matvec.h), as the model spells it.
+
+    x [..., K]; w dense [N, K] (bits 0) or MLX affine-quantized (bits 4 / 8, group 64,
+    with scales and biases); alpha [K]: RMSNorm of x (float32) in front; gate: SiLU of
+    the first half of the outputs times the second half; residual [..., n_out] added last.
+    Note MLX's CPU quantized_matmul sums in the storage type (bfloat16 loses ~1e-1 over
+    K = 4096); the fused primitive sums in float32 everywhere.
+    """
+    if alpha is not None:
+        x = mx.fast.rms_norm(x.astype(mx.float32), alpha.reshape(-1).astype(mx.float32),
+                             eps).astype(x.dtype)
+    if bits:
+        y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=bits)
+    else:
+        y = x @ w.T
+    if gate:
+        g, v = mx.split(y, 2, axis=-1)
+        y = nn.silu(g) * v
+    if residual is not None:
+        y = residual + y
+    return y
+
+
+def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int = 0,
+                   eps: float = 1e-8, rope_max_period: float | None = 10000.0):
+    """One decode step through a stack of layers (see csrc/decoder_layers.h).
+
+    x [B, C]; weights: per layer alpha1, in_proj, out_proj, alpha2, linear_in,
+    linear_out, each projection w (bits 0) or w, scales, biases. Returns
+    (y [B, C], k_caches', v_caches') as lists.
+    """
+    B, C = x.shape
+    D = C // heads
+    per = 14 if bits else 6
+    p = 3 if bits else 1
+    ks, vs = [], []
+    for layer in range(len(k_caches)):
+        w = weights[layer * per:(layer + 1) * per]
+        alpha1, wi, wo, alpha2, wf, wg = w[0], w[1:1 + p], w[1 + p:1 + 2 * p], w[1 + 2 * p], \
+            w[2 + 2 * p:2 + 3 * p], w[2 + 3 * p:2 + 4 * p]
+        qkv = matvec(x, *wi, bits=bits, alpha=alpha1, eps=eps).reshape(B, 1, 3, heads, D)
+        q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        out, kc, vc = ring_attention(q, k, v, k_caches[layer], v_caches[layer], pos,
+                                     rope_max_period=rope_max_period)
+        ks.append(kc)
+        vs.append(vc)
+        x1 = matvec(out.transpose(0, 2, 1, 3).reshape(B, C), *wo, bits=bits, residual=x)
+        h = matvec(x1, *wf, bits=bits, alpha=alpha2, eps=eps, gate=True)
+        x = matvec(h, *wg, bits=bits, residual=x1)
+    return x, ks, vs

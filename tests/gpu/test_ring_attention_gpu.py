@@ -144,6 +144,25 @@ def test_decode_steps_reuse_the_cache_buffer():
 
 
 def test_unsupported_head_dim_is_a_clear_error():
-    q = mx.zeros((1, 1, 1, 32))
-    with pytest.raises(ValueError, match="head dim must be 64 or 128"):
-        mx.eval(ops.ring_attention(q, q, q, mx.zeros((1, 1, 8, 32)), mx.zeros((1, 1, 8, 32)), mx.array([0])))
+    q = mx.zeros((1, 1, 1, 48))
+    with pytest.raises(ValueError, match="head dim must be 16, 32, 64 or 128"):
+        mx.eval(ops.ring_attention(q, q, q, mx.zeros((1, 1, 8, 48)), mx.zeros((1, 1, 8, 48)), mx.array([0])))
+
+
+@pytest.mark.parametrize("D", [16, 32])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_small_head_dims(D, dtype):
+    """The tiny test model's head sizes (16 and 32) against the reference on the CPU."""
+    rng = np.random.default_rng(D)
+    B, H, W = 3, 4, 10
+    for T in (1, 5):
+        q, k, v = (rand(rng, (B, H, T, D), dtype) for _ in range(3))
+        kc, vc = (rand(rng, (B, H, W, D), dtype) for _ in range(2))
+        pos = mx.array([0, W - 2, 3 * W + 1])
+        got = ops.ring_attention(q, k, v, kc, vc, pos)
+        mx.eval(got)
+        with mx.stream(mx.cpu):
+            want = reference.ring_attention(q, k, v, kc, vc, pos)
+            mx.eval(want)
+        for a, b, what in zip(got, want, ("out", "k_cache", "v_cache")):
+            assert_close(a, b, dtype, f"D={D} T={T} {what}", max_pos=3 * W + T)

@@ -25,7 +25,7 @@ import mlx.nn as nn
 from ..cache import RingKVCache
 from ..config import LMConfig
 from ..sampling import SamplingConfig, sample
-from .transformer import RMSNorm, Transformer
+from .transformer import RMSNorm, Transformer, linear
 
 ZERO_TOKEN = -1  # "no input": its embedding is exactly zero
 UNGENERATED = -2  # output slot not produced yet (warm-up frames)
@@ -128,7 +128,7 @@ class LM(nn.Module):
         """[B, 1, dim] embeddings -> (normed hidden [B, 1, dim], text logits [B, text_card])."""
         h = self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period)
         h = self.out_norm(h)
-        return h, self.text_linear(h)[:, 0]
+        return h, linear(self.text_linear, h)[:, 0]
 
     def depformer_frame(self, h: mx.array, text: mx.array, sampling: SamplingConfig,
                         key: mx.array, forced: mx.array | None = None) -> mx.array:
@@ -145,12 +145,12 @@ class LM(nn.Module):
         keys = mx.random.split(key, cfg.dep_q)
         prev, codes = text, []
         for k in range(cfg.dep_q):
-            x = self.depformer_in[k if d.multi_linear else 0](h)
+            x = linear(self.depformer_in[k if d.multi_linear else 0], h)
             table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
             x = x + embed(table, prev[:, None])
             pos = mx.full((B,), k, dtype=mx.int32)
             x = self.depformer(x, cache, pos, k if d.weights_per_step else 0, rope)
-            logits = self.linears[k](x)[:, 0]
+            logits = linear(self.linears[k], x)[:, 0]
             prev = sample(logits, sampling.temp_audio, sampling.topk_audio, sampling.greedy, keys[k])
             if forced is not None:
                 prev = mx.where(forced[:, k] >= 0, forced[:, k], prev)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import ops
 from ..cache import RingKVCache
 
 
@@ -30,6 +31,48 @@ class RMSNorm(nn.Module):
         return y.astype(x.dtype)
 
 
+def projection(layer: nn.Module) -> tuple[list[mx.array], int] | None:
+    """(arrays, bits) of a layer the fused matvec takes: [weight] of a bias-free
+    nn.Linear (bits 0), or [weight, scales, biases] of an affine group-64
+    nn.QuantizedLinear; None for anything else."""
+    if "bias" in layer:
+        return None
+    if isinstance(layer, nn.QuantizedLinear):
+        if layer.group_size == 64 and getattr(layer, "mode", "affine") == "affine":
+            return [layer.weight, layer.scales, layer.biases], layer.bits
+        return None
+    if isinstance(layer, nn.Linear):
+        return [layer.weight], 0
+    return None
+
+
+def linear(layer: nn.Module, x: mx.array, *, norm: RMSNorm | None = None, gate: bool = False,
+           residual: mx.array | None = None) -> mx.array:
+    """residual + [silu-gate of] layer(norm(x)) as one ops.matvec where it applies.
+
+    layer is a bias-free nn.Linear or an affine nn.QuantizedLinear of group 64 (what
+    `convert` writes); anything else runs unfused. The norm is folded in when it is
+    computed in float32 (the 7B's rms_norm_f32), as reference.matvec spells it.
+    """
+    alpha, eps = None, 1e-8
+    if norm is not None:
+        if norm.f32:
+            alpha, eps = norm.alpha.reshape(-1), norm.eps
+        else:
+            x = norm(x)
+    proj = projection(layer)
+    if proj is None:  # unfused
+        if alpha is not None:
+            x = norm(x)
+        y = layer(x)
+        if gate:
+            g, v = mx.split(y, 2, axis=-1)
+            y = nn.silu(g) * v
+        return y if residual is None else residual + y
+    arrays, bits = proj
+    return ops.matvec(x, *arrays, bits=bits, alpha=alpha, eps=eps, gate=gate, residual=residual)
+
+
 class GatedFFN(nn.Module):
     """SiLU-gated feed-forward: linear_in gives [gate | value] halves."""
 
@@ -38,9 +81,10 @@ class GatedFFN(nn.Module):
         self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
         self.linear_out = nn.Linear(hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        gate, value = mx.split(self.linear_in(x), 2, axis=-1)
-        return self.linear_out(nn.silu(gate) * value)
+    def __call__(self, x: mx.array, norm: RMSNorm | None = None) -> mx.array:
+        """x + linear_out(silu-gated linear_in(norm(x)))."""
+        h = linear(self.linear_in, x, norm=norm, gate=True)
+        return linear(self.linear_out, h, residual=x)
 
 
 class Attention(nn.Module):
@@ -51,12 +95,14 @@ class Attention(nn.Module):
         self.out_projs = [nn.Linear(dim, dim, bias=False) for _ in range(steps)]
 
     def __call__(self, x: mx.array, cache: RingKVCache, layer: int, pos: mx.array,
-                 step: int, rope_max_period: float | None) -> mx.array:
+                 step: int, rope_max_period: float | None, norm: RMSNorm | None = None) -> mx.array:
+        """x + attention(norm(x)) over the layer's ring cache."""
         B, T, C = x.shape
-        qkv = self.in_projs[step](x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
+        qkv = linear(self.in_projs[step], x, norm=norm)
+        qkv = qkv.reshape(B, T, 3, self.num_heads, C // self.num_heads)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         out = cache.attend(layer, q, k, v, pos, rope_max_period)
-        return self.out_projs[step](out.transpose(0, 2, 1, 3).reshape(B, T, C))
+        return linear(self.out_projs[step], out.transpose(0, 2, 1, 3).reshape(B, T, C), residual=x)
 
 
 class Layer(nn.Module):
@@ -73,18 +119,50 @@ class Layer(nn.Module):
 
     def __call__(self, x: mx.array, cache: RingKVCache, layer: int, pos: mx.array,
                  step: int = 0, rope_max_period: float | None = None) -> mx.array:
-        x = x + self.self_attn(self.norm1(x), cache, layer, pos, step, rope_max_period)
+        x = self.self_attn(x, cache, layer, pos, step, rope_max_period, norm=self.norm1)
         ffn = self.gating[step] if isinstance(self.gating, list) else self.gating
-        return x + ffn(self.norm2(x))
+        return ffn(x, norm=self.norm2)
 
 
 class Transformer(nn.Module):
     def __init__(self, num_layers: int, **layer_kwargs):
         super().__init__()
         self.layers = [Layer(**layer_kwargs) for _ in range(num_layers)]
+        self.num_heads = layer_kwargs["num_heads"]
+
+    def stack_weights(self, step: int = 0) -> tuple[list[mx.array], int, float] | None:
+        """(weights, bits, eps) of the layers for ops.decoder_layers, or None where a
+        layer does not fit it (a bias, another quantization, a norm not in float32)."""
+        weights, all_bits, eps = [], set(), set()
+        for layer in self.layers:
+            if not (layer.norm1.f32 and layer.norm2.f32):
+                return None
+            ffn = layer.gating[step] if isinstance(layer.gating, list) else layer.gating
+            projs = [projection(m) for m in (layer.self_attn.in_projs[step],
+                                             layer.self_attn.out_projs[step], ffn.linear_in, ffn.linear_out)]
+            if any(p is None for p in projs):
+                return None
+            all_bits.update(b for _, b in projs)
+            eps.update((layer.norm1.eps, layer.norm2.eps))
+            weights += [layer.norm1.alpha, *projs[0][0], *projs[1][0], layer.norm2.alpha,
+                        *projs[2][0], *projs[3][0]]
+        if len(all_bits) != 1 or len(eps) != 1:
+            return None
+        return weights, all_bits.pop(), eps.pop()
 
     def __call__(self, x: mx.array, cache: RingKVCache, pos: mx.array, step: int = 0,
                  rope_max_period: float | None = None) -> mx.array:
+        B, T, C = x.shape
+        # One decode step of few sessions: the whole stack as one primitive.
+        if (T == 1 and ops.mode() != "reference" and ops.kernels_here() and B <= ops.MATVEC_MAX_ROWS
+                and C // self.num_heads in (16, 32, 64, 128) and x.dtype in (mx.float32, mx.bfloat16, mx.float16)):
+            stack = self.stack_weights(step)
+            if stack is not None:
+                weights, bits, eps = stack
+                y, cache.keys, cache.values = ops.decoder_layers(
+                    x[:, 0], pos, weights, cache.keys, cache.values, heads=self.num_heads, bits=bits,
+                    eps=eps, rope_max_period=rope_max_period)
+                return y[:, None]
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, pos, step, rope_max_period)
         return x

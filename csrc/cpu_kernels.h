@@ -1,0 +1,30 @@
+// The CPU kernels of our primitives on raw pointers, for composite primitives
+// (decoder_layers) that chain them inside one CPU task. Dtype-dispatched:
+// float32, bfloat16 or float16 storage.
+
+#pragma once
+
+#include <cstdint>
+
+#include "mlx/dtype.h"
+
+namespace personaplex::cpu {
+
+namespace mx = mlx::core;
+
+// See matvec.h; x [M, K], w [N, K] or packed, out [M, N or N / 2].
+void matvec(mx::Dtype dtype, const void* x, const void* w, const void* scales, const void* biases,
+            const void* alpha, const void* residual, void* out, int M, int K, int N, int bits,
+            bool gate, float eps);
+
+// See ring_attention.h: attention of q over the ring window, q, k, v, out
+// [B, H, T, D] contiguous, caches [B, H, W, D]; k_rot receives the rotated new keys.
+void ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, const void* kc,
+                 const void* vc, const int32_t* pos, void* out, void* k_rot, int B, int H, int T,
+                 int D, int W, float scale, float rope_max_period);
+
+// Writes the new rows nw [B, H, T, D] into the ring cache [B, H, W, D].
+void ring_write(mx::Dtype dtype, void* cache, const void* nw, const int32_t* pos, int B, int H, int T,
+                int D, int W);
+
+}  // namespace personaplex::cpu

@@ -1,0 +1,50 @@
+// Where each layer's weights sit among DecoderLayers' inputs (see decoder_layers.h):
+// per layer alpha1, in_proj, out_proj, alpha2, linear_in, linear_out, each
+// projection 1 array (dense) or 3 (w, scales, biases).
+
+#pragma once
+
+#include <vector>
+
+#include "mlx/array.h"
+
+namespace personaplex {
+
+struct Proj {
+  int w, scales, biases;  // input indices; scales = biases = -1 when dense
+};
+
+struct LayerInputs {
+  int alpha1;
+  Proj in, out;
+  int alpha2;
+  Proj ffn_in, ffn_out;
+};
+
+inline LayerInputs layer_inputs(int base, int bits) {
+  const int p = bits ? 3 : 1;
+  auto proj = [&](int i) { return Proj{i, bits ? i + 1 : -1, bits ? i + 2 : -1}; };
+  return {base, proj(base + 1), proj(base + 1 + p), base + 1 + 2 * p, proj(base + 2 + 2 * p),
+          proj(base + 2 + 3 * p)};
+}
+
+struct ProjPointers {
+  const void *w, *scales, *biases;
+};
+
+struct LayerPointers {
+  const void* alpha1;
+  ProjPointers in, out;
+  const void* alpha2;
+  ProjPointers ffn_in, ffn_out;
+};
+
+// ptr(array) -> const void*: host data on the CPU, device pointers on the GPU.
+template <class Ptr>
+LayerPointers layer_pointers(const std::vector<mlx::core::array>& inputs, const LayerInputs& li, Ptr ptr) {
+  auto at = [&](int i) -> const void* { return i < 0 ? nullptr : ptr(inputs[i]); };
+  auto proj = [&](const Proj& p) { return ProjPointers{at(p.w), at(p.scales), at(p.biases)}; };
+  return {at(li.alpha1), proj(li.in), proj(li.out), at(li.alpha2), proj(li.ffn_in), proj(li.ffn_out)};
+}
+
+}  // namespace personaplex

@@ -1,0 +1,221 @@
+// Graph construction and the CPU path of Matvec (see matvec.h).
+// The CUDA path lives in matvec_cuda.cpp; the Metal source is kernels/metal/matvec.metal.
+
+#include "matvec.h"
+
+#include "cpu_kernels.h"
+
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+
+namespace personaplex {
+
+namespace {
+
+std::string shape_str(const mx::array& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
+  return s + ")";
+}
+
+void check(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument("matvec: " + msg);
+}
+
+// The storage type's rounding, applied where the reference rounds.
+template <typename T>
+float rt(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+struct Dims {
+  int M, K, N, n_out, bits;
+  bool norm, gate, residual;
+  float eps;
+};
+
+// One row of W (row n) as float32, dense or affine-dequantized.
+template <typename T>
+void weight_row(const void* w, const T* scales, const T* biases, int n, const Dims& d, float* out) {
+  if (d.bits == 0) {
+    const T* row = static_cast<const T*>(w) + static_cast<size_t>(n) * d.K;
+    for (int k = 0; k < d.K; ++k) out[k] = static_cast<float>(row[k]);
+    return;
+  }
+  const int per = 32 / d.bits, groups = d.K / 64;
+  const uint32_t mask = (1u << d.bits) - 1u;
+  const uint32_t* row = static_cast<const uint32_t*>(w) + static_cast<size_t>(n) * d.K / per;
+  for (int k = 0; k < d.K; ++k) {
+    const float q = static_cast<float>((row[k / per] >> (d.bits * (k % per))) & mask);
+    const size_t g = static_cast<size_t>(n) * groups + k / 64;
+    out[k] = static_cast<float>(scales[g]) * q + static_cast<float>(biases[g]);
+  }
+}
+
+template <typename T>
+void matvec_cpu(const T* x, const void* w, const T* scales, const T* biases, const T* alpha,
+                const T* residual, T* out, const Dims& d) {
+  // The (normalized) activations, float32 after the reference's rounding.
+  std::vector<float> xs(static_cast<size_t>(d.M) * d.K);
+  for (int m = 0; m < d.M; ++m) {
+    const T* xr = x + static_cast<size_t>(m) * d.K;
+    float* xo = xs.data() + static_cast<size_t>(m) * d.K;
+    float inv = 1.f;
+    if (d.norm) {
+      float ss = 0.f;
+      for (int k = 0; k < d.K; ++k) ss += static_cast<float>(xr[k]) * static_cast<float>(xr[k]);
+      inv = 1.f / std::sqrt(ss / static_cast<float>(d.K) + d.eps);
+    }
+    for (int k = 0; k < d.K; ++k) {
+      xo[k] = d.norm ? rt<T>(static_cast<float>(alpha[k]) * (static_cast<float>(xr[k]) * inv))
+                     : static_cast<float>(xr[k]);
+    }
+  }
+  std::vector<float> wrow(d.K), z(static_cast<size_t>(d.M) * d.N);
+  for (int n = 0; n < d.N; ++n) {
+    weight_row<T>(w, scales, biases, n, d, wrow.data());
+    for (int m = 0; m < d.M; ++m) {
+      const float* xo = xs.data() + static_cast<size_t>(m) * d.K;
+      float s = 0.f;
+      for (int k = 0; k < d.K; ++k) s += wrow[k] * xo[k];
+      z[static_cast<size_t>(m) * d.N + n] = rt<T>(s);
+    }
+  }
+  for (int m = 0; m < d.M; ++m) {
+    for (int j = 0; j < d.n_out; ++j) {
+      const size_t at = static_cast<size_t>(m) * d.n_out + j;
+      float y = z[static_cast<size_t>(m) * d.N + j];
+      if (d.gate) {
+        const float v = z[static_cast<size_t>(m) * d.N + d.n_out + j];
+        const float sig = rt<T>(1.f / (1.f + std::exp(-y)));
+        y = rt<T>(rt<T>(y * sig) * v);
+      }
+      if (d.residual) y = rt<T>(static_cast<float>(residual[at]) + y);
+      out[at] = static_cast<T>(y);
+    }
+  }
+}
+
+template <typename F>
+void dispatch_float(mx::Dtype dtype, F&& f) {
+  if (dtype == mx::float32) {
+    f(float{});
+  } else if (dtype == mx::bfloat16) {
+    f(mx::bfloat16_t{});
+  } else if (dtype == mx::float16) {
+    f(mx::float16_t{});
+  } else {
+    throw std::invalid_argument("matvec: dtype must be float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace
+
+void cpu::matvec(mx::Dtype dtype, const void* x, const void* w, const void* scales,
+                 const void* biases, const void* alpha, const void* residual, void* out, int M, int K,
+                 int N, int bits, bool gate, float eps) {
+  Dims d{M, K, N, gate ? N / 2 : N, bits, alpha != nullptr, gate, residual != nullptr, eps};
+  dispatch_float(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    matvec_cpu<T>(static_cast<const T*>(x), w, static_cast<const T*>(scales),
+                  static_cast<const T*>(biases), static_cast<const T*>(alpha),
+                  static_cast<const T*>(residual), static_cast<T*>(out), d);
+  });
+}
+
+mx::array matvec(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
+                 const std::optional<mx::array>& biases, const std::optional<mx::array>& alpha,
+                 const std::optional<mx::array>& residual, int bits, bool gate, float eps,
+                 mx::StreamOrDevice s) {
+  check(x.ndim() == 2, "x must be [M, K], got " + shape_str(x));
+  const auto dt = x.dtype();
+  check(dt == mx::float32 || dt == mx::bfloat16 || dt == mx::float16,
+        "x must be float32, bfloat16 or float16");
+  const int M = x.shape(0), K = x.shape(1);
+  check(w.ndim() == 2, "w must be 2-D, got " + shape_str(w));
+  const int N = w.shape(0);
+  if (bits == 0) {
+    check(w.shape(1) == K, "w must be [N, K] with K = " + std::to_string(K) + ", got " + shape_str(w));
+    check(w.dtype() == dt, "dense w must have x's dtype");
+    check(!scales && !biases, "scales and biases are for quantized w (bits 4 or 8)");
+  } else {
+    check(bits == 4 || bits == 8, "bits must be 0 (dense), 4 or 8, got " + std::to_string(bits));
+    check(K % 64 == 0, "quantized w needs K divisible by the group size 64, got K = " + std::to_string(K));
+    check(w.dtype() == mx::uint32 && w.shape(1) == K * bits / 32,
+          "quantized w must be uint32 [N, K * bits / 32] = [" + std::to_string(N) + ", " +
+              std::to_string(K * bits / 32) + "], got " + shape_str(w));
+    check(scales && biases, "quantized w needs scales and biases");
+    for (auto* a : {&*scales, &*biases}) {
+      check(a->ndim() == 2 && a->shape(0) == N && a->shape(1) == K / 64,
+            "scales and biases must be [N, K / 64], got " + shape_str(*a));
+      check(a->dtype() == dt, "scales and biases must have x's dtype");
+    }
+  }
+  check(!gate || N % 2 == 0, "a gated matvec needs an even number of weight rows");
+  const int n_out = gate ? N / 2 : N;
+  if (alpha) check(alpha->size() == static_cast<size_t>(K), "alpha must hold K values, got " + shape_str(*alpha));
+  if (residual) {
+    check(residual->ndim() == 2 && residual->shape(0) == M && residual->shape(1) == n_out,
+          "residual must be [M, n_out] = [" + std::to_string(M) + ", " + std::to_string(n_out) +
+              "], got " + shape_str(*residual));
+  }
+  auto st = mx::to_stream(s);
+  auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
+  std::vector<mx::array> inputs = {c(x), c(w)};
+  if (bits) {
+    inputs.push_back(c(*scales));
+    inputs.push_back(c(*biases));
+  }
+  if (alpha) inputs.push_back(c(mx::astype(mx::reshape(*alpha, {K}, st), dt, st)));
+  if (residual) inputs.push_back(c(mx::astype(*residual, dt, st)));
+  auto prim = std::make_shared<Matvec>(st, bits, alpha.has_value(), gate, residual.has_value(), eps);
+  return mx::array({M, n_out}, dt, prim, std::move(inputs));
+}
+
+bool Matvec::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const Matvec&>(other);
+  return bits_ == o.bits_ && norm_ == o.norm_ && gate_ == o.gate_ && residual_ == o.residual_ &&
+         eps_ == o.eps_;
+}
+
+std::vector<mx::Shape> Matvec::output_shapes(const std::vector<mx::array>& inputs) {
+  const int N = inputs[1].shape(0);
+  return {{inputs[0].shape(0), gate_ ? N / 2 : N}};
+}
+
+void Matvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) enc.set_input_array(a);
+  enc.set_output_array(out);
+  const auto& x = inputs[0];
+  const int N = inputs[1].shape(0);
+  Dims d{x.shape(0), x.shape(1), N, gate_ ? N / 2 : N, bits_, norm_, gate_, residual_, eps_};
+  size_t i = 2;
+  const mx::array* scales = bits_ ? &inputs[i++] : nullptr;
+  const mx::array* biases = bits_ ? &inputs[i++] : nullptr;
+  const mx::array* alpha = norm_ ? &inputs[i++] : nullptr;
+  const mx::array* residual = residual_ ? &inputs[i++] : nullptr;
+  dispatch_float(x.dtype(), [&](auto zero) {
+    using T = decltype(zero);
+    auto data = [](const mx::array* a) { return a ? a->data<T>() : nullptr; };
+    enc.dispatch([x = x.data<T>(), w = inputs[1].data<void>(), sc = data(scales), bi = data(biases),
+                  al = data(alpha), res = data(residual), o = out.data<T>(), d]() {
+      matvec_cpu<T>(x, w, sc, bi, al, res, o, d);
+    });
+  });
+}
+
+#ifndef PERSONAPLEX_WITH_CUDA
+void Matvec::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("matvec: no GPU kernel in this build (CPU only)");
+}
+#endif
+
+}  // namespace personaplex

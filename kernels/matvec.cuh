@@ -1,0 +1,240 @@
+// Matvec's GPU kernel, written once against portable.h (see csrc/matvec.h for
+// what the primitive computes).
+//
+// Decode steps multiply a few rows of activations (M <= 8: one per session) by
+// every weight of the model once, so the kernel is a stream over the weights:
+// a block of 128 threads owns R = 4 weight rows and splits K between all its
+// threads, each thread reading one 16-byte vector of each of its 4 rows per
+// iteration (8 bf16, 16 q8 or 32 q4 weights) and reusing every x value it loads
+// for the 4 rows. Splitting K inside the block (rather than giving each warp its
+// own rows) keeps ~1000 blocks in flight for a 4096-row matrix and 256 for the
+// depformer's 1024 rows.
+//
+// Quantized weights are MLX's affine layout (w = scale * q + bias per group of
+// 64 along K, q packed little-end first into uint32), so `convert` output is
+// used as is. Per chunk: acc += scale * sum(q * x) + bias * sum(x). Integer
+// nibbles become floats by OR-ing them into the mantissa of 2^23 and
+// subtracting 2^23 (exact), which avoids the slow int-to-float conversion.
+//
+// Epilogues, applied where the reference rounds (to the storage type T):
+//   norm      x -> T(alpha * (x * rsqrt(mean(x^2) + eps))), per row of x, first;
+//   gate      rows j and j + n_out are the SiLU gate and value of output j:
+//             T(T(g * T(sigmoid(g))) * v), g and v rounded to T first;
+//   residual  T(residual + T(y)).
+
+#pragma once
+
+// Scalars of the launch; plain C, shared with the host (csrc/matvec_cuda.cpp).
+struct MatvecArgs {
+  int M, K;      // x is [M, K]
+  int n_out;     // output columns (weight rows: n_out, or 2 * n_out gated)
+  int norm, gate, residual;
+  float eps;
+};
+
+// Weight rows per block; a block makes that many outputs, or half as many gated.
+#define PP_MATVEC_ROWS 4
+
+#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+
+#include "formats.cuh"
+
+namespace matvec {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRows = PP_MATVEC_ROWS;
+
+// Dense weights in the activations' storage format.
+template <class F>
+struct Dense {
+  static constexpr int kChunk = F::kPerVec;  // weights per 16-byte vector
+  static constexpr int kSub = kChunk;        // weights unpacked at a time
+  static constexpr bool kAffine = false;
+  static PP_DEVICE long row_words(int K) { return long(K) * sizeof(typename F::Elem) / 4; }
+  static PP_DEVICE void unpack_sub(pp_u32x4 r, int, PP_THREAD float* out) { pp::unpack<F>(r, out); }
+};
+
+// MLX affine quantization, BITS per weight, packed in uint32 little-end first.
+template <int BITS>
+struct Affine {
+  static constexpr int kChunk = 128 / BITS;
+  static constexpr int kSub = 8;  // one word of 4-bit weights, two of 8-bit
+  static constexpr bool kAffine = true;
+  static PP_DEVICE long row_words(int K) { return long(K) * BITS / 32; }
+  // Weights sub * 8 .. sub * 8 + 7 of the vector.
+  static PP_DEVICE void unpack_sub(pp_u32x4 r, int sub, PP_THREAD float* out) {
+    constexpr pp_u32 mask = (1u << BITS) - 1u;
+    constexpr int per = 32 / BITS, words = kSub / per;
+    pp_u32 w[4] = {r.x, r.y, r.z, r.w};
+    #pragma unroll
+    for (int i = 0; i < words; ++i) {
+      const pp_u32 word = w[sub * words + i];
+      #pragma unroll
+      for (int j = 0; j < per; ++j) {
+        out[i * per + j] = pp_bits_to_float(((word >> (BITS * j)) & mask) | 0x4b000000u) - 8388608.f;
+      }
+    }
+  }
+};
+
+template <class F>
+PP_DEVICE void load_x(const PP_GLOBAL typename F::Elem* p, int n, PP_THREAD float* out) {
+  for (int v = 0; v < n; v += F::kPerVec) pp::unpack<F>(pp_load16(p + v), out + v);
+}
+
+PP_DEVICE float warp_sum(float s) {
+  #pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += pp_shfl_xor(s, off);
+  return s;
+}
+
+// smem: kWarps * kRows * MT + MT floats.
+// w: [N, row_words] as uint32 (dense rows are reinterpreted); scales, biases:
+// [N, K / 64] (affine only); alpha: [K] (norm only); residual, out: [M, n_out].
+template <class F, class W, int MT>
+PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
+                      const PP_GLOBAL typename F::Elem* scales,
+                      const PP_GLOBAL typename F::Elem* biases,
+                      const PP_GLOBAL typename F::Elem* alpha,
+                      const PP_GLOBAL typename F::Elem* residual, PP_GLOBAL typename F::Elem* out,
+                      MatvecArgs a, PP_SHARED_PTR float* smem, int block, int mblock, int tid) {
+  constexpr int C = W::kChunk;
+  constexpr int UNITS = kRows;  // outputs per block when not gated; half that gated
+  const int units = a.gate ? UNITS / 2 : UNITS;
+  const int u0 = block * units;
+  const int m0 = mblock * MT;
+  const int lane = tid & 31, warp = tid >> 5;
+  PP_SHARED_PTR float* inv_rms = smem + kWarps * kRows * MT;
+
+  if (a.norm) {
+    for (int m = 0; m < MT; ++m) {
+      float s = 0.f;
+      if (m0 + m < a.M) {
+        const PP_GLOBAL typename F::Elem* xr = x + long(m0 + m) * a.K;
+        for (int k = tid * F::kPerVec; k < a.K; k += kThreads * F::kPerVec) {
+          float v[F::kPerVec];
+          pp::unpack<F>(pp_load16(xr + k), v);
+          #pragma unroll
+          for (int e = 0; e < F::kPerVec; ++e) s += v[e] * v[e];
+        }
+      }
+      s = warp_sum(s);
+      if (lane == 0) smem[warp] = s;
+      PP_BARRIER();
+      if (tid == 0) {
+        float t = 0.f;
+        for (int i = 0; i < kWarps; ++i) t += smem[i];
+        inv_rms[m] = 1.f / sqrt(t / float(a.K) + a.eps);
+      }
+      PP_BARRIER();
+    }
+  }
+
+  // Row r of the block: unit r % units, gate half r / units.
+  long row[kRows];
+  #pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    int u = u0 + r % units;
+    u = u < a.n_out ? u : a.n_out - 1;  // past the end: read a valid row, store nothing
+    row[r] = u + (r / units) * long(a.n_out);
+  }
+  const long words = W::row_words(a.K);
+  const int groups = a.K / 64;
+
+  float acc[kRows][MT];
+  #pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
+  }
+
+  constexpr int SUB = W::kSub;
+  for (int k0 = tid * C; k0 < a.K; k0 += kThreads * C) {
+    pp_u32x4 wr[kRows];
+    float sc[kRows], bi[kRows];
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      wr[r] = pp_load16(w + row[r] * words + long(k0) * words / a.K);
+      if (W::kAffine) {
+        sc[r] = F::load(scales[row[r] * groups + k0 / 64]);
+        bi[r] = F::load(biases[row[r] * groups + k0 / 64]);
+      }
+    }
+    // Dot products of this chunk (one quantization group at most), SUB weights at
+    // a time: each weight is unpacked once for all MT rows of x.
+    float d[kRows][MT], sx[MT];
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      sx[m] = 0.f;
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) d[r][m] = 0.f;
+    }
+    #pragma unroll
+    for (int sub = 0; sub < C / SUB; ++sub) {
+      const int k = k0 + sub * SUB;
+      float wf[kRows][SUB];
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) W::unpack_sub(wr[r], sub, wf[r]);
+      float al[SUB];
+      if (a.norm) load_x<F>(alpha + k, SUB, al);
+      #pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        if (m0 + m >= a.M) break;
+        float xf[SUB];
+        load_x<F>(x + long(m0 + m) * a.K + k, SUB, xf);
+        if (a.norm) {
+          #pragma unroll
+          for (int e = 0; e < SUB; ++e) xf[e] = pp::round_trip<F>(al[e] * (xf[e] * inv_rms[m]));
+        }
+        if (W::kAffine) {
+          #pragma unroll
+          for (int e = 0; e < SUB; ++e) sx[m] += xf[e];
+        }
+        #pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          #pragma unroll
+          for (int e = 0; e < SUB; ++e) d[r][m] += wf[r][e] * xf[e];
+        }
+      }
+    }
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      #pragma unroll
+      for (int m = 0; m < MT; ++m) acc[r][m] += W::kAffine ? sc[r] * d[r][m] + bi[r] * sx[m] : d[r][m];
+    }
+  }
+
+  // Threads of a warp, then the warps of the block.
+  #pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float s = warp_sum(acc[r][m]);
+      if (lane == 0) smem[(warp * kRows + r) * MT + m] = s;
+    }
+  }
+  PP_BARRIER();
+  if (tid < units * MT) {
+    const int u = tid / MT, m = tid % MT;
+    if (u0 + u < a.n_out && m0 + m < a.M) {
+      float y[2] = {0.f, 0.f};
+      for (int half = 0; half < (a.gate ? 2 : 1); ++half) {
+        for (int i = 0; i < kWarps; ++i) y[half] += smem[(i * kRows + half * units + u) * MT + m];
+        y[half] = pp::round_trip<F>(y[half]);
+      }
+      float o = y[0];
+      if (a.gate) {
+        const float sig = pp::round_trip<F>(1.f / (1.f + pp_exp(-y[0])));
+        o = pp::round_trip<F>(pp::round_trip<F>(y[0] * sig) * y[1]);
+      }
+      const long at = long(m0 + m) * a.n_out + u0 + u;
+      if (a.residual) o = pp::round_trip<F>(F::load(residual[at]) + o);
+      out[at] = F::store(o);
+    }
+  }
+}
+
+}  // namespace matvec
+
+#endif
