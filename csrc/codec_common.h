@@ -1,11 +1,10 @@
-// Small helpers shared by the codec primitives' CPU paths (conv1d_stream,
-// conv_transpose1d_stream, rvq): dtype dispatch, argument checks, the ELU and
-// a float32 dot product.
+// Small helpers shared by the codec primitives (conv1d_stream,
+// conv_transpose1d_stream, rvq): dtype dispatch, argument checks, the ELU and a
+// float32 dot product for the CPU paths; kernel names and lane counts for the GPU.
 
 #pragma once
 
 #include <cmath>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 
@@ -15,12 +14,12 @@ namespace personaplex::codec {
 
 namespace mx = mlx::core;
 
+// No std::ostringstream: it crashes the extension built by the GPU image's g++ 13
+// (/opt/gcc; a libstdc++ mismatch with the interpreter's), so strings are concatenated.
 inline std::string shape_str(const mx::array& a) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < a.shape().size(); ++i) os << (i ? ", " : "") << a.shape()[i];
-  os << ")";
-  return os.str();
+  std::string s = "(";
+  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
+  return s + ")";
 }
 
 inline void check(bool ok, const char* op, const std::string& msg) {
@@ -48,6 +47,23 @@ inline T elu(T x) {
   if (v > 0.f) return x;
   const T e = static_cast<T>(std::exp(v));
   return static_cast<T>(static_cast<float>(e) - 1.f);
+}
+
+// Suffix of a GPU kernel's name for the storage dtype (kernels/cuda/*.cu
+// instantiate f32, bf16 and f16).
+inline const char* kernel_dtype(const char* op, mx::Dtype dtype) {
+  if (dtype == mx::float32) return "f32";
+  if (dtype == mx::bfloat16) return "bf16";
+  if (dtype == mx::float16) return "f16";
+  throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
+}
+
+// Lanes that share one output of the GPU convs (kernels/codec.cuh): a power of
+// two up to a warp, about 8 of the output's `products` each.
+inline int conv_lanes(long products) {
+  int g = 1;
+  while (g < 32 && g * 8L < products) g *= 2;
+  return g;
 }
 
 // Dot product accumulated in float32 over 8 independent lanes: the compiler

@@ -60,7 +60,7 @@ void conv1d_stream_cpu(const T* x, const T* prev, const T* w, const T* bias, con
     for (size_t i = 0; i < static_cast<size_t>(d.T) * row; ++i) {
       fresh[i] = elu_input ? codec::elu(xb[i]) : xb[i];
     }
-    if (first && first[b]) {
+    if (first && first[b] && d.T > 0) {  // no new sample to repeat: keep `previous`
       for (int r = 0; r < d.context; ++r) std::memcpy(buf.data() + r * row, fresh, sizeof(T) * row);
     } else if (d.context) {
       std::memcpy(buf.data(), prev + static_cast<size_t>(b) * d.context * row,

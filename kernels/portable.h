@@ -35,6 +35,10 @@ PP_DEVICE float pp_exp(float x) { return expf(x); }
 PP_DEVICE float pp_cos(float x) { return cosf(x); }
 PP_DEVICE float pp_sin(float x) { return sinf(x); }
 PP_DEVICE float pp_max(float a, float b) { return fmaxf(a, b); }
+// A product and a sum never fused into an FMA: where a kernel must round as a
+// CPU loop does (the x86-64 baseline has no FMA, so g++ never fuses there).
+PP_DEVICE float pp_mul_rn(float a, float b) { return __fmul_rn(a, b); }
+PP_DEVICE float pp_add_rn(float a, float b) { return __fadd_rn(a, b); }
 PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) { return *static_cast<const uint4*>(p); }
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *static_cast<uint4*>(p) = v; }
 PP_DEVICE pp_u32x4 pp_zero16() { return make_uint4(0u, 0u, 0u, 0u); }
@@ -65,6 +69,9 @@ PP_DEVICE float pp_exp(float x) { return precise::exp(x); }
 PP_DEVICE float pp_cos(float x) { return precise::cos(x); }
 PP_DEVICE float pp_sin(float x) { return precise::sin(x); }
 PP_DEVICE float pp_max(float a, float b) { return fmax(a, b); }
+// Unfused only when the .metal is compiled with -fno-fast-math -ffp-contract=off.
+PP_DEVICE float pp_mul_rn(float a, float b) { return a * b; }
+PP_DEVICE float pp_add_rn(float a, float b) { return a + b; }
 PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) { return *(const device uint4*)p; }
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *(device uint4*)p = v; }
 PP_DEVICE pp_u32x4 pp_zero16() { return uint4(0u); }

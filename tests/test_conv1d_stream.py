@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from personaplex_fast import ops, reference
+from personaplex_fast import _ext, ops, reference
 
 TOL = {mx.float32: 2e-6, mx.bfloat16: 1.6e-2, mx.float16: 2e-3}
 
@@ -159,3 +159,15 @@ def test_check_mode_records_the_largest_difference():
     assert state.shape == (2, 0, 8) and y.shape == (2, 3, 4)
     report = ops.check_report()
     assert set(report) == {"conv1d_stream"} and 0 <= report["conv1d_stream"] < 1e-5
+
+
+def test_empty_chunk_with_first_set_keeps_the_context():
+    """T = 0 with replicate padding requested: there is no sample to repeat, so the
+    state stays `previous` (the CUDA path does the same)."""
+    rng = np.random.default_rng(11)
+    prev = mx.array(rng.standard_normal((2, 4, 3)).astype(np.float32))  # (8 - 1) + 1 - 4
+    w = mx.array(rng.standard_normal((4, 8, 3)).astype(np.float32))
+    x = mx.zeros((2, 0, 3))
+    y, state = _ext.conv1d_stream(x, prev, w, None, mx.array([True, False]), 4, 1, 1, False)
+    assert y.shape == (2, 0, 4)
+    np.testing.assert_array_equal(np.array(state), np.array(prev))
