@@ -8,36 +8,13 @@
 #include <stdexcept>
 #include <string>
 
-#include "mlx/array.h"
+#include "common.h"
 
 namespace personaplex::codec {
 
-namespace mx = mlx::core;
-
-// No std::ostringstream: it crashes the extension built by the GPU image's g++ 13
-// (/opt/gcc; a libstdc++ mismatch with the interpreter's), so strings are concatenated.
-inline std::string shape_str(const mx::array& a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
-  return s + ")";
-}
-
-inline void check(bool ok, const char* op, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(std::string(op) + ": " + msg);
-}
-
-template <typename F>
-void dispatch_float(const char* op, mx::Dtype dtype, F&& f) {
-  if (dtype == mx::float32) {
-    f(float{});
-  } else if (dtype == mx::bfloat16) {
-    f(mx::bfloat16_t{});
-  } else if (dtype == mx::float16) {
-    f(mx::float16_t{});
-  } else {
-    throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
-  }
-}
+using personaplex::check;
+using personaplex::dispatch_float;
+using personaplex::shape_str;
 
 // ELU as mlx.nn.elu computes it in the storage type: exp rounded to T, minus one
 // rounded to T (so bfloat16 results agree with the reference bit for bit).

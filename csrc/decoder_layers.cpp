@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.h"
 #include "cpu_kernels.h"
 #include "decoder_layers_common.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -18,15 +19,7 @@ namespace personaplex {
 
 namespace {
 
-std::string shape_str(const mx::array& a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
-  return s + ")";
-}
-
-void check(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument("decoder_layers: " + msg);
-}
+void check(bool ok, const std::string& msg) { personaplex::check(ok, "decoder_layers", msg); }
 
 void check_proj(const std::string& what, const mx::array* w, int N, int K, int bits, mx::Dtype dt) {
   const int cols = bits ? K * bits / 32 : K;

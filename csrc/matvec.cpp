@@ -3,6 +3,7 @@
 
 #include "matvec.h"
 
+#include "common.h"
 #include "cpu_kernels.h"
 
 #include <cmath>
@@ -17,15 +18,7 @@ namespace personaplex {
 
 namespace {
 
-std::string shape_str(const mx::array& a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
-  return s + ")";
-}
-
-void check(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument("matvec: " + msg);
-}
+void check(bool ok, const std::string& msg) { personaplex::check(ok, "matvec", msg); }
 
 // The storage type's rounding, applied where the reference rounds.
 template <typename T>
@@ -101,26 +94,13 @@ void matvec_cpu(const T* x, const void* w, const T* scales, const T* biases, con
   }
 }
 
-template <typename F>
-void dispatch_float(mx::Dtype dtype, F&& f) {
-  if (dtype == mx::float32) {
-    f(float{});
-  } else if (dtype == mx::bfloat16) {
-    f(mx::bfloat16_t{});
-  } else if (dtype == mx::float16) {
-    f(mx::float16_t{});
-  } else {
-    throw std::invalid_argument("matvec: dtype must be float32, bfloat16 or float16");
-  }
-}
-
 }  // namespace
 
 void cpu::matvec(mx::Dtype dtype, const void* x, const void* w, const void* scales,
                  const void* biases, const void* alpha, const void* residual, void* out, int M, int K,
                  int N, int bits, bool gate, float eps) {
   Dims d{M, K, N, gate ? N / 2 : N, bits, alpha != nullptr, gate, residual != nullptr, eps};
-  dispatch_float(dtype, [&](auto zero) {
+  dispatch_float("matvec", dtype, [&](auto zero) {
     using T = decltype(zero);
     matvec_cpu<T>(static_cast<const T*>(x), w, static_cast<const T*>(scales),
                   static_cast<const T*>(biases), static_cast<const T*>(alpha),
@@ -202,7 +182,7 @@ void Matvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
   const mx::array* biases = bits_ ? &inputs[i++] : nullptr;
   const mx::array* alpha = norm_ ? &inputs[i++] : nullptr;
   const mx::array* residual = residual_ ? &inputs[i++] : nullptr;
-  dispatch_float(x.dtype(), [&](auto zero) {
+  dispatch_float("matvec", x.dtype(), [&](auto zero) {
     using T = decltype(zero);
     auto data = [](const mx::array* a) { return a ? a->data<T>() : nullptr; };
     enc.dispatch([x = x.data<T>(), w = inputs[1].data<void>(), sc = data(scales), bi = data(biases),

@@ -3,6 +3,7 @@
 
 #include "ring_attention.h"
 
+#include "common.h"
 #include "cpu_kernels.h"
 
 #include <cmath>
@@ -32,15 +33,7 @@ template struct DescAccess<&mx::array::array_desc_>;
 
 long desc_refs(const mx::array& a) { return (a.*desc_member(DescTag{})).use_count(); }
 
-std::string shape_str(const mx::array& a) {
-  std::string s = "(";
-  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
-  return s + ")";
-}
-
-void check(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument("ring_attention: " + msg);
-}
+void check(bool ok, const std::string& msg) { personaplex::check(ok, "ring_attention", msg); }
 
 // RoPE as in Kyutai's moshi: pairs (x[2i], x[2i+1]) rotated by p * f_i with
 // f_i = max_period^(-2i/D); angles and products in float32, result rounded back
@@ -122,25 +115,12 @@ void write_cpu(T* cache, const T* nw, const int32_t* pos, int B, int H, int T_, 
   }
 }
 
-template <typename F>
-void dispatch_float(mx::Dtype dtype, F&& f) {
-  if (dtype == mx::float32) {
-    f(float{});
-  } else if (dtype == mx::bfloat16) {
-    f(mx::bfloat16_t{});
-  } else if (dtype == mx::float16) {
-    f(mx::float16_t{});
-  } else {
-    throw std::invalid_argument("ring_attention: dtype must be float32, bfloat16 or float16");
-  }
-}
-
 }  // namespace
 
 void cpu::ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, const void* kc,
                       const void* vc, const int32_t* pos, void* out, void* k_rot, int B, int H, int T,
                       int D, int W, float scale, float rope_max_period) {
-  dispatch_float(dtype, [&](auto zero) {
+  dispatch_float("ring_attention", dtype, [&](auto zero) {
     using T_ = decltype(zero);
     attend_cpu<T_>(static_cast<const T_*>(q), static_cast<const T_*>(k), static_cast<const T_*>(v),
                    static_cast<const T_*>(kc), static_cast<const T_*>(vc), pos, static_cast<T_*>(out),
@@ -150,7 +130,7 @@ void cpu::ring_attend(mx::Dtype dtype, const void* q, const void* k, const void*
 
 void cpu::ring_write(mx::Dtype dtype, void* cache, const void* nw, const int32_t* pos, int B, int H,
                      int T, int D, int W) {
-  dispatch_float(dtype, [&](auto zero) {
+  dispatch_float("ring_attention", dtype, [&](auto zero) {
     using T_ = decltype(zero);
     write_cpu<T_>(static_cast<T_*>(cache), static_cast<const T_*>(nw), pos, B, H, T, D, W);
   });
@@ -230,7 +210,7 @@ void RingAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   mx::array k_rot(q.shape(), q.dtype(), nullptr, {});
   k_rot.set_data(mx::allocator::malloc(k_rot.nbytes()));
   enc.add_temporary(k_rot);
-  dispatch_float(q.dtype(), [&](auto zero) {
+  dispatch_float("ring_attention", q.dtype(), [&](auto zero) {
     using T_ = decltype(zero);
     enc.dispatch([q = q.data<T_>(), k = inputs[1].data<T_>(), v = inputs[2].data<T_>(),
                   kc = inputs[3].data<T_>(), vc = inputs[4].data<T_>(),

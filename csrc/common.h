@@ -1,0 +1,42 @@
+// Helpers every primitive's host code shares: shape strings for error messages,
+// argument checks and the floating-point dtype dispatch of the CPU paths.
+
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+#include "mlx/array.h"
+
+namespace personaplex {
+
+namespace mx = mlx::core;
+
+// No std::ostringstream: it crashes the extension built by the GPU image's g++ 13
+// (/opt/gcc; a libstdc++ mismatch with the interpreter's), so strings are concatenated.
+inline std::string shape_str(const mx::array& a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.shape().size(); ++i) s += (i ? ", " : "") + std::to_string(a.shape()[i]);
+  return s + ")";
+}
+
+// Throws std::invalid_argument("<op>: <msg>") unless ok (a ValueError in Python).
+inline void check(bool ok, const char* op, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(std::string(op) + ": " + msg);
+}
+
+// Calls f with a zero of the C++ type of a float32, bfloat16 or float16 dtype.
+template <typename F>
+void dispatch_float(const char* op, mx::Dtype dtype, F&& f) {
+  if (dtype == mx::float32) {
+    f(float{});
+  } else if (dtype == mx::bfloat16) {
+    f(mx::bfloat16_t{});
+  } else if (dtype == mx::float16) {
+    f(mx::float16_t{});
+  } else {
+    throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
+  }
+}
+
+}  // namespace personaplex
