@@ -196,6 +196,51 @@ def in_graph_rows(table, batches, n=16):
                   "attention")
 
 
+# (name, T, C_in, C_out, K, stride, groups, elu) at one 80 ms frame of Mimi (float32).
+CONV_SHAPES = [("conv1d 1->64 k7, T 1920", 1920, 1, 64, 7, 1, 1, False),
+               ("conv1d 64->128 k8 s4, T 1920", 1920, 64, 128, 8, 4, 1, True),
+               ("conv1d 512->1024 k16 s8, T 16", 16, 512, 1024, 16, 8, 1, True)]
+CONVTR_SHAPES = [("conv_transpose1d 1024->512 k16 s8, T 2", 2, 1024, 512, 16, 8, 1, True),
+                 ("conv_transpose1d 128->64 k8 s4, T 480", 480, 128, 64, 8, 4, 1, True)]
+
+
+def codec_rows(table, batches, iters):
+    """The codec primitives at Mimi's per-frame shapes, fused vs reference (float32)."""
+    rng = np.random.default_rng(2)
+    f32 = lambda *shape: mx.array(rng.standard_normal(shape).astype(np.float32))
+    for name, T, C_in, C_out, K, stride, groups, elu in CONV_SHAPES + CONVTR_SHAPES:
+        tr = name.startswith("conv_transpose")
+        if TINY:
+            T, C_in, C_out = max(stride, T // 8 // stride * stride), max(1, C_in // 8), max(1, C_out // 8)
+        w = f32(C_out, K, C_in // groups) * (1 / math.sqrt(K * C_in))
+        b = f32(C_out)
+        for B in batches:
+            x = f32(B, T, C_in)
+            state = f32(B, K - stride, C_out) if tr else f32(B, K - stride, C_in)
+            mx.eval(w, b, x, state)
+            kw = dict(stride=stride, groups=groups, elu_input=elu)
+            op = ops.conv_transpose1d_stream if tr else ops.conv1d_stream
+            res = {}
+            for mode in ("fused", "reference"):
+                with ops.use_mode(mode):
+                    res[mode] = median_ms(lambda: mx.eval(op(x, state, w, b, **kw)), iters=iters)
+            table.add(name, B, res["fused"], res["reference"], w.nbytes + x.nbytes + state.nbytes)
+    n_q, bins, Dq = (8, 2048, 256) if not TINY else (8, 64, 32)
+    books = f32(n_q, bins, Dq)
+    for B in batches:
+        x = f32(B, 1, Dq)
+        codes = mx.array(rng.integers(0, bins, (B, 1, n_q)).astype(np.int32))
+        mx.eval(books, x, codes)
+        for what, fn in (("rvq_encode", lambda: ops.rvq_encode(x, books)),
+                         ("rvq_decode", lambda: ops.rvq_decode(codes, books))):
+            res = {}
+            for mode in ("fused", "reference"):
+                with ops.use_mode(mode):
+                    res[mode] = median_ms(lambda: mx.eval(fn()), iters=iters)
+            table.add(f"{what} {n_q}x{bins}x{Dq}", B, res["fused"], res["reference"],
+                      books.nbytes if what == "rvq_encode" else B * n_q * Dq * 4)
+
+
 # -- model levels ----------------------------------------------------------------
 
 
@@ -414,6 +459,7 @@ def main():
         t = Table("Primitives at the 7B shapes (bf16 activations), ms per call", bw, torch_rows)
         ring_rows(t, batches)
         matvec_rows(t, batches, formats)
+        codec_rows(t, batches, args.iters)
         tables.append(t)
     if "kernels" in sections:
         t = Table("Primitives, GPU time per call (16 independent calls in one graph), ms", bw, torch_rows)

@@ -25,7 +25,8 @@ def test_gpu_table_script_runs_tiny(tmp_path):
          "--markdown", str(md)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = md.read_text()
-    for row in ("ring_attention", "matvec qkv", "ring_attention, in graph", "temporal step bf16", "depformer 8 codebooks q4",
+    for row in ("ring_attention", "matvec qkv", "conv1d 64->128", "conv_transpose1d", "rvq_encode",
+                "rvq_decode", "ring_attention, in graph", "temporal step bf16", "depformer 8 codebooks q4",
                 "LM step", "Mimi encode", "Mimi decode", "whole frame bf16", "whole frame q4"):
         assert f"| {row}" in text, row
     # Every row of every table has a positive time in the "ours" column.
