@@ -6,9 +6,11 @@
 // a block of 128 threads owns R = 4 weight rows and splits K between all its
 // threads, each thread reading one 16-byte vector of each of its 4 rows per
 // iteration (8 bf16, 16 q8 or 32 q4 weights) and reusing every x value it loads
-// for the 4 rows. Splitting K inside the block (rather than giving each warp its
-// own rows) keeps ~1000 blocks in flight for a 4096-row matrix and 256 for the
-// depformer's 1024 rows.
+// for the 4 rows; weights are unpacked 8 at a time, once for all MT rows of x.
+// Splitting K inside the block (rather than giving each warp its own rows) keeps
+// ~1000 blocks in flight for a 4096-row matrix and 256 for the depformer's 1024
+// rows. Its cost (measured, docs/PERF.md): every block reads, and with `norm`
+// normalises, all M rows of x, which dominates at M = 8 and with 4-bit weights.
 //
 // Quantized weights are MLX's affine layout (w = scale * q + bias per group of
 // 64 along K, q packed little-end first into uint32), so `convert` output is
