@@ -37,7 +37,7 @@ struct MatvecArgs {
 // Weight rows per block; a block makes that many outputs, or half as many gated.
 #define PP_MATVEC_ROWS 4
 
-#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
 #include "formats.cuh"
 

@@ -34,7 +34,7 @@ struct RingArgs {
   long new_b, new_h, new_t;
 };
 
-#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
 #include "formats.cuh"
 

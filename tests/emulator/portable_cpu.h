@@ -1,0 +1,291 @@
+// kernels/portable.h for a host compiler: runs the shared kernel bodies
+// (kernels/*.cuh) on the CPU so that CI without a GPU tests their logic.
+//
+// tests/test_kernel_emulator.py copies kernels/*.cuh next to this file renamed
+// portable.h (their `#include "portable.h"` then finds it) and compiles
+// tests/emulator/{matvec,ring_attention}.cpp with -DPP_EMULATE, which opens the
+// bodies' guards.
+//
+// Execution model: the blocks of a launch run one after another; the threads
+// of a block run as cooperative fibers on one OS thread (ucontext starts each
+// fiber on its own stack once per launch; _setjmp / _longjmp switch between
+// them, which unlike swapcontext costs no system call; the driver is built
+// without _FORTIFY_SOURCE, whose longjmp check rejects a switch of stacks). A fiber
+// runs until it reaches a barrier (PP_BARRIER over the block, or the warp
+// barrier inside pp_shfl_xor), then yields. Each scheduling pass visits the
+// runnable fibers in a fresh pseudo-random order, so a missing barrier shows
+// as a wrong result rather than being hidden by a fixed thread order; a
+// barrier that some thread never reaches (divergent __syncthreads, a shuffle
+// in a divergent branch) is reported as a deadlock. Shared memory and the
+// workspaces start as NaN, and 16-byte loads and stores check their alignment.
+
+#pragma once
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define PP_DEVICE inline
+#define PP_GLOBAL
+#define PP_SHARED
+#define PP_SHARED_PTR
+#define PP_THREAD
+#define PP_BARRIER() pp_emu::block_barrier()
+
+typedef uint32_t pp_u32;
+typedef uint16_t pp_u16;
+struct pp_u32x4 {
+  pp_u32 x, y, z, w;
+};
+
+// Bodies call sqrt unqualified; CUDA and Metal then take the float overload.
+using std::sqrt;
+
+namespace pp_emu {
+
+constexpr int kWarp = 32;
+constexpr size_t kStack = 256 * 1024;
+
+struct Fiber {
+  jmp_buf env;
+  std::unique_ptr<char[]> stack;  // uninitialized: only the pages used are touched
+  int tid = 0;
+  bool done = false;
+  const long* gen = nullptr;  // barrier generation this fiber waits to change
+  long waited = 0;
+  int phase = 0;  // which of the two shuffle buffers the next shuffle uses
+};
+
+// The one launch in progress (the driver is single-threaded).
+struct Launch {
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  jmp_buf scheduler;
+  ucontext_t boot;  // where a fiber returns once it is started
+  int block_arrived = 0;
+  long block_gen = 0;
+  std::vector<int> warp_arrived;
+  std::vector<long> warp_gen;
+  std::vector<float> exchange;  // [warp][phase][lane]
+  std::function<void(int)> entry;
+  std::string error;  // set by a fiber that cannot go on
+};
+inline Launch* g_launch = nullptr;
+
+inline void yield_to_scheduler() {
+  Launch& L = *g_launch;
+  if (_setjmp(L.current->env) == 0) _longjmp(L.scheduler, 1);
+}
+
+inline void wait_at(int& arrived, long& gen, int n) {
+  Fiber& f = *g_launch->current;
+  f.gen = &gen;
+  f.waited = gen;
+  if (++arrived == n) {
+    arrived = 0;
+    ++gen;
+  }
+  yield_to_scheduler();
+}
+
+inline void block_barrier() {
+  Launch& L = *g_launch;
+  wait_at(L.block_arrived, L.block_gen, static_cast<int>(L.fibers.size()));
+}
+
+// Every lane writes, the warp meets, every lane reads its partner. Two buffers
+// alternate, so the next shuffle's writes cannot clobber values still being read.
+inline float shfl_xor(float x, int mask) {
+  Launch& L = *g_launch;
+  Fiber& f = *L.current;
+  const int warp = f.tid / kWarp, lane = f.tid % kWarp;
+  float* buf = L.exchange.data() + (warp * 2 + f.phase) * kWarp;
+  f.phase ^= 1;
+  buf[lane] = x;
+  wait_at(L.warp_arrived[warp], L.warp_gen[warp], kWarp);
+  return buf[(lane ^ mask) % kWarp];
+}
+
+// Exceptions cannot unwind out of a fiber: record the error, end the fiber, and
+// let the scheduler throw.
+inline void fail(const std::string& what) {
+  Launch& L = *g_launch;
+  L.error = what;
+  L.current->done = true;
+  yield_to_scheduler();
+}
+
+// A fiber runs the body once per block, then waits for the next block.
+inline void fiber_main() {
+  {
+    Launch& L = *g_launch;
+    ucontext_t here;
+    if (_setjmp(L.current->env) == 0) swapcontext(&here, &L.boot);
+  }
+  for (;;) {
+    Launch& L = *g_launch;
+    L.entry(L.current->tid);
+    L.current->done = true;
+    yield_to_scheduler();
+  }
+}
+
+struct Dim3 {
+  int x = 1, y = 1, z = 1;
+};
+
+// Runs body(bx, by, bz, tid) for every block of the grid and every thread of a
+// block. smem (may be empty) is refilled with NaN before each block.
+template <class Body>
+void launch(Dim3 grid, int threads, std::vector<float>& smem, Body body, unsigned seed = 1) {
+  if (threads % kWarp != 0) throw std::invalid_argument("emulator: threads must be whole warps");
+  Launch L;
+  g_launch = &L;
+  L.fibers.resize(threads);
+  L.warp_arrived.assign(threads / kWarp, 0);
+  L.warp_gen.assign(threads / kWarp, 0);
+  L.exchange.assign(threads / kWarp * 2 * kWarp, 0.f);
+  for (int t = 0; t < threads; ++t) {
+    Fiber& f = L.fibers[t];
+    f.tid = t;
+    f.stack.reset(new char[kStack]);
+    ucontext_t start;
+    getcontext(&start);
+    start.uc_stack.ss_sp = f.stack.get();
+    start.uc_stack.ss_size = kStack;
+    start.uc_link = nullptr;
+    makecontext(&start, fiber_main, 0);
+    L.current = &f;
+    swapcontext(&L.boot, &start);
+  }
+  int bx = 0, by = 0, bz = 0;
+  L.entry = [&](int tid) { body(bx, by, bz, tid); };
+  std::mt19937 rng(seed);
+  std::vector<int> order(threads);
+  for (int i = 0; i < threads; ++i) order[i] = i;
+
+  for (bz = 0; bz < grid.z; ++bz) {
+    for (by = 0; by < grid.y; ++by) {
+      for (bx = 0; bx < grid.x; ++bx) {
+        std::fill(smem.begin(), smem.end(), NAN);
+        for (auto& f : L.fibers) {
+          f.done = false;
+          f.gen = nullptr;
+          f.phase = 0;
+        }
+        int remaining = threads;
+        while (remaining > 0) {
+          bool progress = false;
+          std::shuffle(order.begin(), order.end(), rng);
+          for (int t : order) {
+            Fiber& f = L.fibers[t];
+            if (f.done || (f.gen && *f.gen == f.waited)) continue;
+            f.gen = nullptr;
+            L.current = &f;
+            if (_setjmp(L.scheduler) == 0) _longjmp(f.env, 1);
+            progress = true;
+            remaining -= f.done;
+            if (!L.error.empty()) {
+              g_launch = nullptr;
+              throw std::runtime_error(L.error);
+            }
+          }
+          if (!progress) {
+            g_launch = nullptr;
+            throw std::runtime_error("emulator: deadlock in block (" + std::to_string(bx) + ", " +
+                                     std::to_string(by) + ", " + std::to_string(bz) +
+                                     "): a barrier or shuffle is not reached by every thread");
+          }
+        }
+      }
+    }
+  }
+  g_launch = nullptr;
+}
+
+inline void check_aligned(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    fail("emulator: 16-byte load or store at a misaligned address");
+  }
+}
+
+// Runs fn, keeping the message of what it throws for the test to read: the
+// drivers' C ABI returns 0, or 1 with the reason in pp_emu::g_error.
+inline std::string g_error;
+template <class Fn>
+int guarded(Fn fn) {
+  try {
+    fn();
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+    return 1;
+  }
+}
+
+}  // namespace pp_emu
+
+PP_DEVICE float pp_shfl_xor(float x, int mask) { return pp_emu::shfl_xor(x, mask); }
+PP_DEVICE float pp_bits_to_float(pp_u32 u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+PP_DEVICE pp_u32 pp_float_to_bits(float f) {
+  pp_u32 u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+PP_DEVICE float pp_half_to_float(pp_u16 h) {
+  const pp_u32 sign = pp_u32(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return pp_bits_to_float(sign | 0x7f800000u | (man << 13));  // inf, NaN
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+    const float v = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -v : v;
+  }
+  return pp_bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+// IEEE round to nearest even, subnormals and overflow to infinity included.
+PP_DEVICE pp_u16 pp_float_to_half(float f) {
+  const pp_u32 u = pp_float_to_bits(f);
+  const pp_u16 sign = pp_u16((u >> 16) & 0x8000u);
+  const pp_u32 a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return pp_u16(sign | 0x7e00u);
+  if (a >= 0x477ff000u) return pp_u16(sign | 0x7c00u);  // rounds to >= 65520: infinity
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half, a multiple of 2^-24
+    const float scaled = pp_bits_to_float(a) * 16777216.f;  // exact: a power-of-two scale
+    return pp_u16(sign | pp_u16(std::nearbyint(scaled)));   // default mode: ties to even
+  }
+  const pp_u32 r = a + 0xfffu + ((a >> 13) & 1u);  // round the 13 dropped bits, ties to even
+  return pp_u16(sign | ((r - (112u << 23)) >> 13));
+}
+PP_DEVICE float pp_exp(float x) { return std::exp(x); }
+PP_DEVICE float pp_cos(float x) { return std::cos(x); }
+PP_DEVICE float pp_sin(float x) { return std::sin(x); }
+PP_DEVICE float pp_max(float a, float b) { return std::fmax(a, b); }
+// The driver is compiled with -ffp-contract=off, so nothing is fused anywhere.
+PP_DEVICE float pp_mul_rn(float a, float b) { return a * b; }
+PP_DEVICE float pp_add_rn(float a, float b) { return a + b; }
+PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) {
+  pp_emu::check_aligned(p);
+  pp_u32x4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+}
+PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) {
+  pp_emu::check_aligned(p);
+  std::memcpy(p, &v, 16);
+}
+PP_DEVICE pp_u32x4 pp_zero16() { return pp_u32x4{0u, 0u, 0u, 0u}; }
+#define PP_NEG_INF (-INFINITY)

@@ -1,0 +1,187 @@
+"""The shared GPU kernel bodies (kernels/*.cuh) run on the CPU through the
+portability-layer emulator (tests/emulator), against the primitives' CPU paths.
+
+CI has no GPU, so this is where a logic error in a kernel body shows first. The
+kernels are launched as kernels/cuda/*.cu and the csrc/*_cuda.cpp hosts launch
+them (tests/emulator/driver.cpp); outputs and workspaces start as NaN, so an
+unwritten element fails the finiteness check. Tolerances are those of
+tests/test_matvec.py and tests/test_ring_attention.py: the emulator sums in the
+kernel's order, the CPU paths in theirs.
+
+The drivers are compiled once per session with g++ (about 7 s on two cores).
+"""
+
+import ctypes
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from personaplex_fast import _ext
+from test_matvec import EPS, assert_matches, operands
+from test_ring_attention import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPE_CODE = {mx.float32: 0, mx.bfloat16: 1, mx.float16: 2}
+BITS_OF = {mx.float32: mx.uint32, mx.bfloat16: mx.uint16, mx.float16: mx.uint16}
+
+
+class MatvecArgs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("M", "K", "n_out", "norm", "gate", "residual")] + [
+        ("eps", ctypes.c_float)]
+
+
+class RingArgs(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_int) for n in ("B", "H", "T", "D", "W", "S", "copy_k", "copy_v", "rope")]
+                + [(n, ctypes.c_float) for n in ("rope_step", "scale")]
+                + [(n, ctypes.c_long) for n in ("new_b", "new_h", "new_t")])
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    """The drivers as shared libraries, compiled side by side. kernels/*.cuh are copied
+    next to the emulator's portable.h, so that their `#include "portable.h"` finds it."""
+    build = tmp_path_factory.mktemp("emulator")
+    include = build / "include"
+    include.mkdir()
+    for f in (ROOT / "kernels").glob("*.cuh"):
+        shutil.copy(f, include)
+    shutil.copy(ROOT / "tests/emulator/portable_cpu.h", include / "portable.h")
+    jobs = {}
+    for name in ("matvec", "ring_attention"):
+        cmd = ["g++", "-std=c++20", "-O1", "-ffp-contract=off", "-U_FORTIFY_SOURCE", "-DPP_EMULATE",
+               "-shared", "-fPIC", f"-I{include}", str(ROOT / f"tests/emulator/{name}.cpp"), "-o",
+               str(build / f"{name}.so")]
+        jobs[name] = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    libs = {}
+    for name, job in jobs.items():
+        err = job.communicate()[1]
+        assert job.returncode == 0, f"compiling tests/emulator/{name}.cpp failed:\n{err[-4000:]}"
+        libs[name] = ctypes.CDLL(str(build / f"{name}.so"))
+        libs[name].emu_error.restype = ctypes.c_char_p
+    return libs
+
+
+def raw(a):
+    """The bits of an mx array as a numpy array on a 64-byte boundary (the kernels'
+    16-byte loads need 16)."""
+    bits = np.array(a.view(BITS_OF[a.dtype]) if a.dtype in BITS_OF else a)
+    buf = np.empty(bits.nbytes + 64, np.uint8)
+    start = -buf.ctypes.data % 64
+    out = buf[start:start + bits.nbytes].view(bits.dtype).reshape(bits.shape)
+    out[...] = bits
+    return out
+
+
+def nan_raw(shape, dtype):
+    return raw(mx.full(shape, float("nan"), dtype=dtype))
+
+
+def from_raw(bits, dtype):
+    return mx.array(bits).view(dtype)
+
+
+def ptr(a):
+    return None if a is None else ctypes.c_void_p(a.ctypes.data)
+
+
+def check(emu, rc):
+    assert rc == 0, emu.emu_error().decode()
+
+
+# --- matvec ------------------------------------------------------------------------
+
+EPILOGUES = [(False, False, False), (True, False, False), (True, True, False), (False, False, True),
+             (True, True, True), (False, True, True)]
+
+
+def emulated_matvec(emu, x, w, scales, biases, alpha, res, bits, gate, seed):
+    M, K = x.shape
+    n_out = w.shape[0] // 2 if gate else w.shape[0]
+    out = nan_raw((M, n_out), x.dtype)
+    args = MatvecArgs(M, K, n_out, alpha is not None, gate, res is not None, EPS)
+    operands_ = [None if a is None else raw(a) for a in (x, w, scales, biases, alpha, res)]
+    check(emu, emu.emu_matvec(DTYPE_CODE[x.dtype], bits, *map(ptr, operands_), ptr(out),
+                              ctypes.byref(args), seed))
+    return from_raw(out, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits", [0, 4, 8])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 11])  # the kernel's x tiles MT = 1, 2, 4, 8; 11: two tiles
+def test_matvec_kernel(emulator, dtype, bits, M):
+    rng = np.random.default_rng(hash((str(dtype), bits, M)) % 2**32)
+    # 18 rows: a last block only half full, gated or not. K = 4160 takes every thread
+    # through the K loop twice with most of them idle the second time (q4: 32
+    # weights a thread); 256 leaves most threads without any weights.
+    K = 4160 if M == 3 else 256
+    for i, (norm, gate, residual) in enumerate(EPILOGUES):
+        x, w, scales, biases, _, alpha, res = operands(rng, M, K, 18, dtype, bits, norm, gate, residual)
+        got = emulated_matvec(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate, i)
+        want = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.cpu)
+        assert_matches(got, np.array(want.astype(mx.float32)).astype(np.float64), dtype,
+                       f"emulated matvec norm={norm} gate={gate} residual={residual}", res)
+
+
+# --- ring_attention ------------------------------------------------------------------
+
+
+def emulated_ring(emu, q, k, v, kc, vc, pos, rope_period, S, fused_qkv, donate, seed):
+    """Runs attend + finish; q, k, v [B, H, T, D]. fused_qkv: they are read in place from
+    the rows of one [B, T, 3, H, D] projection, as decoder_layers does."""
+    B, H, T, D = q.shape
+    W = kc.shape[2]
+    dt = q.dtype
+    if fused_qkv:
+        qkv = raw(mx.stack([a.transpose(0, 2, 1, 3) for a in (q, k, v)], axis=2))
+        step = qkv[0, 0, 1].ctypes.data - qkv.ctypes.data  # bytes from q to k
+        qp, kp, vp = (ctypes.c_void_p(qkv.ctypes.data + i * step) for i in range(3))
+        strides = (T * 3 * H * D, D, 3 * H * D)
+    else:
+        qkv = [raw(a) for a in (q, k, v)]
+        qp, kp, vp = map(ptr, qkv)
+        strides = (H * T * D, T * D, D)
+    kcr, vcr = raw(kc), raw(vc)
+    out = nan_raw((B, H, T, D), dt)
+    # Donated caches are updated in place; otherwise finish copies them first.
+    kc_out, vc_out = (kcr, vcr) if donate else (nan_raw(kc.shape, dt), nan_raw(vc.shape, dt))
+    posr = np.ascontiguousarray(np.array(pos), dtype=np.int32)
+    rope_step = -math.log(rope_period) * 2.0 / D if rope_period else 0.0
+    args = RingArgs(B, H, T, D, W, S, not donate, not donate, bool(rope_period), rope_step,
+                    1.0 / math.sqrt(D), *strides)
+    check(emu, emu.emu_ring_attention(DTYPE_CODE[dt], qp, kp, vp, ptr(kcr), ptr(vcr), ptr(posr),
+                                      ptr(out), ptr(kc_out), ptr(vc_out), ctypes.byref(args), seed))
+    return tuple(from_raw(a, dt) for a in (out, kc_out, vc_out))
+
+
+def rand(rng, shape, dtype):
+    return mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("T", [1, 4, 6])  # 6: a full and a partial group of 4 queries
+def test_ring_attention_kernels(emulator, dtype, D, T):
+    """Random caches and per-session positions (fresh, mid-ring, past the wrap), with
+    and without RoPE, contiguous and fused-QKV inputs, donated and copied caches.
+    The host picks the window splits S from the GPU's size, so S is swept."""
+    rng = np.random.default_rng(hash((str(dtype), D, T)) % 2**32)
+    B, H, W = 3, 2, 20
+    cases = [(1, 10000.0, False, True), (2, None, True, False), (3, 10000.0, True, True),
+             (7, 10000.0, False, False)]
+    for i, (S, rope, fused_qkv, donate) in enumerate(cases):
+        q, k, v = (rand(rng, (B, H, T, D), dtype) for _ in range(3))
+        kc, vc = rand(rng, (B, H, W, D), dtype), rand(rng, (B, H, W, D), dtype)
+        pos = mx.array(rng.choice([0, 1, W - 1, W, 3 * W + 2, 1000], size=B, replace=False),
+                       dtype=mx.int32)
+        got = emulated_ring(emulator["ring_attention"], q, k, v, kc, vc, pos, rope, S, fused_qkv, donate, i)
+        want = _ext.ring_attention(q, k, v, kc, vc, pos, 1.0 / math.sqrt(D), rope or 0.0,
+                                   stream=mx.cpu)
+        max_pos = int(np.array(pos).max()) + T if rope else 0
+        for name, a, b in zip(("out", "k_cache", "v_cache"), got, want):
+            assert_close(a, b, dtype, f"emulated {name} S={S} rope={rope} fused_qkv={fused_qkv} "
+                         f"donate={donate}", max_pos)
