@@ -20,7 +20,7 @@ struct GatherArgs {
   int has_first;   // `first` [B] given: replicate padding where set
 };
 
-#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
 #include "formats.cuh"
 

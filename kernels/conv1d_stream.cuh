@@ -25,7 +25,7 @@ struct Conv1dArgs {
   int has_bias;
 };
 
-#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
 namespace conv1d {
 

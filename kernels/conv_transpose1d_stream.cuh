@@ -22,7 +22,7 @@ struct ConvTrArgs {
   int has_bias;
 };
 
-#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
 namespace convtr {
 

@@ -22,7 +22,7 @@ struct RvqArgs {
   int n_q, bins, D;
 };
 
-#if defined(__CUDACC__) || defined(__METAL_VERSION__)
+#if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
 #include "formats.cuh"
 

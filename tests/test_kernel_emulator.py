@@ -3,7 +3,7 @@ portability-layer emulator (tests/emulator), against the primitives' CPU paths.
 
 CI has no GPU, so this is where a logic error in a kernel body shows first. The
 kernels are launched as kernels/cuda/*.cu and the csrc/*_cuda.cpp hosts launch
-them (tests/emulator/driver.cpp); outputs and workspaces start as NaN, so an
+them (tests/emulator/*.cpp; the codec kernels in tests/test_codec_emulator.py); outputs and workspaces start as NaN, so an
 unwritten element fails the finiteness check. Tolerances are those of
 tests/test_matvec.py and tests/test_ring_attention.py: the emulator sums in the
 kernel's order, the CPU paths in theirs.
@@ -41,18 +41,17 @@ class RingArgs(ctypes.Structure):
                 + [(n, ctypes.c_long) for n in ("new_b", "new_h", "new_t")])
 
 
-@pytest.fixture(scope="session")
-def emulator(tmp_path_factory):
-    """The drivers as shared libraries, compiled side by side. kernels/*.cuh are copied
-    next to the emulator's portable.h, so that their `#include "portable.h"` finds it."""
-    build = tmp_path_factory.mktemp("emulator")
+def build_drivers(build, names):
+    """tests/emulator/<name>.cpp for each name as shared libraries in `build`, compiled side
+    by side. kernels/*.cuh are copied next to the emulator's portable.h, so that their
+    `#include "portable.h"` finds it."""
     include = build / "include"
     include.mkdir()
     for f in (ROOT / "kernels").glob("*.cuh"):
         shutil.copy(f, include)
     shutil.copy(ROOT / "tests/emulator/portable_cpu.h", include / "portable.h")
     jobs = {}
-    for name in ("matvec", "ring_attention"):
+    for name in names:
         cmd = ["g++", "-std=c++20", "-O1", "-ffp-contract=off", "-U_FORTIFY_SOURCE", "-DPP_EMULATE",
                "-shared", "-fPIC", f"-I{include}", str(ROOT / f"tests/emulator/{name}.cpp"), "-o",
                str(build / f"{name}.so")]
@@ -64,6 +63,11 @@ def emulator(tmp_path_factory):
         libs[name] = ctypes.CDLL(str(build / f"{name}.so"))
         libs[name].emu_error.restype = ctypes.c_char_p
     return libs
+
+
+@pytest.fixture(scope="session")
+def emulator(tmp_path_factory):
+    return build_drivers(tmp_path_factory.mktemp("emulator"), ("matvec", "ring_attention"))
 
 
 def raw(a):

@@ -2,9 +2,10 @@
 // (kernels/*.cuh) on the CPU so that CI without a GPU tests their logic.
 //
 // tests/test_kernel_emulator.py copies kernels/*.cuh next to this file renamed
-// portable.h (their `#include "portable.h"` then finds it) and compiles
-// tests/emulator/{matvec,ring_attention}.cpp with -DPP_EMULATE, which opens the
-// bodies' guards.
+// portable.h (their `#include "portable.h"` then finds it) and compiles the drivers
+// tests/emulator/{matvec,ring_attention}.cpp (and, for tests/test_codec_emulator.py,
+// {conv1d_stream,conv_transpose1d_stream,rvq}.cpp) with -DPP_EMULATE, which opens
+// the bodies' guards.
 //
 // Execution model: the blocks of a launch run one after another; the threads
 // of a block run as cooperative fibers on one OS thread (ucontext starts each
@@ -146,9 +147,11 @@ struct Dim3 {
 };
 
 // Runs body(bx, by, bz, tid) for every block of the grid and every thread of a
-// block. smem (may be empty) is refilled with NaN before each block.
+// block. smem (may be empty) is refilled with NaN before each block, then
+// poison() runs if given (for workgroup memory that is not float).
 template <class Body>
-void launch(Dim3 grid, int threads, std::vector<float>& smem, Body body, unsigned seed = 1) {
+void launch(Dim3 grid, int threads, std::vector<float>& smem, Body body, unsigned seed = 1,
+            const std::function<void()>& poison = {}) {
   if (threads % kWarp != 0) throw std::invalid_argument("emulator: threads must be whole warps");
   Launch L;
   g_launch = &L;
@@ -179,6 +182,7 @@ void launch(Dim3 grid, int threads, std::vector<float>& smem, Body body, unsigne
     for (by = 0; by < grid.y; ++by) {
       for (bx = 0; bx < grid.x; ++bx) {
         std::fill(smem.begin(), smem.end(), NAN);
+        if (poison) poison();
         for (auto& f : L.fibers) {
           f.done = false;
           f.gen = nullptr;
