@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from personaplex_fast import _ext
+from test_conv1d_stream import assert_close, rand
 from test_kernel_emulator import DTYPE_CODE, build_drivers, check, from_raw, nan_raw, ptr, raw
 
 TOL = {mx.float32: 1e-5, mx.bfloat16: 1.6e-2, mx.float16: 2e-3}
@@ -43,18 +44,6 @@ def codec_emulator(tmp_path_factory):
                          ("conv1d_stream", "conv_transpose1d_stream", "rvq"))
 
 
-def rand(rng, shape, dtype=mx.float32, scale=1.0):
-    return mx.array((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
-
-
-def assert_close(a, b, tol, what):
-    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
-    assert np.isfinite(a).all(), f"{what}: non-finite values (unwritten output?)"
-    if not a.size:
-        return
-    err, scale = np.abs(a - b).max(), max(1.0, np.abs(b).max())
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:.3g} * {scale:.3g}"
 
 
 # ------------------------------------------------------------------------ conv1d_stream
