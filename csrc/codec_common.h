@@ -35,13 +35,6 @@ inline const char* kernel_dtype(const char* op, mx::Dtype dtype) {
   throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
 }
 
-// Lanes that share one output of the GPU convs (kernels/codec.cuh): a power of
-// two up to a warp, about 8 of the output's `products` each.
-inline int conv_lanes(long products) {
-  int g = 1;
-  while (g < 32 && g * 8L < products) g *= 2;
-  return g;
-}
 
 // Dot product accumulated in float32 over 8 independent lanes: the compiler
 // vectorises the lanes without reassociating a single running sum.

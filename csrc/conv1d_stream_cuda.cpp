@@ -2,7 +2,6 @@
 // graph, from kernels/cuda/conv1d_stream.cu (loaded and allocated as
 // cuda_common.h says). Outputs are always fresh buffers, as on the CPU.
 
-#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -23,21 +22,8 @@ CUfunction kernel(const std::string& name, int device) {
   return cuda::function(conv1d_stream_fatbin, name.c_str(), device);
 }
 
-unsigned int blocks_for(long items, long per_block) {
-  const long blocks = (items + per_block - 1) / per_block;
-  if (blocks > INT_MAX) {
-    throw std::invalid_argument(std::string(kOp) + " on CUDA: " + std::to_string(items) +
-                                " outputs are more than one launch takes; split the batch");
-  }
-  return static_cast<unsigned int>(blocks);
-}
-
-// An empty array may have no device buffer at all: no pointer, no dependency.
-void* ptr_or_null(const mx::array& a) { return a.size() ? cuda::ptr(a) : nullptr; }
-
-void read(mx::cu::CommandEncoder& enc, const mx::array& a) {
-  if (a.size()) enc.set_input_array(a);
-}
+using cuda::ptr_or_null;
+using cuda::set_input_if_any;
 
 }  // namespace
 
@@ -68,30 +54,32 @@ void Conv1dStream::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
       void *xp = ptr_or_null(x), *pp = ptr_or_null(prev),
            *fp = first ? ptr_or_null(*first) : nullptr, *bp = ptr_or_null(buf),
            *op = ptr_or_null(prev_out);
-      read(enc, x);
-      read(enc, prev);
-      if (first) read(enc, *first);
+      set_input_if_any(enc, x);
+      set_input_if_any(enc, prev);
+      if (first) set_input_if_any(enc, *first);
       enc.set_output_array(buf);
       enc.set_output_array(prev_out);
       void* params[] = {&xp, &pp, &fp, &bp, &op, &args};
       enc.add_kernel_node_raw(kernel("conv1d_gather_" + dt, device),
-                              dim3(blocks_for(buf.size(), kGatherThreads)), dim3(kGatherThreads),
+                              dim3(cuda::blocks_for(
+                                  kOp, buf.size(), kGatherThreads)), dim3(kGatherThreads),
                               {}, 0, params);
     }
   }
 
   if (y.size() == 0) return;
-  const int G = codec::conv_lanes(static_cast<long>(K) * (C_in / groups_));
+  const int G = conv_lanes(static_cast<long>(K) * (C_in / groups_));
   Conv1dArgs args{B, T, C_in, C_out, K, context, stride_, dilation_, groups_, G, has_bias_};
   void *bp = ptr_or_null(buf), *wp = ptr_or_null(w), *biasp = bias ? ptr_or_null(*bias) : nullptr,
        *yp = ptr_or_null(y);
-  read(enc, buf);
-  read(enc, w);
-  if (bias) read(enc, *bias);
+  set_input_if_any(enc, buf);
+  set_input_if_any(enc, w);
+  if (bias) set_input_if_any(enc, *bias);
   enc.set_output_array(y);
   void* params[] = {&bp, &wp, &biasp, &yp, &args};
   enc.add_kernel_node_raw(kernel("conv1d_" + dt, device),
-                          dim3(blocks_for(static_cast<long>(y.size()), kConvThreads / G)),
+                          dim3(cuda::blocks_for(
+                              kOp, static_cast<long>(y.size()), kConvThreads / G)),
                           dim3(kConvThreads), {}, 0, params);
 }
 

@@ -4,7 +4,6 @@
 // the CPU.
 
 #include <algorithm>
-#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -25,21 +24,8 @@ CUfunction kernel(const std::string& name, int device) {
   return cuda::function(conv_transpose1d_stream_fatbin, name.c_str(), device);
 }
 
-unsigned int blocks_for(long items, long per_block) {
-  const long blocks = (items + per_block - 1) / per_block;
-  if (blocks > INT_MAX) {
-    throw std::invalid_argument(std::string(kOp) + " on CUDA: " + std::to_string(items) +
-                                " outputs are more than one launch takes; split the batch");
-  }
-  return static_cast<unsigned int>(blocks);
-}
-
-// An empty array may have no device buffer at all: no pointer, no dependency.
-void* ptr_or_null(const mx::array& a) { return a.size() ? cuda::ptr(a) : nullptr; }
-
-void read(mx::cu::CommandEncoder& enc, const mx::array& a) {
-  if (a.size()) enc.set_input_array(a);
-}
+using cuda::ptr_or_null;
+using cuda::set_input_if_any;
 
 }  // namespace
 
@@ -67,11 +53,12 @@ void ConvTranspose1dStream::eval_gpu(const std::vector<mx::array>& inputs,
     enc.add_temporary(xin);
     GatherArgs args{B, T, C_in, 0, 1, 0};
     void *xp = ptr_or_null(x), *op = ptr_or_null(xin);
-    read(enc, x);
+    set_input_if_any(enc, x);
     enc.set_output_array(xin);
     void* params[] = {&xp, &op, &args};
     enc.add_kernel_node_raw(kernel("convtr_elu_" + dt, device),
-                            dim3(blocks_for(static_cast<long>(x.size()), kGatherThreads)),
+                            dim3(cuda::blocks_for(
+                                kOp, static_cast<long>(x.size()), kGatherThreads)),
                             dim3(kGatherThreads), {}, 0, params);
   }
 
@@ -79,21 +66,22 @@ void ConvTranspose1dStream::eval_gpu(const std::vector<mx::array>& inputs,
   const long outs = static_cast<long>(y.size() + partial_out.size());
   if (outs == 0) return;
   const int taps = (K + stride_ - 1) / stride_, cin_g = C_in / groups_;
-  const int G = std::min(codec::conv_lanes(static_cast<long>(taps) * cin_g),
-                         codec::conv_lanes(8L * cin_g));  // lanes beyond cin_g would idle
+  const int G = std::min(conv_lanes(static_cast<long>(taps) * cin_g),
+                         conv_lanes(8L * cin_g));  // lanes beyond cin_g would idle
   ConvTrArgs args{B, T, C_in, C_out, K, stride_, groups_, G, has_bias_};
   void *xp = ptr_or_null(xin), *pp = ptr_or_null(partial), *wp = ptr_or_null(w),
        *biasp = bias ? ptr_or_null(*bias) : nullptr, *yp = ptr_or_null(y),
        *pop = ptr_or_null(partial_out);
-  read(enc, xin);
-  read(enc, partial);
-  read(enc, w);
-  if (bias) read(enc, *bias);
+  set_input_if_any(enc, xin);
+  set_input_if_any(enc, partial);
+  set_input_if_any(enc, w);
+  if (bias) set_input_if_any(enc, *bias);
   enc.set_output_array(y);
   enc.set_output_array(partial_out);
   void* params[] = {&xp, &pp, &wp, &biasp, &yp, &pop, &args};
   enc.add_kernel_node_raw(kernel("convtr_" + dt, device),
-                          dim3(blocks_for(outs, kConvThreads / G)), dim3(kConvThreads), {}, 0,
+                          dim3(cuda::blocks_for(
+                              kOp, outs, kConvThreads / G)), dim3(kConvThreads), {}, 0,
                           params);
 }
 

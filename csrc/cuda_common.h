@@ -51,4 +51,13 @@ bool is_ours(const void* buffer);
 // Raw device pointer of an evaluated or output array.
 inline void* ptr(const mx::array& a) { return mx::gpu_ptr<void>(a); }
 
+// An empty array may have no device buffer at all: no pointer, no dependency.
+inline void* ptr_or_null(const mx::array& a) { return a.size() ? ptr(a) : nullptr; }
+inline void set_input_if_any(mx::cu::CommandEncoder& enc, const mx::array& a) {
+  if (a.size()) enc.set_input_array(a);
+}
+
+// Blocks of `per_block` items for `items` items; throws (naming `op`) past one launch's grid.
+unsigned int blocks_for(const char* op, long items, long per_block);
+
 }  // namespace personaplex::cuda

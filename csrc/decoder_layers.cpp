@@ -50,7 +50,8 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
   check(heads > 0 && C % heads == 0 && (C / heads) % 2 == 0, "C must split into heads of even size");
   check(!bits || C % 64 == 0, "quantized weights need C divisible by 64");
   const int L = static_cast<int>(k_caches.size());
-  const int per = bits ? 14 : 6, p = bits ? 3 : 1;
+  const LayerInputs li = layer_inputs(0, bits);  // input offsets within one layer's weights
+  const int per = bits ? 14 : 6;  // weights per layer (DecoderLayers::per_layer)
   check(L > 0 && v_caches.size() == k_caches.size(), "need one k and one v cache per layer");
   check(weights.size() == static_cast<size_t>(L * per),
         "expected " + std::to_string(per) + " weights per layer (" + std::to_string(L * per) +
@@ -60,7 +61,6 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
   for (int l = 0; l < L; ++l) {
     const mx::array* w = &weights[l * per];
     const std::string at = "layer " + std::to_string(l) + ": ";
-    const LayerInputs li = layer_inputs(0, bits);
     check(w[li.alpha1].size() == static_cast<size_t>(C) && w[li.alpha2].size() == static_cast<size_t>(C),
           at + "norm alphas must hold C values");
     check_proj(at + "in_proj", w + li.in.w, 3 * C, C, bits, dt);
@@ -81,7 +81,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
   for (int l = 0; l < L; ++l) {
     for (int i = 0; i < per; ++i) {
       const auto& w = weights[l * per + i];
-      const bool alpha = i == 0 || i == 1 + 2 * p;
+      const bool alpha = i == li.alpha1 || i == li.alpha2;
       inputs.push_back(alpha ? c(mx::astype(mx::reshape(w, {C}, st), dt, st)) : c(w));
     }
   }

@@ -9,6 +9,7 @@
 #include "cuda_nodes.h"
 #include "decoder_layers.h"
 #include "decoder_layers_common.h"
+#include "ring_attention.h"  // rope_step
 
 namespace personaplex {
 
@@ -52,10 +53,6 @@ void DecoderLayers::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   using cuda::ptr;
   const size_t es = mx::size_of(dt);
   char* qkv_p = static_cast<char*>(ptr(qkv));
-  const float rope_step =
-      rope_max_period_ > 0.f
-          ? static_cast<float>(-std::log(static_cast<double>(rope_max_period_)) * 2.0 / D)
-          : 0.f;
   const mx::array* cur = &x;
   for (int l = 0; l < L; ++l) {
     const LayerInputs li = layer_inputs(weight_index(l), bits_);
@@ -74,7 +71,7 @@ void DecoderLayers::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
                      proj_reads(li.in, {cur, in(li.alpha1)}), {&qkv});
     // attention over the ring, q / k / v read from qkv's rows [B, 3, H, D]
     const mx::array &kc = inputs[cache_index(l, false)], &vc = inputs[cache_index(l, true)];
-    RingArgs ra{B, H, 1, D, W, 0, copy[l], copy[L + l], rope_max_period_ > 0.f, rope_step,
+    RingArgs ra{B, H, 1, D, W, 0, copy[l], copy[L + l], rope_max_period_ > 0.f, rope_step(rope_max_period_, D),
                 1.f / std::sqrt(static_cast<float>(D)), 3L * C, D, 3L * C};
     cuda::add_ring_attention(enc,
                              {dt, qkv_p, qkv_p + C * es, qkv_p + 2 * C * es, ptr(kc), ptr(vc),

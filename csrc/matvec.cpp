@@ -176,19 +176,16 @@ void Matvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
   enc.set_output_array(out);
   const auto& x = inputs[0];
   const int N = inputs[1].shape(0);
-  Dims d{x.shape(0), x.shape(1), N, gate_ ? N / 2 : N, bits_, norm_, gate_, residual_, eps_};
   size_t i = 2;
-  const mx::array* scales = bits_ ? &inputs[i++] : nullptr;
-  const mx::array* biases = bits_ ? &inputs[i++] : nullptr;
-  const mx::array* alpha = norm_ ? &inputs[i++] : nullptr;
-  const mx::array* residual = residual_ ? &inputs[i++] : nullptr;
-  dispatch_float("matvec", x.dtype(), [&](auto zero) {
-    using T = decltype(zero);
-    auto data = [](const mx::array* a) { return a ? a->data<T>() : nullptr; };
-    enc.dispatch([x = x.data<T>(), w = inputs[1].data<void>(), sc = data(scales), bi = data(biases),
-                  al = data(alpha), res = data(residual), o = out.data<T>(), d]() {
-      matvec_cpu<T>(x, w, sc, bi, al, res, o, d);
-    });
+  auto next = [&](bool present) -> const void* { return present ? inputs[i++].data<void>() : nullptr; };
+  const void* scales = next(bits_);
+  const void* biases = next(bits_);
+  const void* alpha = next(norm_);
+  const void* residual = next(residual_);
+  enc.dispatch([dt = x.dtype(), x = x.data<void>(), w = inputs[1].data<void>(), scales, biases, alpha,
+                residual, o = out.data<void>(), M = x.shape(0), K = x.shape(1), N, bits = bits_,
+                gate = gate_, eps = eps_]() {
+    cpu::matvec(dt, x, w, scales, biases, alpha, residual, o, M, K, N, bits, gate, eps);
   });
 }
 

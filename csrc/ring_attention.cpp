@@ -44,8 +44,7 @@ void rope_row(const T* x, T* y, int D, float position, float max_period) {
     std::memcpy(y, x, sizeof(T) * D);
     return;
   }
-  // The exponent step is formed in double and rounded once, as Python/torch do.
-  const float step = static_cast<float>(-std::log(static_cast<double>(max_period)) * 2.0 / D);
+  const float step = rope_step(max_period, D);
   for (int i = 0; i < D / 2; ++i) {
     float freq = std::exp(static_cast<float>(i) * step);
     float angle = freq * position;

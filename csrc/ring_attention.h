@@ -18,6 +18,7 @@
 #pragma once
 
 #include <atomic>
+#include <cmath>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -54,6 +55,13 @@ bool donate_cache(const mx::array& in, mx::array& out, int siblings);
 // primitive's outputs (no Python handle, no other consumer) and is row-contiguous.
 bool cache_unobserved(const mx::array& in, int siblings);
 void count_cache_copy();
+
+// RoPE's exponent step -ln(max_period) * 2 / D, formed in double and rounded once
+// as Python / torch do; 0 without RoPE (max_period <= 0). Every path uses this one.
+inline float rope_step(float max_period, int D) {
+  return max_period > 0.f ? static_cast<float>(-std::log(static_cast<double>(max_period)) * 2.0 / D)
+                          : 0.f;
+}
 
 // q, k, v: [B, H, T, D]; k_cache, v_cache: [B, H, W, D]; pos: int32 [B].
 // Returns {out [B, H, T, D], k_cache', v_cache'}.

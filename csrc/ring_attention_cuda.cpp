@@ -120,10 +120,8 @@ void RingAttention::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   const bool v_donated = cuda::take_cache(inputs[4], outputs[2], v_free, enc);
 
   RingArgs args{B, H, T, D, W, 0, !k_donated, !v_donated, rope_max_period_ > 0.f,
-                rope_max_period_ > 0.f
-                    ? static_cast<float>(-std::log(static_cast<double>(rope_max_period_)) * 2.0 / D)
-                    : 0.f,
-                scale_, static_cast<long>(H) * T * D, static_cast<long>(T) * D, D};
+                rope_step(rope_max_period_, D), scale_, static_cast<long>(H) * T * D,
+                static_cast<long>(T) * D, D};
   using cuda::ptr;
   cuda::Arrays reads, writes;
   for (auto& a : inputs) reads.push_back(&a);

@@ -1,7 +1,6 @@
 // The CUDA paths of RvqEncode and RvqDecode: one kernel node each in MLX's CUDA
 // graph, from kernels/cuda/rvq.cu (loaded and allocated as cuda_common.h says).
 
-#include <climits>
 #include <stdexcept>
 #include <string>
 
@@ -16,15 +15,6 @@ namespace personaplex {
 namespace {
 
 CUfunction kernel(const char* name, int device) { return cuda::function(rvq_fatbin, name, device); }
-
-unsigned int blocks_for(const char* op, long items, long per_block) {
-  const long blocks = (items + per_block - 1) / per_block;
-  if (blocks > INT_MAX) {
-    throw std::invalid_argument(std::string(op) + " on CUDA: " + std::to_string(items) +
-                                " outputs are more than one launch takes; split the batch");
-  }
-  return static_cast<unsigned int>(blocks);
-}
 
 }  // namespace
 
@@ -53,7 +43,8 @@ void RvqEncode::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   enc.set_output_array(res);
   void* params[] = {&xp, &bp, &cp, &rp, &args};
   enc.add_kernel_node_raw(kernel("rvq_encode", enc.device().cuda_device()),
-                          dim3(blocks_for("rvq_encode", n, 1)), dim3(kRvqEncodeThreads), {}, 0,
+                          dim3(cuda::blocks_for(
+                              "rvq_encode", n, 1)), dim3(kRvqEncodeThreads), {}, 0,
                           params);
 }
 
@@ -72,7 +63,8 @@ void RvqDecode::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   enc.set_output_array(out);
   void* params[] = {&cp, &bp, &op, &args};
   enc.add_kernel_node_raw(kernel("rvq_decode", enc.device().cuda_device()),
-                          dim3(blocks_for("rvq_decode", static_cast<long>(out.size()), kRvqDecodeThreads)),
+                          dim3(cuda::blocks_for(
+                              "rvq_decode", static_cast<long>(out.size()), kRvqDecodeThreads)),
                           dim3(kRvqDecodeThreads), {}, 0, params);
 }
 

@@ -20,6 +20,16 @@ struct GatherArgs {
   int has_first;   // `first` [B] given: replicate padding where set
 };
 
+#if !defined(__METAL_VERSION__)
+// The lanes G that share one output (host side): a power of two up to a warp,
+// about 8 of the output's `products` each.
+inline int conv_lanes(long products) {
+  int g = 1;
+  while (g < 32 && g * 8L < products) g *= 2;
+  return g;
+}
+#endif
+
 #if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
 #include "formats.cuh"

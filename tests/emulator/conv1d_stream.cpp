@@ -51,7 +51,7 @@ void conv1d_run(const Conv1dPtrs& p, Conv1dArgs a, int elu, int has_first, unsig
   }
   const long y_size = long(a.B) * (a.T / a.stride) * a.C_out;
   if (y_size == 0) return;
-  if (a.lanes == 0) a.lanes = codec_host::conv_lanes(long(a.K) * (a.C_in / a.groups));
+  if (a.lanes == 0) a.lanes = conv_lanes(long(a.K) * (a.C_in / a.groups));
   pp_emu::launch(
       Dim3{blocks_for(y_size, kConvThreads / a.lanes), 1, 1}, kConvThreads, no_smem,
       [&](int bx, int, int, int tid) {

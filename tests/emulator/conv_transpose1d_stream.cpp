@@ -18,7 +18,6 @@
 namespace {
 
 using codec_host::blocks_for;
-using codec_host::conv_lanes;
 using pp_emu::Dim3;
 
 struct ConvTrPtrs {
