@@ -343,7 +343,9 @@ def lm_rows(table, lm, fmt, batches, ref_batches, iters):
                   temporal_bytes + dep_bytes + B * kv_per_session, "lm_step bf16")
 
 
-def tick_time(Engine, lm, mimi, B, iters):
+def tick_time(lm, mimi, B, iters):
+    from personaplex_fast.engine import Engine
+
     engine = Engine(lm, mimi, slots=B)
     engine.lm_state.offsets = mx.full((B,), CONTEXT_FRAME, dtype=mx.int32)
     pcm = (0.1 * np.random.default_rng(B).standard_normal((B, mimi.cfg.frame_size))).astype(np.float32)
@@ -393,8 +395,6 @@ def mimi_rows(table, mimi, batches, ref_batches, iters):
 
 
 def frame_rows(table, lm, fmt, mimi, batches, ref_batches, iters):
-    from personaplex_fast.engine import Engine
-
     lm_bytes, mimi_bytes = param_bytes(lm), param_bytes(mimi)
     kv_per_session = 2 * lm.cfg.num_layers * lm.cfg.num_heads * lm.cfg.context * lm.cfg.head_dim * 2
     for B in batches:
@@ -404,7 +404,7 @@ def frame_rows(table, lm, fmt, mimi, batches, ref_batches, iters):
             if mode == "reference" and (B not in ref_batches or B > 8):
                 continue
             with ops.use_mode(mode):
-                res[mode] = tick_time(Engine, lm, mimi, B, iters if mode == "fused" else max(3, iters // 4))
+                res[mode] = tick_time(lm, mimi, B, iters if mode == "fused" else max(3, iters // 4))
             mx.clear_cache()
         table.add(f"whole frame {fmt} (Engine.tick: encode + LM + decode, 1 sync)", B, res["fused"],
                   res.get("reference"), lm_bytes + mimi_bytes + B * kv_per_session, "frame bf16")

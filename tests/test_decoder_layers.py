@@ -41,18 +41,16 @@ def per_op_chain(x, pos, weights, ks, vs, heads, bits, rope):
 def reference_chain_with(mod, x, pos, weights, ks, vs, heads, bits, rope):
     B, C = x.shape
     D = C // heads
-    per, p = (14, 3) if bits else (6, 1)
     ks2, vs2 = [], []
-    for layer in range(len(ks)):
-        w = weights[layer * per:(layer + 1) * per]
-        qkv = mod.matvec(x, *w[1:1 + p], bits=bits, alpha=w[0], eps=EPS).reshape(B, 1, 3, heads, D)
+    for layer, (alpha1, wi, wo, alpha2, wf, wg) in enumerate(reference.layer_weights(weights, bits)):
+        qkv = mod.matvec(x, *wi, bits=bits, alpha=alpha1, eps=EPS).reshape(B, 1, 3, heads, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         out, kc, vc = mod.ring_attention(q, k, v, ks[layer], vs[layer], pos, rope_max_period=rope)
         ks2.append(kc)
         vs2.append(vc)
-        x1 = mod.matvec(out.transpose(0, 2, 1, 3).reshape(B, C), *w[1 + p:1 + 2 * p], bits=bits, residual=x)
-        h = mod.matvec(x1, *w[2 + 2 * p:2 + 3 * p], bits=bits, alpha=w[1 + 2 * p], eps=EPS, gate=True)
-        x = mod.matvec(h, *w[2 + 3 * p:2 + 4 * p], bits=bits, residual=x1)
+        x1 = mod.matvec(out.transpose(0, 2, 1, 3).reshape(B, C), *wo, bits=bits, residual=x)
+        h = mod.matvec(x1, *wf, bits=bits, alpha=alpha2, eps=EPS, gate=True)
+        x = mod.matvec(h, *wg, bits=bits, residual=x1)
     return x, ks2, vs2
 
 

@@ -8,6 +8,7 @@ absolute difference per op is recorded in `check_report()`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import mlx.core as mx
@@ -67,12 +68,17 @@ def _ext():
 _warned_no_kernels = False
 
 
+@functools.cache
+def _cuda_build() -> bool:
+    return _ext().cuda_build()
+
+
 def kernels_here() -> bool:
     """Whether the fused primitives can run on the default device: always on the CPU;
     on a GPU only in a build with its kernels (CUDA). Metal kernels are not wired up
     yet, so on Apple GPUs every op takes its pure-MLX reference, with one warning."""
     global _warned_no_kernels
-    if mx.default_device().type == mx.cpu or _ext().cuda_build():
+    if mx.default_device().type == mx.cpu or _cuda_build():
         return True
     if not _warned_no_kernels:
         import warnings

@@ -158,12 +158,28 @@ def matvec(x, w, scales=None, biases=None, *, bits: int = 0, alpha=None, eps: fl
         y = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=bits)
     else:
         y = x @ w.T
+    return gate_residual(y, gate=gate, residual=residual)
+
+
+def gate_residual(y, *, gate: bool = False, residual=None):
+    """matvec's epilogue on a layer's output y: silu(first half) * second half when
+    gated, then + residual."""
     if gate:
         g, v = mx.split(y, 2, axis=-1)
         y = nn.silu(g) * v
-    if residual is not None:
-        y = residual + y
-    return y
+    return y if residual is None else residual + y
+
+
+def layer_weights(weights, bits: int):
+    """decoder_layers' flat weight list, per layer: (alpha1, in_proj, out_proj, alpha2,
+    linear_in, linear_out), each projection a list of 1 array (dense) or 3 (w, scales,
+    biases)."""
+    p = 3 if bits else 1
+    per = 2 + 4 * p
+    for i in range(0, len(weights), per):
+        w = weights[i:i + per]
+        yield (w[0], w[1:1 + p], w[1 + p:1 + 2 * p], w[1 + 2 * p], w[2 + 2 * p:2 + 3 * p],
+               w[2 + 3 * p:2 + 4 * p])
 
 
 def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int = 0,
@@ -176,13 +192,8 @@ def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int
     """
     B, C = x.shape
     D = C // heads
-    per = 14 if bits else 6
-    p = 3 if bits else 1
     ks, vs = [], []
-    for layer in range(len(k_caches)):
-        w = weights[layer * per:(layer + 1) * per]
-        alpha1, wi, wo, alpha2, wf, wg = w[0], w[1:1 + p], w[1 + p:1 + 2 * p], w[1 + 2 * p], \
-            w[2 + 2 * p:2 + 3 * p], w[2 + 3 * p:2 + 4 * p]
+    for layer, (alpha1, wi, wo, alpha2, wf, wg) in enumerate(layer_weights(weights, bits)):
         qkv = matvec(x, *wi, bits=bits, alpha=alpha1, eps=eps).reshape(B, 1, 3, heads, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         out, kc, vc = ring_attention(q, k, v, k_caches[layer], v_caches[layer], pos,

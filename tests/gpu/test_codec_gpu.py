@@ -20,7 +20,6 @@ Tolerances, max abs error relative to max(1, max |expected|) (inputs ~N(0, 1), w
   relative (L2) for the whole Mimi decoder.
 """
 
-import zlib
 
 import mlx.core as mx
 import numpy as np
@@ -28,6 +27,8 @@ import pytest
 
 from personaplex_fast import _ext, ops, reference
 from personaplex_fast.mimi_checkpoint import load_mimi, write_tiny_mimi
+from tests.test_conv1d_stream import assert_close, rand, rng_for
+from tests.test_mimi import _stream_decode
 
 TOL = {mx.float32: 1e-5, mx.bfloat16: 1.6e-2, mx.float16: 2e-3}
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
@@ -40,22 +41,6 @@ def poisoned_outputs():
     _ext.set_gpu_poison(False)
 
 
-def rng_for(*params):
-    return np.random.default_rng(zlib.crc32(repr(params).encode()))
-
-
-def rand(rng, shape, dtype=mx.float32, scale=1.0):
-    return mx.array((scale * rng.standard_normal(shape)).astype(np.float32)).astype(dtype)
-
-
-def assert_close(a, b, tol, what):
-    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-    assert a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}"
-    assert np.isfinite(a).all(), f"{what}: non-finite values (unwritten output?)"
-    if not a.size:
-        return
-    err, scale = np.abs(a - b).max(), max(1.0, np.abs(b).max())
-    assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:.3g} * {scale:.3g}"
 
 
 def evaluated(xs):
@@ -318,13 +303,7 @@ def test_mimi_decoder_streams_as_on_the_cpu(tmp_path):
 
     def decode(device):
         with mx.stream(device), ops.use_mode("fused"):
-            state = mimi.new_decoder_state(3)
-            out = []
-            for i in range(codes.shape[-1]):
-                pcm = mimi.decode_step(mx.array(codes[..., i]), state)
-                mx.eval(pcm, *state.arrays())
-                out.append(np.array(pcm))
-            return np.concatenate(out, axis=-1)
+            return _stream_decode(mimi, codes)
 
     gpu, cpu = decode(mx.gpu), decode(mx.cpu)
     assert np.isfinite(gpu).all()

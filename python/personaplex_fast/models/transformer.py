@@ -13,7 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import ops
+from .. import ops, reference
 from ..cache import RingKVCache
 
 
@@ -64,11 +64,7 @@ def linear(layer: nn.Module, x: mx.array, *, norm: RMSNorm | None = None, gate: 
     if proj is None:  # unfused
         if alpha is not None:
             x = norm(x)
-        y = layer(x)
-        if gate:
-            g, v = mx.split(y, 2, axis=-1)
-            y = nn.silu(g) * v
-        return y if residual is None else residual + y
+        return reference.gate_residual(layer(x), gate=gate, residual=residual)
     arrays, bits = proj
     return ops.matvec(x, *arrays, bits=bits, alpha=alpha, eps=eps, gate=gate, residual=residual)
 
