@@ -241,6 +241,24 @@ def codec_rows(table, batches, iters):
                       books.nbytes if what == "rvq_encode" else B * n_q * Dq * 4)
 
 
+def sample_rows(table, batches, iters):
+    """sample_topk at the depformer's (2048 bins, top 250) and the text head's
+    (32000, top 25) rows, fused vs the pure-MLX reference, both with their noise."""
+    rng = np.random.default_rng(3)
+    for V, k in ((2048, 250), (32000, 25)):
+        V = V // 16 if TINY else V
+        for B in batches:
+            logits = bf16(rng, (B, V))
+            noise = mx.random.gumbel((B, V), key=mx.random.key(B))
+            mx.eval(logits, noise)
+            res = {}
+            for mode in ("fused", "reference"):
+                with ops.use_mode(mode):
+                    res[mode] = median_ms(lambda: mx.eval(ops.sample_topk(logits, noise, temp=0.8, top_k=k)),
+                                          iters=iters)
+            table.add(f"sample_topk V {V}, top {k}", B, res["fused"], res["reference"], B * V * 6)
+
+
 # -- model levels ----------------------------------------------------------------
 
 
@@ -299,14 +317,17 @@ def lm_times(lm, B, sampling, iters):
            "lm_step": median_ms(step, iters=iters),
            "temporal_build": build_ms(lambda: lm.temporal(x, state)),
            "depformer_build": build_ms(lambda: lm.depformer_frame(h, text, sampling, key))}
-    mx.eval(state.kv.arrays())
-    try:
-        compiled = mx.compile(lambda hh, tt, kk: lm.depformer_frame(hh, tt, sampling, kk))
-        res["depformer_compiled"] = median_ms(lambda: mx.eval(compiled(h, text, key)), iters=iters)
-        same = bool(mx.all(compiled(h, text, key) == lm.depformer_frame(h, text, sampling, key)))
-        res["depformer_compiled_same"] = same
-    except Exception as e:  # noqa: BLE001 - an experiment: report, do not stop the bench
-        res["depformer_compiled"] = f"error: {str(e).splitlines()[0][:80]}"
+    if ops.mode() == "fused" and lm.depformer_weights() is not None:
+        # The same frame through the model's per-op loop (one MLX op per matvec /
+        # stack / sampling), to show what the depformer_frame primitive saves.
+        from personaplex_fast.models.lm import LM
+        primitive = LM.depformer_weights
+        LM.depformer_weights = lambda self: None
+        try:
+            res["depformer_per_op"] = median_ms(depformer, iters=iters)
+            res["depformer_per_op_build"] = build_ms(lambda: lm.depformer_frame(h, text, sampling, key))
+        finally:
+            LM.depformer_weights = primitive
     return res
 
 
@@ -333,12 +354,10 @@ def lm_rows(table, lm, fmt, batches, ref_batches, iters):
                   temporal_bytes + B * kv_per_session, "temporal bf16",
                   f"graph build {res['fused']['temporal_build']:.2f} ms")
         f = res["fused"]
-        comp = f.get("depformer_compiled")
-        comp = f"{comp:.2f} ms{'' if f.get('depformer_compiled_same') else ' (codes differ!)'}" \
-            if isinstance(comp, float) else comp
+        per_op = (f"; per-op loop: {f['depformer_per_op']:.2f} ms, build {f['depformer_per_op_build']:.2f} ms"
+                  if "depformer_per_op" in f else "")
         table.add(f"depformer 8 codebooks {fmt}", B, f["depformer"], ref.get("depformer"),
-                  dep_bytes, "depformer bf16",
-                  f"graph build {f['depformer_build']:.2f} ms; mx.compile'd: {comp}")
+                  dep_bytes, "depformer bf16", f"graph build {f['depformer_build']:.2f} ms{per_op}")
         table.add(f"LM step {fmt}", B, res["fused"]["lm_step"], ref.get("lm_step"),
                   temporal_bytes + dep_bytes + B * kv_per_session, "lm_step bf16")
 
@@ -460,6 +479,7 @@ def main():
         ring_rows(t, batches)
         matvec_rows(t, batches, formats)
         codec_rows(t, batches, args.iters)
+        sample_rows(t, batches, args.iters)
         tables.append(t)
     if "kernels" in sections:
         t = Table("Primitives, GPU time per call (16 independent calls in one graph), ms", bw, torch_rows)

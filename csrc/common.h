@@ -7,6 +7,7 @@
 #include <string>
 
 #include "mlx/array.h"
+#include "mlx/ops.h"
 
 namespace personaplex {
 
@@ -23,6 +24,19 @@ inline std::string shape_str(const mx::array& a) {
 // Throws std::invalid_argument("<op>: <msg>") unless ok (a ValueError in Python).
 inline void check(bool ok, const char* op, const std::string& msg) {
   if (!ok) throw std::invalid_argument(std::string(op) + ": " + msg);
+}
+
+// A primitive's input as the kernels read it, row-contiguous: an evaluated array
+// that already is (the weights, mostly) goes in as it is; anything else through
+// mx::contiguous, which adds a graph node (and its per-evaluation cost) per call.
+inline mx::array dense_input(const mx::array& a, mx::Stream st) {
+  return a.is_available() && a.flags().row_contiguous ? a : mx::contiguous(a, false, st);
+}
+
+// A norm gain of any shape holding n values, as n values of dtype dt (no graph
+// node when it already is: the kernels read the n values, whatever the shape).
+inline mx::array gain_input(const mx::array& a, int n, mx::Dtype dt, mx::Stream st) {
+  return dense_input(a.dtype() == dt ? a : mx::astype(mx::reshape(a, {n}, st), dt, st), st);
 }
 
 // Calls f with a zero of the C++ type of a float32, bfloat16 or float16 dtype.

@@ -8,6 +8,10 @@
 
 #include "mlx/dtype.h"
 
+namespace personaplex {
+struct LayerPointers;  // decoder_layers_common.h
+}
+
 namespace personaplex::cpu {
 
 namespace mx = mlx::core;
@@ -26,5 +30,19 @@ void ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, c
 // Writes the new rows nw [B, H, T, D] into the ring cache [B, H, W, D].
 void ring_write(mx::Dtype dtype, void* cache, const void* nw, const int32_t* pos, int B, int H, int T,
                 int D, int W);
+
+// See decoder_layers.h: x [B, C] through L layers into y [B, C]. Layer l attends
+// over kc[l] / vc[l] [B, H, W, D] and writes its new key and value into
+// kc_out[l] / vc_out[l], which are the same buffers, or (copy[l], copy[L + l])
+// fresh ones that first receive a copy of cache_bytes.
+void decoder_layers(mx::Dtype dtype, const void* x, void* y, const int32_t* pos,
+                    const LayerPointers* layers, int L, const void* const* kc, const void* const* vc,
+                    void* const* kc_out, void* const* vc_out, const char* copy, size_t cache_bytes,
+                    int B, int C, int H, int W, int hidden, int bits, float eps, float rope_max_period);
+
+// See sample_topk.h: tokens[r] for the R rows of logits [R, V]; noise [R, V]
+// float32 or null; forced [R] or null.
+void sample_topk(mx::Dtype dtype, const void* logits, const float* noise, const int32_t* forced,
+                 int32_t* tokens, int R, int V, float temp, int top_k, bool greedy);
 
 }  // namespace personaplex::cpu

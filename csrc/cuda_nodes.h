@@ -13,6 +13,7 @@
 #include "cuda_common.h"
 #include "matvec.cuh"          // MatvecArgs
 #include "ring_attention.cuh"  // RingArgs
+#include "sample_topk.cuh"     // SampleArgs
 
 namespace personaplex::cuda {
 
@@ -35,6 +36,37 @@ struct RingNode {
 // Adds the attend and finish kernels, with their workspace as a temporary.
 void add_ring_attention(mx::cu::CommandEncoder& enc, RingNode n, const Arrays& reads,
                         const Arrays& writes);
+
+struct SampleNode {
+  mx::Dtype dtype;  // of the logits
+  void *logits, *noise, *forced, *out;  // noise, forced: null when absent
+  int rows;
+  SampleArgs args;
+};
+void add_sample_topk(mx::cu::CommandEncoder& enc, const SampleNode& n, const Arrays& reads,
+                     const Arrays& writes);
+
+// A stack of decoder layers for one decode step (see decoder_layers.h): 6 nodes
+// per layer. Layer l's weights are inputs[first_weight + l * per_layer + ...] in
+// decoder_layers_common.h's order; its caches are read from kc[l] / vc[l] and
+// written to kc_out[l] / vc_out[l] (the same arrays, or, with copy[l] /
+// copy[L + l], fresh ones the attention fills with a copy first). pos points at
+// B int32 positions inside the array pos_array.
+struct StackNode {
+  mx::Dtype dtype;
+  int bits, heads, layers, hidden;
+  float eps, rope_max_period;
+  const std::vector<mx::array>* inputs;
+  int first_weight, per_layer;
+  const mx::array* x;
+  mx::array* y;
+  const mx::array* pos_array;
+  void* pos;
+  std::vector<const mx::array*> kc, vc;
+  std::vector<mx::array*> kc_out, vc_out;
+  std::vector<char> copy;
+};
+void add_decoder_layers(mx::cu::CommandEncoder& enc, const StackNode& n);
 
 // Ring caches taken over in place (see ring_attention.h and ring_attention_cuda.cpp):
 // whether input cache `in` of a primitive with `siblings` outputs may be overwritten;

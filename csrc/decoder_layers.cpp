@@ -21,20 +21,49 @@ namespace {
 
 void check(bool ok, const std::string& msg) { personaplex::check(ok, "decoder_layers", msg); }
 
-void check_proj(const std::string& what, const mx::array* w, int N, int K, int bits, mx::Dtype dt) {
+}  // namespace
+
+void check_projection(const char* op, const std::string& what, const mx::array* w, int N, int K, int bits,
+                      mx::Dtype dt) {
   const int cols = bits ? K * bits / 32 : K;
-  check(w[0].ndim() == 2 && w[0].shape(0) == N && w[0].shape(1) == cols,
-        what + " weight must be [" + std::to_string(N) + ", " + std::to_string(cols) + "], got " +
-            shape_str(w[0]));
-  check(w[0].dtype() == (bits ? mx::uint32 : dt), what + " weight has the wrong dtype");
+  personaplex::check(w[0].ndim() == 2 && w[0].shape(0) == N && w[0].shape(1) == cols, op,
+                     what + " weight must be [" + std::to_string(N) + ", " + std::to_string(cols) +
+                         "], got " + shape_str(w[0]));
+  personaplex::check(w[0].dtype() == (bits ? mx::uint32 : dt), op, what + " weight has the wrong dtype");
   for (int i = 1; bits && i < 3; ++i) {
-    check(w[i].ndim() == 2 && w[i].shape(0) == N && w[i].shape(1) == K / 64 && w[i].dtype() == dt,
-          what + " scales and biases must be [" + std::to_string(N) + ", " + std::to_string(K / 64) +
-              "] of x's dtype, got " + shape_str(w[i]));
+    personaplex::check(w[i].ndim() == 2 && w[i].shape(0) == N && w[i].shape(1) == K / 64 && w[i].dtype() == dt,
+                       op, what + " scales and biases must be [" + std::to_string(N) + ", " +
+                               std::to_string(K / 64) + "] of x's dtype, got " + shape_str(w[i]));
   }
 }
 
-}  // namespace
+void check_layer_stack(const char* op, const mx::array* weights, int L, int C, int bits, mx::Dtype dt) {
+  const LayerInputs li = layer_inputs(0, bits);  // input offsets within one layer's weights
+  const int per = bits ? 14 : 6;
+  for (int l = 0; l < L; ++l) {
+    const mx::array* w = weights + l * per;
+    const std::string at = "layer " + std::to_string(l) + ": ";
+    personaplex::check(w[li.alpha1].size() == static_cast<size_t>(C) && w[li.alpha2].size() == static_cast<size_t>(C),
+                       op, at + "norm alphas must hold C values");
+    check_projection(op, at + "in_proj", w + li.in.w, 3 * C, C, bits, dt);
+    check_projection(op, at + "out_proj", w + li.out.w, C, C, bits, dt);
+    const int hidden2 = w[li.ffn_in.w].ndim() == 2 ? w[li.ffn_in.w].shape(0) : 0;
+    personaplex::check(hidden2 > 0 && hidden2 % 2 == 0, op, at + "linear_in needs an even number of rows");
+    check_projection(op, at + "linear_in", w + li.ffn_in.w, hidden2, C, bits, dt);
+    check_projection(op, at + "linear_out", w + li.ffn_out.w, C, hidden2 / 2, bits, dt);
+  }
+}
+
+void push_layer_stack(std::vector<mx::array>& inputs, const mx::array* weights, int L, int C, int bits,
+                      mx::Dtype dt, mx::Stream st) {
+  const LayerInputs li = layer_inputs(0, bits);
+  const int per = bits ? 14 : 6;
+  for (int i = 0; i < L * per; ++i) {
+    const bool alpha = i % per == li.alpha1 || i % per == li.alpha2;
+    const auto& w = weights[i];
+    inputs.push_back(alpha ? gain_input(w, C, dt, st) : dense_input(w, st));
+  }
+}
 
 std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
                                       const std::vector<mx::array>& weights,
@@ -50,7 +79,6 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
   check(heads > 0 && C % heads == 0 && (C / heads) % 2 == 0, "C must split into heads of even size");
   check(!bits || C % 64 == 0, "quantized weights need C divisible by 64");
   const int L = static_cast<int>(k_caches.size());
-  const LayerInputs li = layer_inputs(0, bits);  // input offsets within one layer's weights
   const int per = bits ? 14 : 6;  // weights per layer (DecoderLayers::per_layer)
   check(L > 0 && v_caches.size() == k_caches.size(), "need one k and one v cache per layer");
   check(weights.size() == static_cast<size_t>(L * per),
@@ -58,33 +86,18 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
             "), got " + std::to_string(weights.size()));
   check(pos.ndim() == 1 && pos.shape(0) == B, "pos must be [B], got " + shape_str(pos));
   const int D = C / heads;
+  check_layer_stack("decoder_layers", weights.data(), L, C, bits, dt);
   for (int l = 0; l < L; ++l) {
-    const mx::array* w = &weights[l * per];
-    const std::string at = "layer " + std::to_string(l) + ": ";
-    check(w[li.alpha1].size() == static_cast<size_t>(C) && w[li.alpha2].size() == static_cast<size_t>(C),
-          at + "norm alphas must hold C values");
-    check_proj(at + "in_proj", w + li.in.w, 3 * C, C, bits, dt);
-    check_proj(at + "out_proj", w + li.out.w, C, C, bits, dt);
-    const int hidden2 = w[li.ffn_in.w].ndim() == 2 ? w[li.ffn_in.w].shape(0) : 0;
-    check(hidden2 > 0 && hidden2 % 2 == 0, at + "linear_in needs an even number of rows");
-    check_proj(at + "linear_in", w + li.ffn_in.w, hidden2, C, bits, dt);
-    check_proj(at + "linear_out", w + li.ffn_out.w, C, hidden2 / 2, bits, dt);
     for (auto* c : {&k_caches[l], &v_caches[l]}) {
       check(c->ndim() == 4 && c->shape(0) == B && c->shape(1) == heads && c->shape(3) == D &&
                 c->shape() == k_caches[l].shape() && c->dtype() == dt,
-            at + "caches must be [B, H, W, D] of x's dtype, got " + shape_str(*c));
+            "layer " + std::to_string(l) + ": caches must be [B, H, W, D] of x's dtype, got " + shape_str(*c));
     }
   }
   auto st = mx::to_stream(s);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
   std::vector<mx::array> inputs = {c(x), c(mx::astype(pos, mx::int32, st))};
-  for (int l = 0; l < L; ++l) {
-    for (int i = 0; i < per; ++i) {
-      const auto& w = weights[l * per + i];
-      const bool alpha = i == li.alpha1 || i == li.alpha2;
-      inputs.push_back(alpha ? c(mx::astype(mx::reshape(w, {C}, st), dt, st)) : c(w));
-    }
-  }
+  push_layer_stack(inputs, weights.data(), L, C, bits, dt, st);
   for (auto& k : k_caches) inputs.push_back(c(k));
   for (auto& v : v_caches) inputs.push_back(c(v));
   std::vector<mx::Shape> shapes = {x.shape()};
@@ -111,24 +124,24 @@ std::vector<mx::Shape> DecoderLayers::output_shapes(const std::vector<mx::array>
 void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const auto& x = inputs[0];
   const auto dt = x.dtype();
-  const int B = x.shape(0), C = x.shape(1), H = heads_, D = C / H, L = layers_;
+  const int B = x.shape(0), C = x.shape(1), H = heads_, L = layers_;
   const int W = inputs[cache_index(0, false)].shape(2);
   const int n_out = static_cast<int>(outputs.size());
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& a : inputs) enc.set_input_array(a);
   for (auto& a : outputs) enc.set_output_array(a);
   outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
-  std::vector<char> donated(2 * L);
+  std::vector<char> copy(2 * L);
   for (int l = 0; l < L; ++l) {
-    donated[l] = donate_cache(inputs[cache_index(l, false)], outputs[1 + l], n_out);
-    donated[L + l] = donate_cache(inputs[cache_index(l, true)], outputs[1 + L + l], n_out);
+    copy[l] = !donate_cache(inputs[cache_index(l, false)], outputs[1 + l], n_out);
+    copy[L + l] = !donate_cache(inputs[cache_index(l, true)], outputs[1 + L + l], n_out);
   }
   std::vector<LayerPointers> layers(L);
   for (int l = 0; l < L; ++l) {
     layers[l] = layer_pointers(inputs, layer_inputs(weight_index(l), bits_),
                                [](const mx::array& a) -> const void* { return a.data<void>(); });
   }
-  std::vector<const void*> kc(L), vc(L);
+  std::vector<const void*> kc(L), vc(L);  // held by the task's copies of these vectors
   std::vector<void*> kc_out(L), vc_out(L);
   for (int l = 0; l < L; ++l) {
     kc[l] = inputs[cache_index(l, false)].data<void>();
@@ -138,36 +151,44 @@ void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   }
   const int hidden = inputs[layer_inputs(weight_index(0), bits_).ffn_in.w].shape(0) / 2;
   enc.dispatch([=, x = x.data<void>(), pos = inputs[1].data<int32_t>(), y = outputs[0].data<void>(),
-                cache_bytes = outputs[1].nbytes(), bits = bits_, eps = eps_,
-                mp = rope_max_period_]() {
-    const size_t es = mx::size_of(dt);
-    std::vector<char> cur(B * C * es), qkv(B * 3 * C * es), q(B * C * es), k(B * C * es),
-        v(B * C * es), krot(B * C * es), attn(B * C * es), x1(B * C * es), h(B * hidden * es);
-    std::memcpy(cur.data(), x, B * C * es);
-    const float scale = 1.f / std::sqrt(static_cast<float>(D));
-    for (int l = 0; l < L; ++l) {
-      const LayerPointers& p = layers[l];
-      cpu::matvec(dt, cur.data(), p.in.w, p.in.scales, p.in.biases, p.alpha1, nullptr, qkv.data(), B,
-                  C, 3 * C, bits, false, eps);
-      for (int b = 0; b < B; ++b) {  // [B, 3, H, D] rows -> q, k, v [B, H, 1, D]
-        std::memcpy(q.data() + b * C * es, qkv.data() + (b * 3 + 0) * C * es, C * es);
-        std::memcpy(k.data() + b * C * es, qkv.data() + (b * 3 + 1) * C * es, C * es);
-        std::memcpy(v.data() + b * C * es, qkv.data() + (b * 3 + 2) * C * es, C * es);
-      }
-      cpu::ring_attend(dt, q.data(), k.data(), v.data(), kc[l], vc[l], pos, attn.data(), krot.data(),
-                       B, H, 1, D, W, scale, mp);
-      if (!donated[l]) std::memcpy(kc_out[l], kc[l], cache_bytes);
-      if (!donated[L + l]) std::memcpy(vc_out[l], vc[l], cache_bytes);
-      cpu::ring_write(dt, kc_out[l], krot.data(), pos, B, H, 1, D, W);
-      cpu::ring_write(dt, vc_out[l], v.data(), pos, B, H, 1, D, W);
-      cpu::matvec(dt, attn.data(), p.out.w, p.out.scales, p.out.biases, nullptr, cur.data(), x1.data(),
-                  B, C, C, bits, false, eps);
-      cpu::matvec(dt, x1.data(), p.ffn_in.w, p.ffn_in.scales, p.ffn_in.biases, p.alpha2, nullptr,
-                  h.data(), B, C, 2 * hidden, bits, true, eps);
-      cpu::matvec(dt, h.data(), p.ffn_out.w, p.ffn_out.scales, p.ffn_out.biases, nullptr, x1.data(),
-                  l == L - 1 ? y : cur.data(), B, hidden, C, bits, false, eps);
-    }
+                cache_bytes = outputs[1].nbytes(), bits = bits_, eps = eps_, mp = rope_max_period_]() {
+    cpu::decoder_layers(dt, x, y, pos, layers.data(), L, kc.data(), vc.data(), kc_out.data(), vc_out.data(),
+                        copy.data(), cache_bytes, B, C, H, W, hidden, bits, eps, mp);
   });
+}
+
+void cpu::decoder_layers(mx::Dtype dt, const void* x, void* y, const int32_t* pos,
+                         const LayerPointers* layers, int L, const void* const* kc, const void* const* vc,
+                         void* const* kc_out, void* const* vc_out, const char* copy, size_t cache_bytes,
+                         int B, int C, int H, int W, int hidden, int bits, float eps, float mp) {
+  const int D = C / H;
+  const size_t es = mx::size_of(dt);
+  std::vector<char> cur(B * C * es), qkv(B * 3 * C * es), q(B * C * es), k(B * C * es), v(B * C * es),
+      krot(B * C * es), attn(B * C * es), x1(B * C * es), h(B * hidden * es);
+  std::memcpy(cur.data(), x, B * C * es);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  for (int l = 0; l < L; ++l) {
+    const LayerPointers& p = layers[l];
+    cpu::matvec(dt, cur.data(), p.in.w, p.in.scales, p.in.biases, p.alpha1, nullptr, qkv.data(), B, C,
+                3 * C, bits, false, eps);
+    for (int b = 0; b < B; ++b) {  // [B, 3, H, D] rows -> q, k, v [B, H, 1, D]
+      std::memcpy(q.data() + b * C * es, qkv.data() + (b * 3 + 0) * C * es, C * es);
+      std::memcpy(k.data() + b * C * es, qkv.data() + (b * 3 + 1) * C * es, C * es);
+      std::memcpy(v.data() + b * C * es, qkv.data() + (b * 3 + 2) * C * es, C * es);
+    }
+    cpu::ring_attend(dt, q.data(), k.data(), v.data(), kc[l], vc[l], pos, attn.data(), krot.data(), B,
+                     H, 1, D, W, scale, mp);
+    if (copy[l]) std::memcpy(kc_out[l], kc[l], cache_bytes);
+    if (copy[L + l]) std::memcpy(vc_out[l], vc[l], cache_bytes);
+    cpu::ring_write(dt, kc_out[l], krot.data(), pos, B, H, 1, D, W);
+    cpu::ring_write(dt, vc_out[l], v.data(), pos, B, H, 1, D, W);
+    cpu::matvec(dt, attn.data(), p.out.w, p.out.scales, p.out.biases, nullptr, cur.data(), x1.data(), B,
+                C, C, bits, false, eps);
+    cpu::matvec(dt, x1.data(), p.ffn_in.w, p.ffn_in.scales, p.ffn_in.biases, p.alpha2, nullptr,
+                h.data(), B, C, 2 * hidden, bits, true, eps);
+    cpu::matvec(dt, h.data(), p.ffn_out.w, p.ffn_out.scales, p.ffn_out.biases, nullptr, x1.data(),
+                l == L - 1 ? y : cur.data(), B, hidden, C, bits, false, eps);
+  }
 }
 
 #ifndef PERSONAPLEX_WITH_CUDA

@@ -4,6 +4,7 @@
 
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "mlx/array.h"
@@ -46,5 +47,18 @@ LayerPointers layer_pointers(const std::vector<mlx::core::array>& inputs, const 
   auto proj = [&](const Proj& p) { return ProjPointers{at(p.w), at(p.scales), at(p.biases)}; };
   return {at(li.alpha1), proj(li.in), proj(li.out), at(li.alpha2), proj(li.ffn_in), proj(li.ffn_out)};
 }
+
+// Argument checks shared by the primitives that take layer stacks (throw
+// std::invalid_argument naming `op`): one projection w [N, K] of dtype dt (bits
+// 0), or w uint32 [N, K * bits / 32] with scales and biases [N, K / 64] of dt;
+// and L layers of weights (6 or 14 arrays each, decoder_layers.h) of width C.
+void check_projection(const char* op, const std::string& what, const mlx::core::array* w, int N, int K,
+                      int bits, mlx::core::Dtype dt);
+void check_layer_stack(const char* op, const mlx::core::array* w, int L, int C, int bits,
+                       mlx::core::Dtype dt);
+// Appends one stack's weights to a primitive's inputs: contiguous, the norm
+// alphas as [C] of dtype dt.
+void push_layer_stack(std::vector<mlx::core::array>& inputs, const mlx::core::array* w, int L, int C,
+                      int bits, mlx::core::Dtype dt, mlx::core::Stream st);
 
 }  // namespace personaplex

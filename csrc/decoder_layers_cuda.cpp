@@ -15,12 +15,69 @@ namespace personaplex {
 
 namespace cu = mx::cu;
 
+void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& n) {
+  const auto dt = n.dtype;
+  const auto& inputs = *n.inputs;
+  const int B = n.x->shape(0), C = n.x->shape(1), H = n.heads, D = C / H, L = n.layers;
+  const int W = n.kc[0]->shape(2), hidden = n.hidden, bits = n.bits;
+  const float eps = n.eps;
+  auto temp = [&](int rows, int cols) {
+    mx::array a({rows, cols}, dt, nullptr, {});
+    cuda::alloc_output(a, enc);
+    enc.add_temporary(a);
+    return a;
+  };
+  mx::array qkv = temp(B, 3 * C), attn = temp(B, C), x1 = temp(B, C), h = temp(B, hidden),
+            xb = temp(B, C);
+
+  const size_t es = mx::size_of(dt);
+  char* qkv_p = static_cast<char*>(ptr(qkv));
+  const mx::array* cur = n.x;
+  for (int l = 0; l < L; ++l) {
+    const LayerInputs li = layer_inputs(n.first_weight + l * n.per_layer, bits);
+    auto in = [&](int i) -> const mx::array* { return i < 0 ? nullptr : &inputs[i]; };
+    auto p = [&](int i) -> void* { return i < 0 ? nullptr : ptr(inputs[i]); };
+    auto proj_reads = [&](const Proj& pr, std::initializer_list<const mx::array*> more) {
+      cuda::Arrays r = {in(pr.w)};
+      if (pr.scales >= 0) r.insert(r.end(), {in(pr.scales), in(pr.biases)});
+      for (auto* m : more) r.push_back(m);
+      return r;
+    };
+    // qkv = in_proj(norm1(x))
+    cuda::add_matvec(enc,
+                     {dt, bits, ptr(*cur), p(li.in.w), p(li.in.scales), p(li.in.biases), p(li.alpha1),
+                      nullptr, qkv_p, MatvecArgs{B, C, 3 * C, 1, 0, 0, eps}},
+                     proj_reads(li.in, {cur, in(li.alpha1)}), {&qkv});
+    // attention over the ring, q / k / v read from qkv's rows [B, 3, H, D]
+    const mx::array &kc = *n.kc[l], &vc = *n.vc[l];
+    RingArgs ra{B, H, 1, D, W, 0, n.copy[l], n.copy[L + l], n.rope_max_period > 0.f,
+                rope_step(n.rope_max_period, D), 1.f / std::sqrt(static_cast<float>(D)), 3L * C, D, 3L * C};
+    cuda::add_ring_attention(enc,
+                             {dt, qkv_p, qkv_p + C * es, qkv_p + 2 * C * es, ptr(kc), ptr(vc), n.pos,
+                              ptr(attn), ptr(*n.kc_out[l]), ptr(*n.vc_out[l]), ra},
+                             {&qkv, &kc, &vc, n.pos_array}, {&attn, n.kc_out[l], n.vc_out[l]});
+    // x1 = x + out_proj(attn)
+    cuda::add_matvec(enc,
+                     {dt, bits, ptr(attn), p(li.out.w), p(li.out.scales), p(li.out.biases), nullptr,
+                      ptr(*cur), ptr(x1), MatvecArgs{B, C, C, 0, 0, 1, eps}},
+                     proj_reads(li.out, {&attn, cur}), {&x1});
+    // h = silu-gated linear_in(norm2(x1))
+    cuda::add_matvec(enc,
+                     {dt, bits, ptr(x1), p(li.ffn_in.w), p(li.ffn_in.scales), p(li.ffn_in.biases),
+                      p(li.alpha2), nullptr, ptr(h), MatvecArgs{B, C, hidden, 1, 1, 0, eps}},
+                     proj_reads(li.ffn_in, {&x1, in(li.alpha2)}), {&h});
+    // x = x1 + linear_out(h)
+    mx::array* dst = l == L - 1 ? n.y : &xb;
+    cuda::add_matvec(enc,
+                     {dt, bits, ptr(h), p(li.ffn_out.w), p(li.ffn_out.scales), p(li.ffn_out.biases),
+                      nullptr, ptr(x1), ptr(*dst), MatvecArgs{B, hidden, C, 0, 0, 1, eps}},
+                     proj_reads(li.ffn_out, {&h, &x1}), {dst});
+    cur = dst;
+  }
+}
+
 void DecoderLayers::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  const auto& x = inputs[0];
-  const auto dt = x.dtype();
-  const int B = x.shape(0), C = x.shape(1), H = heads_, D = C / H, L = layers_;
-  const int W = inputs[cache_index(0, false)].shape(2);
-  const int hidden = inputs[layer_inputs(weight_index(0), bits_).ffn_in.w].shape(0) / 2;
+  const int L = layers_;
   const int n_out = static_cast<int>(outputs.size());
   auto& enc = cu::get_command_encoder(stream());
 
@@ -33,69 +90,21 @@ void DecoderLayers::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
     }
   }
   cuda::wait_for_caches(caches, enc);
-  std::vector<char> copy(2 * L);
+  cuda::StackNode n{inputs[0].dtype(), bits_, heads_, L,
+                    inputs[layer_inputs(weight_index(0), bits_).ffn_in.w].shape(0) / 2, eps_,
+                    rope_max_period_, &inputs, weight_index(0), per_layer(), &inputs[0], &outputs[0],
+                    &inputs[1], cuda::ptr(inputs[1]), {}, {}, {}, {}, std::vector<char>(2 * L)};
   for (int l = 0; l < L; ++l) {
-    copy[l] = !cuda::take_cache(inputs[cache_index(l, false)], outputs[1 + l], caches[2 * l].second, enc);
-    copy[L + l] =
+    n.copy[l] = !cuda::take_cache(inputs[cache_index(l, false)], outputs[1 + l], caches[2 * l].second, enc);
+    n.copy[L + l] =
         !cuda::take_cache(inputs[cache_index(l, true)], outputs[1 + L + l], caches[2 * l + 1].second, enc);
+    n.kc.push_back(&inputs[cache_index(l, false)]);
+    n.vc.push_back(&inputs[cache_index(l, true)]);
+    n.kc_out.push_back(&outputs[1 + l]);
+    n.vc_out.push_back(&outputs[1 + L + l]);
   }
   cuda::alloc_output(outputs[0], enc);
-
-  auto temp = [&](int rows, int cols) {
-    mx::array a({rows, cols}, dt, nullptr, {});
-    cuda::alloc_output(a, enc);
-    enc.add_temporary(a);
-    return a;
-  };
-  mx::array qkv = temp(B, 3 * C), attn = temp(B, C), x1 = temp(B, C), h = temp(B, hidden),
-            xb = temp(B, C);
-
-  using cuda::ptr;
-  const size_t es = mx::size_of(dt);
-  char* qkv_p = static_cast<char*>(ptr(qkv));
-  const mx::array* cur = &x;
-  for (int l = 0; l < L; ++l) {
-    const LayerInputs li = layer_inputs(weight_index(l), bits_);
-    auto in = [&](int i) -> const mx::array* { return i < 0 ? nullptr : &inputs[i]; };
-    auto p = [&](int i) -> void* { return i < 0 ? nullptr : ptr(inputs[i]); };
-    auto proj_reads = [&](const Proj& pr, std::initializer_list<const mx::array*> more) {
-      cuda::Arrays r = {in(pr.w)};
-      if (pr.scales >= 0) r.insert(r.end(), {in(pr.scales), in(pr.biases)});
-      for (auto* m : more) r.push_back(m);
-      return r;
-    };
-    // qkv = in_proj(norm1(x))
-    cuda::add_matvec(enc,
-                     {dt, bits_, ptr(*cur), p(li.in.w), p(li.in.scales), p(li.in.biases),
-                      p(li.alpha1), nullptr, qkv_p, MatvecArgs{B, C, 3 * C, 1, 0, 0, eps_}},
-                     proj_reads(li.in, {cur, in(li.alpha1)}), {&qkv});
-    // attention over the ring, q / k / v read from qkv's rows [B, 3, H, D]
-    const mx::array &kc = inputs[cache_index(l, false)], &vc = inputs[cache_index(l, true)];
-    RingArgs ra{B, H, 1, D, W, 0, copy[l], copy[L + l], rope_max_period_ > 0.f, rope_step(rope_max_period_, D),
-                1.f / std::sqrt(static_cast<float>(D)), 3L * C, D, 3L * C};
-    cuda::add_ring_attention(enc,
-                             {dt, qkv_p, qkv_p + C * es, qkv_p + 2 * C * es, ptr(kc), ptr(vc),
-                              ptr(inputs[1]), ptr(attn), ptr(outputs[1 + l]), ptr(outputs[1 + L + l]),
-                              ra},
-                             {&qkv, &kc, &vc, &inputs[1]}, {&attn, &outputs[1 + l], &outputs[1 + L + l]});
-    // x1 = x + out_proj(attn)
-    cuda::add_matvec(enc,
-                     {dt, bits_, ptr(attn), p(li.out.w), p(li.out.scales), p(li.out.biases), nullptr,
-                      ptr(*cur), ptr(x1), MatvecArgs{B, C, C, 0, 0, 1, eps_}},
-                     proj_reads(li.out, {&attn, cur}), {&x1});
-    // h = silu-gated linear_in(norm2(x1))
-    cuda::add_matvec(enc,
-                     {dt, bits_, ptr(x1), p(li.ffn_in.w), p(li.ffn_in.scales), p(li.ffn_in.biases),
-                      p(li.alpha2), nullptr, ptr(h), MatvecArgs{B, C, hidden, 1, 1, 0, eps_}},
-                     proj_reads(li.ffn_in, {&x1, in(li.alpha2)}), {&h});
-    // x = x1 + linear_out(h)
-    mx::array* dst = l == L - 1 ? &outputs[0] : &xb;
-    cuda::add_matvec(enc,
-                     {dt, bits_, ptr(h), p(li.ffn_out.w), p(li.ffn_out.scales), p(li.ffn_out.biases),
-                      nullptr, ptr(x1), ptr(*dst), MatvecArgs{B, hidden, C, 0, 0, 1, eps_}},
-                     proj_reads(li.ffn_out, {&h, &x1}), {dst});
-    cur = dst;
-  }
+  cuda::add_decoder_layers(enc, n);
 }
 
 }  // namespace personaplex

@@ -146,12 +146,12 @@ mx::array matvec(const mx::array& x, const mx::array& w, const std::optional<mx:
   }
   auto st = mx::to_stream(s);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
-  std::vector<mx::array> inputs = {c(x), c(w)};
+  std::vector<mx::array> inputs = {c(x), dense_input(w, st)};
   if (bits) {
-    inputs.push_back(c(*scales));
-    inputs.push_back(c(*biases));
+    inputs.push_back(dense_input(*scales, st));
+    inputs.push_back(dense_input(*biases, st));
   }
-  if (alpha) inputs.push_back(c(mx::astype(mx::reshape(*alpha, {K}, st), dt, st)));
+  if (alpha) inputs.push_back(gain_input(*alpha, K, dt, st));
   if (residual) inputs.push_back(c(mx::astype(*residual, dt, st)));
   auto prim = std::make_shared<Matvec>(st, bits, alpha.has_value(), gate, residual.has_value(), eps);
   return mx::array({M, n_out}, dt, prim, std::move(inputs));

@@ -18,9 +18,11 @@
 #endif
 #include "conv_transpose1d_stream.h"
 #include "decoder_layers.h"
+#include "depformer_frame.h"
 #include "matvec.h"
 #include "ring_attention.h"
 #include "rvq.h"
+#include "sample_topk.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -96,6 +98,15 @@ NB_MODULE(_ext, m) {
         "stream"_a = nb::none(),
         "One decode step (T = 1) through a stack of transformer layers: returns\n"
         "[y, k_caches'..., v_caches'...]. See csrc/decoder_layers.h.");
+  m.def("sample_topk", &personaplex::sample_topk, "logits"_a, "noise"_a.none(), "forced"_a.none(),
+        "temp"_a, "top_k"_a, "greedy"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "Tokens [R] int32 from logits [R, V]: temperature, top-k and Gumbel-max with the given\n"
+        "noise, or greedy; forced >= 0 replaces the token. See csrc/sample_topk.h.");
+  m.def("depformer_frame", &personaplex::depformer_frame, "h"_a, "text"_a, "forced"_a, "noise"_a.none(),
+        "in_projs"_a, "tables"_a, "stacks"_a, "heads_w"_a, "heads"_a, "bits"_a, "eps"_a,
+        "rope_max_period"_a, "temp"_a, "top_k"_a, "greedy"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "All codebook steps of one depformer frame, sampling included: returns [codes [Q, B],\n"
+        "logits [Q, B, V]]. See csrc/depformer_frame.h.");
   m.def("rvq_encode", &personaplex::rvq_encode, "x"_a, "codebooks"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "Residual VQ codes [..., n_q] int32 of x [..., D] over codebooks [n_q, bins, D].");

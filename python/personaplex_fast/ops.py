@@ -215,3 +215,40 @@ def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int
         ref = reference.decoder_layers(x, pos, weights, k_caches, v_caches, **kw)
         _record("decoder_layers", [fused[0], *fused[1], *fused[2]], [ref[0], *ref[1], *ref[2]])
     return fused
+
+
+def sample_topk(logits, noise=None, forced=None, *, temp: float, top_k: int, greedy: bool = False):
+    """See reference.sample_topk; tokens [...] int32 for logits [..., V]."""
+    kw = dict(temp=temp, top_k=top_k, greedy=greedy)
+    if _reference() or logits.dtype not in (mx.float32, mx.bfloat16, mx.float16):
+        return reference.sample_topk(logits, noise, forced, **kw)
+    lead, V = logits.shape[:-1], logits.shape[-1]
+    R = math.prod(lead)
+    fused = _ext().sample_topk(logits.reshape(R, V), None if noise is None else noise.reshape(R, V),
+                               None if forced is None else forced.reshape(R), float(temp), int(top_k),
+                               bool(greedy)).reshape(lead)
+    if _mode == "check":
+        _record("sample_topk", [fused], [reference.sample_topk(logits, noise, forced, **kw)])
+    return fused
+
+
+def depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, *, heads: int,
+                    bits: int = 0, eps: float = 1e-8, rope_max_period: float | None = None,
+                    temp: float = 1.0, top_k: int = 0, greedy: bool = False):
+    """See reference.depformer_frame; returns (codes [Q, B] int32, logits [Q, B, V]).
+
+    Check mode runs the reference teacher-forced with the fused codes, so every
+    step sees the same inputs and the recorded difference is the logits' own."""
+    kw = dict(heads=heads, bits=bits, eps=eps, rope_max_period=rope_max_period, temp=temp, top_k=top_k,
+              greedy=greedy)
+    if _reference() or (tables[0].shape[1] // heads) not in (16, 32, 64, 128):
+        return reference.depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, **kw)
+    fused = tuple(_ext().depformer_frame(
+        h, text, forced, noise, [list(p) for p in in_projs], list(tables), [list(s) for s in stacks],
+        [list(p) for p in heads_w], int(heads), int(bits), float(eps),
+        0.0 if rope_max_period is None else float(rope_max_period), float(temp), int(top_k), bool(greedy)))
+    if _mode == "check":
+        teacher = mx.where(forced >= 0, forced, fused[0])
+        ref = reference.depformer_frame(h, text, teacher, noise, in_projs, tables, stacks, heads_w, **kw)
+        _record("depformer_frame", [fused[1]], [ref[1]])
+    return fused

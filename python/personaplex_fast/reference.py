@@ -204,3 +204,55 @@ def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int
         h = matvec(x1, *wf, bits=bits, alpha=alpha2, eps=eps, gate=True)
         x = matvec(h, *wg, bits=bits, residual=x1)
     return x, ks, vs
+
+
+def sample_topk(logits, noise=None, forced=None, *, temp: float, top_k: int, greedy: bool = False):
+    """Tokens [...] int32 from logits [..., V] (see csrc/sample_topk.h): greedy (or
+    temp <= 0) takes the argmax; otherwise the argmax of logits / temp + noise over
+    the top_k largest (noise: Gumbel draws, which makes it a draw from
+    softmax(logits / temp) restricted to the top k). forced >= 0 replaces the token."""
+    if greedy or temp <= 0.0:
+        tokens = mx.argmax(logits, axis=-1)
+    else:
+        s = logits.astype(mx.float32) / temp
+        if 0 < top_k < s.shape[-1]:
+            kth = mx.min(mx.topk(s, top_k, axis=-1), axis=-1, keepdims=True)
+            s = mx.where(s >= kth, s, -mx.inf)
+        tokens = mx.argmax(s if noise is None else s + noise, axis=-1)
+    tokens = tokens.astype(mx.int32)
+    return tokens if forced is None else mx.where(forced >= 0, forced.astype(mx.int32), tokens)
+
+
+def embed_rows(table, ids):
+    """table[ids] with id -1 ("no input") as a zero row; other ids clamped to the table."""
+    rows = table[mx.clip(ids, 0, table.shape[0] - 1)]
+    return mx.where((ids == -1)[..., None], mx.zeros((), rows.dtype), rows)
+
+
+def depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, *, heads: int,
+                    bits: int = 0, eps: float = 1e-8, rope_max_period: float | None = None,
+                    temp: float = 1.0, top_k: int = 0, greedy: bool = False):
+    """All codebook steps of one depformer frame (see csrc/depformer_frame.h).
+
+    h [B, C_in]; text [B]; forced [Q, B] (-1: sample); noise [Q, B, V] float32 or
+    None; in_projs: 1 or Q projections, tables: Q embedding tables, stacks: 1 or Q
+    decoder_layers weight lists, heads_w: Q projections (each projection a list:
+    [w] or [w, scales, biases]). Returns (codes [Q, B] int32, logits [Q, B, V]).
+    """
+    Q, B = len(tables), h.shape[0]
+    D = tables[0].shape[1]
+    L = len(stacks[0]) // (2 + 4 * (3 if bits else 1))
+    ks = [mx.zeros((B, heads, Q, D // heads), h.dtype) for _ in range(L)]
+    vs = list(ks)
+    prev, codes, logits = text, [], []
+    for k in range(Q):
+        x = matvec(h, *in_projs[k if len(in_projs) > 1 else 0], bits=bits)
+        x = x + embed_rows(tables[k], prev)
+        x, ks, vs = decoder_layers(x, mx.full((B,), k, mx.int32), stacks[k if len(stacks) > 1 else 0],
+                                   ks, vs, heads=heads, bits=bits, eps=eps, rope_max_period=rope_max_period)
+        lk = matvec(x, *heads_w[k], bits=bits)
+        prev = sample_topk(lk, None if noise is None else noise[k], forced[k], temp=temp, top_k=top_k,
+                           greedy=greedy)
+        codes.append(prev)
+        logits.append(lk)
+    return mx.stack(codes), mx.stack(logits)

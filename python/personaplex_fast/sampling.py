@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import ops
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -22,13 +24,15 @@ class SamplingConfig:
     greedy: bool = False
 
 
-def sample(logits: mx.array, temp: float, top_k: int, greedy: bool, key: mx.array | None) -> mx.array:
-    """logits [..., V] -> int32 tokens [...]."""
+def gumbel_noise(shape, greedy: bool, temp: float, key: mx.array | None) -> mx.array | None:
+    """The Gumbel draws sample_topk adds, or None when the pick is greedy."""
     if greedy or temp <= 0.0:
-        return mx.argmax(logits, axis=-1).astype(mx.int32)
-    logits = logits.astype(mx.float32) / temp
-    if 0 < top_k < logits.shape[-1]:
-        kth = mx.min(mx.topk(logits, top_k, axis=-1), axis=-1, keepdims=True)
-        logits = mx.where(logits >= kth, logits, -mx.inf)
-    noise = mx.random.gumbel(shape=logits.shape, key=key)
-    return mx.argmax(logits + noise, axis=-1).astype(mx.int32)
+        return None
+    return mx.random.gumbel(shape=shape, key=key)
+
+
+def sample(logits: mx.array, temp: float, top_k: int, greedy: bool, key: mx.array | None,
+           forced: mx.array | None = None) -> mx.array:
+    """logits [..., V] -> int32 tokens [...]; forced >= 0 replaces the token."""
+    noise = gumbel_noise(logits.shape, greedy, temp, key)
+    return ops.sample_topk(logits, noise, forced, temp=temp, top_k=top_k, greedy=greedy)

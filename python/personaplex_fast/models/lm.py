@@ -24,8 +24,9 @@ import mlx.nn as nn
 
 from ..cache import RingKVCache
 from ..config import LMConfig
-from ..sampling import SamplingConfig, sample
-from .transformer import RMSNorm, Transformer, linear
+from .. import ops
+from ..sampling import SamplingConfig, gumbel_noise, sample
+from .transformer import RMSNorm, Transformer, linear, projection
 
 ZERO_TOKEN = -1  # "no input": its embedding is exactly zero
 UNGENERATED = -2  # output slot not produced yet (warm-up frames)
@@ -130,19 +131,47 @@ class LM(nn.Module):
         h = self.out_norm(h)
         return h, linear(self.text_linear, h)[:, 0]
 
+    def depformer_weights(self) -> tuple[list, list, list, list, int, float] | None:
+        """(in_projs, tables, stacks, heads, bits, eps) for ops.depformer_frame, or None
+        where a layer does not fit it (see Transformer.stack_weights)."""
+        steps = self.cfg.dep_q if self.cfg.depformer.weights_per_step else 1
+        stacks = [self.depformer.stack_weights(s) for s in range(steps)]
+        projs = [projection(m) for m in self.depformer_in + self.linears]
+        tables = [self.depformer_text_emb, *self.depformer_emb]
+        if any(s is None for s in stacks) or any(p is None for p in projs):
+            return None
+        if any(type(t) is not nn.Embedding or t.weight.dtype != self.dtype for t in tables):
+            return None
+        bits = {b for _, b in projs} | {s[1] for s in stacks}
+        if len(bits) != 1 or len({s[2] for s in stacks}) != 1:
+            return None
+        n_in = len(self.depformer_in)
+        return ([p for p, _ in projs[:n_in]], [t.weight for t in tables], [s[0] for s in stacks],
+                [p for p, _ in projs[n_in:]], bits.pop(), stacks[0][2])
+
     def depformer_frame(self, h: mx.array, text: mx.array, sampling: SamplingConfig,
                         key: mx.array, forced: mx.array | None = None) -> mx.array:
         """Sample the dep_q model codebooks of one frame, in order. h: [B, 1, dim].
 
         forced [B, dep_q]: a token >= 0 replaces the sampled one, also as the next
         codebook's input (teacher forcing, as PersonaPlex's voice prompt does).
+        One primitive (ops.depformer_frame) runs the whole frame where the weights
+        fit it; the per-op loop below is the same computation for those that don't.
         """
         cfg, d = self.cfg, self.cfg.depformer
         B = h.shape[0]
+        rope = d.max_period if d.pos_emb == "rope" else None
+        noise = gumbel_noise((cfg.dep_q, B, cfg.card), sampling.greedy, sampling.temp_audio, key)
+        forced = mx.full((B, cfg.dep_q), NOT_FORCED, mx.int32) if forced is None else forced
+        pick = dict(temp=sampling.temp_audio, top_k=sampling.topk_audio, greedy=sampling.greedy)
+        weights = self.depformer_weights() if h.dtype in (mx.float32, mx.bfloat16, mx.float16) else None
+        if weights is not None:
+            in_projs, tables, stacks, heads, bits, eps = weights
+            codes, _ = ops.depformer_frame(h[:, 0], text, forced.T, noise, in_projs, tables, stacks, heads,
+                                           heads=d.num_heads, bits=bits, eps=eps, rope_max_period=rope, **pick)
+            return codes.T
         # A fresh cache per frame: the depformer's context is the frame's own steps.
         cache = RingKVCache(d.num_layers, B, d.num_heads, cfg.dep_q, d.head_dim, h.dtype)
-        rope = d.max_period if d.pos_emb == "rope" else None
-        keys = mx.random.split(key, cfg.dep_q)
         prev, codes = text, []
         for k in range(cfg.dep_q):
             x = linear(self.depformer_in[k if d.multi_linear else 0], h)
@@ -151,9 +180,7 @@ class LM(nn.Module):
             pos = mx.full((B,), k, dtype=mx.int32)
             x = self.depformer(x, cache, pos, k if d.weights_per_step else 0, rope)
             logits = linear(self.linears[k], x)[:, 0]
-            prev = sample(logits, sampling.temp_audio, sampling.topk_audio, sampling.greedy, keys[k])
-            if forced is not None:
-                prev = mx.where(forced[:, k] >= 0, forced[:, k], prev)
+            prev = ops.sample_topk(logits, None if noise is None else noise[k], forced[:, k], **pick)
             codes.append(prev)
         return mx.stack(codes, axis=1)
 
@@ -202,8 +229,7 @@ class LM(nn.Module):
         h, text_logits = self.temporal(x, state)
         key, k_text, k_audio = mx.random.split(state.key, 3)
         now = _ring_read(forced, ((o + 1) % ring)[:, None] + mx.zeros((1, 1 + cfg.dep_q), mx.int32))
-        text = sample(text_logits, sampling.temp_text, sampling.topk_text, sampling.greedy, k_text)
-        text = mx.where(now[:, 0] >= 0, now[:, 0], text)
+        text = sample(text_logits, sampling.temp_text, sampling.topk_text, sampling.greedy, k_text, now[:, 0])
         audio = self.depformer_frame(h, text, sampling, k_audio, now[:, 1:])
 
         o = o + 1

@@ -1,0 +1,149 @@
+"""depformer_frame: all codebook steps of one depformer frame as one primitive.
+
+On the CPU it chains the kernels of matvec, decoder_layers and sample_topk, so
+with the same noise it must equal the model's per-op loop over those fused
+primitives exactly (codes and all). Against the pure-MLX reference the logits
+are compared teacher-forced (every step sees the same tokens), with the
+tolerances of tests/test_decoder_layers.py; sampled codes must be exactly the
+reference sampling of the primitive's own logits. The frame's caches are
+NaN-filled scratch on the CPU, so a read of a slot not yet written shows.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from personaplex_fast import _ext, ops, reference
+from personaplex_fast.models.lm import LM
+from personaplex_fast.sampling import SamplingConfig
+from personaplex_fast.tiny import TINY, random_lm_weights
+from test_decoder_layers import EPS, make_stack, np32
+
+TOL = {mx.float32: 1e-4, mx.bfloat16: 6e-2}
+
+
+def make_frame(rng, *, B=3, Q=4, C_in=128, D=64, heads=4, hidden=128, V=64, L=2, bits=0,
+               dtype=mx.float32, per_step=True):
+    def proj(n, k):
+        w = mx.array((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)).astype(dtype)
+        return list(mx.quantize(w, group_size=64, bits=bits)) if bits else [w]
+
+    n = Q if per_step else 1
+    return dict(
+        h=mx.array(rng.standard_normal((B, C_in)).astype(np.float32)).astype(dtype),
+        text=mx.array(rng.integers(0, 20, B).astype(np.int32)),
+        in_projs=[proj(D, C_in) for _ in range(n)],
+        tables=[mx.array(rng.standard_normal((V + 1 if k else 21, D)).astype(np.float32)).astype(dtype)
+                for k in range(Q)],
+        stacks=[make_stack(rng, L, D, hidden, bits, dtype) for _ in range(n)],
+        heads_w=[proj(V, D) for _ in range(Q)],
+        kw=dict(heads=heads, bits=bits, eps=EPS, rope_max_period=None),
+    )
+
+
+def run(fn, f, forced, noise, **pick):
+    return fn(f["h"], f["text"], forced, noise, f["in_projs"], f["tables"], f["stacks"], f["heads_w"],
+              **f["kw"], **pick)
+
+
+@pytest.mark.parametrize("dtype,bits", [(mx.float32, 0), (mx.bfloat16, 0), (mx.bfloat16, 4),
+                                        (mx.float32, 8)])
+@pytest.mark.parametrize("per_step", [True, False])
+def test_teacher_forced_logits_match_reference(dtype, bits, per_step):
+    rng = np.random.default_rng(bits * 7 + per_step)
+    f = make_frame(rng, bits=bits, dtype=dtype, per_step=per_step)
+    Q, B = 4, 3
+    forced = mx.array(rng.integers(0, 64, (Q, B)).astype(np.int32))
+    with ops.use_mode("fused"):
+        codes, logits = run(ops.depformer_frame, f, forced, None, temp=0.8, top_k=10)
+    ref_codes, ref_logits = run(reference.depformer_frame, f, forced, None, temp=0.8, top_k=10)
+    np.testing.assert_array_equal(np.array(codes), np.array(forced))
+    np.testing.assert_array_equal(np.array(ref_codes), np.array(forced))
+    assert logits.shape == (Q, B, 64) and logits.dtype == dtype
+    got = np32(logits)
+    assert np.isfinite(got).all()
+    # Quantized: MLX's CPU quantized_matmul sums in the storage type (tests/test_matvec.py).
+    tol = TOL[dtype] * (4 if bits and dtype == mx.bfloat16 else 1) * (10 if bits and dtype == mx.float32 else 1)
+    np.testing.assert_allclose(got, np32(ref_logits), atol=tol * max(1.0, np.abs(got).max()), rtol=0)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_sampled_codes_are_the_reference_sampling_of_its_logits(greedy):
+    rng = np.random.default_rng(11)
+    f = make_frame(rng, dtype=mx.bfloat16)
+    Q, B, V = 4, 3, 64
+    noise = mx.random.gumbel((Q, B, V), key=mx.random.key(3))
+    forced = mx.array([[-1, -1, -1], [5, -1, -1], [-1, -1, 7], [-1, -1, -1]], mx.int32)
+    pick = dict(temp=0.8, top_k=10, greedy=greedy)
+    with ops.use_mode("fused"):
+        codes, logits = run(ops.depformer_frame, f, forced, noise, **pick)
+    expect = reference.sample_topk(logits, noise, forced, **pick)
+    np.testing.assert_array_equal(np.array(codes), np.array(expect))
+    # Teacher-forced with its own codes, the reference sees the same tokens: same logits.
+    _, ref_logits = run(reference.depformer_frame, f, codes, noise, **pick)
+    np.testing.assert_allclose(np32(logits), np32(ref_logits), atol=TOL[mx.bfloat16] * 4, rtol=0)
+
+
+def tiny_lm(dtype=mx.float32, bits=0):
+    lm = LM(TINY)
+    lm.load_weights(list(random_lm_weights(TINY, seed=2, dtype=dtype).items()))
+    if bits:
+        import mlx.nn as nn
+        from personaplex_fast.checkpoint import quantizable
+        nn.quantize(lm, group_size=64, bits=bits, class_predicate=quantizable(64))
+    return lm
+
+
+@pytest.mark.parametrize("dtype,bits", [(mx.float32, 0), (mx.bfloat16, 0), (mx.bfloat16, 4)])
+def test_model_frame_equals_its_per_op_loop(dtype, bits, monkeypatch):
+    """LM.depformer_frame through the primitive == the per-op loop over the fused ops, exactly."""
+    lm = tiny_lm(dtype, bits)
+    rng = np.random.default_rng(4)
+    B = 3
+    h = mx.array(rng.standard_normal((B, 1, TINY.dim)).astype(np.float32)).astype(dtype)
+    text = mx.array(rng.integers(0, TINY.text_card, B).astype(np.int32))
+    forced = mx.full((B, TINY.dep_q), -1, mx.int32)
+    forced[1, 2] = 9
+    sampling = SamplingConfig()
+    key = mx.random.key(6)
+    assert lm.depformer_weights() is not None
+    with ops.use_mode("fused"):
+        fused = np.array(lm.depformer_frame(h, text, sampling, key, forced))
+        monkeypatch.setattr(LM, "depformer_weights", lambda self: None)
+        loop = np.array(lm.depformer_frame(h, text, sampling, key, forced))
+    np.testing.assert_array_equal(fused, loop)
+    assert fused[1, 2] == 9
+    assert len(np.unique(fused)) > 4  # sampled, not a constant
+
+
+def test_check_mode_records_the_logit_difference():
+    lm = tiny_lm(mx.bfloat16)
+    h = mx.random.normal((2, 1, TINY.dim)).astype(mx.bfloat16)
+    ops.reset_check_report()
+    with ops.use_mode("check"):
+        mx.eval(lm.depformer_frame(h, mx.array([1, 2], mx.int32), SamplingConfig(), mx.random.key(0)))
+    diff = ops.check_report()["depformer_frame"]
+    assert 0.0 <= diff < 0.25  # bf16 logits of size ~3, teacher-forced
+
+
+def test_bad_operands_raise():
+    rng = np.random.default_rng(0)
+    f = make_frame(rng)
+    forced = mx.full((4, 3), -1, mx.int32)
+    args = lambda **o: [o.get(k, v) for k, v in dict(
+        h=f["h"], text=f["text"], forced=forced, noise=None, in_projs=f["in_projs"], tables=f["tables"],
+        stacks=f["stacks"], heads_w=f["heads_w"]).items()] + [4, 0, EPS, 0.0, 0.8, 10, False]
+    with pytest.raises(ValueError, match="one head per codebook"):
+        _ext.depformer_frame(*args(heads_w=f["heads_w"][:3]))
+    with pytest.raises(ValueError, match="forced must be"):
+        _ext.depformer_frame(*args(forced=mx.full((3, 4), -1, mx.int32)))
+    with pytest.raises(ValueError, match="noise must be"):
+        _ext.depformer_frame(*args(noise=mx.zeros((4, 3, 63))))
+    with pytest.raises(ValueError, match="1 or Q input projections"):
+        _ext.depformer_frame(*args(in_projs=f["in_projs"][:2]))
+    with pytest.raises(ValueError, match="in_proj weight must be"):
+        _ext.depformer_frame(*args(in_projs=[[p[0][:, :64]] for p in f["in_projs"]]))
+    with pytest.raises(ValueError, match="layer 1: linear_out"):
+        bad = [list(s) for s in f["stacks"]]
+        bad[2][6 + 5] = bad[2][6 + 5][:, :32]
+        _ext.depformer_frame(*args(stacks=bad))
