@@ -37,10 +37,15 @@ int32_t sample_row(const T* l, const float* noise, int V, float temp, int top_k,
   for (int i = 0; i < V; ++i) s[i] = static_cast<float>(l[i]) / temp;
   const bool topk = top_k > 0 && top_k < V;
   float kth = -INFINITY;
-  if (topk) {
-    sorted.assign(s.begin(), s.end());
-    std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<float>());
-    kth = sorted[top_k - 1];
+  if (topk) {  // the top_k-th largest number; NaN never counts (all kept if too few)
+    sorted.clear();
+    for (float v : s) {
+      if (!std::isnan(v)) sorted.push_back(v);
+    }
+    if (static_cast<int>(sorted.size()) >= top_k) {
+      std::nth_element(sorted.begin(), sorted.begin() + (top_k - 1), sorted.end(), std::greater<float>());
+      kth = sorted[top_k - 1];
+    }
   }
   for (int i = 0; i < V; ++i) {
     if (topk && !(s[i] >= kth)) continue;

@@ -8,9 +8,10 @@
 //                 argmax over the kept i of s_i + noise[r, i] (noise: Gumbel
 //                 draws from mx.random.gumbel, float32 [R, V]; without noise, of s_i)
 //   then          forced[r] >= 0 replaces the token (teacher forcing)
-// Ties go to the lowest index, as mx.argmax; NaN logits are never picked. With
-// the same noise the tokens equal the pure-MLX reference's (reference.sample_topk)
-// exactly: every comparison is on the same float32 values.
+// Ties go to the lowest index, as mx.argmax. NaN logits are ignored: never
+// picked, never counted towards the top k (the pure-MLX reference is undefined
+// there). Otherwise, with the same noise, the tokens equal the reference's
+// (reference.sample_topk) exactly: every comparison is on the same float32 values.
 //
 // tokens [R] int32. logits float32, bfloat16 or float16.
 

@@ -8,7 +8,8 @@
 // the counts are summed across the block). The keys map float order to unsigned
 // order (sign bit flipped for positives, all bits for negatives). Then one more
 // pass takes the argmax of scaled + noise over the kept logits, ties to the
-// lowest index, as MLX's argmax. Every thread sums the per-warp counts in the
+// lowest index, as MLX's argmax. NaN logits are ignored: they neither count
+// towards the top k nor win the argmax. Every thread sums the per-warp counts in the
 // same order, so all threads pick the same digit without another broadcast.
 
 #pragma once
@@ -37,8 +38,11 @@ constexpr int kDigit = 4;                     // bits decided per pass
 constexpr int kCand = (1 << kDigit) - 1;      // candidates per pass (digit 0 always holds)
 constexpr int kShared = kWarps * (kCand + 1); // floats of workgroup memory the body needs
 
+// NaN takes key 0, below every number (-inf's key is 0x007fffff): NaN logits
+// never count towards the top k.
 PP_DEVICE pp_u32 order_key(float f) {
   const pp_u32 u = pp_float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0u;
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -92,7 +96,8 @@ PP_DEVICE void sample(const PP_GLOBAL typename F::Elem* logits, const PP_GLOBAL 
       PP_BARRIER();  // red is rewritten by the next pass
       prefix |= digit << shift;
     }
-    kth = key_value(prefix);
+    // Key 0: fewer than top_k numbers in the row (the rest NaN): keep them all.
+    kth = prefix == 0u ? PP_NEG_INF : key_value(prefix);
   }
   float best = PP_NEG_INF, best_i = float(a.V);
   for (int i = tid; i < a.V; i += kThreads) {

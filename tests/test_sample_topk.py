@@ -95,3 +95,23 @@ def test_bad_operands_raise():
         _ext.sample_topk(mx.zeros((10,)), None, None, 1.0, 5, False)
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         _ext.sample_topk(mx.zeros((3, 10), mx.int32), None, None, 1.0, 5, False)
+
+
+def test_nan_logits_are_ignored():
+    """NaN logits never win and never count towards the top k (the reference is
+    undefined there: checked against numpy)."""
+    rng = np.random.default_rng(7)
+    R, V, k, temp = 6, 50, 4, 0.9
+    base = rng.standard_normal((R, V)).astype(np.float32)
+    base[:, ::3] = np.nan
+    base[0, :] = np.nan
+    base[0, 7] = 1.0  # fewer numbers than k: all of them are kept
+    noise = np.array(mx.random.gumbel((R, V), key=mx.random.key(8)))
+    with ops.use_mode("fused"):
+        got = np.array(ops.sample_topk(mx.array(base), mx.array(noise), None, temp=temp, top_k=k))
+    for r in range(R):
+        s = base[r] / np.float32(temp)
+        finite = s[~np.isnan(s)]
+        kth = np.sort(finite)[::-1][k - 1] if finite.size >= k else -np.inf
+        score = np.where(~np.isnan(s) & (s >= kth), s + noise[r], -np.inf)
+        assert got[r] == np.argmax(score), r
