@@ -390,10 +390,13 @@ def mimi_rows(table, mimi, batches, ref_batches, iters):
         pcm = mx.array((0.1 * rng.standard_normal((B, mimi.cfg.frame_size))).astype(np.float32))
         codes = mx.array(rng.integers(0, mimi.cfg.quantizer.bins, (B, mimi.cfg.num_codebooks)).astype(np.int32))
         res = {}
-        for mode in ("fused", "reference"):
+        for mode in ("fused", "reference", "kernels"):
             if mode == "reference" and B not in ref_batches:
                 continue
-            with ops.use_mode(mode):
+            # "kernels": fused, with every conv through our kernels (no GEMM hand-off).
+            gemm = ops.CONV_KERNEL_MAX_MACS
+            ops.CONV_KERNEL_MAX_MACS = None if mode == "kernels" else gemm
+            with ops.use_mode("fused" if mode == "kernels" else mode):
                 enc, dec = mimi.new_encoder_state(B), mimi.new_decoder_state(B)
                 n = iters if mode == "fused" else max(3, iters // 4)
 
@@ -406,11 +409,14 @@ def mimi_rows(table, mimi, batches, ref_batches, iters):
                     mx.eval(a, *dec.arrays())
 
                 res[mode] = {"enc": median_ms(encode, iters=n), "dec": median_ms(decode, iters=n)}
-        ref = res.get("reference", {})
+            ops.CONV_KERNEL_MAX_MACS = gemm
+        ref, k = res.get("reference", {}), res["kernels"]
+        note = f"convs above {ops.CONV_KERNEL_MAX_MACS / 1e6:.0f}M MACs as MLX conv; all our kernels: " if \
+            ops.CONV_KERNEL_MAX_MACS else "all our kernels: "
         table.add("Mimi encode, one 80 ms frame", B, res["fused"]["enc"], ref.get("enc"), mimi_bytes / 2,
-                  "mimi_encode")
+                  "mimi_encode", note + f"{k['enc']:.2f} ms")
         table.add("Mimi decode, one 80 ms frame", B, res["fused"]["dec"], ref.get("dec"), mimi_bytes / 2,
-                  "mimi_decode")
+                  "mimi_decode", note + f"{k['dec']:.2f} ms")
 
 
 def frame_rows(table, lm, fmt, mimi, batches, ref_batches, iters):

@@ -121,11 +121,23 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     return fused
 
 
+# Streaming conv steps larger than this many multiply-adds run as MLX's own
+# convolution (im2col + GEMM) on a GPU: measured faster there than our direct
+# kernels, which win on the small per-frame convs (docs/PERF.md, H100). Both
+# compute the same function; the CPU always takes the kernels. None: always ours.
+CONV_KERNEL_MAX_MACS: int | None = 20_000_000
+
+
+def _conv_as_gemm(macs: int) -> bool:
+    return (CONV_KERNEL_MAX_MACS is not None and macs > CONV_KERNEL_MAX_MACS
+            and mx.default_device().type != mx.cpu)
+
+
 def conv1d_stream(x, previous, weight, bias=None, *, stride: int = 1, dilation: int = 1,
                   elu_input: bool = False, groups: int = 1, first=None):
     """See reference.conv1d_stream; returns (y, previous')."""
     kw = dict(stride=stride, dilation=dilation, elu_input=elu_input, groups=groups, first=first)
-    if _reference():
+    if _reference() or _conv_as_gemm(x.shape[0] * (x.shape[1] // stride) * weight.size):
         return reference.conv1d_stream(x, previous, weight, bias, **kw)
     fused = tuple(_ext().conv1d_stream(x, previous, weight, bias, first, int(stride), int(dilation),
                                        int(groups), bool(elu_input)))
@@ -138,7 +150,7 @@ def conv_transpose1d_stream(x, partial, weight, bias=None, *, stride: int, group
                             elu_input: bool = False):
     """See reference.conv_transpose1d_stream; returns (y, partial')."""
     kw = dict(stride=stride, groups=groups, elu_input=elu_input)
-    if _reference():
+    if _reference() or _conv_as_gemm(x.shape[0] * x.shape[1] * weight.size):
         return reference.conv_transpose1d_stream(x, partial, weight, bias, **kw)
     fused = tuple(_ext().conv_transpose1d_stream(x, partial, weight, bias, int(stride), int(groups),
                                                  bool(elu_input)))
