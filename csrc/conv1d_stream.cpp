@@ -101,10 +101,10 @@ std::vector<mx::array> conv1d_stream(const mx::array& x, const mx::array& previo
   check(previous.dtype() == dt && weight.dtype() == dt, kOp, "x, previous and weight must share one dtype");
   auto st = mx::to_stream(s);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
-  std::vector<mx::array> inputs = {c(x), c(previous), c(weight)};
+  std::vector<mx::array> inputs = {c(x), c(previous), dense_input(weight, st)};
   if (bias) {
     check(bias->ndim() == 1 && bias->shape(0) == C_out, kOp, "bias must be [C_out], got " + shape_str(*bias));
-    inputs.push_back(c(mx::astype(*bias, dt, st)));
+    inputs.push_back(dense_input(mx::astype(*bias, dt, st), st));
   }
   if (first) {
     check(first->ndim() == 1 && first->shape(0) == B, kOp, "first must be [B], got " + shape_str(*first));

@@ -81,10 +81,10 @@ std::vector<mx::array> conv_transpose1d_stream(const mx::array& x, const mx::arr
   check(partial.dtype() == dt && weight.dtype() == dt, kOp, "x, partial and weight must share one dtype");
   auto st = mx::to_stream(s);
   auto c = [&](const mx::array& a) { return mx::contiguous(a, false, st); };
-  std::vector<mx::array> inputs = {c(x), c(partial), c(weight)};
+  std::vector<mx::array> inputs = {c(x), c(partial), dense_input(weight, st)};
   if (bias) {
     check(bias->ndim() == 1 && bias->shape(0) == C_out, kOp, "bias must be [C_out], got " + shape_str(*bias));
-    inputs.push_back(c(mx::astype(*bias, dt, st)));
+    inputs.push_back(dense_input(mx::astype(*bias, dt, st), st));
   }
   auto prim = std::make_shared<ConvTranspose1dStream>(st, stride, groups, elu_input, bias.has_value());
   return mx::array::make_arrays({{B, T * stride, C_out}, partial.shape()}, {dt, dt}, prim, inputs);

@@ -209,3 +209,24 @@ def test_moshi_state_dict_names_are_accepted(tiny_path, tmp_path):
     save_file(renamed, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(tiny_mimi_config().to_dict())})
     pcm = mx.array(_clip(0, 2)[None])
     assert (np.array(load_mimi(path).encode(pcm)) == np.array(load_mimi(tiny_path).encode(pcm))).all()
+
+
+def test_compiled_layer_step_equals_uncompiled_for_every_constant():
+    """The Mimi transformer's layer step is mx.compile'd with its sizes as Python
+    constants: a change of heads, context, frame steps or RoPE period must retrace,
+    never reuse another configuration's trace."""
+    from personaplex_fast.models.mimi_layers import _compiled_layer_step, _layer_step
+
+    rng = np.random.default_rng(0)
+    r = lambda *s: mx.array(rng.standard_normal(s).astype(np.float32))
+    d, f = 32, 64
+    for heads, context, g, period in [(4, 16, 2, 1e4), (2, 16, 2, 1e4), (4, 12, 2, 1e4), (4, 16, 1, 1e4),
+                                      (4, 16, 2, 100.0)]:
+        pos = mx.array([[20, 21], [3, 4]], mx.int32)
+        key_pos = mx.concatenate([mx.full((1, context), -1, mx.int32),
+                                  mx.arange(20 - context, 20, dtype=mx.int32)[None]])
+        args = (r(2, 2, d), pos, r(2, heads, context, d // heads), r(2, heads, context, d // heads), key_pos,
+                r(d), r(d), 0.1 * r(3 * d, d), 0.1 * r(d, d), r(d), r(d), r(d), 0.1 * r(f, d), 0.1 * r(d, f), r(d))
+        kw = dict(heads=heads, context=context, steps_per_frame=g, max_period=period, eps=1e-5)
+        for a, b in zip(_compiled_layer_step(*args, **kw), _layer_step(*args, **kw)):
+            np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-6)

@@ -59,26 +59,16 @@ class WindowKVCache:
     """Keys/values of the last `context` steps of every session, concat-and-trim.
 
     `positions[b, i]` is the absolute time of entry i for session b, -1 when empty, so
-    a reset session masks out its stale entries without moving the others. Sessions step
-    together, so one trim length fits all.
+    a reset session masks out its stale entries without moving the others. The window
+    always holds `context` entries (empty ones at -1 from the start), so every step has
+    the same shapes and the compiled layer step (_layer_step) is traced once.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, context: int, dtype: mx.Dtype):
         self.context = context
-        self.keys = mx.zeros((batch, heads, 0, head_dim), dtype=dtype)
-        self.values = mx.zeros((batch, heads, 0, head_dim), dtype=dtype)
-        self.positions = mx.zeros((batch, 0), dtype=mx.int32)
-
-    def update(self, k: mx.array, v: mx.array, pos: mx.array):
-        keys = mx.concatenate([self.keys, k], axis=2)
-        values = mx.concatenate([self.values, v], axis=2)
-        positions = mx.concatenate([self.positions, pos], axis=1)
-        # The newest query reaches back `context` steps; older queries of this chunk were
-        # served by the untrimmed arrays returned below.
-        self.keys = keys[:, :, -self.context:]
-        self.values = values[:, :, -self.context:]
-        self.positions = positions[:, -self.context:]
-        return keys, values, positions
+        self.keys = mx.zeros((batch, heads, context, head_dim), dtype=dtype)
+        self.values = mx.zeros((batch, heads, context, head_dim), dtype=dtype)
+        self.positions = mx.full((batch, context), -1, dtype=mx.int32)
 
     def reset(self, mask: mx.array) -> None:
         self.positions = _keep_where(mask, mx.full(self.positions.shape, -1, mx.int32), self.positions)
@@ -251,6 +241,39 @@ def apply_rope(x: mx.array, positions: mx.array, max_period: float) -> mx.array:
     return out.reshape(x.shape).astype(x.dtype)
 
 
+def _layer_step(x, positions, keys, values, key_pos, attn_norm_w, attn_norm_b, in_proj, out_proj,
+                attn_scale, ffn_norm_w, ffn_norm_b, ffn_in, ffn_out, ffn_scale, *, heads: int,
+                context: int, steps_per_frame: int, max_period: float, eps: float):
+    """One pre-norm layer over a chunk x [B, T, d] with its window cache: returns
+    (y, keys', values', key_pos'). A pure function of arrays, compiled once per shape
+    (mx.compile fuses its elementwise work: RoPE, masks, norms, layer scales)."""
+    b, t, d = x.shape
+    h = mx.fast.layer_norm(x, attn_norm_w, attn_norm_b, eps)
+    qkv = (h @ in_proj.T).reshape(b, t, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
+    q = apply_rope(qkv[0], positions, max_period)
+    k = apply_rope(qkv[1], positions, max_period)
+    all_keys = mx.concatenate([keys, k], axis=2)
+    all_values = mx.concatenate([values, qkv[2]], axis=2)
+    all_pos = mx.concatenate([key_pos, positions], axis=1)
+    # moshi streams a frame's steps into a ring of `context` slots before attending, so
+    # the oldest keys are already gone for the frame's earlier queries: the window ends
+    # at the frame's last step, not at the query. Same mask for any chunking.
+    g = steps_per_frame
+    frame_end = (positions // g + 1) * g - 1
+    k_pos = all_pos[:, None, :]
+    mask = (k_pos >= 0) & (k_pos <= positions[:, :, None]) & (frame_end[:, :, None] - k_pos < context)
+    out = mx.fast.scaled_dot_product_attention(q, all_keys, all_values, scale=1.0 / math.sqrt(d // heads),
+                                               mask=mask[:, None])
+    x = x + attn_scale * (out.transpose(0, 2, 1, 3).reshape(b, t, d) @ out_proj.T)
+    h = mx.fast.layer_norm(x, ffn_norm_w, ffn_norm_b, eps)
+    x = x + ffn_scale * (nn.gelu(h @ ffn_in.T) @ ffn_out.T)
+    # The newest query reaches back `context` steps: keep the last `context` entries.
+    return x, all_keys[:, :, -context:], all_values[:, :, -context:], all_pos[:, -context:]
+
+
+_compiled_layer_step = mx.compile(_layer_step)
+
+
 class TransformerLayer(nn.Module):
     """Pre-norm layer: x + s1 * attn(LN(x)), then x + s2 * W2 gelu(W1 LN(x))."""
 
@@ -268,28 +291,15 @@ class TransformerLayer(nn.Module):
         self.ffn_out = nn.Linear(cfg.dim_feedforward, d, bias=False)
         self.ffn_scale = mx.full((d,), cfg.layer_scale)
 
-    def attention(self, x, positions, cache: WindowKVCache):
-        b, t, d = x.shape
-        qkv = self.in_proj(x).reshape(b, t, 3, self.heads, d // self.heads).transpose(2, 0, 3, 1, 4)
-        q = apply_rope(qkv[0], positions, self.max_period)
-        k = apply_rope(qkv[1], positions, self.max_period)
-        keys, values, key_pos = cache.update(k, qkv[2], positions)
-        # moshi streams a frame's steps into a ring of `context` slots before attending, so
-        # the oldest keys are already gone for the frame's earlier queries: the window ends
-        # at the frame's last step, not at the query. Same mask for any chunking.
-        g = self.steps_per_frame
-        frame_end = (positions // g + 1) * g - 1
-        k_pos = key_pos[:, None, :]
-        mask = ((k_pos >= 0) & (k_pos <= positions[:, :, None])
-                & (frame_end[:, :, None] - k_pos < self.context))
-        out = mx.fast.scaled_dot_product_attention(
-            q, keys, values, scale=1.0 / math.sqrt(d // self.heads), mask=mask[:, None])
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
-
-    def __call__(self, x, positions, cache: WindowKVCache):
-        x = x + self.attn_scale * self.attention(self.attn_norm(x), positions, cache)
-        ffn = self.ffn_out(nn.gelu(self.ffn_in(self.ffn_norm(x))))
-        return x + self.ffn_scale * ffn
+    def __call__(self, x, positions, cache: WindowKVCache, compiled: bool = True):
+        step = _compiled_layer_step if compiled else _layer_step
+        y, cache.keys, cache.values, cache.positions = step(
+            x, positions, cache.keys, cache.values, cache.positions, self.attn_norm.weight,
+            self.attn_norm.bias, self.in_proj.weight, self.out_proj.weight, self.attn_scale,
+            self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_in.weight, self.ffn_out.weight,
+            self.ffn_scale, heads=self.heads, context=self.context, steps_per_frame=self.steps_per_frame,
+            max_period=self.max_period, eps=self.attn_norm.eps)
+        return y
 
 
 class Transformer(nn.Module):
