@@ -153,58 +153,99 @@ def test_conv_transpose1d_stream_any_lane_count(codec_emulator, lanes):
 # ------------------------------------------------------------------------------- rvq
 
 
-def emulated_rvq(emu, x, books, codes, seed):
+def emulated_rvq(emu, x, books, codes, seed, vectors=0):
     """Encodes x [..., D] (converted to float32 first, as the host does) and decodes
-    `codes` [..., n_q]."""
+    `codes` [..., n_q]. vectors: the encoder's vectors per block, 0 for the host's."""
     n_q, bins, D = books.shape
     xr = raw(x.astype(mx.float32).reshape(-1, D))
     br, cr = raw(books), raw(codes.reshape(-1, n_q))
     n = xr.shape[0]
     got_codes = raw(mx.full((n, n_q), -1, mx.int32))
     check(emu, emu.emu_rvq_encode(ptr(xr), ptr(br), ptr(got_codes),
-                                  ctypes.byref(RvqArgs(n, n_q, bins, D)), seed))
+                                  ctypes.byref(RvqArgs(n, n_q, bins, D)), seed, vectors))
     out = nan_raw((cr.shape[0], D), mx.float32)
     check(emu, emu.emu_rvq_decode(ptr(cr), ptr(br), ptr(out),
                                   ctypes.byref(RvqArgs(cr.shape[0], n_q, bins, D)), seed))
     return got_codes.reshape(*x.shape[:-1], n_q), out.view(np.float32).reshape(*codes.shape[:-1], D)
 
 
-# (leading shape of x, n_q, bins, D): more bins than the block's 512 threads (a
-# thread scores two), D below, at and past the dot's 8 lanes.
+# (leading shape of x, n_q, bins, D): bins not a multiple of the encoder's 64-bin
+# chunks, D below, at and past the dot's 8 lanes, and past a thread's batch of 8
+# loads (70: one batch; 3100: many, and a remainder); n_q = 1, more codebooks than
+# the block's 8 warps (9, 10), more chunks than blocks (16400 bins: S = 256, two
+# chunks for some blocks), no vectors, vector counts that leave the last block of
+# 2 or 4 vectors partial (3, 5, 6, 7, 9, 10), and a D whose residuals make the
+# host halve its vectors per block (3100: 4 would pass 48 KB).
 RVQ_SHAPES = [((6,), 4, 33, 3), ((2, 5), 8, 128, 20), ((3, 2), 1, 64, 32), ((2, 3), 3, 600, 13),
-              ((4,), 8, 1100, 8)]
+              ((4,), 8, 1100, 8), ((3,), 10, 70, 9), ((1,), 2, 16400, 3), ((2,), 3, 200, 16),
+              ((0,), 2, 40, 9), ((5,), 2, 100, 3100), ((3,), 2, 90, 70), ((7,), 3, 150, 13),
+              ((3, 3), 9, 64, 24)]
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
-@pytest.mark.parametrize("shape", RVQ_SHAPES)
-def test_rvq_kernels(codec_emulator, shape, dtype):
+def rvq_case(shape, dtype):
     lead, n_q, bins, D = shape
     rng = np.random.default_rng(hash((shape, str(dtype))) % 2**32)
     books = mx.array(np.stack([0.6**q * rng.standard_normal((bins, D)) for q in range(n_q)])
                      .astype(np.float32))
-    x = rand(rng, (*lead, D), dtype)
+    return rng, books, rand(rng, (*lead, D), dtype)
+
+
+# Vectors per block: the host's choice (for an H100: 1 at these sizes), and each of
+# the other kernels (rvq_encode_v2, _v4) whatever the host would take.
+VECTORS = [0, 2, 4]
+
+
+@pytest.mark.parametrize("vectors", VECTORS)
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+@pytest.mark.parametrize("shape", RVQ_SHAPES)
+def test_rvq_kernels(codec_emulator, shape, dtype, vectors):
+    rng, books, x = rvq_case(shape, dtype)
+    bins = shape[2]
     want = np.array(_ext.rvq_encode(x, books, stream=mx.cpu))
     # Decode the expected codes with every fifth one out of range (clamped).
     c = want.copy()
     c.flat[::5] = rng.integers(-3, bins + 3, size=c.flat[::5].shape)
-    codes, out = emulated_rvq(codec_emulator["rvq"], x, books, mx.array(c), 1)
+    codes, out = emulated_rvq(codec_emulator["rvq"], x, books, mx.array(c), 1, vectors)
     np.testing.assert_array_equal(codes, want)
     np.testing.assert_array_equal(out, np.array(_ext.rvq_decode(mx.array(c), books, stream=mx.cpu)))
 
 
-def test_rvq_ties_go_to_the_lowest_bin(codec_emulator):
+@pytest.mark.parametrize("vectors", VECTORS)
+def test_rvq_ties_go_to_the_lowest_bin(codec_emulator, vectors):
     """Small integer books and inputs, so that distances tie often; a bin copied to a
-    higher one of the same thread (515 = 3 + 512), another lane of the warp (17), and
-    other warps (650, 699) never wins, also where it is the exact match."""
+    higher one never wins, also where it is the exact match: of the same thread (3 to
+    35: bin j of a 64-bin chunk goes to group j % 32 of eight threads, four groups a
+    warp), of another group of the same warp (2 to 33), of another warp (3 to 17),
+    of other blocks (2 to 650, 9 to 699, 11 to 661)."""
     rng = np.random.default_rng(2)
     n_q, bins, D = 3, 700, 5
     books = rng.integers(-3, 4, size=(n_q, bins, D)).astype(np.float32)
-    for low, high in [(2, 650), (9, 699), (3, 17), (3, 515)]:
+    for low, high in [(2, 650), (9, 699), (3, 17), (3, 35), (2, 33), (11, 661)]:
         books[:, high] = books[:, low]
     x = rng.integers(-4, 5, size=(2, 24, D)).astype(np.float32)
-    x[0, :3] = books[0, [2, 9, 3]]  # at distance 0 from a duplicated bin
+    x[0, :4] = books[0, [2, 9, 3, 11]]  # at distance 0 from a duplicated bin
     books, x = mx.array(books), mx.array(x)
     want = np.array(_ext.rvq_encode(x, books, stream=mx.cpu))
-    codes, _ = emulated_rvq(codec_emulator["rvq"], x, books, mx.array(want), 3)
+    codes, _ = emulated_rvq(codec_emulator["rvq"], x, books, mx.array(want), 3, vectors)
     np.testing.assert_array_equal(codes, want)
-    assert not np.isin(codes, [650, 699, 17, 515]).any()
+    assert not np.isin(codes, [650, 699, 17, 35, 33, 661]).any()
+
+
+def rounding_case(rng, n_q, bins, D, n):
+    """Codebooks whose entries are permutations of one vector of integers (|e|^2 exact
+    in any order) and constant inputs near twice their mean (|r|^2 and 2 r.e of one
+    size, |e|^2 below): every distance of codebook 0 is the same number but for the
+    rounding of r.e, so the argmin shows any change in the order of the sums."""
+    base = np.round(2.0 ** rng.uniform(0, 6, (n_q, D)))
+    books = np.stack([[b[rng.permutation(D)] for _ in range(bins)] for b in base])
+    x = np.repeat(2 * base[0].mean() * rng.uniform(0.9, 1.1, (n, 1)), D, axis=1)
+    return mx.array(books.astype(np.float32)), mx.array(x.astype(np.float32))
+
+
+@pytest.mark.parametrize("vectors", VECTORS)
+def test_rvq_rounds_as_the_cpu_path(codec_emulator, vectors):
+    books, x = rounding_case(np.random.default_rng(5), 2, 150, 37, 24)
+    want = np.array(_ext.rvq_encode(x, books, stream=mx.cpu))
+    assert len(np.unique(want[:, 0])) > 10  # rounding, not the data, picks the bins
+    codes, _ = emulated_rvq(codec_emulator["rvq"], x, books, mx.array(want), 4, vectors)
+    np.testing.assert_array_equal(codes, want)

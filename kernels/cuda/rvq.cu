@@ -1,15 +1,21 @@
 // CUDA instantiations of kernels/rvq.cuh. Built by nvcc into a fatbin that the
 // extension embeds and loads with cuModuleLoadData (see csrc/cuda_common.h).
-// Names: rvq_encode, rvq_decode (float32 only, as the primitives).
+// Names: rvq_encode_v1, _v2, _v4 (V vectors per block), rvq_decode (float32 only,
+// as the primitives).
 
 #include "../rvq.cuh"
 
-extern "C" __global__ void __launch_bounds__(rvq::kThreads)
-    rvq_encode(const float* x, const float* books, int* codes, float* res, RvqArgs a) {
-  __shared__ float sd[rvq::kWarps];
-  __shared__ int sj[rvq::kWarps];
-  rvq::encode(x, books, codes, res, a, sd, sj, blockIdx.x, threadIdx.x);
-}
+// Launch q of the encoder: grid (ceil(n / V), S), dynamic shared memory of
+// rvq_encode_smem_floats(V, n_q, D) floats (see csrc/rvq_cuda.cpp).
+#define RVQ_ENCODE(V)                                                                        \
+  extern "C" __global__ void __launch_bounds__(rvq::kThreads) rvq_encode_v##V(               \
+      const float* x, const float* books, int* codes, float* part, RvqArgs a, int q, int S) { \
+    extern __shared__ float smem[];                                                          \
+    rvq::encode<V>(x, books, codes, part, a, q, S, smem, blockIdx.x, blockIdx.y, threadIdx.x); \
+  }
+RVQ_ENCODE(1)
+RVQ_ENCODE(2)
+RVQ_ENCODE(4)  // kRvqMaxVectors
 
 extern "C" __global__ void __launch_bounds__(kRvqDecodeThreads)
     rvq_decode(const int* codes, const float* books, float* out, RvqArgs a) {

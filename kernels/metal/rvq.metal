@@ -2,21 +2,35 @@
 // NOT YET COMPILED: no Metal toolchain on this project's Linux machines, and no
 // eval_gpu for Metal is wired up. Needs MSL 3.0+ (32-wide SIMD groups) and
 // -fno-fast-math -ffp-contract=off, or the codes may differ from the CPU path's
-// (portable.h, pp_mul_rn). Dispatch rvq_encode with kRvqEncodeThreads threads
-// per threadgroup, one threadgroup per vector; rvq_decode with kRvqDecodeThreads.
+// (portable.h, pp_mul_rn).
+// Dispatch as csrc/rvq_cuda.cpp launches: rvq_encode_v<V> (V = rvq_encode_vectors
+// (n, S, n_q, D, GPU cores)) n_q + 1 times in order on one command buffer (each
+// dispatch reads the workspace `part` that the earlier ones wrote, so they must
+// not overlap), q = 0..n_q, with kRvqEncodeThreads threads per threadgroup,
+// threadgroups (ceil(n / V), S) for q < n_q and (ceil(n / V), 1) for q = n_q,
+// S = rvq_encode_splits(bins), `part` a float32 buffer of n * n_q * S * 2, and
+// threadgroup memory 0 of rvq_encode_smem_floats(V, n_q, D) floats
+// (setThreadgroupMemoryLength, rounded up to 16 bytes; Apple GPUs allow 32 KB, so
+// halve V to fit, and D + n_q + 16 must stay within 8192). rvq_decode:
+// kRvqDecodeThreads threads per threadgroup, one thread per output element.
 
 #include "../rvq.cuh"
 
-[[kernel]] void rvq_encode(const device float* x [[buffer(0)]],
-                           const device float* books [[buffer(1)]],
-                           device int* codes [[buffer(2)]], device float* res [[buffer(3)]],
-                           constant RvqArgs& a [[buffer(4)]],
-                           uint g [[threadgroup_position_in_grid]],
-                           uint tid [[thread_index_in_threadgroup]]) {
-  threadgroup float sd[rvq::kWarps];
-  threadgroup int sj[rvq::kWarps];
-  rvq::encode(x, books, codes, res, a, sd, sj, g, tid);
-}
+#define RVQ_ENCODE(V)                                                                          \
+  [[kernel]] void rvq_encode_v##V(const device float* x [[buffer(0)]],                          \
+                                  const device float* books [[buffer(1)]],                      \
+                                  device int* codes [[buffer(2)]],                              \
+                                  device float* part [[buffer(3)]],                             \
+                                  constant RvqArgs& a [[buffer(4)]],                            \
+                                  constant int& q [[buffer(5)]], constant int& S [[buffer(6)]], \
+                                  threadgroup float* smem [[threadgroup(0)]],                   \
+                                  uint2 g [[threadgroup_position_in_grid]],                     \
+                                  uint tid [[thread_index_in_threadgroup]]) {                   \
+    rvq::encode<V>(x, books, codes, part, a, q, S, smem, g.x, g.y, tid);                       \
+  }
+RVQ_ENCODE(1)
+RVQ_ENCODE(2)
+RVQ_ENCODE(4)  // kRvqMaxVectors
 
 [[kernel]] void rvq_decode(const device int* codes [[buffer(0)]],
                            const device float* books [[buffer(1)]],

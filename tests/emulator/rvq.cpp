@@ -1,7 +1,8 @@
 // The launches of kernels/cuda/rvq.cu run through the CPU emulator
 // (portable_cpu.h), with the host logic of csrc/rvq_cuda.cpp (grids, block sizes,
-// the float32 residual workspace). A C ABI for tests/test_codec_emulator.py
-// (ctypes): each entry returns 0, or 1 with the reason in emu_error().
+// the launch sequence, the float32 workspace of partial argmins). A C ABI for
+// tests/test_codec_emulator.py (ctypes): each entry returns 0, or 1 with the
+// reason in emu_error().
 //
 // Built by the test: g++ -std=c++20 -O1 -ffp-contract=off -U_FORTIFY_SOURCE -DPP_EMULATE
 // -shared -fPIC, with kernels/*.cuh and portable_cpu.h (as portable.h) in one
@@ -9,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "codec_host.h"
@@ -26,21 +28,33 @@ extern "C" {
 const char* emu_error() { return pp_emu::g_error.c_str(); }
 
 // x [n, D] and books [n_q, bins, D] float32 (the host converts them first).
+// The launch sequence of RvqEncode::eval_gpu: q = 0..n_q over grids
+// (ceil(n / V), S), then (ceil(n / V), 1), one float32 workspace `part`
+// [n, n_q, S, 2] (NaN at the start). vectors: V, or 0 for the host's choice on
+// an H100 (132 multiprocessors).
 int emu_rvq_encode(const float* x, const float* books, int* codes, const RvqArgs* a,
-                   unsigned seed) {
+                   unsigned seed, int vectors) {
   return pp_emu::guarded([&] {
     if (a->n == 0) return;
-    std::vector<float> res(long(a->n) * a->D, NAN);
-    // rvq.cu's __shared__ sd[kWarps] (NaN) and sj[kWarps]: an unwritten sj slot
-    // reads as bin -1, which shows in the codes.
-    std::vector<float> sd(rvq::kWarps);
-    std::vector<int> sj(rvq::kWarps);
-    pp_emu::launch(
-        Dim3{blocks_for(a->n, 1), 1, 1}, kRvqEncodeThreads, sd,
-        [&](int bx, int, int, int tid) {
-          rvq::encode(x, books, codes, res.data(), *a, sd.data(), sj.data(), bx, tid);
-        },
-        seed, [&] { std::fill(sj.begin(), sj.end(), -1); });
+    const int S = rvq_encode_splits(a->bins);
+    const int V = vectors ? vectors : rvq_encode_vectors(a->n, S, a->n_q, a->D, 132);
+    std::vector<float> part(long(a->n) * a->n_q * S * 2, NAN);
+    // rvq.cu's extern __shared__ smem, NaN before every block.
+    std::vector<float> smem(rvq_encode_smem_floats(V, a->n_q, a->D));
+    for (int q = 0; q <= a->n_q; ++q) {
+      pp_emu::launch(
+          Dim3{blocks_for(a->n, V), q < a->n_q ? S : 1, 1}, kRvqEncodeThreads, smem,
+          [&](int bx, int by, int, int tid) {
+            float* p = part.data();
+            switch (V) {
+              case 1: return rvq::encode<1>(x, books, codes, p, *a, q, S, smem.data(), bx, by, tid);
+              case 2: return rvq::encode<2>(x, books, codes, p, *a, q, S, smem.data(), bx, by, tid);
+              case 4: return rvq::encode<4>(x, books, codes, p, *a, q, S, smem.data(), bx, by, tid);
+              default: pp_emu::fail("emulator: no rvq_encode_v" + std::to_string(V));
+            }
+          },
+          seed + q);
+    }
   });
 }
 

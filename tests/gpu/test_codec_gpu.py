@@ -174,10 +174,16 @@ def residual_books(rng, n_q, bins, D):
 
 
 # (leading shape of x, n_q, bins, D): Mimi's frame per session (semantic 1 book, acoustic
-# 7 of PersonaPlex's 8, or all 31 of the 32 stored), two frames per step, small corners.
+# 7 of PersonaPlex's 8, or all 31 of the 32 stored), two frames per step, 20 and 32
+# sessions (2 and 4 vectors a block), small corners; more chunks of bins than blocks
+# (16400 bins), more codebooks than a block's warps (10), residuals past 48 KB of
+# shared memory for 4 vectors a block (3100: the host takes 2) and for one (13000:
+# opted in).
 RVQ_SHAPES = [((B, 1), n_q, 2048, 256) for B in (1, 3, 8) for n_q in (1, 7, 31)] + [
-    ((3, 2), 8, 2048, 256), ((1, 1), 1, 16, 8), ((3, 4), 7, 64, 32), ((2, 5), 8, 128, 20),
-    ((6,), 4, 33, 3), ((2, 1, 3), 3, 256, 64), ((700,), 2, 600, 13)]
+    ((3, 2), 8, 2048, 256), ((20, 1), 8, 2048, 256), ((32, 1), 8, 2048, 256), ((1, 1), 1, 16, 8),
+    ((3, 4), 7, 64, 32), ((2, 5), 8, 128, 20), ((6,), 4, 33, 3), ((2, 1, 3), 3, 256, 64),
+    ((700,), 2, 600, 13), ((1,), 2, 16400, 3), ((10,), 10, 70, 9), ((5,), 2, 100, 3100),
+    ((2,), 2, 64, 13000)]
 
 
 @pytest.mark.parametrize("shape", RVQ_SHAPES)
@@ -204,7 +210,7 @@ def test_rvq_matches_cpu_path_and_reference(shape, dtype):
 
 def test_rvq_ties_go_to_the_lowest_index():
     rng = np.random.default_rng(2)
-    n_q, bins, D = 3, 700, 5  # bins past one block's threads: ties across threads and warps
+    n_q, bins, D = 3, 700, 5  # 11 chunks of 64 bins: ties across threads, warps and blocks
     books = rng.integers(-3, 4, size=(n_q, bins, D)).astype(np.float32)
     books[:, 650] = books[:, 2]
     books[:, 699] = books[:, 9]
@@ -213,6 +219,31 @@ def test_rvq_ties_go_to_the_lowest_index():
     got = np.array(evaluated(_ext.rvq_encode(x, books, stream=mx.gpu)))
     np.testing.assert_array_equal(got, np.array(_ext.rvq_encode(x, books, stream=mx.cpu)))
     assert not np.isin(got, [650, 699]).any()
+
+
+@pytest.mark.parametrize("n", [1, 3, 40])
+@pytest.mark.parametrize("D", [37, 256])
+def test_rvq_rounds_as_the_cpu_path(n, D):
+    """Codebooks whose entries are permutations of one vector of integers (|e|^2 exact
+    in any order) and constant inputs near twice their mean: every distance of codebook
+    0 is the same number but for the rounding of r.e, so the codes show any change in
+    the order of the sums or a fused multiply-add (as tests/test_codec_emulator.py)."""
+    rng = np.random.default_rng(n * 1000 + D)
+    n_q, bins = 2, 2048
+    base = np.round(2.0 ** rng.uniform(0, 6, (n_q, D)))
+    books = mx.array(np.stack([[b[rng.permutation(D)] for _ in range(bins)] for b in base])
+                     .astype(np.float32))
+    x = mx.array(np.repeat(2 * base[0].mean() * rng.uniform(0.9, 1.1, (n, 1)), D, axis=1)
+                 .astype(np.float32))
+    want = np.array(_ext.rvq_encode(x, books, stream=mx.cpu))
+    assert n == 1 or len(np.unique(want[:, 0])) > 1
+    np.testing.assert_array_equal(np.array(evaluated(_ext.rvq_encode(x, books, stream=mx.gpu))), want)
+
+
+def test_rvq_encode_of_no_vectors():
+    books = mx.array(np.random.default_rng(3).standard_normal((4, 64, 16)).astype(np.float32))
+    codes = evaluated(_ext.rvq_encode(mx.zeros((0, 16)), books, stream=mx.gpu))
+    assert codes.shape == (0, 4) and codes.dtype == mx.int32
 
 
 # ------------------------------------------------------------------ streams and graphs
