@@ -495,6 +495,7 @@ def main():
         codec_rows(t, batches, args.iters)
         sample_rows(t, batches, args.iters)
         tables.append(t)
+        show(t)
     if "kernels" in sections:
         t = Table("Primitives, GPU time per call (16 independent calls in one graph), ms", bw, torch_rows)
         in_graph_rows(t, batches)
@@ -516,11 +517,18 @@ def main():
             del lm
             mx.clear_cache()
         tables += [t for t, on in ((t_lm, "lm" in sections), (t_frame, mimi is not None)) if on]
+        for t in tables[-2:]:
+            show(t)
     text = "\n".join(head + sum((tb.lines() + [""] for tb in tables), []))
     print(text)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(text + "\n")
+
+
+def show(table):
+    """Print a finished table at once (a run cut short keeps what it measured)."""
+    print("\n".join(table.lines()), flush=True)
 
 
 if __name__ == "__main__":
