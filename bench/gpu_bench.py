@@ -516,8 +516,9 @@ def main():
                 frame_rows(t_frame, lm, fmt, mimi, batches, ref_batches if bits == 0 else [], args.iters)
             del lm
             mx.clear_cache()
-        tables += [t for t, on in ((t_lm, "lm" in sections), (t_frame, mimi is not None)) if on]
-        for t in tables[-2:]:
+        done = [t for t, on in ((t_lm, "lm" in sections), (t_frame, mimi is not None)) if on]
+        tables += done
+        for t in done:
             show(t)
     text = "\n".join(head + sum((tb.lines() + [""] for tb in tables), []))
     print(text)
