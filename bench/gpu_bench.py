@@ -224,7 +224,9 @@ def codec_rows(table, batches, iters):
             for mode in ("fused", "reference"):
                 with ops.use_mode(mode):
                     res[mode] = median_ms(lambda: mx.eval(op(x, state, w, b, **kw)), iters=iters)
-            table.add(name, B, res["fused"], res["reference"], w.nbytes + x.nbytes + state.nbytes)
+            macs = B * T * w.size // (1 if tr else stride)
+            note = "ops: MLX's conv (above the kernel threshold)" if ops._conv_as_gemm(macs) else ""
+            table.add(name, B, res["fused"], res["reference"], w.nbytes + x.nbytes + state.nbytes, note=note)
     n_q, bins, Dq = (8, 2048, 256) if not TINY else (8, 64, 32)
     books = f32(n_q, bins, Dq)
     for B in batches:
