@@ -6,7 +6,8 @@
 #   call 1  carry [".dev-mlx1"]                 bash .dev-mlx1/stage.sh
 #   call 2  carry [".dev-mlx2", ".dev-pydeps"]  bash bench/gpu_session.sh build test
 #   call 3  carry [".dev-mlx2", ".dev-torch"]   bash bench/gpu_session.sh build bench
-# (call 3 right after call 2, while the machine is warm; `build` is a no-op then).
+# (call 3 right after call 2, while the machine is warm: it is given back after 30 s
+# idle; `build` is a no-op then). GPU_TESTS="tests/gpu/test_x.py ..." runs a subset.
 # Logs and the table go to $OUT (the device tool's return folder), else ./gpu-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
