@@ -94,23 +94,30 @@ def tiny_lm(dtype=mx.float32, bits=0):
     return lm
 
 
-@pytest.mark.parametrize("dtype,bits", [(mx.float32, 0), (mx.bfloat16, 0), (mx.bfloat16, 4)])
-def test_model_frame_equals_its_per_op_loop(dtype, bits, monkeypatch):
-    """LM.depformer_frame through the primitive == the per-op loop over the fused ops, exactly."""
+def frame_and_per_op_loop(dtype, bits, monkeypatch, seed, forced=None):
+    """LM.depformer_frame's codes through the primitive and through the per-op loop
+    over the fused ops (the primitive switched off), same inputs and key, on the
+    default stream."""
     lm = tiny_lm(dtype, bits)
-    rng = np.random.default_rng(4)
+    assert lm.depformer_weights() is not None
+    rng = np.random.default_rng(seed)
     B = 3
     h = mx.array(rng.standard_normal((B, 1, TINY.dim)).astype(np.float32)).astype(dtype)
     text = mx.array(rng.integers(0, TINY.text_card, B).astype(np.int32))
-    forced = mx.full((B, TINY.dep_q), -1, mx.int32)
-    forced[1, 2] = 9
-    sampling = SamplingConfig()
-    key = mx.random.key(6)
-    assert lm.depformer_weights() is not None
+    key = mx.random.key(seed)
     with ops.use_mode("fused"):
-        fused = np.array(lm.depformer_frame(h, text, sampling, key, forced))
+        fused = np.array(lm.depformer_frame(h, text, SamplingConfig(), key, forced))
         monkeypatch.setattr(LM, "depformer_weights", lambda self: None)
-        loop = np.array(lm.depformer_frame(h, text, sampling, key, forced))
+        loop = np.array(lm.depformer_frame(h, text, SamplingConfig(), key, forced))
+    return fused, loop
+
+
+@pytest.mark.parametrize("dtype,bits", [(mx.float32, 0), (mx.bfloat16, 0), (mx.bfloat16, 4)])
+def test_model_frame_equals_its_per_op_loop(dtype, bits, monkeypatch):
+    """LM.depformer_frame through the primitive == the per-op loop over the fused ops, exactly."""
+    forced = mx.full((3, TINY.dep_q), -1, mx.int32)
+    forced[1, 2] = 9
+    fused, loop = frame_and_per_op_loop(dtype, bits, monkeypatch, 4, forced)
     np.testing.assert_array_equal(fused, loop)
     assert fused[1, 2] == 9
     assert len(np.unique(fused)) > 4  # sampled, not a constant

@@ -14,11 +14,8 @@ import numpy as np
 import pytest
 
 from personaplex_fast import _ext, ops, reference
-from personaplex_fast.models.lm import LM
-from personaplex_fast.sampling import SamplingConfig
-from personaplex_fast.tiny import TINY
 from tests.test_decoder_layers import np32
-from tests.test_depformer_frame import make_frame, run, tiny_lm
+from tests.test_depformer_frame import frame_and_per_op_loop, make_frame, run
 
 
 @pytest.fixture(autouse=True)
@@ -66,13 +63,6 @@ def test_depformer_frame_gpu(dtype, bits, B, Q, C_in, D, heads, hidden, V, L):
 
 @pytest.mark.parametrize("dtype,bits", [(mx.float32, 0), (mx.bfloat16, 0), (mx.bfloat16, 4)])
 def test_model_frame_equals_per_op_loop_gpu(dtype, bits, monkeypatch):
-    lm = tiny_lm(dtype, bits)
-    rng = np.random.default_rng(5)
-    B = 3
-    h = mx.array(rng.standard_normal((B, 1, TINY.dim)).astype(np.float32)).astype(dtype)
-    text = mx.array(rng.integers(0, TINY.text_card, B).astype(np.int32))
-    with mx.stream(mx.gpu), ops.use_mode("fused"):
-        fused = np.array(lm.depformer_frame(h, text, SamplingConfig(), mx.random.key(1)))
-        monkeypatch.setattr(LM, "depformer_weights", lambda self: None)
-        loop = np.array(lm.depformer_frame(h, text, SamplingConfig(), mx.random.key(1)))
+    with mx.stream(mx.gpu):
+        fused, loop = frame_and_per_op_loop(dtype, bits, monkeypatch, 5)
     np.testing.assert_array_equal(fused, loop)
