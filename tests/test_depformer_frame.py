@@ -154,3 +154,18 @@ def test_bad_operands_raise():
         bad = [list(s) for s in f["stacks"]]
         bad[2][6 + 5] = bad[2][6 + 5][:, :32]
         _ext.depformer_frame(*args(stacks=bad))
+
+
+def test_the_7b_config_takes_the_primitive():
+    """The real model's depformer (8 steps x 6 layers, 16 heads of 64) fits the
+    primitive, dense and quantized as `convert` writes it (no weights are evaluated)."""
+    import mlx.nn as nn
+    from personaplex_fast.checkpoint import quantizable
+    from personaplex_fast.config import LMConfig
+
+    lm = LM(LMConfig())
+    in_projs, tables, stacks, heads, bits, _ = lm.depformer_weights()
+    assert (len(in_projs), len(tables), len(stacks), len(heads), bits) == (8, 8, 8, 8, 0)
+    assert len(stacks[0]) == 6 * 6 and lm.cfg.depformer.head_dim in (16, 32, 64, 128)
+    nn.quantize(lm, group_size=64, bits=4, class_predicate=quantizable(64))
+    assert lm.depformer_weights()[4] == 4
