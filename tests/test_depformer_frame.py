@@ -169,3 +169,32 @@ def test_the_7b_config_takes_the_primitive():
     assert len(stacks[0]) == 6 * 6 and lm.cfg.depformer.head_dim in (16, 32, 64, 128)
     nn.quantize(lm, group_size=64, bits=4, class_predicate=quantizable(64))
     assert lm.depformer_weights()[4] == 4
+
+
+def test_kept_weight_lists_follow_weight_changes():
+    """LM keeps the fused stacks' weight lists between steps; replacing the weights
+    (load_weights, set_dtype, nn.quantize) must drop them, or a step would silently
+    run on the old weights."""
+    import mlx.nn as nn
+    from personaplex_fast.checkpoint import quantizable
+
+    a, b = tiny_lm(mx.float32), tiny_lm(mx.float32)
+    b.load_weights(list(random_lm_weights(TINY, seed=9).items()))
+    h = mx.random.normal((2, 1, TINY.dim), key=mx.random.key(1))
+    text = mx.array([3, 4], mx.int32)
+    greedy = SamplingConfig(greedy=True)
+    before = np.array(a.depformer_frame(h, text, greedy, mx.random.key(0)))
+    assert a.temporal_stack() is a.temporal_stack()  # kept
+    a.load_weights(list(random_lm_weights(TINY, seed=9).items()))
+    np.testing.assert_array_equal(np.array(a.depformer_frame(h, text, greedy, mx.random.key(0))),
+                                  np.array(b.depformer_frame(h, text, greedy, mx.random.key(0))))
+    assert not np.array_equal(before, np.array(a.depformer_frame(h, text, greedy, mx.random.key(0))))
+    assert a.temporal_stack()[0][1] is a.transformer.layers[0].self_attn.in_projs[0].weight
+    a.set_dtype(mx.bfloat16)
+    assert a.depformer_weights()[0][0][0].dtype == mx.bfloat16
+    assert a.temporal_stack()[0][0].dtype == mx.bfloat16
+    nn.quantize(a, group_size=64, bits=8, class_predicate=quantizable(64))
+    assert a.depformer_weights()[4] == 8
+    # The tiny temporal FFN's 352 inputs are not a multiple of 64: its linear_out stays
+    # dense, mixed bits do not fit decoder_layers, so the per-op path takes over.
+    assert a.temporal_stack() is None

@@ -72,10 +72,27 @@ class StepOutput:
     text_logits: mx.array  # [B, text_card] logits of the token sampled this step
 
 
+class _Memo:
+    """What the forward pass derives from the weights' layout (the weight lists of the
+    fused stacks), kept between steps: gathering them walks every layer in Python
+    (~2 ms a step for the 7B). A plain object, so nn.Module keeps it out of the
+    parameters; LM.update / update_modules (load_weights, set_dtype, nn.quantize)
+    clear it."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def get(self, key, make):
+        if key not in self.values:
+            self.values[key] = make()
+        return self.values[key]
+
+
 class LM(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.cfg = cfg
+        self._memo = _Memo()
         d = cfg.depformer
         f32 = cfg.norm == "rms_norm_f32"
         self.text_emb = nn.Embedding(cfg.text_card + 1, cfg.dim)
@@ -94,6 +111,14 @@ class LM(nn.Module):
             d.num_layers, dim=d.dim, num_heads=d.num_heads, ffn_hidden=d.ffn_hidden,
             norm_eps=cfg.norm_eps, norm_f32=f32, steps=steps)
         self.linears = [nn.Linear(d.dim, cfg.card, bias=False) for _ in range(cfg.dep_q)]
+
+    def update(self, parameters: dict, strict: bool = True) -> "LM":
+        self._memo.values.clear()
+        return super().update(parameters, strict)
+
+    def update_modules(self, modules: dict, strict: bool = True) -> "LM":
+        self._memo.values.clear()
+        return super().update_modules(modules, strict)
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -125,15 +150,23 @@ class LM(nn.Module):
         positions (T > 1: a prompt chunk); the caller advances state.offsets."""
         return self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period)
 
+    def temporal_stack(self):
+        """The temporal transformer's stack_weights, kept between steps (see _Memo)."""
+        return self._memo.get("temporal", lambda: self.transformer.stack_weights(0))
+
     def temporal(self, x: mx.array, state: LMState) -> tuple[mx.array, mx.array]:
         """[B, 1, dim] embeddings -> (normed hidden [B, 1, dim], text logits [B, text_card])."""
-        h = self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period)
+        h = self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period, stack=self.temporal_stack())
         h = self.out_norm(h)
         return h, linear(self.text_linear, h)[:, 0]
 
     def depformer_weights(self) -> tuple[list, list, list, list, int, float] | None:
         """(in_projs, tables, stacks, heads, bits, eps) for ops.depformer_frame, or None
-        where a layer does not fit it (see Transformer.stack_weights)."""
+        where a layer does not fit it (see Transformer.stack_weights); kept between
+        steps (see _Memo)."""
+        return self._memo.get("depformer", self._depformer_weights)
+
+    def _depformer_weights(self):
         steps = self.cfg.dep_q if self.cfg.depformer.weights_per_step else 1
         stacks = [self.depformer.stack_weights(s) for s in range(steps)]
         projs = [projection(m) for m in self.depformer_in + self.linears]

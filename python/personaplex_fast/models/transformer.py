@@ -147,12 +147,14 @@ class Transformer(nn.Module):
         return weights, all_bits.pop(), eps.pop()
 
     def __call__(self, x: mx.array, cache: RingKVCache, pos: mx.array, step: int = 0,
-                 rope_max_period: float | None = None) -> mx.array:
+                 rope_max_period: float | None = None, stack=False) -> mx.array:
+        """stack: stack_weights(step) when the caller keeps it (False: work it out here)."""
         B, T, C = x.shape
         # One decode step of few sessions: the whole stack as one primitive.
         if (T == 1 and ops.mode() != "reference" and ops.kernels_here() and B <= ops.MATVEC_MAX_ROWS
                 and C // self.num_heads in (16, 32, 64, 128) and x.dtype in (mx.float32, mx.bfloat16, mx.float16)):
-            stack = self.stack_weights(step)
+            if stack is False:
+                stack = self.stack_weights(step)
             if stack is not None:
                 weights, bits, eps = stack
                 y, cache.keys, cache.values = ops.decoder_layers(
