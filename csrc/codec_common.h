@@ -26,16 +26,6 @@ inline T elu(T x) {
   return static_cast<T>(static_cast<float>(e) - 1.f);
 }
 
-// Suffix of a GPU kernel's name for the storage dtype (kernels/cuda/*.cu
-// instantiate f32, bf16 and f16).
-inline const char* kernel_dtype(const char* op, mx::Dtype dtype) {
-  if (dtype == mx::float32) return "f32";
-  if (dtype == mx::bfloat16) return "bf16";
-  if (dtype == mx::float16) return "f16";
-  throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
-}
-
-
 // Dot product accumulated in float32 over 8 independent lanes: the compiler
 // vectorises the lanes without reassociating a single running sum.
 template <typename T>

@@ -37,7 +37,7 @@ void Conv1dStream::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   auto& prev_out = outputs[1];
   const int B = x.shape(0), T = x.shape(1), C_in = x.shape(2);
   const int C_out = w.shape(0), K = w.shape(1), context = prev.shape(1);
-  const std::string dt = codec::kernel_dtype(kOp, x.dtype());
+  const std::string dt = cuda::kernel_dtype(kOp, x.dtype());
   auto& enc = mx::cu::get_command_encoder(stream());
   const int device = enc.device().cuda_device();
   cuda::alloc_output(y, enc);

@@ -16,6 +16,7 @@
 
 #include <cuda.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "mlx/array.h"
@@ -55,6 +56,15 @@ inline void* ptr(const mx::array& a) { return mx::gpu_ptr<void>(a); }
 inline void* ptr_or_null(const mx::array& a) { return a.size() ? ptr(a) : nullptr; }
 inline void set_input_if_any(mx::cu::CommandEncoder& enc, const mx::array& a) {
   if (a.size()) enc.set_input_array(a);
+}
+
+// Suffix of a kernel's name for the storage dtype (kernels/cuda/*.cu instantiate
+// f32, bf16 and f16); throws std::invalid_argument naming `op` for any other.
+inline const char* kernel_dtype(const char* op, mx::Dtype dtype) {
+  if (dtype == mx::float32) return "f32";
+  if (dtype == mx::bfloat16) return "bf16";
+  if (dtype == mx::float16) return "f16";
+  throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
 }
 
 // Blocks of `per_block` items for `items` items; throws (naming `op`) past one launch's grid.

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cuda_common.h"
+#include "decoder_layers_common.h"  // Proj
 #include "matvec.cuh"          // MatvecArgs
 #include "ring_attention.cuh"  // RingArgs
 #include "sample_topk.cuh"     // SampleArgs
@@ -45,6 +46,10 @@ struct SampleNode {
 };
 void add_sample_topk(mx::cu::CommandEncoder& enc, const SampleNode& n, const Arrays& reads,
                      const Arrays& writes);
+
+// What a matvec node over projection p of `inputs` reads: its arrays, then `more`.
+Arrays proj_reads(const std::vector<mx::array>& inputs, const Proj& p,
+                  std::initializer_list<const mx::array*> more);
 
 // A stack of decoder layers for one decode step (see decoder_layers.h): 6 nodes
 // per layer. Layer l's weights are inputs[first_weight + l * per_layer + ...] in

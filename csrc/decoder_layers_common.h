@@ -22,11 +22,13 @@ struct LayerInputs {
   Proj ffn_in, ffn_out;
 };
 
+// The projection whose first array is input i: w, or w, scales, biases.
+inline Proj proj_at(int i, int bits) { return Proj{i, bits ? i + 1 : -1, bits ? i + 2 : -1}; }
+
 inline LayerInputs layer_inputs(int base, int bits) {
   const int p = bits ? 3 : 1;
-  auto proj = [&](int i) { return Proj{i, bits ? i + 1 : -1, bits ? i + 2 : -1}; };
-  return {base, proj(base + 1), proj(base + 1 + p), base + 1 + 2 * p, proj(base + 2 + 2 * p),
-          proj(base + 2 + 3 * p)};
+  return {base, proj_at(base + 1, bits), proj_at(base + 1 + p, bits), base + 1 + 2 * p,
+          proj_at(base + 2 + 2 * p, bits), proj_at(base + 2 + 3 * p, bits)};
 }
 
 struct ProjPointers {
@@ -42,10 +44,16 @@ struct LayerPointers {
 
 // ptr(array) -> const void*: host data on the CPU, device pointers on the GPU.
 template <class Ptr>
-LayerPointers layer_pointers(const std::vector<mlx::core::array>& inputs, const LayerInputs& li, Ptr ptr) {
+ProjPointers proj_pointers(const std::vector<mlx::core::array>& inputs, const Proj& p, Ptr ptr) {
   auto at = [&](int i) -> const void* { return i < 0 ? nullptr : ptr(inputs[i]); };
-  auto proj = [&](const Proj& p) { return ProjPointers{at(p.w), at(p.scales), at(p.biases)}; };
-  return {at(li.alpha1), proj(li.in), proj(li.out), at(li.alpha2), proj(li.ffn_in), proj(li.ffn_out)};
+  return {at(p.w), at(p.scales), at(p.biases)};
+}
+
+template <class Ptr>
+LayerPointers layer_pointers(const std::vector<mlx::core::array>& inputs, const LayerInputs& li, Ptr ptr) {
+  auto proj = [&](const Proj& p) { return proj_pointers(inputs, p, ptr); };
+  return {ptr(inputs[li.alpha1]), proj(li.in), proj(li.out), ptr(inputs[li.alpha2]), proj(li.ffn_in),
+          proj(li.ffn_out)};
 }
 
 // Argument checks shared by the primitives that take layer stacks (throw

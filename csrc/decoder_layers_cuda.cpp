@@ -15,6 +15,14 @@ namespace personaplex {
 
 namespace cu = mx::cu;
 
+cuda::Arrays cuda::proj_reads(const std::vector<mx::array>& inputs, const Proj& p,
+                              std::initializer_list<const mx::array*> more) {
+  Arrays r = {&inputs[p.w]};
+  if (p.scales >= 0) r.insert(r.end(), {&inputs[p.scales], &inputs[p.biases]});
+  r.insert(r.end(), more);
+  return r;
+}
+
 void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& n) {
   const auto dt = n.dtype;
   const auto& inputs = *n.inputs;
@@ -37,17 +45,11 @@ void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& n) {
     const LayerInputs li = layer_inputs(n.first_weight + l * n.per_layer, bits);
     auto in = [&](int i) -> const mx::array* { return i < 0 ? nullptr : &inputs[i]; };
     auto p = [&](int i) -> void* { return i < 0 ? nullptr : ptr(inputs[i]); };
-    auto proj_reads = [&](const Proj& pr, std::initializer_list<const mx::array*> more) {
-      cuda::Arrays r = {in(pr.w)};
-      if (pr.scales >= 0) r.insert(r.end(), {in(pr.scales), in(pr.biases)});
-      for (auto* m : more) r.push_back(m);
-      return r;
-    };
     // qkv = in_proj(norm1(x))
     cuda::add_matvec(enc,
                      {dt, bits, ptr(*cur), p(li.in.w), p(li.in.scales), p(li.in.biases), p(li.alpha1),
                       nullptr, qkv_p, MatvecArgs{B, C, 3 * C, 1, 0, 0, eps}},
-                     proj_reads(li.in, {cur, in(li.alpha1)}), {&qkv});
+                     cuda::proj_reads(inputs, li.in, {cur, in(li.alpha1)}), {&qkv});
     // attention over the ring, q / k / v read from qkv's rows [B, 3, H, D]
     const mx::array &kc = *n.kc[l], &vc = *n.vc[l];
     RingArgs ra{B, H, 1, D, W, 0, n.copy[l], n.copy[L + l], n.rope_max_period > 0.f,
@@ -60,18 +62,18 @@ void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& n) {
     cuda::add_matvec(enc,
                      {dt, bits, ptr(attn), p(li.out.w), p(li.out.scales), p(li.out.biases), nullptr,
                       ptr(*cur), ptr(x1), MatvecArgs{B, C, C, 0, 0, 1, eps}},
-                     proj_reads(li.out, {&attn, cur}), {&x1});
+                     cuda::proj_reads(inputs, li.out, {&attn, cur}), {&x1});
     // h = silu-gated linear_in(norm2(x1))
     cuda::add_matvec(enc,
                      {dt, bits, ptr(x1), p(li.ffn_in.w), p(li.ffn_in.scales), p(li.ffn_in.biases),
                       p(li.alpha2), nullptr, ptr(h), MatvecArgs{B, C, hidden, 1, 1, 0, eps}},
-                     proj_reads(li.ffn_in, {&x1, in(li.alpha2)}), {&h});
+                     cuda::proj_reads(inputs, li.ffn_in, {&x1, in(li.alpha2)}), {&h});
     // x = x1 + linear_out(h)
     mx::array* dst = l == L - 1 ? n.y : &xb;
     cuda::add_matvec(enc,
                      {dt, bits, ptr(h), p(li.ffn_out.w), p(li.ffn_out.scales), p(li.ffn_out.biases),
                       nullptr, ptr(x1), ptr(*dst), MatvecArgs{B, hidden, C, 0, 0, 1, eps}},
-                     proj_reads(li.ffn_out, {&h, &x1}), {dst});
+                     cuda::proj_reads(inputs, li.ffn_out, {&h, &x1}), {dst});
     cur = dst;
   }
 }

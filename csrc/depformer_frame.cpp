@@ -140,10 +140,7 @@ void DepformerFrame::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   const int D = inputs[table_index(0)].shape(1), V = outputs[1].shape(2);
   const int hidden = inputs[layer_inputs(stack_index(0), s_.bits).ffn_in.w].shape(0) / 2;
   auto data = [](const mx::array& a) -> const void* { return a.data<void>(); };
-  auto proj = [&](int i) {
-    return ProjPointers{data(inputs[i]), s_.bits ? data(inputs[i + 1]) : nullptr,
-                        s_.bits ? data(inputs[i + 2]) : nullptr};
-  };
+  auto proj = [&](int i) { return proj_pointers(inputs, proj_at(i, s_.bits), data); };
   std::vector<ProjPointers> in(Q), head(Q);
   std::vector<const void*> table(Q);
   std::vector<int> rows(Q);

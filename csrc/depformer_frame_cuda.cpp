@@ -5,7 +5,6 @@
 // step, no host synchronisation. The next step's embedding reads the token the
 // previous step's sampling wrote, on the device.
 
-#include <array>
 #include <string>
 
 #include "cuda_nodes.h"
@@ -43,26 +42,19 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
   for (int i = 0; i < 2 * L; ++i) caches.push_back(temp({B, s_.heads, Q, Dh}));
   for (int i = 0; i < 3 * Q; ++i) acts.push_back(temp({B, D}));
   using cuda::ptr;
-  const char* dtn = dt == mx::float32 ? "f32" : dt == mx::bfloat16 ? "bf16" : "f16";
-  CUfunction embed = cuda::function(depformer_frame_fatbin, (std::string("embed_add_") + dtn).c_str(),
+  const std::string embed_name = std::string("embed_add_") + cuda::kernel_dtype("depformer_frame", dt);
+  CUfunction embed = cuda::function(depformer_frame_fatbin, embed_name.c_str(),
                                     enc.device().cuda_device());
   const mx::array &text = inputs[1], &forced = inputs[2], &pos = inputs[3];
   const mx::array* noise = noise_ ? &inputs[4] : nullptr;
-  auto proj_reads = [&](int i, const mx::array* x) {
-    cuda::Arrays r = {&inputs[i], x};
-    if (s_.bits) r.insert(r.end(), {&inputs[i + 1], &inputs[i + 2]});
-    return r;
-  };
-  auto proj = [&](int i) -> std::array<void*, 3> {
-    return {ptr(inputs[i]), s_.bits ? ptr(inputs[i + 1]) : nullptr, s_.bits ? ptr(inputs[i + 2]) : nullptr};
-  };
+  auto p = [&](int i) -> void* { return i < 0 ? nullptr : ptr(inputs[i]); };
   for (int k = 0; k < Q; ++k) {
     mx::array &pre = acts[3 * k], &x = acts[3 * k + 1], &y = acts[3 * k + 2];
-    auto ip = proj(in_index(k));
+    const Proj ip = proj_at(in_index(k), s_.bits);
     cuda::add_matvec(enc,
-                     {dt, s_.bits, ptr(h), ip[0], ip[1], ip[2], nullptr, nullptr, ptr(pre),
+                     {dt, s_.bits, ptr(h), p(ip.w), p(ip.scales), p(ip.biases), nullptr, nullptr, ptr(pre),
                       MatvecArgs{B, C_in, D, 0, 0, 0, s_.eps}},
-                     proj_reads(in_index(k), &h), {&pre});
+                     cuda::proj_reads(inputs, ip, {&h}), {&pre});
     // x = pre + table_k[previous token]
     const mx::array& table = inputs[table_index(k)];
     const mx::array& prev = k == 0 ? text : codes;
@@ -87,12 +79,12 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
     }
     cuda::add_decoder_layers(enc, sn);
     // logits[k] = head_k(y), then the token
-    auto hp = proj(head_index(k));
+    const Proj hp = proj_at(head_index(k), s_.bits);
     char* lk = static_cast<char*>(ptr(logits)) + static_cast<size_t>(k) * B * V * es;
     cuda::add_matvec(enc,
-                     {dt, s_.bits, ptr(y), hp[0], hp[1], hp[2], nullptr, nullptr, lk,
+                     {dt, s_.bits, ptr(y), p(hp.w), p(hp.scales), p(hp.biases), nullptr, nullptr, lk,
                       MatvecArgs{B, D, V, 0, 0, 0, s_.eps}},
-                     proj_reads(head_index(k), &y), {&logits});
+                     cuda::proj_reads(inputs, hp, {&y}), {&logits});
     cuda::Arrays sreads = {&logits, &forced};
     if (noise) sreads.push_back(noise);
     cuda::add_sample_topk(

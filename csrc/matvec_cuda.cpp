@@ -14,13 +14,6 @@ namespace {
 
 namespace cu = mx::cu;
 
-const char* dtype_name(mx::Dtype dt) {
-  if (dt == mx::float32) return "f32";
-  if (dt == mx::bfloat16) return "bf16";
-  if (dt == mx::float16) return "f16";
-  throw std::invalid_argument("matvec: dtype must be float32, bfloat16 or float16");
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
@@ -39,7 +32,7 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
   }
   const int device = enc.device().cuda_device();
   const int mt = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : 8;
-  const std::string name = std::string("matvec_") + dtype_name(n.dtype) + "_" +
+  const std::string name = std::string("matvec_") + cuda::kernel_dtype("matvec", n.dtype) + "_" +
                            (n.bits == 0 ? "dense" : n.bits == 4 ? "q4" : "q8") + "_m" +
                            std::to_string(mt);
   const int units = a.gate ? PP_MATVEC_ROWS / 2 : PP_MATVEC_ROWS;  // outputs per block

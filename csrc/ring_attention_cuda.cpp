@@ -20,18 +20,8 @@ namespace cu = mx::cu;
 
 std::atomic<int64_t> g_cache_waits{0};
 
-constexpr const char* kDtypes[3] = {"f32", "bf16", "f16"};
-
 CUfunction kernel(const std::string& name, int device) {
   return cuda::function(ring_attention_fatbin, name.c_str(), device);
-}
-
-
-int dtype_index(mx::Dtype dt) {
-  if (dt == mx::float32) return 0;
-  if (dt == mx::bfloat16) return 1;
-  if (dt == mx::float16) return 2;
-  throw std::invalid_argument("ring_attention: dtype must be float32, bfloat16 or float16");
 }
 
 }  // namespace
@@ -90,7 +80,7 @@ void cuda::add_ring_attention(cu::CommandEncoder& enc, RingNode n, const Arrays&
   void* wsp = cuda::ptr(ws);
   for (auto* a : reads) enc.set_input_array(*a);
   enc.set_output_array(ws);
-  const char* dt = kDtypes[dtype_index(n.dtype)];
+  const char* dt = cuda::kernel_dtype("ring_attention", n.dtype);
   void* attend_params[] = {&n.q, &n.k, &n.v, &n.kc, &n.vc, &n.pos, &wsp, &args};
   const std::string attend = std::string("ring_attend_") + dt + "_d" + std::to_string(D) +
                              (tq == 4 ? "_q4" : "_q1");

@@ -13,8 +13,7 @@ namespace personaplex {
 void cuda::add_sample_topk(mx::cu::CommandEncoder& enc, const SampleNode& n, const Arrays& reads,
                            const Arrays& writes) {
   if (n.rows == 0) return;
-  const char* dt = n.dtype == mx::float32 ? "f32" : n.dtype == mx::bfloat16 ? "bf16" : "f16";
-  const std::string name = std::string("sample_topk_") + dt;
+  const std::string name = std::string("sample_topk_") + cuda::kernel_dtype("sample_topk", n.dtype);
   for (auto* r : reads) enc.set_input_array(*r);
   for (auto* w : writes) enc.set_output_array(*w);
   void *l = n.logits, *noise = n.noise, *forced = n.forced, *out = n.out;
