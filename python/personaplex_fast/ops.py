@@ -181,6 +181,11 @@ def rvq_decode(codes, codebooks):
     return fused
 
 
+# Head dims the attention kernels are instantiated for (kernels/cuda/ring_attention.cu);
+# the composite primitives that attend (decoder_layers, depformer_frame) need one of them.
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
+
+
 # Largest number of activation rows (sessions x new positions) sent to the fused
 # matvec; above it MLX's own matmul (a GEMM) reads the weights fewer times.
 MATVEC_MAX_ROWS = 8
@@ -253,7 +258,7 @@ def depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, *
     step sees the same inputs and the recorded difference is the logits' own."""
     kw = dict(heads=heads, bits=bits, eps=eps, rope_max_period=rope_max_period, temp=temp, top_k=top_k,
               greedy=greedy)
-    if _reference() or (tables[0].shape[1] // heads) not in (16, 32, 64, 128):
+    if _reference() or (tables[0].shape[1] // heads) not in ATTENTION_HEAD_DIMS:
         return reference.depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, **kw)
     fused = tuple(_ext().depformer_frame(
         h, text, forced, noise, [list(p) for p in in_projs], list(tables), [list(s) for s in stacks],

@@ -152,7 +152,7 @@ class Transformer(nn.Module):
         B, T, C = x.shape
         # One decode step of few sessions: the whole stack as one primitive.
         if (T == 1 and ops.mode() != "reference" and ops.kernels_here() and B <= ops.MATVEC_MAX_ROWS
-                and C // self.num_heads in (16, 32, 64, 128) and x.dtype in (mx.float32, mx.bfloat16, mx.float16)):
+                and C // self.num_heads in ops.ATTENTION_HEAD_DIMS and x.dtype in (mx.float32, mx.bfloat16, mx.float16)):
             if stack is False:
                 stack = self.stack_weights(step)
             if stack is not None:
