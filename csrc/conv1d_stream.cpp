@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "codec_common.h"
+#include "cpu_kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace personaplex {
@@ -143,6 +144,18 @@ void Conv1dStream::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
                   b = bias ? bias->data<T>() : nullptr, f = first ? first->data<bool>() : nullptr,
                   y = outputs[0].data<T>(), prev_out = outputs[1].data<T>(), d,
                   elu = elu_input_]() { conv1d_stream_cpu<T>(x, prev, w, b, f, y, prev_out, d, elu); });
+  });
+}
+
+void cpu::conv1d_stream(mx::Dtype dtype, const void* x, const void* prev, const void* w, const void* bias,
+                        const bool* first, void* y, void* prev_out, int B, int T, int C_in, int C_out,
+                        int K, int context, int stride, int dilation, int groups, bool elu_input) {
+  const Dims d{B, T, C_in, C_out, K, context, stride, dilation, groups};
+  codec::dispatch_float(kOp, dtype, [&](auto zero) {
+    using T_ = decltype(zero);
+    conv1d_stream_cpu<T_>(static_cast<const T_*>(x), static_cast<const T_*>(prev), static_cast<const T_*>(w),
+                          static_cast<const T_*>(bias), first, static_cast<T_*>(y), static_cast<T_*>(prev_out),
+                          d, elu_input);
   });
 }
 

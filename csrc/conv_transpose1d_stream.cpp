@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "codec_common.h"
+#include "cpu_kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace personaplex {
@@ -118,6 +119,18 @@ void ConvTranspose1dStream::eval_cpu(const std::vector<mx::array>& inputs,
                   partial_out = outputs[1].data<T>(), d, elu = elu_input_]() {
       conv_transpose1d_stream_cpu<T>(x, partial, w, b, y, partial_out, d, elu);
     });
+  });
+}
+
+void cpu::conv_transpose1d_stream(mx::Dtype dtype, const void* x, const void* partial, const void* w,
+                                  const void* bias, void* y, void* partial_out, int B, int T, int C_in,
+                                  int C_out, int K, int stride, int groups, bool elu_input) {
+  const Dims d{B, T, C_in, C_out, K, stride, groups};
+  codec::dispatch_float(kOp, dtype, [&](auto zero) {
+    using T_ = decltype(zero);
+    conv_transpose1d_stream_cpu<T_>(static_cast<const T_*>(x), static_cast<const T_*>(partial),
+                                    static_cast<const T_*>(w), static_cast<const T_*>(bias), static_cast<T_*>(y),
+                                    static_cast<T_*>(partial_out), d, elu_input);
   });
 }
 

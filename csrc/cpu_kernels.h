@@ -23,9 +23,10 @@ void matvec(mx::Dtype dtype, const void* x, const void* w, const void* scales, c
 
 // See ring_attention.h: attention of q over the ring window, q, k, v, out
 // [B, H, T, D] contiguous, caches [B, H, W, D]; k_rot receives the rotated new keys.
+// chunk_window: every query's window ends at the chunk's last position (RingArgs).
 void ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, const void* kc,
                  const void* vc, const int32_t* pos, void* out, void* k_rot, int B, int H, int T,
-                 int D, int W, float scale, float rope_max_period);
+                 int D, int W, float scale, float rope_max_period, bool chunk_window = false);
 
 // Writes the new rows nw [B, H, T, D] into the ring cache [B, H, W, D].
 void ring_write(mx::Dtype dtype, void* cache, const void* nw, const int32_t* pos, int B, int H, int T,
@@ -44,5 +45,25 @@ void decoder_layers(mx::Dtype dtype, const void* x, void* y, const int32_t* pos,
 // float32 or null; forced [R] or null.
 void sample_topk(mx::Dtype dtype, const void* logits, const float* noise, const int32_t* forced,
                  int32_t* tokens, int R, int V, float temp, int top_k, bool greedy);
+
+// See conv1d_stream.h; x [B, T, C_in], prev [B, context, C_in] (may be prev_out: the
+// session's context is read before it is rewritten), first [B] or null.
+void conv1d_stream(mx::Dtype dtype, const void* x, const void* prev, const void* w, const void* bias,
+                   const bool* first, void* y, void* prev_out, int B, int T, int C_in, int C_out, int K,
+                   int context, int stride, int dilation, int groups, bool elu_input);
+
+// See conv_transpose1d_stream.h; partial may be partial_out.
+void conv_transpose1d_stream(mx::Dtype dtype, const void* x, const void* partial, const void* w,
+                             const void* bias, void* y, void* partial_out, int B, int T, int C_in,
+                             int C_out, int K, int stride, int groups, bool elu_input);
+
+// See rvq.h: codes [n, n_q] of x [n, D]; out [n, D] from codes [n, n_q] (float32 books [n_q, bins, D]).
+void rvq_encode(const float* x, const float* books, int32_t* codes, size_t n, int n_q, int bins, int D);
+void rvq_decode(const int32_t* codes, const float* books, float* out, size_t n, int n_q, int bins, int D);
+
+// depformer_frame's embed_add: out[b] = T(pre[b] + table[tokens[b]]), token -1 a zero row,
+// others clamped to the table's rows; out may be pre.
+void embed_add(mx::Dtype dtype, const void* pre, const void* table, const int32_t* tokens, void* out,
+               int B, int D, int rows);
 
 }  // namespace personaplex::cpu

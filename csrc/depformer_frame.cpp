@@ -22,9 +22,12 @@ constexpr const char* kOp = "depformer_frame";
 
 void check(bool ok, const std::string& msg) { personaplex::check(ok, kOp, msg); }
 
+
+}  // namespace
+
 // out[b, :] = T(pre[b, :] + table[tokens[b], :]); token -1 adds zeros, others are clamped.
-void embed_add(mx::Dtype dt, const void* pre, const void* table, const int32_t* tokens, void* out, int B,
-               int D, int rows) {
+void cpu::embed_add(mx::Dtype dt, const void* pre, const void* table, const int32_t* tokens, void* out,
+                    int B, int D, int rows) {
   dispatch_float(kOp, dt, [&](auto zero) {
     using T = decltype(zero);
     const T* p = static_cast<const T*>(pre);
@@ -40,8 +43,6 @@ void embed_add(mx::Dtype dt, const void* pre, const void* table, const int32_t* 
     }
   });
 }
-
-}  // namespace
 
 std::vector<mx::array> depformer_frame(const mx::array& h, const mx::array& text, const mx::array& forced,
                                        const std::optional<mx::array>& noise,
@@ -174,7 +175,7 @@ void DepformerFrame::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
       const ProjPointers& ip = in[k];
       cpu::matvec(dt, h, ip.w, ip.scales, ip.biases, nullptr, nullptr, pre.data(), B, C_in, D, sp.bits,
                   false, sp.eps);
-      embed_add(dt, pre.data(), table[k], k == 0 ? text : codes + (k - 1) * B, x.data(), B, D, rows[k]);
+      cpu::embed_add(dt, pre.data(), table[k], k == 0 ? text : codes + (k - 1) * B, x.data(), B, D, rows[k]);
       cpu::decoder_layers(dt, x.data(), y.data(), pos + k * B, &layers[k * L], L, kc.data(), vc.data(),
                           kc_w.data(), vc_w.data(), no_copy.data(), cache_bytes, B, D, H, Q, hidden, sp.bits,
                           sp.eps, sp.rope_max_period);

@@ -27,6 +27,10 @@
 namespace nb = nanobind;
 using namespace nb::literals;
 
+namespace personaplex {
+void bind_tick(nb::module_& m);  // tick_bindings.cpp
+}
+
 namespace {
 
 // Debug aid (PERSONAPLEX_SEGV_BACKTRACE=1): on a crash, print each native frame as
@@ -110,6 +114,7 @@ NB_MODULE(_ext, m) {
   m.def("rvq_encode", &personaplex::rvq_encode, "x"_a, "codebooks"_a, nb::kw_only(),
         "stream"_a = nb::none(),
         "Residual VQ codes [..., n_q] int32 of x [..., D] over codebooks [n_q, bins, D].");
+  personaplex::bind_tick(m);
   m.def("rvq_decode", &personaplex::rvq_decode, "codes"_a, "codebooks"_a, nb::kw_only(),
         "stream"_a = nb::none(), "Sum of the codebook entries named by codes [..., n_q]: [..., D] float32.");
 }

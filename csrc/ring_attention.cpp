@@ -58,7 +58,7 @@ void rope_row(const T* x, T* y, int D, float position, float max_period) {
 template <typename T>
 void attend_cpu(const T* q, const T* k, const T* v, const T* kc, const T* vc, const int32_t* pos,
                 T* out, T* krot, int B, int H, int T_, int D, int W, float scale,
-                float max_period) {
+                float max_period, bool chunk_window) {
   std::vector<T> qrot(D);
   std::vector<float> acc(D);
   for (int b = 0; b < B; ++b) {
@@ -77,7 +77,8 @@ void attend_cpu(const T* q, const T* k, const T* v, const T* kc, const T* vc, co
         // come from the cache (not yet overwritten: writes happen afterwards).
         float m = -INFINITY, l = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
-        for (int j = std::max(0, p - W + 1); j <= p; ++j) {
+        const int end = chunk_window ? p0 + T_ - 1 : p;  // see RingArgs::chunk_window
+        for (int j = std::max(0, end - W + 1); j <= p; ++j) {
           const T* key = j < p0 ? kc + cache_base + static_cast<size_t>(j % W) * D
                                 : krot + new_base + static_cast<size_t>(j - p0) * D;
           const T* val = j < p0 ? vc + cache_base + static_cast<size_t>(j % W) * D
@@ -118,12 +119,12 @@ void write_cpu(T* cache, const T* nw, const int32_t* pos, int B, int H, int T_, 
 
 void cpu::ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, const void* kc,
                       const void* vc, const int32_t* pos, void* out, void* k_rot, int B, int H, int T,
-                      int D, int W, float scale, float rope_max_period) {
+                      int D, int W, float scale, float rope_max_period, bool chunk_window) {
   dispatch_float("ring_attention", dtype, [&](auto zero) {
     using T_ = decltype(zero);
     attend_cpu<T_>(static_cast<const T_*>(q), static_cast<const T_*>(k), static_cast<const T_*>(v),
                    static_cast<const T_*>(kc), static_cast<const T_*>(vc), pos, static_cast<T_*>(out),
-                   static_cast<T_*>(k_rot), B, H, T, D, W, scale, rope_max_period);
+                   static_cast<T_*>(k_rot), B, H, T, D, W, scale, rope_max_period, chunk_window);
   });
 }
 
@@ -217,7 +218,7 @@ void RingAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
                   kc_out = outputs[1].data<T_>(), vc_out = outputs[2].data<T_>(),
                   bytes = outputs[1].nbytes(), k_donated, v_donated, B, H, T, D, W,
                   scale = scale_, mp = rope_max_period_]() {
-      attend_cpu<T_>(q, k, v, kc, vc, pos, o, kr, B, H, T, D, W, scale, mp);
+      attend_cpu<T_>(q, k, v, kc, vc, pos, o, kr, B, H, T, D, W, scale, mp, false);
       // Writes last: the attention above read the old slots.
       if (!k_donated) std::memcpy(kc_out, kc, bytes);
       if (!v_donated) std::memcpy(vc_out, vc, bytes);

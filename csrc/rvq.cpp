@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "codec_common.h"
+#include "cpu_kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 
 namespace personaplex {
@@ -65,6 +66,14 @@ void check_books(const char* op, const mx::array& books) {
 }
 
 }  // namespace
+
+void cpu::rvq_encode(const float* x, const float* books, int32_t* codes, size_t n, int n_q, int bins, int D) {
+  rvq_encode_cpu(x, books, codes, n, n_q, bins, D);
+}
+
+void cpu::rvq_decode(const int32_t* codes, const float* books, float* out, size_t n, int n_q, int bins, int D) {
+  rvq_decode_cpu(codes, books, out, n, n_q, bins, D);
+}
 
 mx::array rvq_encode(const mx::array& x, const mx::array& codebooks, mx::StreamOrDevice s) {
   check_books("rvq_encode", codebooks);

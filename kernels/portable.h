@@ -34,6 +34,9 @@ PP_DEVICE pp_u16 pp_float_to_half(float f) { return __half_as_ushort(__float2hal
 PP_DEVICE float pp_exp(float x) { return expf(x); }
 PP_DEVICE float pp_cos(float x) { return cosf(x); }
 PP_DEVICE float pp_sin(float x) { return sinf(x); }
+PP_DEVICE float pp_log(float x) { return logf(x); }
+PP_DEVICE float pp_erf(float x) { return erff(x); }
+PP_DEVICE pp_u32 pp_mul_hi(pp_u32 a, pp_u32 b) { return __umulhi(a, b); }
 PP_DEVICE float pp_max(float a, float b) { return fmaxf(a, b); }
 // A product and a sum never fused into an FMA: where a kernel must round as a
 // CPU loop does (the x86-64 baseline has no FMA, so g++ never fuses there).
@@ -68,6 +71,15 @@ PP_DEVICE pp_u16 pp_float_to_half(float f) { return as_type<ushort>(half(f)); }
 PP_DEVICE float pp_exp(float x) { return precise::exp(x); }
 PP_DEVICE float pp_cos(float x) { return precise::cos(x); }
 PP_DEVICE float pp_sin(float x) { return precise::sin(x); }
+PP_DEVICE float pp_log(float x) { return precise::log(x); }
+// Metal has no erf: Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
+PP_DEVICE float pp_erf(float x) {
+  const float t = 1.f / (1.f + 0.3275911f * fabs(x));
+  const float y = 1.f - (((((1.061405429f * t - 1.453152027f) * t) + 1.421413741f) * t - 0.284496736f) * t +
+                         0.254829592f) * t * precise::exp(-x * x);
+  return x < 0.f ? -y : y;
+}
+PP_DEVICE pp_u32 pp_mul_hi(pp_u32 a, pp_u32 b) { return mulhi(a, b); }
 PP_DEVICE float pp_max(float a, float b) { return fmax(a, b); }
 // Unfused only when the .metal is compiled with -fno-fast-math -ffp-contract=off.
 PP_DEVICE float pp_mul_rn(float a, float b) { return a * b; }

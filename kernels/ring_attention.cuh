@@ -32,6 +32,14 @@ struct RingArgs {
   // projection [B, T, 3, H, D] are {T * 3 * H * D, D, 3 * H * D}. out is always
   // [B, H, T, D] contiguous.
   long new_b, new_h, new_t;
+  // 1: every query's window of W ends at the chunk's last new position instead
+  // of at the query (Mimi's streaming attention: a frame's steps all enter the
+  // ring before any of them attends). 0: per query.
+  int chunk_window;
+  // Element strides of out between sessions, heads and positions; all 0:
+  // [B, H, T, D] contiguous. [B, T, H, D] rows (a projection's input) are
+  // {T * H * D, D, H * D}.
+  long out_b, out_h, out_t;
 };
 
 #if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
@@ -86,7 +94,9 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
   const int nt = a.T - t0 < TQ ? a.T - t0 : TQ;
   const int lane = tid & 31, warp = tid >> 5, sub = lane / G, gl = lane % G;
   const int p0 = pos[b], qpos0 = p0 + t0;
-  const int lo = qpos0 - a.W + 1 > 0 ? qpos0 - a.W + 1 : 0;
+  const int chunk_end = p0 + a.T - 1;
+  const int lo_q = (a.chunk_window ? chunk_end : qpos0) - a.W + 1;
+  const int lo = lo_q > 0 ? lo_q : 0;
   const int n_keys = qpos0 + nt - lo;  // keys lo .. last query's position
   const int chunk = (a.W + TQ - 1 + a.S - 1) / a.S;
   const int r_begin = split * chunk;
@@ -152,7 +162,7 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
         #pragma unroll
         for (int off = G / 2; off > 0; off >>= 1) s += pp_shfl_xor(s, off);
         const int qp = qpos0 + t;
-        if (j >= 0 && t < nt && j <= qp && j > qp - a.W) {
+        if (j >= 0 && t < nt && j <= qp && j > (a.chunk_window ? chunk_end : qp) - a.W) {
           float one = 1.f;
           merge<VEC>(m[t], l[t], acc[t], s, one, vf);
         }
@@ -231,7 +241,8 @@ PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Ele
       num += p[d] * c;
       den += p[D + 1] * c;
     }
-    out[(new_row + t) * D + d] = F::store(num / den);
+    const long at = a.out_t ? b * a.out_b + h * a.out_h + t * a.out_t + d : (new_row + t) * D + d;
+    out[at] = F::store(num / den);
   }
 
   const long n_vec = long(a.W) * D / VEC;

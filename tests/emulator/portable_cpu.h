@@ -276,6 +276,9 @@ PP_DEVICE pp_u16 pp_float_to_half(float f) {
 }
 PP_DEVICE float pp_exp(float x) { return std::exp(x); }
 PP_DEVICE float pp_cos(float x) { return std::cos(x); }
+PP_DEVICE float pp_log(float x) { return std::log(x); }
+PP_DEVICE float pp_erf(float x) { return std::erf(x); }
+PP_DEVICE pp_u32 pp_mul_hi(pp_u32 a, pp_u32 b) { return pp_u32((uint64_t(a) * b) >> 32); }
 PP_DEVICE float pp_sin(float x) { return std::sin(x); }
 PP_DEVICE float pp_max(float a, float b) { return std::fmax(a, b); }
 // The driver is compiled with -ffp-contract=off, so nothing is fused anywhere.

@@ -1,0 +1,384 @@
+// The CUDA path of the tick program (see tick.h): the arena in device memory,
+// the ops' kernels captured once into a CUDA graph, and per tick, on MLX's
+// stream: copy pcm and control in, launch the graph, copy pcm' and the tokens out.
+//
+// Capture: a dry pass first resolves every CUfunction (module loads are not
+// stream work) and allocates the workspaces (ring_attention's split partials,
+// rvq_encode's argmins); then the same launches go to a private stream under
+// thread-local capture, so that MLX's threads calling CUDA meanwhile are not
+// affected. The graph reads and writes the arena and the weights only, whose
+// addresses never change, so one executable serves every tick.
+//
+// Ordering with MLX: eval_gpu first commits what MLX has recorded so far
+// (the work producing pcm and control), then queues ours on the same stream;
+// MLX's later work, and its completion event for this evaluation, come after.
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "common.h"
+#include "cuda_common.h"
+#include "tick.h"
+
+extern "C" const unsigned char matvec_fatbin[];
+extern "C" const unsigned char ring_attention_fatbin[];
+extern "C" const unsigned char conv1d_stream_fatbin[];
+extern "C" const unsigned char conv_transpose1d_stream_fatbin[];
+extern "C" const unsigned char rvq_fatbin[];
+extern "C" const unsigned char sample_topk_fatbin[];
+extern "C" const unsigned char depformer_frame_fatbin[];
+extern "C" const unsigned char tick_fatbin[];
+
+namespace personaplex {
+
+namespace cu = mx::cu;
+
+namespace {
+
+constexpr const char* kOp = "tick (CUDA)";
+
+void ck(CUresult r, const char* what) { cuda::check(r, kOp, what); }
+
+struct Ctx {
+  explicit Ctx(CUcontext c) { ck(cuCtxPushCurrent(c), "cuCtxPushCurrent"); }
+  ~Ctx() {
+    CUcontext popped;
+    cuCtxPopCurrent(&popped);
+  }
+};
+
+}  // namespace
+
+namespace prog {
+
+struct CudaState {
+  CUcontext ctx = nullptr;
+  CUdeviceptr arena = 0;
+  CUstream capture = nullptr;
+  CUgraph graph = nullptr;
+  CUgraphExec exec = nullptr;
+  std::vector<CUdeviceptr> workspaces;  // per op that needs one (dry pass order)
+  size_t next_workspace = 0;
+  bool dry = true;
+  int device = 0;
+
+  // One kernel launch of an op: resolved in the dry pass, launched in the capture.
+  void kernel(const unsigned char* image, const std::string& name, dim3 grid, dim3 block, unsigned smem,
+              void** params) {
+    CUfunction f = cuda::function(image, name.c_str(), device);
+    if (dry) {
+      if (smem > 48 * 1024) {
+        ck(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(smem)),
+           "opting a kernel in to its workgroup memory");
+      }
+      return;
+    }
+    ck(cuLaunchKernel(f, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, capture, params, nullptr),
+       name.c_str());
+  }
+  void copy(void* dst, const void* src, size_t bytes) {
+    if (dry || bytes == 0) return;
+    ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes, capture),
+       "cuMemcpyAsync");
+  }
+  // A workspace of `bytes` for the op being walked: allocated in the dry pass,
+  // handed out again, in the same order, in the capture.
+  void* workspace(size_t bytes) {
+    if (dry) {
+      CUdeviceptr p = 0;
+      ck(cuMemAlloc(&p, std::max<size_t>(bytes, 256)), "cuMemAlloc (workspace)");
+      workspaces.push_back(p);
+      return reinterpret_cast<void*>(p);
+    }
+    return reinterpret_cast<void*>(workspaces.at(next_workspace++));
+  }
+};
+
+}  // namespace prog
+
+namespace {
+
+// The launches of one op, on `s` (see CudaState); `at` resolves handles.
+template <class At>
+void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At at) {
+  const int device = s.device;
+  auto dts = [&](int h) { return std::string(cuda::kernel_dtype(kOp, p.mem(h).dtype)); };
+  std::visit(
+      [&](const auto& o) {
+        using O = std::decay_t<decltype(o)>;
+        if constexpr (std::is_same_v<O, prog::Matvec>) {
+          MatvecArgs a = o.args;
+          const int mt = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : 8;
+          const int units = a.gate ? PP_MATVEC_ROWS / 2 : PP_MATVEC_ROWS;
+          const std::string name = "matvec_" + dts(o.x) + "_" +
+                                   (o.bits == 0 ? "dense" : o.bits == 4 ? "q4" : "q8") + "_m" + std::to_string(mt);
+          void *x = at(o.x), *w = at(o.w), *sc = at(o.scales), *bi = at(o.biases), *al = at(o.alpha),
+               *res = at(o.residual), *out = at(o.out);
+          void* params[] = {&x, &w, &sc, &bi, &al, &res, &out, &a};
+          s.kernel(matvec_fatbin, name, dim3((a.n_out + units - 1) / units, (a.M + mt - 1) / mt), dim3(128), 0,
+                   params);
+        } else if constexpr (std::is_same_v<O, prog::Attention>) {
+          RingArgs a = o.args;
+          const int tq = a.T == 1 ? 1 : 4;
+          const int groups = (a.T + tq - 1) / tq;
+          const int blocks = a.B * a.H * groups;
+          const int max_splits = std::max(1, (a.W + tq - 1) / 64);
+          a.S = std::clamp((4 * cuda::sm_count(device) + blocks - 1) / blocks, 1, max_splits);
+          void* ws = s.workspace(sizeof(float) * static_cast<size_t>(a.B) * a.H * a.T * a.S * (a.D + 2));
+          void *q = at(o.q), *k = at(o.k), *v = at(o.v), *kc = at(o.kc), *vc = at(o.vc), *pos = at(o.pos),
+               *out = at(o.out);
+          const std::string dt = dts(o.q);
+          void* attend[] = {&q, &k, &v, &kc, &vc, &pos, &ws, &a};
+          s.kernel(ring_attention_fatbin, "ring_attend_" + dt + "_d" + std::to_string(a.D) + (tq == 4 ? "_q4" : "_q1"),
+                   dim3(a.S, a.H, a.B * groups), dim3(128), 0, attend);
+          void* finish[] = {&ws, &k, &v, &pos, &kc, &vc, &out, &kc, &vc, &a};
+          s.kernel(ring_attention_fatbin, "ring_finish_" + dt, dim3(a.H, a.B), dim3(128), 0, finish);
+        } else if constexpr (std::is_same_v<O, prog::Conv1d>) {
+          const Conv1dArgs& c = o.conv;
+          const std::string dt = dts(o.x);
+          const size_t es = mx::size_of(p.mem(o.x).dtype);
+          void* buf = at(o.x);
+          if (c.context > 0 || o.gather.elu) {
+            GatherArgs g = o.gather;
+            void *x = at(o.x), *prev = at(o.state), *first = at(o.first), *b = at(o.buf), *next = at(o.next);
+            void* params[] = {&x, &prev, &first, &b, &next, &g};
+            const long n = static_cast<long>(c.B) * (c.context + c.T) * c.C_in;
+            s.kernel(conv1d_stream_fatbin, "conv1d_gather_" + dt,
+                     dim3(cuda::blocks_for(kOp, n, kGatherThreads)), dim3(kGatherThreads), 0, params);
+            buf = b;
+          }
+          Conv1dArgs a = c;
+          void *w = at(o.w), *bias = at(o.bias), *y = at(o.y);
+          void* params[] = {&buf, &w, &bias, &y, &a};
+          const long outs = static_cast<long>(c.B) * (c.T / c.stride) * c.C_out;
+          s.kernel(conv1d_stream_fatbin, "conv1d_" + dt, dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)),
+                   dim3(kConvThreads), 0, params);
+          if (c.context > 0) s.copy(at(o.state), at(o.next), es * c.B * c.context * c.C_in);
+        } else if constexpr (std::is_same_v<O, prog::ConvTranspose1d>) {
+          const ConvTrArgs& c = o.conv;
+          const std::string dt = dts(o.x);
+          const size_t es = mx::size_of(p.mem(o.x).dtype);
+          void* xin = at(o.x);
+          if (o.elu) {
+            GatherArgs g{c.B, c.T, c.C_in, 0, 1, 0};
+            void *x = at(o.x), *xe = at(o.xe);
+            void* params[] = {&x, &xe, &g};
+            s.kernel(conv_transpose1d_stream_fatbin, "convtr_elu_" + dt,
+                     dim3(cuda::blocks_for(kOp, static_cast<long>(c.B) * c.T * c.C_in, kGatherThreads)),
+                     dim3(kGatherThreads), 0, params);
+            xin = xe;
+          }
+          const int overlap = c.K - c.stride;
+          ConvTrArgs a = c;
+          void *partial = at(o.partial), *w = at(o.w), *bias = at(o.bias), *y = at(o.y), *next = at(o.next);
+          void* params[] = {&xin, &partial, &w, &bias, &y, &next, &a};
+          const long outs = static_cast<long>(c.B) * (c.T * c.stride + overlap) * c.C_out;
+          s.kernel(conv_transpose1d_stream_fatbin, "convtr_" + dt,
+                   dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)), dim3(kConvThreads), 0, params);
+          s.copy(at(o.partial), at(o.next), es * c.B * overlap * c.C_out);
+        } else if constexpr (std::is_same_v<O, prog::RvqEncode>) {
+          RvqArgs a = o.args;
+          int S = rvq_encode_splits(a.bins);
+          const int V = rvq_encode_vectors(a.n, S, a.n_q, a.D, cuda::sm_count(device));
+          const unsigned smem = 4u * rvq_encode_smem_floats(V, a.n_q, a.D);
+          void* part = s.workspace(sizeof(float) * 2 * static_cast<size_t>(a.n) * a.n_q * S);
+          void *x = at(o.x), *books = at(o.books), *codes = at(o.codes);
+          const unsigned groups = cuda::blocks_for(kOp, a.n, V);
+          for (int q = 0; q <= a.n_q; ++q) {
+            void* params[] = {&x, &books, &codes, &part, &a, &q, &S};
+            s.kernel(rvq_fatbin, "rvq_encode_v" + std::to_string(V), dim3(groups, q < a.n_q ? S : 1),
+                     dim3(kRvqEncodeThreads), smem, params);
+          }
+        } else if constexpr (std::is_same_v<O, prog::RvqDecode>) {
+          RvqArgs a = o.args;
+          void *codes = at(o.codes), *books = at(o.books), *out = at(o.out);
+          void* params[] = {&codes, &books, &out, &a};
+          s.kernel(rvq_fatbin, "rvq_decode", dim3(cuda::blocks_for(kOp, static_cast<long>(a.n) * a.D, kRvqDecodeThreads)),
+                   dim3(kRvqDecodeThreads), 0, params);
+        } else if constexpr (std::is_same_v<O, prog::Gumbel>) {
+          GumbelArgs a = o.args;
+          void *seeds = at(o.seeds), *offsets = at(o.offsets), *out = at(o.out);
+          void* params[] = {&seeds, &offsets, &out, &a};
+          s.kernel(tick_fatbin, "tick_gumbel",
+                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.streams) * a.B * a.V, kTickThreads)),
+                   dim3(kTickThreads), 0, params);
+        } else if constexpr (std::is_same_v<O, prog::Sample>) {
+          SampleArgs a = o.args;
+          void *logits = at(o.logits), *noise = at(o.noise), *forced = at(o.forced), *out = at(o.out);
+          void* params[] = {&logits, &noise, &forced, &out, &a};
+          s.kernel(sample_topk_fatbin, "sample_topk_" + dts(o.logits), dim3(o.rows), dim3(kSampleThreads), 0,
+                   params);
+        } else if constexpr (std::is_same_v<O, prog::EmbedAdd>) {
+          EmbedArgs a = o.args;
+          void *pre = at(o.pre), *table = at(o.table), *tokens = at(o.tokens), *out = at(o.out);
+          void* params[] = {&pre, &table, &tokens, &out, &a};
+          s.kernel(depformer_frame_fatbin, "embed_add_" + dts(o.pre),
+                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.B) * a.D, kEmbedThreads)), dim3(kEmbedThreads), 0,
+                   params);
+        } else if constexpr (std::is_same_v<O, prog::Norm>) {
+          NormArgs a = o.args;
+          void *x = at(o.x), *w = at(o.w), *b = at(o.b), *out = at(o.out);
+          void* params[] = {&x, &w, &b, &out, &a};
+          s.kernel(tick_fatbin, "tick_norm_" + dts(o.x), dim3(a.rows), dim3(kTickThreads), 0, params);
+        } else if constexpr (std::is_same_v<O, prog::Gelu>) {
+          RowsArgs a = o.args;
+          void *x = at(o.x), *out = at(o.out);
+          void* params[] = {&x, &out, &a};
+          s.kernel(tick_fatbin, "tick_gelu_" + dts(o.x),
+                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
+                   0, params);
+        } else if constexpr (std::is_same_v<O, prog::ScaleAdd>) {
+          RowsArgs a = o.args;
+          void *x = at(o.x), *sc = at(o.scale), *y = at(o.y), *out = at(o.out);
+          void* params[] = {&x, &sc, &y, &out, &a};
+          s.kernel(tick_fatbin, "tick_scale_add_" + dts(o.x),
+                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
+                   0, params);
+        } else if constexpr (std::is_same_v<O, prog::FrameIn>) {
+          FrameArgs a = o.args;
+          int n_ac = o.n_ac;
+          void *tokens = at(o.tokens), *forced = at(o.forced), *offsets = at(o.offsets), *delays = at(o.delays),
+               *sem = at(o.sem), *ac = at(o.ac), *cur = at(o.cur), *now = at(o.now);
+          void* params[] = {&tokens, &forced, &offsets, &delays, &sem, &ac, &n_ac, &cur, &now, &a};
+          s.kernel(tick_fatbin, "tick_frame_in", dim3(cuda::blocks_for(kOp, a.B, kTickThreads)), dim3(kTickThreads),
+                   0, params);
+        } else if constexpr (std::is_same_v<O, prog::FrameOut>) {
+          FrameArgs a = o.args;
+          void *tokens = at(o.tokens), *offsets = at(o.offsets), *delays = at(o.delays), *gen = at(o.gen),
+               *out = at(o.out), *sem = at(o.sem), *ac = at(o.ac), *valid = at(o.valid);
+          void* params[] = {&tokens, &offsets, &delays, &gen, &out, &sem, &ac, &valid, &a};
+          s.kernel(tick_fatbin, "tick_frame_out", dim3(cuda::blocks_for(kOp, a.B, kTickThreads)),
+                   dim3(kTickThreads), 0, params);
+        } else if constexpr (std::is_same_v<O, prog::FillRows>) {
+          void* arena = reinterpret_cast<void*>(s.arena);
+          void *regions = at(o.regions), *control = at(o.control);
+          int cols = o.control_cols;
+          void* params[] = {&arena, &regions, &control, &cols};
+          s.kernel(tick_fatbin, "tick_fill_rows", dim3(o.n, o.B), dim3(kTickThreads), 0, params);
+        } else if constexpr (std::is_same_v<O, prog::Update>) {
+          void* arena = reinterpret_cast<void*>(s.arena);
+          void* entries = at(o.entries);
+          int n = o.n;
+          void* params[] = {&arena, &entries, &n};
+          s.kernel(tick_fatbin, "tick_update", dim3(cuda::blocks_for(kOp, std::max(o.count, 1), kTickThreads)),
+                   dim3(kTickThreads), 0, params);
+        } else if constexpr (std::is_same_v<O, prog::Mute>) {
+          RowsArgs a = o.args;
+          void *x = at(o.x), *valid = at(o.valid), *out = at(o.out);
+          void* params[] = {&x, &valid, &out, &a};
+          s.kernel(tick_fatbin, "tick_mute",
+                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
+                   0, params);
+        } else if constexpr (std::is_same_v<O, prog::Copy>) {
+          s.copy(at(o.dst), at(o.src), static_cast<size_t>(o.bytes));
+        }
+      },
+      op);
+}
+
+}  // namespace
+
+TickProgram::~TickProgram() {
+  if (!cuda_) return;
+  auto& s = *cuda_;
+  if (cuCtxPushCurrent(s.ctx) != CUDA_SUCCESS) return;
+  cuCtxSynchronize();  // no tick may still be using the arena
+  if (s.exec) cuGraphExecDestroy(s.exec);
+  if (s.graph) cuGraphDestroy(s.graph);
+  if (s.capture) cuStreamDestroy(s.capture);
+  for (auto w : s.workspaces) cuMemFree(w);
+  if (s.arena) cuMemFree(s.arena);
+  CUcontext popped;
+  cuCtxPopCurrent(&popped);
+  CUdevice dev;
+  if (cuDeviceGet(&dev, s.device) == CUDA_SUCCESS) cuDevicePrimaryCtxRelease(dev);
+}
+
+// The arena on the device, zeroed and given its initial bytes (once).
+static void make_arena(TickProgram& p, std::unique_ptr<prog::CudaState>& state, void*& base, long bytes,
+                       std::vector<std::pair<int, std::vector<char>>>& inits) {
+  if (state) return;
+  auto s = std::make_unique<prog::CudaState>();
+  s->device = p.device();
+  CUdevice dev;
+  ck(cuInit(0), "cuInit");
+  ck(cuDeviceGet(&dev, s->device), "cuDeviceGet");
+  ck(cuDevicePrimaryCtxRetain(&s->ctx, dev), "cuDevicePrimaryCtxRetain");
+  Ctx push(s->ctx);
+  ck(cuMemAlloc(&s->arena, std::max<long>(bytes, 256)), "cuMemAlloc (arena)");
+  ck(cuMemsetD8(s->arena, 0, std::max<long>(bytes, 256)), "cuMemsetD8 (arena)");
+  base = reinterpret_cast<void*>(s->arena);
+  state = std::move(s);
+  for (auto& [h, data] : inits) {
+    ck(cuMemcpyHtoD(reinterpret_cast<CUdeviceptr>(p.at(h)), data.data(), data.size()), "cuMemcpyHtoD (init)");
+  }
+  inits.clear();
+}
+
+void TickProgram::write_cuda(int h, long offset, const mx::array& src) {
+  make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
+  Ctx push(cuda_->ctx);
+  ck(cuCtxSynchronize(), "cuCtxSynchronize (write)");
+  ck(cuMemcpy(reinterpret_cast<CUdeviceptr>(static_cast<char*>(at(h)) + offset),
+              reinterpret_cast<CUdeviceptr>(mx::gpu_ptr<void>(src)), src.nbytes()),
+     "cuMemcpy (write)");
+}
+
+void TickProgram::read_cuda(int h, long offset, void* dst, long bytes) {
+  make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
+  Ctx push(cuda_->ctx);
+  ck(cuCtxSynchronize(), "cuCtxSynchronize (read)");
+  ck(cuMemcpyDtoH(dst, reinterpret_cast<CUdeviceptr>(static_cast<char*>(at(h)) + offset), bytes),
+     "cuMemcpyDtoH (read)");
+}
+
+void TickProgram::run_cuda(void* stream, const void* pcm, const void* control, void* pcm_out, void* tokens) {
+  personaplex::check(gpu_, "tick", "run_cuda on a CPU program");
+  materialize();
+  make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
+  auto& s = *cuda_;
+  Ctx push(s.ctx);
+  if (!s.exec) {
+    auto at = [this](int h) { return at(h); };
+    s.dry = true;
+    for (const auto& op : ops_) launch_op(s, *this, op, at);
+    ck(cuStreamCreate(&s.capture, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+    s.dry = false;
+    s.next_workspace = 0;
+    ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
+    try {
+      for (const auto& op : ops_) launch_op(s, *this, op, at);
+    } catch (...) {
+      CUgraph g = nullptr;
+      cuStreamEndCapture(s.capture, &g);
+      if (g) cuGraphDestroy(g);
+      throw;
+    }
+    ck(cuStreamEndCapture(s.capture, &s.graph), "cuStreamEndCapture");
+    ck(cuGraphInstantiate(&s.exec, s.graph, 0), "cuGraphInstantiate");
+  }
+  auto st = static_cast<CUstream>(stream);
+  auto dev = [&](int h) { return reinterpret_cast<CUdeviceptr>(at(h)); };
+  ck(cuMemcpyAsync(dev(pcm_in_), reinterpret_cast<CUdeviceptr>(pcm), sizeof(float) * B_ * F_, st), "copy pcm in");
+  ck(cuMemcpyAsync(dev(control_), reinterpret_cast<CUdeviceptr>(control), sizeof(int32_t) * B_ * C_, st),
+     "copy control in");
+  ck(cuGraphLaunch(s.exec, st), "cuGraphLaunch");
+  ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(pcm_out), dev(pcm_out_), sizeof(float) * B_ * F_, st),
+     "copy pcm out");
+  ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(tokens), dev(tokens_), sizeof(int32_t) * B_ * G_, st),
+     "copy tokens out");
+}
+
+void Tick::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& enc = cu::get_command_encoder(stream());
+  for (auto& o : outputs) cuda::alloc_output(o, enc);
+  // Everything recorded before this tick (the work producing pcm and control)
+  // goes to the stream first; the graph follows it there.
+  enc.commit();
+  program_->run_cuda(static_cast<cudaStream_t>(enc.stream()), cuda::ptr(inputs[0]), cuda::ptr(inputs[1]),
+                     cuda::ptr(outputs[0]), cuda::ptr(outputs[1]));
+}
+
+}  // namespace personaplex

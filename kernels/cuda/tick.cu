@@ -1,0 +1,57 @@
+// CUDA instantiations of kernels/tick.cuh, loaded as CUfunctions (see
+// csrc/cuda_common.h). Names: tick_norm_<dtype>, tick_gelu_<dtype>,
+// tick_scale_add_<dtype>, tick_frame_in, tick_frame_out, tick_gumbel,
+// tick_fill_rows, tick_update, tick_mute.
+
+#include "../tick.cuh"
+
+#define TICK_DTYPE(DT, F)                                                                          \
+  extern "C" __global__ void __launch_bounds__(kTickThreads) tick_norm_##DT(                       \
+      const F::Elem* x, const F::Elem* w, const F::Elem* b, F::Elem* out, NormArgs a) {            \
+    __shared__ float smem[kTickThreads / 32];                                                      \
+    tick::norm<F>(x, w, b, out, a, smem, blockIdx.x, threadIdx.x);                                 \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(kTickThreads) tick_gelu_##DT(const F::Elem* x,      \
+                                                                            F::Elem* out, RowsArgs a) { \
+    tick::gelu<F>(x, out, a, long(blockIdx.x) * kTickThreads + threadIdx.x);                       \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(kTickThreads) tick_scale_add_##DT(                  \
+      const F::Elem* x, const F::Elem* s, const F::Elem* y, F::Elem* out, RowsArgs a) {            \
+    tick::scale_add<F>(x, s, y, out, a, long(blockIdx.x) * kTickThreads + threadIdx.x);            \
+  }
+
+TICK_DTYPE(f32, pp::F32)
+TICK_DTYPE(bf16, pp::BF16)
+TICK_DTYPE(f16, pp::F16)
+
+extern "C" __global__ void __launch_bounds__(kTickThreads)
+    tick_frame_in(int* tokens, int* forced, const int* offsets, const int* delays, const int* sem, const int* ac,
+                  int n_ac, int* cur, int* now, FrameArgs a) {
+  tick::frame_in(tokens, forced, offsets, delays, sem, ac, n_ac, cur, now, a, blockIdx.x * kTickThreads + threadIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(kTickThreads)
+    tick_frame_out(int* tokens, int* offsets, const int* delays, const int* gen, int* out, int* sem, int* ac,
+                   int* valid, FrameArgs a) {
+  tick::frame_out(tokens, offsets, delays, gen, out, sem, ac, valid, a, blockIdx.x * kTickThreads + threadIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(kTickThreads)
+    tick_gumbel(const unsigned int* seeds, const int* offsets, float* out, GumbelArgs a) {
+  tick::gumbel(seeds, offsets, out, a, long(blockIdx.x) * kTickThreads + threadIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(kTickThreads)
+    tick_fill_rows(unsigned char* arena, const FillRegion* regions, const int* control, int control_cols) {
+  tick::fill_rows(arena, regions, control, control_cols, blockIdx.x, blockIdx.y, threadIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(kTickThreads)
+    tick_update(unsigned char* arena, const UpdateEntry* entries, int n) {
+  tick::update(arena, entries, n, long(blockIdx.x) * kTickThreads + threadIdx.x);
+}
+
+extern "C" __global__ void __launch_bounds__(kTickThreads)
+    tick_mute(const float* x, const int* valid, float* out, RowsArgs a) {
+  tick::mute(x, valid, out, a, long(blockIdx.x) * kTickThreads + threadIdx.x);
+}
