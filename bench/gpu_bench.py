@@ -156,7 +156,7 @@ def tick_time(lm, mimi, B, iters):
     from personaplex_fast.engine import Engine
 
     engine = Engine(lm, mimi, slots=B)
-    engine.lm_state.offsets = mx.full((B,), sizes.CONTEXT_FRAME, dtype=mx.int32)
+    engine.seek(sizes.CONTEXT_FRAME)
     pcm = (0.1 * np.random.default_rng(B).standard_normal((B, mimi.cfg.frame_size))).astype(np.float32)
     return median_ms(lambda: engine.tick(pcm), iters=iters)
 

@@ -18,6 +18,12 @@ namespace personaplex {
 namespace {
 
 constexpr const char* kOp = "tick";
+
+#ifdef PERSONAPLEX_CUDA_BUILD
+}  // namespace
+void* device_ptr(const mx::array& a);  // tick_cuda.cpp
+namespace {
+#endif
 constexpr long kAlign = 256;
 
 void check(bool ok, const std::string& msg) { personaplex::check(ok, kOp, msg); }
@@ -257,7 +263,7 @@ void* TickProgram::at(int h) const {
   if (m.weight >= 0) {
     const auto& w = weights_[m.weight];
 #ifdef PERSONAPLEX_CUDA_BUILD
-    base = gpu_ ? static_cast<char*>(mx::gpu_ptr<void>(w)) : const_cast<char*>(w.data<char>());
+    base = gpu_ ? static_cast<char*>(device_ptr(w)) : const_cast<char*>(w.data<char>());
 #else
     base = const_cast<char*>(w.data<char>());
 #endif
@@ -269,7 +275,6 @@ void* TickProgram::at(int h) const {
 
 void TickProgram::materialize() {
   if (sealed_) return;
-  check(pcm_in_ >= 0, "set_io must name the tick's operands before the first tick");
   // The reset and update tables become arena regions with their contents.
   auto table = [&](const void* data, long bytes) {
     const int h = buffer(bytes, mx::uint8);
@@ -445,8 +450,15 @@ void TickProgram::run_cpu_op(const prog::Op& op) {
       op);
 }
 
+void TickProgram::run_ops() {
+  check(!gpu_, "run_ops runs a CPU program's ops");
+  materialize();
+  for (const auto& op : ops_) run_cpu_op(op);
+}
+
 void TickProgram::run_cpu(const float* pcm, const int32_t* control, float* pcm_out, int32_t* tokens) {
   check(!gpu_, "run_cpu on a GPU program");
+  check(pcm_in_ >= 0, "set_io must name the tick's operands before the first tick");
   materialize();
   std::memcpy(at(pcm_in_), pcm, sizeof(float) * B_ * F_);
   std::memcpy(at(control_), control, sizeof(int32_t) * B_ * C_);
@@ -456,7 +468,6 @@ void TickProgram::run_cpu(const float* pcm, const int32_t* control, float* pcm_o
 }
 
 #ifndef PERSONAPLEX_CUDA_BUILD
-struct prog::CudaState {};
 TickProgram::~TickProgram() = default;
 void TickProgram::run_cuda(void*, const void*, const void*, void*, void*) {
   throw std::runtime_error("tick: no CUDA kernels in this build");

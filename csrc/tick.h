@@ -180,6 +180,8 @@ class TickProgram {
   long arena_bytes() const { return arena_bytes_; }
   int ops() const { return static_cast<int>(ops_.size()); }
 
+  // The ops once, on a CPU program's arena, without the tick's copies (tests).
+  void run_ops();
   // One tick on host memory (the CPU task of Tick).
   void run_cpu(const float* pcm, const int32_t* control, float* pcm_out, int32_t* tokens);
   // One tick on `stream` (CUstream); device pointers of the four operands.
@@ -218,7 +220,7 @@ class TickProgram {
   bool sealed_ = false;  // the arena exists: no more buffers
   std::vector<char> host_;  // the CPU arena (64-byte aligned inside)
   char* host_base_ = nullptr;
-  std::unique_ptr<prog::CudaState> cuda_;
+  std::shared_ptr<prog::CudaState> cuda_;  // shared_ptr: CudaState is complete only in tick_cuda.cpp
   void* cuda_base_ = nullptr;
 
   friend struct prog::CudaState;

@@ -64,6 +64,7 @@ void bind_tick(nb::module_& m) {
       .def("set_io", &P::set_io, "pcm_in"_a, "control"_a, "pcm_out"_a, "tokens"_a, "B"_a, "F"_a, "C"_a, "G"_a)
       .def("write", &P::write, "h"_a, "offset"_a, "src"_a)
       .def("read", &P::read, "h"_a, "offset"_a, "bytes"_a)
+      .def("run_ops", &P::run_ops, "The ops once on a CPU program's arena (tests of single ops).")
       .def_prop_ro("arena_bytes", &P::arena_bytes)
       .def_prop_ro("ops", &P::ops)
       .def_prop_ro("gpu", &P::gpu)

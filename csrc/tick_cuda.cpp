@@ -297,10 +297,12 @@ TickProgram::~TickProgram() {
 }
 
 // The arena on the device, zeroed and given its initial bytes (once).
-static void make_arena(TickProgram& p, std::unique_ptr<prog::CudaState>& state, void*& base, long bytes,
+void* device_ptr(const mx::array& a) { return cuda::ptr(a); }
+
+static void make_arena(TickProgram& p, std::shared_ptr<prog::CudaState>& state, void*& base, long bytes,
                        std::vector<std::pair<int, std::vector<char>>>& inits) {
   if (state) return;
-  auto s = std::make_unique<prog::CudaState>();
+  auto s = std::make_shared<prog::CudaState>();
   s->device = p.device();
   CUdevice dev;
   ck(cuInit(0), "cuInit");
@@ -336,20 +338,21 @@ void TickProgram::read_cuda(int h, long offset, void* dst, long bytes) {
 
 void TickProgram::run_cuda(void* stream, const void* pcm, const void* control, void* pcm_out, void* tokens) {
   personaplex::check(gpu_, "tick", "run_cuda on a CPU program");
+  personaplex::check(pcm_in_ >= 0, "tick", "set_io must name the tick's operands before the first tick");
   materialize();
   make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
   auto& s = *cuda_;
   Ctx push(s.ctx);
   if (!s.exec) {
-    auto at = [this](int h) { return at(h); };
+    auto resolve = [this](int h) { return at(h); };
     s.dry = true;
-    for (const auto& op : ops_) launch_op(s, *this, op, at);
+    for (const auto& op : ops_) launch_op(s, *this, op, resolve);
     ck(cuStreamCreate(&s.capture, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
     s.dry = false;
     s.next_workspace = 0;
     ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
     try {
-      for (const auto& op : ops_) launch_op(s, *this, op, at);
+      for (const auto& op : ops_) launch_op(s, *this, op, resolve);
     } catch (...) {
       CUgraph g = nullptr;
       cuStreamEndCapture(s.capture, &g);

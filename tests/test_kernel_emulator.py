@@ -38,7 +38,8 @@ class MatvecArgs(ctypes.Structure):
 class RingArgs(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int) for n in ("B", "H", "T", "D", "W", "S", "copy_k", "copy_v", "rope")]
                 + [(n, ctypes.c_float) for n in ("rope_step", "scale")]
-                + [(n, ctypes.c_long) for n in ("new_b", "new_h", "new_t")])
+                + [(n, ctypes.c_long) for n in ("new_b", "new_h", "new_t")]
+                + [("chunk_window", ctypes.c_int)] + [(n, ctypes.c_long) for n in ("out_b", "out_h", "out_t")])
 
 
 def build_drivers(build, names):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from . import ops, tick
 from .models.lm import LM, UNGENERATED, LMState
 from .models.mimi import Mimi, MimiState
 from .sampling import SamplingConfig
@@ -34,33 +35,59 @@ class SessionsFull(RuntimeError):
 
 
 class Engine:
+    """program: run each tick as one tick program (tick.py) — the default where the
+    fused kernels run and the models fit it — or op by op (False; the only way in
+    "reference" and "check" modes, where every primitive is compared or replaced)."""
+
     def __init__(self, lm: LM, mimi: Mimi, slots: int = 1,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0):
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, program: bool | None = None):
         if lm.cfg.card != mimi.cfg.quantizer.bins:
             raise ValueError(f"LM audio card {lm.cfg.card} != Mimi codebook size {mimi.cfg.quantizer.bins}")
         self.lm, self.mimi, self.sampling = lm, mimi, sampling
         self.slots = slots
         self.frame_size = mimi.cfg.frame_size
-        self.lm_state: LMState = lm.new_state(slots, seed=seed)
-        self.encoder: MimiState = mimi.new_encoder_state(slots)
-        self.decoder: MimiState = mimi.new_decoder_state(slots)
         self.active = [False] * slots
+        self.seed = seed
+        self._joins = 0
+        self.program: tick.TickRunner | None = None
+        if program is not False and ops.mode() == "fused" and ops.kernels_here():
+            gpu = mx.default_device().type == mx.gpu
+            why = tick.supported(lm, mimi, gpu)
+            if why is None:
+                self.program = tick.TickRunner(lm, mimi, slots, sampling, gpu)
+            elif program:
+                raise tick.Unsupported(why)
+        if self.program is not None:
+            # Per slot: the reset bits for the next tick, and the session's seed.
+            self._control = np.zeros((slots, tick.CONTROL_COLS), np.int32)
+            self._control[:, 0] = tick.RESET_ALL
+        else:
+            self.lm_state: LMState = lm.new_state(slots, seed=seed)
+            self.encoder: MimiState = mimi.new_encoder_state(slots)
+            self.decoder: MimiState = mimi.new_decoder_state(slots)
 
     # -- sessions
 
-    def join(self, prompt: LMState | None = None) -> int:
+    def join(self, prompt: LMState | None = None, seed: int | None = None) -> int:
         """Take a free slot, fresh or continuing from a prompted batch-of-one LM state
-        (prompts.prefill): the slot's KV rows, positions and token rings are copied in."""
+        (prompts.prefill): the slot's KV rows, positions and token rings are copied in.
+        seed: the session's sampling seed (tick programs; default: from the engine's
+        seed and the number of joins so far)."""
         for slot, used in enumerate(self.active):
             if not used:
-                self.reset(slot)
+                self.reset(slot, seed)
                 if prompt is not None:
                     self._load_row(slot, prompt)
                 self.active[slot] = True
+                self._joins += 1
                 return slot
         raise SessionsFull(f"all {self.slots} session slots are in use")
 
     def _load_row(self, slot: int, src: LMState) -> None:
+        if self.program is not None:
+            self.program.load_lm_row(slot, src)
+            self._control[slot, 0] &= ~tick.RESET_LM
+            return
         dst = self.lm_state
         for arrays, rows in ((dst.kv.keys, src.kv.keys), (dst.kv.values, src.kv.values)):
             for i, row in enumerate(rows):
@@ -73,10 +100,22 @@ class Engine:
     def leave(self, slot: int) -> None:
         self.active[slot] = False
 
-    def reset(self, slot: int) -> None:
+    def reset(self, slot: int, seed: int | None = None) -> None:
+        if self.program is not None:
+            self._control[slot, 0] = tick.RESET_ALL
+            self._control[slot, 1] = (self.seed * 1_000_003 + self._joins if seed is None else seed) & 0x7FFFFFFF
+            return
         self.lm_state.reset([slot])
         self.encoder.reset(slot)
         self.decoder.reset(slot)
+
+    def seek(self, frame: int) -> None:
+        """Put every session at `frame` of its conversation (benchmarks: each step then
+        attends over a full window)."""
+        if self.program is not None:
+            self.program.set_offsets(np.full(self.slots, frame, np.int32))
+        else:
+            self.lm_state.offsets = mx.full((self.slots,), frame, dtype=mx.int32)
 
     # -- one frame
 
@@ -85,6 +124,11 @@ class Engine:
         pcm = np.asarray(pcm, dtype=np.float32)
         if pcm.shape != (self.slots, self.frame_size):
             raise ValueError(f"tick takes [{self.slots}, {self.frame_size}] samples, got {pcm.shape}")
+        if self.program is not None:
+            audio, tokens = self.program(mx.array(pcm), mx.array(self._control))
+            mx.eval(audio, tokens)
+            self._control[:, 0] = 0
+            return TickOutput(np.array(audio), np.array(tokens)[:, 0])
         user = self.mimi.encode_step(mx.array(pcm), self.encoder)
         out = self.lm.step(self.lm_state, user[:, : self.lm.cfg.user_q], self.sampling)
         # Warm-up frames have no model codes yet: decode code 0 and mute the result,

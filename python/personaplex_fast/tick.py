@@ -428,15 +428,14 @@ class TickRunner:
 
     def load_lm_row(self, slot: int, state: LMState) -> None:
         """Copies a batch-of-one LM state (a prompted session) into slot's rows."""
-        mx.eval(state.offsets, state.tokens, state.forced, *state.kv.arrays())
-        p, h = self.program, self.lm
-        for handles, rows in ((h.keys, state.kv.keys), (h.values, state.kv.values)):
-            for handle, row in zip(handles, rows):
-                p.write(handle, slot * row[0].nbytes, mx.contiguous(row[0]))
-        for handle, a in ((h.offsets, state.offsets), (h.tokens, state.tokens), (h.forced, state.forced)):
-            row = mx.contiguous(a[0].astype(mx.int32))
-            mx.eval(row)
-            p.write(handle, slot * row.nbytes, row)
+        h = self.lm
+        pairs = [*zip(h.keys, state.kv.keys), *zip(h.values, state.kv.values),
+                 (h.offsets, state.offsets), (h.tokens, state.tokens), (h.forced, state.forced)]
+        rows = [mx.contiguous(a[0].astype(mx.int32) if a.dtype != mx.int32 and handle in
+                              (h.offsets, h.tokens, h.forced) else a[0]) for handle, a in pairs]
+        mx.eval(rows)
+        for (handle, _), row in zip(pairs, rows):
+            self.program.write(handle, slot * row.nbytes, row)
 
     def set_offsets(self, offsets: np.ndarray) -> None:
         """Puts every session at the given frame (benchmarks: a full attention window)."""

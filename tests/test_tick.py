@@ -1,0 +1,165 @@
+"""The tick program (csrc/tick.h, python/personaplex_fast/tick.py) on the CPU against
+the per-op engine it replaces.
+
+Greedy picks make the two comparable token for token: the program runs the same
+kernels in the same order, so text tokens and the model's codes must be equal
+and the audio equal to float32 rounding (the codec runs in float32 in both).
+Sampled picks use the program's own noise, so they are tested for what they
+promise instead: reproducible per seed, independent of the batch a session
+shares, and distributed as softmax(logits / temp) over the top k.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from personaplex_fast import _ext, ops, tick
+from personaplex_fast.engine import Engine
+from personaplex_fast.loading import load_model
+from personaplex_fast.sampling import SamplingConfig
+from personaplex_fast.tiny import make_tiny
+
+GREEDY = SamplingConfig(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module", params=[mx.float32, mx.bfloat16], ids=["f32", "bf16"])
+def model(tiny, request):
+    return load_model(tiny, dtype=request.param)
+
+
+def frames(n, B, seed):
+    rng = np.random.default_rng(seed)
+    t = np.arange(1920) / 24000
+    out = []
+    for i in range(n):
+        tone = 0.3 * np.sin(2 * np.pi * (180 + 40 * i) * t)[None] * rng.uniform(0.2, 1.0, (B, 1))
+        out.append((tone + 0.05 * rng.standard_normal((B, 1920))).astype(np.float32))
+    return out
+
+
+def test_engine_takes_the_program_where_it_applies(model):
+    assert Engine(model.lm, model.mimi, slots=2).program is not None
+    assert Engine(model.lm, model.mimi, slots=2, program=False).program is None
+    for mode in ("reference", "check"):
+        with ops.use_mode(mode):
+            assert Engine(model.lm, model.mimi, slots=2).program is None
+
+
+def test_program_equals_per_op_engine(model):
+    """Three sessions, greedy: one joins late, one leaves and a fresh one takes its
+    slot (a reset), one joins with a prompted LM state."""
+    lm, mimi = model.lm, model.mimi
+    prompt = model.prompt(voice="NATF0", text="You like to talk.", seed=1, sampling=GREEDY)
+    prog = Engine(lm, mimi, slots=3, sampling=GREEDY)
+    per_op = Engine(lm, mimi, slots=3, sampling=GREEDY, program=False)
+    assert prog.program is not None
+    events = {0: [("join", None), ("join", prompt)], 5: [("join", None)], 9: [("leave", 0)],
+              10: [("join", None)]}
+    texts = 0
+    for i, pcm in enumerate(frames(18, 3, seed=2)):
+        for kind, arg in events.get(i, []):
+            if kind == "join":
+                assert prog.join(arg) == per_op.join(arg)
+            else:
+                prog.leave(arg)
+                per_op.leave(arg)
+        a, b = prog.tick(pcm), per_op.tick(pcm)
+        active = np.array(prog.active)
+        np.testing.assert_array_equal(a.text[active], b.text[active], err_msg=f"tick {i}")
+        np.testing.assert_allclose(a.pcm[active], b.pcm[active], rtol=0, atol=2e-5 * max(1.0, np.abs(b.pcm).max()),
+                                   err_msg=f"tick {i}")
+        texts += int((a.text[active] >= 0).sum())
+    assert texts > 20  # the sessions did speak
+
+
+def test_codec_reset_keeps_the_lm_rows(model):
+    """A prompted join resets the codec and the seed but keeps the LM rows it loaded."""
+    runner = tick.TickRunner(model.lm, model.mimi, 2, GREEDY, gpu=False)
+    control = np.zeros((2, tick.CONTROL_COLS), np.int32)
+    control[:, 0] = tick.RESET_ALL
+    for pcm in frames(4, 2, seed=3):
+        mx.eval(*runner(mx.array(pcm), mx.array(control)))
+        control[:, 0] = 0
+    before = runner.read_lm()
+    assert (before["offsets"] == 4).all()
+    control[1, 0] = tick.RESET_CODEC | tick.RESET_SEED
+    mx.eval(*runner(mx.array(frames(1, 2, seed=4)[0]), mx.array(control)))
+    after = runner.read_lm()
+    np.testing.assert_array_equal(after["offsets"], [5, 5])
+    control[1, 0] = tick.RESET_LM
+    mx.eval(*runner(mx.array(frames(1, 2, seed=5)[0]), mx.array(control)))
+    after = runner.read_lm()
+    np.testing.assert_array_equal(after["offsets"], [6, 1])
+    # The reset session's rings hold only what frame 0 wrote (the rest -2 / -1).
+    R = model.lm.cfg.max_delay + 2
+    assert (after["forced"][1] == -1).all()
+    assert (after["tokens"][1][:, 2:R] == -2).all()
+
+
+def sampled_texts(model, B, seeds, slot_of, n=12):
+    runner = tick.TickRunner(model.lm, model.mimi, B, SamplingConfig(temp_text=1.0, topk_text=50), gpu=False)
+    control = np.zeros((B, tick.CONTROL_COLS), np.int32)
+    control[:, 0] = tick.RESET_ALL
+    control[:, 1] = seeds
+    texts = []
+    for pcm in frames(n, 1, seed=6):
+        _, tokens = runner(mx.array(np.repeat(pcm, B, axis=0)), mx.array(control))
+        control[:, 0] = 0
+        texts.append(np.array(tokens)[slot_of, 0])
+    return np.array(texts)
+
+
+def test_sampling_is_per_session(model):
+    """A session's draws depend on its seed and frames only: the same in slot 0 of one
+    session as in slot 2 of three, different for another seed."""
+    alone = sampled_texts(model, 1, [11], 0)
+    shared = sampled_texts(model, 3, [5, 7, 11], 2)
+    np.testing.assert_array_equal(alone, shared)
+    other = sampled_texts(model, 1, [12], 0)
+    assert (alone != other).any()
+
+
+def test_sampling_follows_the_softmax():
+    """Gumbel-max over the program's noise, frame after frame: the empirical frequencies
+    of 4000 draws match softmax(logits / temp) over the top k within 4 sigma."""
+    V, top_k, temp, n = 12, 6, 0.8, 4000
+    logits = np.linspace(2.0, -1.0, V).astype(np.float32)
+    p = _ext.TickProgram(False)
+    lg = p.buffer(n * V * 4, mx.float32)
+    p.init(lg, mx.array(np.tile(logits, (n, 1))))
+    seeds = p.buffer(n * 4, mx.uint32)
+    p.init(seeds, mx.array(np.full(n, 3, np.uint32)))
+    offsets = p.buffer(n * 4, mx.int32)
+    p.init(offsets, mx.array(np.arange(n, dtype=np.int32)))  # n frames of one session
+    noise = p.buffer(n * V * 4, mx.float32)
+    out = p.buffer(n * 4, mx.int32)
+    p.gumbel(seeds=seeds, offsets=offsets, out=noise, B=n, V=V, streams=1, stream0=0)
+    p.sample(logits=lg, out=out, rows=n, V=V, temp=temp, top_k=top_k, noise=noise)
+    p.run_ops()
+    tokens = np.array(p.read(out, 0, n * 4)).view(np.int32)
+    want = np.exp(logits[:top_k] / temp)
+    want /= want.sum()
+    got = np.bincount(tokens, minlength=V) / n
+    assert got[top_k:].sum() == 0
+    sigma = np.sqrt(want * (1 - want) / n)
+    assert (np.abs(got[:top_k] - want) < 4 * sigma).all(), (got, want)
+
+
+def test_builder_mistakes_are_errors_not_overruns():
+    p = _ext.TickProgram(False)
+    x = p.buffer(4 * 64, mx.float32)
+    w = p.buffer(4 * 64 * 8, mx.float32)
+    small = p.buffer(4 * 3, mx.float32)
+    with pytest.raises(ValueError, match="out holds 12 bytes, needs 32"):
+        p.matvec(x=x, w=w, out=small, M=1, K=64, n_out=8)
+    with pytest.raises(ValueError, match="share one dtype"):
+        p.matvec(x=x, w=w, out=p.buffer(64, mx.bfloat16), M=1, K=64, n_out=8)
+    with pytest.raises(ValueError, match="pcm must be"):
+        runner_pcm = mx.zeros((1, 10))
+        p.set_io(pcm_in=x, control=small, pcm_out=x, tokens=small, B=1, F=64, C=2, G=1)
+        _ext.tick(p, runner_pcm, mx.zeros((1, 2), mx.int32))
