@@ -163,3 +163,25 @@ def test_builder_mistakes_are_errors_not_overruns():
         runner_pcm = mx.zeros((1, 10))
         p.set_io(pcm_in=x, control=small, pcm_out=x, tokens=small, B=1, F=64, C=2, G=1)
         _ext.tick(p, runner_pcm, mx.zeros((1, 2), mx.int32))
+
+
+def test_codec_program_equals_mimi_streaming(tiny):
+    """Mimi alone as a program (tick.CodecRunner) against Mimi.encode_step / decode_step,
+    sessions restarted by a reset halfway."""
+    mimi = load_model(tiny).mimi
+    runner = tick.CodecRunner(mimi, 2, gpu=False)
+    enc, dec = mimi.new_encoder_state(2), mimi.new_decoder_state(2)
+    reset = np.full((2, 1), tick.RESET_CODEC, np.int32)
+    for i, pcm in enumerate(frames(14, 2, seed=11)):
+        if i == 7:
+            reset[1] = tick.RESET_CODEC
+            enc.reset(1)
+            dec.reset(1)
+        audio, sem = runner(mx.array(pcm), mx.array(reset))
+        reset[:] = 0
+        codes = mimi.encode_step(mx.array(pcm), enc)
+        want = mimi.decode_step(codes, dec)
+        mx.eval(audio, sem, codes, want)
+        np.testing.assert_array_equal(np.array(sem)[:, 0], np.array(codes)[:, 0], err_msg=f"frame {i}")
+        np.testing.assert_allclose(np.array(audio), np.array(want), rtol=0,
+                                   atol=1e-5 * max(1.0, float(np.abs(np.array(want)).max())), err_msg=f"frame {i}")

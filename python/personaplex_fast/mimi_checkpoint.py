@@ -221,10 +221,11 @@ def load_mimi(path: str | Path, config: MimiConfig | None = None,
 
 
 def tiny_mimi_config() -> MimiConfig:
-    """Same frame (1920 samples at 24 kHz, ratios 8,6,5,4) and 8 codebooks, tiny widths."""
+    """Same frame (1920 samples at 24 kHz, ratios 8,6,5,4) and 8 codebooks, tiny widths
+    (attention heads of 16: a head dim the GPU kernels take, so the tick program runs there)."""
     return MimiConfig(
         seanet=SeanetConfig(dimension=32, n_filters=4),
-        transformer=MimiTransformerConfig(d_model=32, num_heads=4, num_layers=2, dim_feedforward=64,
+        transformer=MimiTransformerConfig(d_model=32, num_heads=2, num_layers=2, dim_feedforward=64,
                                           context=16),
         quantizer=QuantizerConfig(dimension=16, bins=64, n_q=8))
 

@@ -400,7 +400,7 @@ class TickRunner:
             raise Unsupported("the LM's codebooks do not match Mimi's")
         b = Builder(slots, gpu)
         F = mimi.cfg.frame_size
-        self.lm_cfg = lm.cfg
+        self.lm_cfg, self.gpu = lm.cfg, gpu
         self.slots, self.frame_size = slots, F
         pcm_in = b.buf((slots, F), mx.float32)
         control = b.buf((slots, CONTROL_COLS), mx.int32)
@@ -423,7 +423,7 @@ class TickRunner:
     def __call__(self, pcm: mx.array, control: mx.array) -> tuple[mx.array, mx.array]:
         from . import _ext
 
-        out = _ext.tick(self.program, pcm, control)
+        out = _ext.tick(self.program, pcm, control, stream=mx.gpu if self.gpu else mx.cpu)
         return out[0], out[1]
 
     def load_lm_row(self, slot: int, state: LMState) -> None:
@@ -453,3 +453,32 @@ class TickRunner:
 
         return {"offsets": read(self.lm.offsets, (B,)), "tokens": read(self.lm.tokens, (B, 1 + cfg.n_q, R)),
                 "forced": read(self.lm.forced, (B, 1 + cfg.dep_q, R))}
+
+
+class CodecRunner:
+    """Mimi alone as a program: each tick encodes B frames and decodes the codes it just
+    made (benchmarks of the codec's fixed cost; tests against Mimi's own streaming)."""
+
+    def __init__(self, mimi: Mimi, slots: int, gpu: bool):
+        b = Builder(slots, gpu)
+        F = mimi.cfg.frame_size
+        self.slots, self.gpu = slots, gpu
+        pcm_in = b.buf((slots, F), mx.float32)
+        control = b.buf((slots, 1), mx.int32)
+        pcm_out = b.buf((slots, F), mx.float32)
+        n_sem = mimi.cfg.quantizer.n_q_semantic
+        codes = b.buf((slots, n_sem), mx.int32)
+        b.p.set_io(pcm_in=pcm_in, control=control, pcm_out=pcm_out, tokens=codes, B=slots, F=F, C=1, G=n_sem)
+        sem, ac = emit_encoder(b, mimi, pcm_in)
+        b.p.copy(dst=codes, src=sem, bytes=slots * n_sem * 4)
+        emit_decoder(b, mimi, sem, ac, b.const(np.ones(slots, np.int32)), pcm_out)
+        b.finish()
+        self.program, self._builder = b.p, b
+
+    def __call__(self, pcm: mx.array, reset: mx.array) -> tuple[mx.array, mx.array]:
+        """pcm [B, frame]; reset [B, 1] int32 (RESET_CODEC restarts a session) ->
+        (the decoded pcm, the semantic codes)."""
+        from . import _ext
+
+        out = _ext.tick(self.program, pcm, reset, stream=mx.gpu if self.gpu else mx.cpu)
+        return out[0], out[1]
