@@ -4,6 +4,7 @@
 #include "tick.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -446,8 +447,68 @@ void TickProgram::run_cpu_op(const prog::Op& op) {
             for (long i = 0; i < n; ++i) y[i] = valid[i / o.args.cols] ? x[i] : 0.f;
           },
           [&](const prog::Copy& o) { std::memmove(p(o.dst), p(o.src), o.bytes); },
+          [&](const prog::Gemm& o) {
+            dispatch_float(kOp, mem(o.x).dtype, [&](auto zero) {
+              using T = decltype(zero);
+              const T* x = static_cast<const T*>(p(o.x));
+              const T* w = static_cast<const T*>(p(o.w));
+              T* y = static_cast<T*>(p(o.y));
+              for (int m = 0; m < o.M; ++m) {
+                for (int n = 0; n < o.N; ++n) {
+                  float s = o.accumulate ? static_cast<float>(y[static_cast<size_t>(m) * o.N + n]) : 0.f;
+                  for (int k = 0; k < o.K; ++k) {
+                    s += static_cast<float>(x[static_cast<size_t>(m) * o.K + k]) *
+                         static_cast<float>(w[static_cast<size_t>(n) * o.K + k]);
+                  }
+                  y[static_cast<size_t>(m) * o.N + n] = static_cast<T>(s);
+                }
+              }
+            });
+          },
+          [&](const prog::Gate& o) {
+            dispatch_float(kOp, mem(o.x).dtype, [&](auto zero) {
+              using T = decltype(zero);
+              auto rt = [](float v) { return static_cast<float>(static_cast<T>(v)); };
+              const T* x = static_cast<const T*>(p(o.x));
+              T* y = static_cast<T*>(p(o.out));
+              const int n = o.args.cols;
+              for (int r = 0; r < o.args.rows; ++r) {
+                for (int j = 0; j < n; ++j) {
+                  const float g = static_cast<float>(x[static_cast<size_t>(r) * 2 * n + j]);
+                  const float v = static_cast<float>(x[static_cast<size_t>(r) * 2 * n + n + j]);
+                  const float sig = rt(1.f / (1.f + std::exp(-g)));
+                  y[static_cast<size_t>(r) * n + j] = static_cast<T>(rt(rt(g * sig) * v));
+                }
+              }
+            });
+          },
       },
       op);
+}
+
+const char* prog::op_name(const Op& op) {
+  static const char* names[] = {"matvec", "attention", "conv1d", "conv_transpose1d", "rvq_encode", "rvq_decode",
+                                "gumbel", "sample", "embed_add", "norm", "gelu", "scale_add", "frame_in",
+                                "frame_out", "fill_rows", "update", "mute", "copy", "gemm", "gate"};
+  static_assert(sizeof(names) / sizeof(names[0]) == std::variant_size_v<Op>);
+  return names[op.index()];
+}
+
+std::vector<std::pair<std::string, double>> TickProgram::profile() {
+  materialize();
+  std::vector<std::pair<std::string, double>> out;
+  if (gpu_) {
+    const auto ms = profile_cuda();
+    for (size_t i = 0; i < ops_.size(); ++i) out.emplace_back(prog::op_name(ops_[i]), ms[i]);
+    return out;
+  }
+  for (const auto& op : ops_) {
+    const auto t = std::chrono::steady_clock::now();
+    run_cpu_op(op);
+    out.emplace_back(prog::op_name(op),
+                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
+  }
+  return out;
 }
 
 void TickProgram::run_ops() {
@@ -473,6 +534,10 @@ void TickProgram::run_cuda(void*, const void*, const void*, void*, void*) {
   throw std::runtime_error("tick: no CUDA kernels in this build");
 }
 void TickProgram::write_cuda(int, long, const mx::array&) { run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr); }
+std::vector<double> TickProgram::profile_cuda() {
+  run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr);
+  return {};
+}
 void TickProgram::read_cuda(int, long, void*, long) { run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr); }
 #endif
 

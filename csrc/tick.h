@@ -61,15 +61,26 @@ struct Attention {
   float rope_max_period;  // <= 0: no RoPE (the args carry the step)
   RingArgs args;
 };
+// y [M, N] = x [M, K] W[N, K]^T (+ y when accumulate): cuBLAS on CUDA (float32
+// accumulation), where batches make the weights' reuse worth a GEMM; a plain loop
+// on the CPU (programs built for the CPU use matvec, which rounds as the reference).
+struct Gemm {
+  int x, w, y;
+  int M, N, K;
+  int accumulate;
+};
 struct Conv1d {
   int x, state, first, w, bias, y;
   int buf, next;  // scratch: the gathered inputs [B, context + T, C_in], the next state
+  int gemm;       // on CUDA as [im2col +] a cuBLAS GEMM (one group)
+  int cols;       // its scratch [B * T_out, K * C_in]; -1 at K = 1, stride 1 (rows as they are)
   GatherArgs gather;
   Conv1dArgs conv;
 };
 struct ConvTranspose1d {
   int x, partial, w, bias, y;
   int xe, next;  // scratch: the ELU of x, the next partial
+  int w_t, z;    // >= 0: on CUDA as GEMM + col2im (w_t [K, C_out, C_in], z scratch [B, T, K, C_out])
   int elu;
   ConvTrArgs conv;
 };
@@ -100,6 +111,10 @@ struct Norm {
 };
 struct Gelu {
   int x, out;
+  RowsArgs args;
+};
+struct Gate {
+  int x, out;  // x [rows, 2 * cols] -> out [rows, cols]
   RowsArgs args;
 };
 struct ScaleAdd {
@@ -133,7 +148,11 @@ struct Copy {
 };
 
 using Op = std::variant<Matvec, Attention, Conv1d, ConvTranspose1d, RvqEncode, RvqDecode, Gumbel, Sample,
-                        EmbedAdd, Norm, Gelu, ScaleAdd, FrameIn, FrameOut, FillRows, Update, Mute, Copy>;
+                        EmbedAdd, Norm, Gelu, ScaleAdd, FrameIn, FrameOut, FillRows, Update, Mute, Copy, Gemm,
+                        Gate>;
+
+// The op's kind, as the profile names it.
+const char* op_name(const Op& op);
 
 struct CudaState;  // tick_cuda.cpp
 
@@ -182,6 +201,9 @@ class TickProgram {
 
   // The ops once, on a CPU program's arena, without the tick's copies (tests).
   void run_ops();
+  // Each op's time in ms, running them once outside the graph (benchmarks; it
+  // advances the sessions like a tick, with whatever the operands hold).
+  std::vector<std::pair<std::string, double>> profile();
   // One tick on host memory (the CPU task of Tick).
   void run_cpu(const float* pcm, const int32_t* control, float* pcm_out, int32_t* tokens);
   // One tick on `stream` (CUstream); device pointers of the four operands.
@@ -200,6 +222,7 @@ class TickProgram {
  private:
   void materialize();
   void write_cuda(int h, long offset, const mx::array& src);
+  std::vector<double> profile_cuda();
   void read_cuda(int h, long offset, void* dst, long bytes);
   void check_handle(int h, const char* what) const;
   void check_op(const prog::Op& op) const;

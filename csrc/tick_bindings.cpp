@@ -124,7 +124,7 @@ void bind_tick(nb::module_& m) {
       .def(
           "conv1d",
           [](P& p, int x, int state, int w, int y, int B, int T, int C_in, int C_out, int K, int stride,
-             int dilation, int groups, bool elu, int bias, int first) {
+             int dilation, int groups, bool elu, int bias, int first, bool gemm) {
             const char* op = "tick conv1d";
             const int context = (K - 1) * dilation + 1 - stride;
             check(context >= 0 && T % stride == 0 && C_in % groups == 0 && C_out % groups == 0, op,
@@ -141,7 +141,12 @@ void bind_tick(nb::module_& m) {
             if (context > 0 || elu) buf = p.buffer(static_cast<long>(B) * (context + T) * C_in * e, p.mem(x).dtype);
             if (context > 0) next = p.buffer(static_cast<long>(B) * context * C_in * e, p.mem(x).dtype);
             const int lanes = conv_lanes(static_cast<long>(K) * (C_in / groups));
-            p.add(prog::Conv1d{x, state, first, w, bias, y, buf, next,
+            check(!gemm || groups == 1, op, "the GEMM form takes one group");
+            // K = 1 at stride 1 reads its rows as they are; other shapes gather windows.
+            const int cols = gemm && !(K == 1 && stride == 1)
+                                 ? p.buffer(static_cast<long>(B) * (T / stride) * K * C_in * e, p.mem(x).dtype)
+                                 : -1;
+            p.add(prog::Conv1d{x, state, first, w, bias, y, buf, next, gemm, cols,
                                GatherArgs{.B = B, .T = T, .C = C_in, .context = context, .elu = elu,
                                           .has_first = first >= 0},
                                Conv1dArgs{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .context = context,
@@ -149,11 +154,12 @@ void bind_tick(nb::module_& m) {
                                           .has_bias = bias >= 0}});
           },
           "x"_a, "state"_a, "w"_a, "y"_a, "B"_a, "T"_a, "C_in"_a, "C_out"_a, "K"_a, "stride"_a = 1,
-          "dilation"_a = 1, "groups"_a = 1, "elu"_a = false, "bias"_a = -1, "first"_a = -1)
+          "dilation"_a = 1, "groups"_a = 1, "elu"_a = false, "bias"_a = -1, "first"_a = -1, "gemm"_a = false,
+          "gemm: on CUDA as im2col + a cuBLAS GEMM (one group); the CPU path is the same either way.")
       .def(
           "conv_transpose1d",
           [](P& p, int x, int partial, int w, int y, int B, int T, int C_in, int C_out, int K, int stride,
-             int groups, bool elu, int bias) {
+             int groups, bool elu, int bias, int w_t) {
             const char* op = "tick conv_transpose1d";
             check(K >= stride && C_in % groups == 0 && C_out % groups == 0, op, "inconsistent conv shape");
             const long e = es(p, x), overlap = K - stride;
@@ -167,13 +173,21 @@ void bind_tick(nb::module_& m) {
             const int next = p.buffer(std::max(B * overlap * C_out * e, 1L), p.mem(x).dtype);
             const int taps = (K + stride - 1) / stride, cin_g = C_in / groups;
             const int lanes = std::min(conv_lanes(static_cast<long>(taps) * cin_g), conv_lanes(8L * cin_g));
-            p.add(prog::ConvTranspose1d{x, partial, w, bias, y, xe, next, elu,
+            int z = -1;
+            if (w_t >= 0) {
+              check(groups == 1, op, "the GEMM form takes one group");
+              need(p, w_t, static_cast<long>(K) * C_out * C_in * e, op, "w_t");
+              same_dtype(p, op, {x, w_t});
+              z = p.buffer(static_cast<long>(B) * T * K * C_out * e, p.mem(x).dtype);
+            }
+            p.add(prog::ConvTranspose1d{x, partial, w, bias, y, xe, next, w_t, z, elu,
                                         ConvTrArgs{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K,
                                                    .stride = stride, .groups = groups, .lanes = lanes,
                                                    .has_bias = bias >= 0}});
           },
           "x"_a, "partial"_a, "w"_a, "y"_a, "B"_a, "T"_a, "C_in"_a, "C_out"_a, "K"_a, "stride"_a, "groups"_a = 1,
-          "elu"_a = false, "bias"_a = -1)
+          "elu"_a = false, "bias"_a = -1, "w_t"_a = -1,
+          "w_t: the weights as [K, C_out, C_in]: on CUDA as a cuBLAS GEMM over the taps + an overlap-add.")
       .def(
           "rvq_encode",
           [](P& p, int x, int books, int codes, int n, int n_q, int bins, int D) {
@@ -315,6 +329,29 @@ void bind_tick(nb::module_& m) {
           },
           "tokens"_a, "offsets"_a, "delays"_a, "gen"_a, "out"_a, "sem"_a, "ac"_a, "valid"_a, "B"_a, "n_q"_a,
           "dep_q"_a, "n_sem"_a, "R"_a, "max_delay"_a, "card"_a)
+      .def(
+          "gemm",
+          [](P& p, int x, int w, int y, int M, int N, int K, bool accumulate) {
+            const char* op = "tick gemm";
+            const long e = es(p, x);
+            need(p, x, static_cast<long>(M) * K * e, op, "x");
+            need(p, w, static_cast<long>(N) * K * e, op, "w");
+            need(p, y, static_cast<long>(M) * N * e, op, "y");
+            same_dtype(p, op, {x, w, y});
+            p.add(prog::Gemm{x, w, y, M, N, K, accumulate});
+          },
+          "x"_a, "w"_a, "y"_a, "M"_a, "N"_a, "K"_a, "accumulate"_a = false,
+          "y [M, N] = x [M, K] W [N, K]^T (+ y): a cuBLAS GEMM on CUDA.")
+      .def(
+          "gate",
+          [](P& p, int x, int out, int rows, int cols) {
+            need(p, x, 2L * rows * cols * es(p, x), "tick gate", "x");
+            need(p, out, static_cast<long>(rows) * cols * es(p, x), "tick gate", "out");
+            same_dtype(p, "tick gate", {x, out});
+            p.add(prog::Gate{x, out, RowsArgs{.rows = rows, .cols = cols}});
+          },
+          "x"_a, "out"_a, "rows"_a, "cols"_a, "out = silu(first half of x) * second half, as matvec's gate.")
+      .def("profile", &P::profile, "Each op's time (ms), the ops run once outside the graph.")
       .def(
           "mute",
           [](P& p, int x, int valid, int out, int rows, int cols) {

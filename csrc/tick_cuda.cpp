@@ -12,6 +12,15 @@
 // Ordering with MLX: eval_gpu first commits what MLX has recorded so far
 // (the work producing pcm and control), then queues ours on the same stream;
 // MLX's later work, and its completion event for this evaluation, come after.
+//
+// GEMMs (large batches, the codec's large convs) go to cuBLAS, found in the
+// process (libmlx loads it) or opened by name, and declared here: nothing else
+// of the toolkit's cuBLAS is needed to build. Its workspace is ours, set before
+// the capture, and every GEMM runs once eagerly in the dry pass, so that the
+// capture records kernels only (no allocation, no heuristics).
+
+#include <dlfcn.h>
+#include <library_types.h>
 
 #include <algorithm>
 #include <cmath>
@@ -49,6 +58,53 @@ struct Ctx {
   }
 };
 
+// The few cuBLAS entry points used (cublas_api.h, CUDA 12 and 13 alike).
+struct Cublas {
+  using Handle = void*;
+  int (*create)(Handle*) = nullptr;
+  int (*set_stream)(Handle, CUstream) = nullptr;
+  int (*set_workspace)(Handle, void*, size_t) = nullptr;
+  int (*gemm_ex)(Handle, int, int, int, int, int, const void*, const void*, cudaDataType_t, int, const void*,
+                 cudaDataType_t, int, const void*, void*, cudaDataType_t, int, int, int) = nullptr;
+  static constexpr int kOpN = 0, kOpT = 1, kCompute32F = 68, kGemmDefault = -1;
+
+  static const Cublas& get() {
+    static const Cublas c = [] {
+      Cublas c;
+      void* lib = dlopen(nullptr, RTLD_NOW);
+      if (!dlsym(lib, "cublasGemmEx")) {
+        for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
+          if ((lib = dlopen(name, RTLD_NOW | RTLD_GLOBAL))) break;
+        }
+      }
+      if (!lib) throw std::runtime_error("tick (CUDA): cuBLAS (libcublas.so.13) is not loadable");
+      auto sym = [&](auto& f, const char* name) {
+        f = reinterpret_cast<std::remove_reference_t<decltype(f)>>(dlsym(lib, name));
+        if (!f) throw std::runtime_error(std::string("tick (CUDA): cuBLAS has no ") + name);
+      };
+      sym(c.create, "cublasCreate_v2");
+      sym(c.set_stream, "cublasSetStream_v2");
+      sym(c.set_workspace, "cublasSetWorkspace_v2");
+      sym(c.gemm_ex, "cublasGemmEx");
+      return c;
+    }();
+    return c;
+  }
+};
+
+void cublas_check(int status, const char* what) {
+  if (status != 0) throw std::runtime_error(std::string("tick (CUDA): ") + what + ": cuBLAS status " + std::to_string(status));
+}
+
+cudaDataType_t cuda_type(mx::Dtype dt) {
+  if (dt == mx::float32) return CUDA_R_32F;
+  if (dt == mx::bfloat16) return CUDA_R_16BF;
+  if (dt == mx::float16) return CUDA_R_16F;
+  throw std::invalid_argument("tick (CUDA): GEMMs take float32, bfloat16 or float16");
+}
+
+constexpr size_t kCublasWorkspace = 32u << 20;
+
 }  // namespace
 
 namespace prog {
@@ -63,6 +119,9 @@ struct CudaState {
   size_t next_workspace = 0;
   bool dry = true;
   int device = 0;
+  CUstream launch_stream = nullptr;  // where launches go: the capture stream, or (profile) eagerly
+  void* cublas = nullptr;            // handle, made in the dry pass
+  CUdeviceptr cublas_ws = 0;
 
   // One kernel launch of an op: resolved in the dry pass, launched in the capture.
   void kernel(const unsigned char* image, const std::string& name, dim3 grid, dim3 block, unsigned smem,
@@ -75,13 +134,31 @@ struct CudaState {
       }
       return;
     }
-    ck(cuLaunchKernel(f, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, capture, params, nullptr),
+    ck(cuLaunchKernel(f, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, launch_stream, params, nullptr),
        name.c_str());
   }
   void copy(void* dst, const void* src, size_t bytes) {
     if (dry || bytes == 0) return;
-    ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes, capture),
+    ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes, launch_stream),
        "cuMemcpyAsync");
+  }
+  // Row-major y [M, N] (+)= x [M, K] w [N, K]^T, float32 accumulation. Runs eagerly in
+  // the dry pass too (on the scratch it will own), so cuBLAS settles before the capture.
+  void gemm(mx::Dtype dt, const void* x, const void* w, void* y, int M, int N, int K, bool accumulate) {
+    const Cublas& cb = Cublas::get();
+    if (!cublas) {
+      cublas_check(cb.create(&cublas), "cublasCreate");
+      ck(cuMemAlloc(&cublas_ws, kCublasWorkspace), "cuMemAlloc (cuBLAS workspace)");
+      cublas_check(cb.set_workspace(cublas, reinterpret_cast<void*>(cublas_ws), kCublasWorkspace),
+                   "cublasSetWorkspace");
+    }
+    cublas_check(cb.set_stream(cublas, launch_stream), "cublasSetStream");
+    const float one = 1.f, beta = accumulate ? 1.f : 0.f;
+    const cudaDataType_t t = cuda_type(dt);
+    // Column-major view: y^T [N, M] = w [K, N]^T x^T [K, M].
+    cublas_check(cb.gemm_ex(cublas, Cublas::kOpT, Cublas::kOpN, N, M, K, &one, w, t, K, x, t, K, &beta, y, t, N,
+                            Cublas::kCompute32F, Cublas::kGemmDefault),
+                 "cublasGemmEx");
   }
   // A workspace of `bytes` for the op being walked: allocated in the dry pass,
   // handed out again, in the same order, in the capture.
@@ -149,12 +226,36 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
                      dim3(cuda::blocks_for(kOp, n, kGatherThreads)), dim3(kGatherThreads), 0, params);
             buf = b;
           }
-          Conv1dArgs a = c;
-          void *w = at(o.w), *bias = at(o.bias), *y = at(o.y);
-          void* params[] = {&buf, &w, &bias, &y, &a};
           const long outs = static_cast<long>(c.B) * (c.T / c.stride) * c.C_out;
-          s.kernel(conv1d_stream_fatbin, "conv1d_" + dt, dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)),
-                   dim3(kConvThreads), 0, params);
+          if (o.gemm) {
+            const int T_out = c.T / c.stride, M = c.B * T_out;
+            void* rows = buf;
+            if (o.cols >= 0) {
+              Im2colArgs ia{.B = c.B, .T_out = T_out, .C_in = c.C_in, .K = c.K, .stride = c.stride,
+                            .dilation = c.dilation, .rows = c.context + c.T};
+              void* cols = at(o.cols);
+              void* params[] = {&buf, &cols, &ia};
+              s.kernel(tick_fatbin, "tick_im2col_" + dt,
+                       dim3(cuda::blocks_for(kOp, static_cast<long>(M) * c.K * c.C_in, kTickThreads)),
+                       dim3(kTickThreads), 0, params);
+              rows = cols;
+            }
+            void* y = at(o.y);
+            if (c.has_bias) {
+              RowsArgs ra{.rows = M, .cols = c.C_out};
+              void* bias = at(o.bias);
+              void* params[] = {&bias, &y, &ra};
+              s.kernel(tick_fatbin, "tick_bias_rows_" + dt, dim3(cuda::blocks_for(kOp, outs, kTickThreads)),
+                       dim3(kTickThreads), 0, params);
+            }
+            s.gemm(p.mem(o.x).dtype, rows, at(o.w), y, M, c.C_out, c.K * c.C_in, c.has_bias);
+          } else {
+            Conv1dArgs a = c;
+            void *w = at(o.w), *bias = at(o.bias), *y = at(o.y);
+            void* params[] = {&buf, &w, &bias, &y, &a};
+            s.kernel(conv1d_stream_fatbin, "conv1d_" + dt, dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)),
+                     dim3(kConvThreads), 0, params);
+          }
           if (c.context > 0) s.copy(at(o.state), at(o.next), es * c.B * c.context * c.C_in);
         } else if constexpr (std::is_same_v<O, prog::ConvTranspose1d>) {
           const ConvTrArgs& c = o.conv;
@@ -171,12 +272,22 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
             xin = xe;
           }
           const int overlap = c.K - c.stride;
-          ConvTrArgs a = c;
-          void *partial = at(o.partial), *w = at(o.w), *bias = at(o.bias), *y = at(o.y), *next = at(o.next);
-          void* params[] = {&xin, &partial, &w, &bias, &y, &next, &a};
+          void *partial = at(o.partial), *bias = at(o.bias), *y = at(o.y), *next = at(o.next);
           const long outs = static_cast<long>(c.B) * (c.T * c.stride + overlap) * c.C_out;
-          s.kernel(conv_transpose1d_stream_fatbin, "convtr_" + dt,
-                   dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)), dim3(kConvThreads), 0, params);
+          if (o.w_t >= 0) {
+            void* z = at(o.z);
+            s.gemm(p.mem(o.x).dtype, xin, at(o.w_t), z, c.B * c.T, c.K * c.C_out, c.C_in, false);
+            Col2imArgs ca{.B = c.B, .T = c.T, .C_out = c.C_out, .K = c.K, .stride = c.stride, .has_bias = c.has_bias};
+            void* params[] = {&z, &partial, &bias, &y, &next, &ca};
+            s.kernel(tick_fatbin, "tick_col2im_" + dt, dim3(cuda::blocks_for(kOp, outs, kTickThreads)),
+                     dim3(kTickThreads), 0, params);
+          } else {
+            ConvTrArgs a = c;
+            void* w = at(o.w);
+            void* params[] = {&xin, &partial, &w, &bias, &y, &next, &a};
+            s.kernel(conv_transpose1d_stream_fatbin, "convtr_" + dt,
+                     dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)), dim3(kConvThreads), 0, params);
+          }
           s.copy(at(o.partial), at(o.next), es * c.B * overlap * c.C_out);
         } else if constexpr (std::is_same_v<O, prog::RvqEncode>) {
           RvqArgs a = o.args;
@@ -273,6 +384,15 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
                    0, params);
         } else if constexpr (std::is_same_v<O, prog::Copy>) {
           s.copy(at(o.dst), at(o.src), static_cast<size_t>(o.bytes));
+        } else if constexpr (std::is_same_v<O, prog::Gemm>) {
+          s.gemm(p.mem(o.x).dtype, at(o.x), at(o.w), at(o.y), o.M, o.N, o.K, o.accumulate != 0);
+        } else if constexpr (std::is_same_v<O, prog::Gate>) {
+          RowsArgs a = o.args;
+          void *x = at(o.x), *out = at(o.out);
+          void* params[] = {&x, &out, &a};
+          s.kernel(tick_fatbin, "tick_gate_" + dts(o.x),
+                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
+                   0, params);
         }
       },
       op);
@@ -289,6 +409,7 @@ TickProgram::~TickProgram() {
   if (s.graph) cuGraphDestroy(s.graph);
   if (s.capture) cuStreamDestroy(s.capture);
   for (auto w : s.workspaces) cuMemFree(w);
+  if (s.cublas_ws) cuMemFree(s.cublas_ws);
   if (s.arena) cuMemFree(s.arena);
   CUcontext popped;
   cuCtxPopCurrent(&popped);
@@ -336,6 +457,30 @@ void TickProgram::read_cuda(int h, long offset, void* dst, long bytes) {
      "cuMemcpyDtoH (read)");
 }
 
+// The dry pass and the capture, once.
+static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::Op>& ops) {
+  if (s.exec) return;
+  auto resolve = [&p](int h) { return p.at(h); };
+  ck(cuStreamCreate(&s.capture, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
+  s.launch_stream = s.capture;
+  s.dry = true;
+  for (const auto& op : ops) launch_op(s, p, op, resolve);
+  ck(cuStreamSynchronize(s.capture), "cuStreamSynchronize (dry pass)");
+  s.dry = false;
+  s.next_workspace = 0;
+  ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
+  try {
+    for (const auto& op : ops) launch_op(s, p, op, resolve);
+  } catch (...) {
+    CUgraph g = nullptr;
+    cuStreamEndCapture(s.capture, &g);
+    if (g) cuGraphDestroy(g);
+    throw;
+  }
+  ck(cuStreamEndCapture(s.capture, &s.graph), "cuStreamEndCapture");
+  ck(cuGraphInstantiate(&s.exec, s.graph, 0), "cuGraphInstantiate");
+}
+
 void TickProgram::run_cuda(void* stream, const void* pcm, const void* control, void* pcm_out, void* tokens) {
   personaplex::check(gpu_, "tick", "run_cuda on a CPU program");
   personaplex::check(pcm_in_ >= 0, "tick", "set_io must name the tick's operands before the first tick");
@@ -343,25 +488,7 @@ void TickProgram::run_cuda(void* stream, const void* pcm, const void* control, v
   make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
   auto& s = *cuda_;
   Ctx push(s.ctx);
-  if (!s.exec) {
-    auto resolve = [this](int h) { return at(h); };
-    s.dry = true;
-    for (const auto& op : ops_) launch_op(s, *this, op, resolve);
-    ck(cuStreamCreate(&s.capture, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
-    s.dry = false;
-    s.next_workspace = 0;
-    ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
-    try {
-      for (const auto& op : ops_) launch_op(s, *this, op, resolve);
-    } catch (...) {
-      CUgraph g = nullptr;
-      cuStreamEndCapture(s.capture, &g);
-      if (g) cuGraphDestroy(g);
-      throw;
-    }
-    ck(cuStreamEndCapture(s.capture, &s.graph), "cuStreamEndCapture");
-    ck(cuGraphInstantiate(&s.exec, s.graph, 0), "cuGraphInstantiate");
-  }
+  prepare(*this, s, ops_);
   auto st = static_cast<CUstream>(stream);
   auto dev = [&](int h) { return reinterpret_cast<CUdeviceptr>(at(h)); };
   ck(cuMemcpyAsync(dev(pcm_in_), reinterpret_cast<CUdeviceptr>(pcm), sizeof(float) * B_ * F_, st), "copy pcm in");
@@ -372,6 +499,32 @@ void TickProgram::run_cuda(void* stream, const void* pcm, const void* control, v
      "copy pcm out");
   ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(tokens), dev(tokens_), sizeof(int32_t) * B_ * G_, st),
      "copy tokens out");
+}
+
+std::vector<double> TickProgram::profile_cuda() {
+  make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
+  auto& s = *cuda_;
+  Ctx push(s.ctx);
+  ck(cuCtxSynchronize(), "cuCtxSynchronize (profile)");
+  prepare(*this, s, ops_);
+  auto resolve = [this](int h) { return at(h); };
+  std::vector<CUevent> ev(ops_.size() + 1);
+  for (auto& e : ev) ck(cuEventCreate(&e, CU_EVENT_DEFAULT), "cuEventCreate");
+  s.next_workspace = 0;
+  ck(cuEventRecord(ev[0], s.capture), "cuEventRecord");
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    launch_op(s, *this, ops_[i], resolve);
+    ck(cuEventRecord(ev[i + 1], s.capture), "cuEventRecord");
+  }
+  ck(cuStreamSynchronize(s.capture), "cuStreamSynchronize (profile)");
+  std::vector<double> ms(ops_.size());
+  for (size_t i = 0; i < ops_.size(); ++i) {
+    float t = 0.f;
+    ck(cuEventElapsedTime(&t, ev[i], ev[i + 1]), "cuEventElapsedTime");
+    ms[i] = t;
+  }
+  for (auto& e : ev) cuEventDestroy(e);
+  return ms;
 }
 
 void Tick::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {

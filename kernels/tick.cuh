@@ -18,7 +18,13 @@
 //   fill_rows   the reset of flagged sessions' state rows to fixed patterns (control
 //               column 0 is a bit set: each region belongs to one class of state);
 //   update      counters and flags advanced at the end of a tick;
-//   mute        zero the audio rows of frames that are not valid yet.
+//   mute        zero the audio rows of frames that are not valid yet;
+//   gate        the SiLU gate of a projection's output (when the projection ran as a
+//               GEMM rather than as matvec, which fuses it);
+//   im2col, bias_rows, col2im
+//               around a GEMM that runs a codec conv at large batches: the windows
+//               of a conv1d as rows, the bias as the GEMM's C, and the overlap-add of
+//               a transposed conv's per-tap products (with its carried partial).
 // Offsets into the program's arena (rather than pointers) describe the state
 // rows, so the descriptor tables mean the same on every backend.
 
@@ -44,6 +50,16 @@ struct FrameArgs {
   int max_delay;
   int text_initial, audio_initial;
   int card;         // the codec's codebook size: decoder codes are clamped below it
+};
+
+struct Im2colArgs {
+  int B, T_out, C_in, K, stride, dilation;
+  int rows;  // rows of buf per session (context + T)
+};
+
+struct Col2imArgs {
+  int B, T, C_out, K, stride;
+  int has_bias;
 };
 
 struct GumbelArgs {
@@ -150,6 +166,66 @@ PP_DEVICE void mute(const PP_GLOBAL float* x, const PP_GLOBAL int* valid, PP_GLO
                     long i) {
   if (i >= long(a.rows) * a.cols) return;
   out[i] = valid[i / a.cols] ? x[i] : 0.f;
+}
+
+// Element i of out [rows, n]: the SiLU gate of in [rows, 2n] (gate | value halves),
+// rounded where matvec's gate epilogue rounds.
+template <class F>
+PP_DEVICE void gate(const PP_GLOBAL typename F::Elem* in, PP_GLOBAL typename F::Elem* out, RowsArgs a, long i) {
+  if (i >= long(a.rows) * a.cols) return;
+  const long r = i / a.cols, j = i % a.cols;
+  const float g = F::load(in[r * 2 * a.cols + j]), v = F::load(in[r * 2 * a.cols + a.cols + j]);
+  const float sig = pp::round_trip<F>(1.f / (1.f + pp_exp(-g)));
+  out[i] = F::store(pp::round_trip<F>(pp::round_trip<F>(g * sig) * v));
+}
+
+// Element i of cols [B * T_out, K * C_in]: row (b, t), column (k, ci) is
+// buf[b, t * stride + k * dilation, ci] (buf [B, rows, C_in]: context, then new samples).
+template <class F>
+PP_DEVICE void im2col(const PP_GLOBAL typename F::Elem* buf, PP_GLOBAL typename F::Elem* cols, Im2colArgs a,
+                      long i) {
+  const long width = long(a.K) * a.C_in;
+  if (i >= long(a.B) * a.T_out * width) return;
+  const long row = i / width, c = i % width;
+  const int b = int(row / a.T_out), t = int(row % a.T_out);
+  const int k = int(c / a.C_in), ci = int(c % a.C_in);
+  cols[i] = buf[(long(b) * a.rows + long(t) * a.stride + long(k) * a.dilation) * a.C_in + ci];
+}
+
+// Element i of y [rows, cols] = bias[col].
+template <class F>
+PP_DEVICE void bias_rows(const PP_GLOBAL typename F::Elem* bias, PP_GLOBAL typename F::Elem* y, RowsArgs a,
+                         long i) {
+  if (i >= long(a.rows) * a.cols) return;
+  y[i] = bias[i % a.cols];
+}
+
+// Element i over (b, r, co), r < T * stride + overlap: the transposed conv's row r from
+// z [B, T, K, C_out] (x times every tap), summed over the taps k = r (mod stride)
+// whose frame t = (r - k) / stride exists, plus the carried partial for r < overlap;
+// rows below T * stride (plus bias) are y, the rest the next partial.
+template <class F>
+PP_DEVICE void col2im(const PP_GLOBAL typename F::Elem* z, const PP_GLOBAL typename F::Elem* partial,
+                      const PP_GLOBAL typename F::Elem* bias, PP_GLOBAL typename F::Elem* y,
+                      PP_GLOBAL typename F::Elem* next, Col2imArgs a, long i) {
+  const int overlap = a.K - a.stride, n_out = a.T * a.stride, rows = n_out + overlap;
+  if (i >= long(a.B) * rows * a.C_out) return;
+  const int co = int(i % a.C_out);
+  const long br = i / a.C_out;
+  const int r = int(br % rows), b = int(br / rows);
+  float acc = 0.f;
+  int k = r % a.stride;
+  const int t_top = (r - k) / a.stride;
+  if (t_top >= a.T) k += (t_top - a.T + 1) * a.stride;
+  for (; k < a.K && k <= r; k += a.stride) {
+    acc += F::load(z[((long(b) * a.T + (r - k) / a.stride) * a.K + k) * a.C_out + co]);
+  }
+  if (r < overlap) acc += F::load(partial[(long(b) * overlap + r) * a.C_out + co]);
+  if (r < n_out) {
+    y[(long(b) * n_out + r) * a.C_out + co] = F::store(a.has_bias ? acc + F::load(bias[co]) : acc);
+  } else {
+    next[(long(b) * overlap + (r - n_out)) * a.C_out + co] = F::store(acc);
+  }
 }
 
 PP_DEVICE int ring_slot(int t, int R) {

@@ -36,6 +36,14 @@ class FrameArgs(ctypes.Structure):
                                              "text_initial", "audio_initial", "card")]
 
 
+class Im2colArgs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("B", "T_out", "C_in", "K", "stride", "dilation", "rows")]
+
+
+class Col2imArgs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int) for n in ("B", "T", "C_out", "K", "stride", "has_bias")]
+
+
 class GumbelArgs(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("B", "V", "streams", "stream0")]
 
@@ -265,3 +273,84 @@ def test_attention_chunk_window_and_out_strides(drivers, dtype):
         ctypes.byref(args), 11))
     for name, got in (("out", out), ("kc", kcr), ("vc", vcr)):
         assert_close(from_raw(got, dtype), want[name], dtype, f"chunk-window attention {name}", 40)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gate(emu, dtype):
+    rng = np.random.default_rng(12)
+    rows, n = 3, 40
+    x = mx.array(2 * rng.standard_normal((rows, 2 * n))).astype(dtype)
+    want = program_op({"x": x}, {"out": ((rows, n), dtype)},
+                      lambda p, h: p.gate(x=h["x"], out=h["out"], rows=rows, cols=n))["out"]
+    out, xr = nan_raw((rows, n), dtype), raw(x)
+    check(emu, emu.emu_tick_gate(DTYPE_CODE[dtype], ptr(xr), ptr(out), ctypes.byref(RowsArgs(rows, n)), 5))
+    close(from_raw(out, dtype), want, dtype, "gate")
+
+
+def gathered(x, prev, elu):
+    """The conv's inputs [B, context + T, C] as the gather kernel builds them (float32)."""
+    xe = np.where(x > 0, x, np.expm1(np.minimum(x, 0))) if elu else x
+    return np.concatenate([prev, xe], axis=1)
+
+
+@pytest.mark.parametrize("K,stride,dilation", [(7, 1, 1), (3, 1, 2), (8, 4, 1), (1, 1, 1)])
+def test_conv_as_im2col_gemm(emu, K, stride, dilation):
+    """im2col (+ bias rows) and a GEMM of the windows by the weights [C_out, K * C_in]:
+    the conv1d op's CPU result (float32)."""
+    rng = np.random.default_rng(K * 10 + stride)
+    B, T, C_in, C_out = 2, 16, 5, 6
+    ctx = (K - 1) * dilation + 1 - stride
+    x = rng.standard_normal((B, T, C_in)).astype(np.float32)
+    prev = rng.standard_normal((B, ctx, C_in)).astype(np.float32)
+    w = rng.standard_normal((C_out, K, C_in)).astype(np.float32)
+    bias = rng.standard_normal(C_out).astype(np.float32)
+    want = program_op({"x": mx.array(x), "w": mx.array(w), "bias": mx.array(bias)},
+                      {"state": mx.array(prev), "y": ((B, T // stride, C_out), mx.float32)},
+                      lambda p, h: p.conv1d(x=h["x"], state=h["state"] if ctx else -1, w=h["w"], y=h["y"], B=B,
+                                            T=T, C_in=C_in, C_out=C_out, K=K, stride=stride, dilation=dilation,
+                                            elu=True, bias=h["bias"]))["y"]
+    buf = np.ascontiguousarray(gathered(x, prev, True))
+    T_out = T // stride
+    cols = np.full((B * T_out, K * C_in), np.nan, np.float32)
+    check(emu, emu.emu_tick_im2col(0, ptr(buf), ptr(cols), ctypes.byref(Im2colArgs(B, T_out, C_in, K, stride,
+                                                                                   dilation, ctx + T)), 3))
+    y = np.full((B * T_out, C_out), np.nan, np.float32)
+    check(emu, emu.emu_tick_bias_rows(0, ptr(bias), ptr(y), ctypes.byref(RowsArgs(B * T_out, C_out)), 4))
+    y += cols @ w.reshape(C_out, K * C_in).T
+    np.testing.assert_allclose(y.reshape(B, T_out, C_out), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("K,stride", [(4, 2), (16, 8), (10, 5)])
+def test_conv_transpose_as_gemm_col2im(emu, K, stride):
+    """A GEMM of x by the weights as [K * C_out, C_in], then col2im's overlap-add with
+    the carried partial and the bias: the conv_transpose1d op's CPU result and its
+    next partial (float32)."""
+    rng = np.random.default_rng(K)
+    B, T, C_in, C_out = 2, 3, 5, 4
+    overlap = K - stride
+    x = rng.standard_normal((B, T, C_in)).astype(np.float32)
+    partial = rng.standard_normal((B, overlap, C_out)).astype(np.float32)
+    w = rng.standard_normal((C_out, K, C_in)).astype(np.float32)
+    bias = rng.standard_normal(C_out).astype(np.float32)
+    want = program_op({"x": mx.array(x), "w": mx.array(w), "bias": mx.array(bias)},
+                      {"partial": mx.array(partial), "y": ((B, T * stride, C_out), mx.float32)},
+                      lambda p, h: p.conv_transpose1d(x=h["x"], partial=h["partial"], w=h["w"], y=h["y"], B=B, T=T,
+                                                      C_in=C_in, C_out=C_out, K=K, stride=stride, bias=h["bias"]))
+    z = np.ascontiguousarray(x.reshape(B * T, C_in) @ w.transpose(1, 0, 2).reshape(K * C_out, C_in).T)
+    y = np.full((B, T * stride, C_out), np.nan, np.float32)
+    nxt = np.full((B, overlap, C_out), np.nan, np.float32)
+    check(emu, emu.emu_tick_col2im(0, ptr(z), ptr(partial), ptr(bias), ptr(y), ptr(nxt),
+                                   ctypes.byref(Col2imArgs(B, T, C_out, K, stride, 1)), 6))
+    np.testing.assert_allclose(y, np.array(want["y"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nxt, np.array(want["partial"]), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_op_cpu():
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((3, 24)).astype(np.float32)
+    w = rng.standard_normal((7, 24)).astype(np.float32)
+    y0 = rng.standard_normal((3, 7)).astype(np.float32)
+    for acc in (False, True):
+        got = program_op({"x": mx.array(x), "w": mx.array(w)}, {"y": mx.array(y0)},
+                         lambda p, h: p.gemm(x=h["x"], w=h["w"], y=h["y"], M=3, N=7, K=24, accumulate=acc))["y"]
+        np.testing.assert_allclose(np.array(got), x @ w.T + (y0 if acc else 0), rtol=1e-5, atol=1e-5)

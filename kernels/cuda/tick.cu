@@ -18,6 +18,23 @@
   extern "C" __global__ void __launch_bounds__(kTickThreads) tick_scale_add_##DT(                  \
       const F::Elem* x, const F::Elem* s, const F::Elem* y, F::Elem* out, RowsArgs a) {            \
     tick::scale_add<F>(x, s, y, out, a, long(blockIdx.x) * kTickThreads + threadIdx.x);            \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(kTickThreads) tick_gate_##DT(const F::Elem* in,      \
+                                                                            F::Elem* out, RowsArgs a) { \
+    tick::gate<F>(in, out, a, long(blockIdx.x) * kTickThreads + threadIdx.x);                       \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(kTickThreads) tick_im2col_##DT(                     \
+      const F::Elem* buf, F::Elem* cols, Im2colArgs a) {                                           \
+    tick::im2col<F>(buf, cols, a, long(blockIdx.x) * kTickThreads + threadIdx.x);                  \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(kTickThreads) tick_bias_rows_##DT(                  \
+      const F::Elem* bias, F::Elem* y, RowsArgs a) {                                               \
+    tick::bias_rows<F>(bias, y, a, long(blockIdx.x) * kTickThreads + threadIdx.x);                 \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(kTickThreads) tick_col2im_##DT(                     \
+      const F::Elem* z, const F::Elem* partial, const F::Elem* bias, F::Elem* y, F::Elem* next,    \
+      Col2imArgs a) {                                                                              \
+    tick::col2im<F>(z, partial, bias, y, next, a, long(blockIdx.x) * kTickThreads + threadIdx.x);  \
   }
 
 TICK_DTYPE(f32, pp::F32)

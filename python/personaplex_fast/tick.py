@@ -42,6 +42,15 @@ RESET_ALL = RESET_LM | RESET_CODEC | RESET_SEED
 
 CONTROL_COLS = 2  # reset bits, seed
 
+# On a GPU, dense projections of this many rows (sessions, or sessions x codec steps)
+# or more run as a cuBLAS GEMM (with the norm and gate as ops of their own) rather than
+# as matvec, which streams the weights once per 8 rows; and codec convs of more than
+# this many multiply-adds per tick as im2col + GEMM rather than the direct kernel.
+# Both forms compute the same function (tests/gpu/test_tick_gpu.py); docs/PERF.md has
+# the measurements behind the numbers.
+GEMM_MIN_ROWS = 4
+CONV_GEMM_MIN_MACS = 4_000_000
+
 
 class Unsupported(ValueError):
     """The models use something the program does not implement (the per-op path runs them)."""
@@ -79,11 +88,16 @@ class LMHandles:
 class Builder:
     """Adds ops to a TickProgram; tracks handles, weights and state regions."""
 
-    def __init__(self, slots: int, gpu: bool):
+    def __init__(self, slots: int, gpu: bool, gemm_forms: bool | None = None):
+        """gemm_forms: build the GPU's GEMM forms of projections and convs (default: on a
+        GPU); on the CPU their ops compute the same functions (tests of the builder)."""
         from . import _ext
 
         self.p = _ext.TickProgram(gpu)
         self.B = slots
+        self.gpu = gpu if gemm_forms is None else gemm_forms
+        self._scratch: dict[tuple, int] = {}
+        self._dtypes: dict[int, mx.Dtype] = {}
         self._weights: dict[int, int] = {}
         self._keep: list[mx.array] = []
         self.updates: list[tuple[int, int, int, int]] = []
@@ -94,6 +108,7 @@ class Builder:
         (shape[0] == B) are refilled with `pattern` (or their control value)."""
         nbytes = math.prod(shape) * dtype.size
         h = self.p.buffer(nbytes, dtype)
+        self._dtypes[h] = dtype
         if reset:
             self.resets.append((h, nbytes // shape[0], reset, pattern, control_col))
         return h
@@ -103,6 +118,7 @@ class Builder:
         a = mx.array(values)
         mx.eval(a)
         h = self.p.buffer(a.nbytes, a.dtype)
+        self._dtypes[h] = a.dtype
         self.p.init(h, a)
         return h
 
@@ -119,7 +135,45 @@ class Builder:
         return self._weights[key]
 
     def view(self, h: int, offset_bytes: int, dtype) -> int:
-        return self.p.view(h, offset_bytes, dtype)
+        v = self.p.view(h, offset_bytes, dtype)
+        self._dtypes[v] = dtype
+        return v
+
+    def shared(self, name: str, shape, dtype) -> int:
+        """A scratch region for one op's intermediate, shared by every op asking for the
+        same (name, shape, dtype): the ops run one after another."""
+        key = (name, tuple(shape), dtype)
+        if key not in self._scratch:
+            self._scratch[key] = self.buf(shape, dtype)
+        return self._scratch[key]
+
+    def project(self, layer: nn.Module, x: int, out: int, M: int, K: int, n_out: int, *, norm=None,
+                gate: bool = False, residual: bool = False) -> None:
+        """out [M, n_out] = [silu-gate of] layer(norm(x)) [+ out]: one matvec, or on a GPU
+        at GEMM_MIN_ROWS rows and more with dense weights, [norm,] a cuBLAS GEMM [, gate].
+        norm: an RMSNorm module (float32, as matvec's prologue); residual: in place into out."""
+        arrays, bits = _proj(layer)
+        w, scales, biases = (arrays + [None, None])[:3]
+        dt = self.p_dtype(x)
+        if self.gpu and bits == 0 and M >= GEMM_MIN_ROWS:
+            src = x
+            if norm is not None:
+                src = self.shared("normed", (M, K), dt)
+                self.p.norm(x=x, w=self.w(_cast(norm.alpha, dt)), out=src, rows=M, dim=K, eps=norm.eps)
+            if gate:
+                both = self.shared("gated", (M, 2 * n_out), dt)
+                self.p.gemm(x=src, w=self.w(w), y=both, M=M, N=2 * n_out, K=K)
+                self.p.gate(x=both, out=out, rows=M, cols=n_out)
+            else:
+                self.p.gemm(x=src, w=self.w(w), y=out, M=M, N=n_out, K=K, accumulate=residual)
+            return
+        self.p.matvec(x=x, w=self.w(w), scales=self.w(scales), biases=self.w(biases), out=out, M=M, K=K,
+                      n_out=n_out, bits=bits, gate=gate, residual=out if residual else -1,
+                      alpha=-1 if norm is None else self.w(_cast(norm.alpha, dt)),
+                      eps=1e-8 if norm is None else norm.eps)
+
+    def p_dtype(self, h: int):
+        return self._dtypes[h]
 
     def finish(self) -> None:
         for h, row, mask, pattern, col in self.resets:
@@ -141,9 +195,10 @@ def _conv(b: Builder, conv: CausalConv1d, x: int, T: int, elu: bool, dtype) -> t
         first = b.buf((B,), mx.uint8, reset=RESET_CODEC, pattern=0x01010101)
         b.updates.append((first, B, 1, 0))
     y = b.buf((B, T // stride, C_out), dtype)
+    gemm = b.gpu and B * (T // stride) * C_out * K * C_in > CONV_GEMM_MIN_MACS
     b.p.conv1d(x=x, state=state, w=b.w(conv.weight), y=y, B=B, T=T, C_in=C_in, C_out=C_out, K=K,
                stride=stride, dilation=conv.dilation, elu=elu,
-               bias=b.w(conv.bias) if "bias" in conv else -1, first=first)
+               bias=b.w(conv.bias) if "bias" in conv else -1, first=first, gemm=gemm)
     return y, T // stride
 
 
@@ -152,9 +207,13 @@ def _convtr(b: Builder, conv: CausalConvTranspose1d, x: int, T: int, elu: bool, 
     B = b.B
     partial = b.buf((B, conv.overlap, C_out), dtype, reset=RESET_CODEC)
     y = b.buf((B, T * conv.stride, C_out), dtype)
-    b.p.conv_transpose1d(x=x, partial=partial, w=b.w(conv.weight), y=y, B=B, T=T, C_in=cin_g * conv.groups,
+    C_in = cin_g * conv.groups
+    w_t = -1
+    if b.gpu and conv.groups == 1 and B * T * K * C_out * C_in > CONV_GEMM_MIN_MACS:
+        w_t = b.w(mx.contiguous(conv.weight.transpose(1, 0, 2)))  # [K, C_out, C_in]: one GEMM over the taps
+    b.p.conv_transpose1d(x=x, partial=partial, w=b.w(conv.weight), y=y, B=B, T=T, C_in=C_in,
                          C_out=C_out, K=K, stride=conv.stride, groups=conv.groups, elu=elu,
-                         bias=b.w(conv.bias) if "bias" in conv else -1)
+                         bias=b.w(conv.bias) if "bias" in conv else -1, w_t=w_t)
     return y, T * conv.stride
 
 
@@ -182,20 +241,20 @@ def _mimi_transformer(b: Builder, tr, x: int, T: int, dtype) -> None:
     for layer in tr.layers:
         b.p.norm(x=x, w=b.w(layer.attn_norm.weight), b=b.w(layer.attn_norm.bias), out=h, rows=rows, dim=d,
                  eps=layer.attn_norm.eps)
-        b.p.matvec(x=h, w=b.w(layer.in_proj.weight), out=qkv, M=rows, K=d, n_out=3 * d)
+        b.project(layer.in_proj, h, qkv, rows, d, 3 * d)
         kc = b.buf((B, H, cfg.context, D), dtype)
         vc = b.buf((B, H, cfg.context, D), dtype)
         b.p.attention(q=qkv, k=b.view(qkv, d * es, dtype), v=b.view(qkv, 2 * d * es, dtype), k_cache=kc,
                       v_cache=vc, pos=offset, out=attn, B=B, H=H, T=T, D=D, W=cfg.context,
                       new_strides=[T * 3 * d, D, 3 * d], out_strides=[T * d, D, d],
                       rope_max_period=cfg.max_period, chunk_window=True)
-        b.p.matvec(x=attn, w=b.w(layer.out_proj.weight), out=o, M=rows, K=d, n_out=d)
+        b.project(layer.out_proj, attn, o, rows, d, d)
         b.p.scale_add(x=x, y=o, out=x, rows=rows, cols=d, scale=b.w(layer.attn_scale))
         b.p.norm(x=x, w=b.w(layer.ffn_norm.weight), b=b.w(layer.ffn_norm.bias), out=h, rows=rows, dim=d,
                  eps=layer.ffn_norm.eps)
-        b.p.matvec(x=h, w=b.w(layer.ffn_in.weight), out=f, M=rows, K=d, n_out=cfg.dim_feedforward)
+        b.project(layer.ffn_in, h, f, rows, d, cfg.dim_feedforward)
         b.p.gelu(x=f, out=f, rows=rows, cols=cfg.dim_feedforward)
-        b.p.matvec(x=f, w=b.w(layer.ffn_out.weight), out=o, M=rows, K=cfg.dim_feedforward, n_out=d)
+        b.project(layer.ffn_out, f, o, rows, cfg.dim_feedforward, d)
         b.p.scale_add(x=x, y=o, out=x, rows=rows, cols=d, scale=b.w(layer.ffn_scale))
 
 
@@ -215,7 +274,7 @@ def emit_encoder(b: Builder, mimi: Mimi, pcm: int) -> tuple[int, int]:
         books = rvq.tables()
         n_q, bins, D = books.shape
         xi = b.buf((b.B, D), mx.float32)
-        b.p.matvec(x=x, w=b.w(rvq.input_proj.weight), out=xi, M=b.B, K=rvq.input_proj.weight.shape[1], n_out=D)
+        b.project(rvq.input_proj, x, xi, b.B, rvq.input_proj.weight.shape[1], D)
         c = b.buf((b.B, n_q), mx.int32)
         b.p.rvq_encode(x=xi, books=b.w(books), codes=c, n=b.B, n_q=n_q, bins=bins, D=D)
         codes.append(c)
@@ -233,7 +292,7 @@ def emit_decoder(b: Builder, mimi: Mimi, sem: int, ac: int, valid: int, pcm_out:
         n_q, bins, D = books.shape
         z = b.buf((B, D), mx.float32)
         b.p.rvq_decode(codes=codes, books=b.w(books), out=z, n=B, n_q=n_q, bins=bins, D=D)
-        b.p.matvec(x=z, w=b.w(rvq.output_proj.weight), out=x, M=B, K=D, n_out=d, residual=x if i else -1)
+        b.project(rvq.output_proj, z, x, B, D, d, residual=i > 0)
     x, T = _convtr(b, mimi.upsample, x, 1, False, dt)
     _mimi_transformer(b, mimi.decoder_transformer, x, T, dt)
     dec = mimi.decoder
@@ -249,18 +308,15 @@ def emit_decoder(b: Builder, mimi: Mimi, sem: int, ac: int, valid: int, pcm_out:
 # ---------------------------------------------------------------------------------- LM
 
 
+def _cast(a: mx.array, dtype) -> mx.array:
+    return a if a.dtype == dtype else a.astype(dtype)
+
+
 def _proj(layer: nn.Module) -> tuple[list[mx.array], int]:
     p = projection(layer)
     if p is None:
         raise Unsupported(f"{type(layer).__name__} (bias-free Linear or affine group-64 QuantizedLinear only)")
     return p
-
-
-def _matvec(b: Builder, layer, x: int, out: int, M: int, K: int, n_out: int, **kw) -> None:
-    arrays, bits = _proj(layer)
-    w, scales, biases = (arrays + [None, None])[:3]
-    b.p.matvec(x=x, w=b.w(w), scales=b.w(scales), biases=b.w(biases), out=out, M=M, K=K, n_out=n_out,
-               bits=bits, **kw)
 
 
 def _table(layer: nn.Module, dtype) -> mx.array:
@@ -272,30 +328,24 @@ def _table(layer: nn.Module, dtype) -> mx.array:
 
 
 def _decoder_layer(b: Builder, layer, step: int, x: int, pos: int, kc: int, vc: int, W: int, rope: float,
-                   scratch: dict, dtype) -> None:
+                   dtype) -> None:
     """One layer of the temporal transformer or the depformer, x [B, C] in place."""
     B = b.B
     C = layer.norm1.alpha.size
     H = layer.self_attn.num_heads
     D, es = C // H, dtype.size
     ffn = layer.gating[step] if isinstance(layer.gating, list) else layer.gating
-    hidden = ffn.linear_out.weight.shape[1] if not isinstance(ffn.linear_out, nn.QuantizedLinear) else \
-        ffn.linear_out.weight.shape[1] * 32 // ffn.linear_out.bits
-    qkv, attn, x1 = scratch["qkv"], scratch["attn"], scratch["x1"]
-    h = scratch["h"]
-    _matvec(b, layer.self_attn.in_projs[step], x, qkv, B, C, 3 * C, alpha=b.w(layer.norm1.alpha),
-            eps=layer.norm1.eps)
+    out = ffn.linear_out
+    hidden = out.weight.shape[1] * 32 // out.bits if isinstance(out, nn.QuantizedLinear) else out.weight.shape[1]
+    qkv, attn = b.shared("qkv", (B, 3 * C), dtype), b.shared("attn", (B, C), dtype)
+    h = b.shared("hidden", (B, hidden), dtype)
+    b.project(layer.self_attn.in_projs[step], x, qkv, B, C, 3 * C, norm=layer.norm1)
     b.p.attention(q=qkv, k=b.view(qkv, C * es, dtype), v=b.view(qkv, 2 * C * es, dtype), k_cache=kc, v_cache=vc,
                   pos=pos, out=attn, B=B, H=H, T=1, D=D, W=W, new_strides=[3 * C, D, 3 * C],
                   rope_max_period=rope)
-    _matvec(b, layer.self_attn.out_projs[step], attn, x1, B, C, C, residual=x)
-    _matvec(b, ffn.linear_in, x1, h, B, C, hidden, alpha=b.w(layer.norm2.alpha), eps=layer.norm2.eps, gate=True)
-    _matvec(b, ffn.linear_out, h, x, B, hidden, C, residual=x1)
-
-
-def _scratch(b: Builder, C: int, hidden: int, dtype) -> dict:
-    return {"qkv": b.buf((b.B, 3 * C), dtype), "attn": b.buf((b.B, C), dtype), "x1": b.buf((b.B, C), dtype),
-            "h": b.buf((b.B, hidden), dtype)}
+    b.project(layer.self_attn.out_projs[step], attn, x, B, C, C, residual=True)
+    b.project(ffn.linear_in, x, h, B, C, hidden, norm=layer.norm2, gate=True)
+    b.project(out, h, x, B, hidden, C, residual=True)
 
 
 def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac: int, n_sem: int,
@@ -325,11 +375,10 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
 
     # Temporal transformer.
     keys, values = [], []
-    scratch = _scratch(b, C, cfg.ffn_hidden, dt)
     for layer in lm.transformer.layers:
         keys.append(b.buf((B, cfg.num_heads, cfg.context, cfg.head_dim), dt))
         values.append(b.buf((B, cfg.num_heads, cfg.context, cfg.head_dim), dt))
-        _decoder_layer(b, layer, 0, x, offsets, keys[-1], values[-1], cfg.context, cfg.max_period, scratch, dt)
+        _decoder_layer(b, layer, 0, x, offsets, keys[-1], values[-1], cfg.context, cfg.max_period, dt)
     h = b.buf((B, C), dt)
     b.p.norm(x=x, w=b.w(lm.out_norm.alpha), out=h, rows=B, dim=C, eps=lm.out_norm.eps)
 
@@ -337,7 +386,7 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
     gen = b.buf((1 + Q, B), mx.int32)
     greedy = sampling.greedy
     text_logits = b.buf((B, cfg.text_card), dt)
-    _matvec(b, lm.text_linear, h, text_logits, B, C, cfg.text_card)
+    b.project(lm.text_linear, h, text_logits, B, C, cfg.text_card)
     noise = -1
     if not (greedy or sampling.temp_text <= 0):
         noise = b.buf((B, cfg.text_card), mx.float32)
@@ -350,7 +399,6 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
     Dd = d.dim
     rope = d.max_period if d.pos_emb == "rope" else 0.0
     dep_pos = b.const(np.repeat(np.arange(Q, dtype=np.int32)[:, None], B, axis=1))
-    dep_scratch = _scratch(b, Dd, d.ffn_hidden, dt)
     dk = [b.buf((B, d.num_heads, Q, d.head_dim), dt) for _ in lm.depformer.layers]
     dv = [b.buf((B, d.num_heads, Q, d.head_dim), dt) for _ in lm.depformer.layers]
     pre = b.buf((B, Dd), dt)
@@ -363,14 +411,14 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
     tables = [lm.depformer_text_emb, *lm.depformer_emb]
     for k in range(Q):
         step = k if d.weights_per_step else 0
-        _matvec(b, lm.depformer_in[k if d.multi_linear else 0], h, pre, B, C, Dd)
+        b.project(lm.depformer_in[k if d.multi_linear else 0], h, pre, B, C, Dd)
         t = _table(tables[k], dt)
         b.p.embed_add(pre=pre, table=b.w(t), tokens=b.view(gen, 4 * k * B, mx.int32), out=dx, B=B, D=Dd,
                       rows=t.shape[0])
         pos = b.view(dep_pos, 4 * k * B, mx.int32)
         for i, layer in enumerate(lm.depformer.layers):
-            _decoder_layer(b, layer, step, dx, pos, dk[i], dv[i], Q, rope, dep_scratch, dt)
-        _matvec(b, lm.linears[k], dx, logits, B, Dd, cfg.card)
+            _decoder_layer(b, layer, step, dx, pos, dk[i], dv[i], Q, rope, dt)
+        b.project(lm.linears[k], dx, logits, B, Dd, cfg.card)
         b.p.sample(logits=logits, out=b.view(gen, 4 * (1 + k) * B, mx.int32), rows=B, V=cfg.card,
                    temp=sampling.temp_audio, top_k=sampling.topk_audio, greedy=greedy,
                    noise=-1 if noise < 0 else b.view(noise, 4 * k * B * cfg.card, mx.float32),
@@ -392,13 +440,14 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
 class TickRunner:
     """A built program and what the engine needs to drive it."""
 
-    def __init__(self, lm: LM, mimi: Mimi, slots: int, sampling: SamplingConfig, gpu: bool):
+    def __init__(self, lm: LM, mimi: Mimi, slots: int, sampling: SamplingConfig, gpu: bool,
+                 gemm_forms: bool | None = None):
         why = supported(lm, mimi, gpu)
         if why is not None:
             raise Unsupported(why)
         if lm.cfg.card != mimi.cfg.quantizer.bins or lm.cfg.dep_q != mimi.cfg.num_codebooks:
             raise Unsupported("the LM's codebooks do not match Mimi's")
-        b = Builder(slots, gpu)
+        b = Builder(slots, gpu, gemm_forms)
         F = mimi.cfg.frame_size
         self.lm_cfg, self.gpu = lm.cfg, gpu
         self.slots, self.frame_size = slots, F
@@ -459,8 +508,8 @@ class CodecRunner:
     """Mimi alone as a program: each tick encodes B frames and decodes the codes it just
     made (benchmarks of the codec's fixed cost; tests against Mimi's own streaming)."""
 
-    def __init__(self, mimi: Mimi, slots: int, gpu: bool):
-        b = Builder(slots, gpu)
+    def __init__(self, mimi: Mimi, slots: int, gpu: bool, gemm_forms: bool | None = None):
+        b = Builder(slots, gpu, gemm_forms)
         F = mimi.cfg.frame_size
         self.slots, self.gpu = slots, gpu
         pcm_in = b.buf((slots, F), mx.float32)

@@ -79,6 +79,46 @@ int emu_tick_scale_add(int dtype, const void* x, const void* s, const void* y, v
   });
 }
 
+int emu_tick_gate(int dtype, const void* in, void* out, const RowsArgs* a, unsigned seed) {
+  return by_dtype(dtype, [&](auto f) {
+    using F = decltype(f);
+    using E = typename F::Elem;
+    flat(long(a->rows) * a->cols, [&](long i) { tick::gate<F>(static_cast<const E*>(in), static_cast<E*>(out), *a, i); },
+         seed);
+  });
+}
+
+int emu_tick_im2col(int dtype, const void* buf, void* cols, const Im2colArgs* a, unsigned seed) {
+  return by_dtype(dtype, [&](auto f) {
+    using F = decltype(f);
+    using E = typename F::Elem;
+    flat(long(a->B) * a->T_out * a->K * a->C_in,
+         [&](long i) { tick::im2col<F>(static_cast<const E*>(buf), static_cast<E*>(cols), *a, i); }, seed);
+  });
+}
+
+int emu_tick_bias_rows(int dtype, const void* bias, void* y, const RowsArgs* a, unsigned seed) {
+  return by_dtype(dtype, [&](auto f) {
+    using F = decltype(f);
+    using E = typename F::Elem;
+    flat(long(a->rows) * a->cols, [&](long i) { tick::bias_rows<F>(static_cast<const E*>(bias), static_cast<E*>(y), *a, i); },
+         seed);
+  });
+}
+
+int emu_tick_col2im(int dtype, const void* z, const void* partial, const void* bias, void* y, void* next,
+                    const Col2imArgs* a, unsigned seed) {
+  return by_dtype(dtype, [&](auto f) {
+    using F = decltype(f);
+    using E = typename F::Elem;
+    const long rows = long(a->T) * a->stride + a->K - a->stride;
+    flat(long(a->B) * rows * a->C_out, [&](long i) {
+      tick::col2im<F>(static_cast<const E*>(z), static_cast<const E*>(partial), static_cast<const E*>(bias),
+                      static_cast<E*>(y), static_cast<E*>(next), *a, i);
+    }, seed);
+  });
+}
+
 int emu_tick_frame_in(int* tokens, int* forced, const int* offsets, const int* delays, const int* sem,
                       const int* ac, int n_ac, int* cur, int* now, const FrameArgs* a, unsigned seed) {
   return pp_emu::guarded([&] {
