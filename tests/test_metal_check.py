@@ -51,6 +51,8 @@ BROKEN = [
     ("a program-scope constexpr outside constant", "depformer_frame.cuh",
      "PP_CONSTANT constexpr int kEmbedThreads", "constexpr int kEmbedThreads", "depformer_frame.metal",
      "program scope variable must reside in constant address space"),
+    ("a double", "depformer_frame.cuh", "float e = 0.f;", "double e = 0.;", "depformer_frame.metal",
+     "use of type 'double' requires"),
     ("a variable named half", "matvec.cuh", "for (int part = 0; part <", "for (int half = 0; half <",
      "matvec.metal", "cannot combine with previous 'int' declaration specifier"),
     ("a repeated buffer index", "metal/depformer_frame.metal", "[[buffer(4)]]", "[[buffer(3)]]",

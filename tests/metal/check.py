@@ -7,7 +7,8 @@ Each file goes through clang twice:
    (tests/metal/address_spaces.h) and OpenCL's program-scope global variables turned
    off, so that, as in Metal, these are errors: a program-scope variable outside
    `constant`, a write through `constant`, a pointer passed from one address space to
-   another, threadgroup memory declared outside a kernel, a builtin the spec lacks.
+   another, threadgroup memory declared outside a kernel, a builtin the spec lacks,
+   `double`.
 Between the two, the kernels' declarations are read for what that mode cannot see:
 Metal's attributes (unknown names, repeated or out-of-range [[buffer(n)]] and
 [[threadgroup(n)]] indices, built-in inputs of a type the spec does not allow,
@@ -49,10 +50,11 @@ METAL_VERSION = 300  # MSL 3.0, the kernels' floor (32-wide SIMD groups, simd_sh
 THREADGROUP_BYTES = 32 * 1024  # Apple GPUs' threadgroup memory (Metal feature set tables)
 
 LANGUAGE = ["-x", "clcpp", "-cl-std=clc++2021", "-cl-no-stdinc", "-target", "spir64"]
-# Device-side enqueue depends on program-scope globals in OpenCL 3.0, so it goes too.
-PARSE = ["-Xclang", "-cl-ext=-__opencl_c_program_scope_global_variables,-__opencl_c_device_enqueue",
-         "-fsyntax-only", "-ferror-limit=0", "-fno-caret-diagnostics", "-fno-color-diagnostics",
-         "-Xclang", "-ast-dump"]
+# OpenCL features Metal lacks: program-scope globals (device-side enqueue depends on
+# them, so it goes too) and double.
+PARSE = ["-Xclang", "-cl-ext=-__opencl_c_program_scope_global_variables,-__opencl_c_device_enqueue,"
+         "-__opencl_c_fp64,-cl_khr_fp64", "-fsyntax-only", "-ferror-limit=0",
+         "-fno-caret-diagnostics", "-fno-color-diagnostics", "-Xclang", "-ast-dump"]
 
 SPACES = {"device", "constant", "threadgroup", "thread", "threadgroup_imageblock", "ray_data",
           "object_data"}
@@ -163,8 +165,8 @@ def read_param(param):
     """(attributes, type, name) of one kernel parameter."""
     attrs = [a for group in re.findall(r"\[\[(.*?)\]\]", param) for a in split_top(group)]
     decl = re.sub(r"\[\[.*?\]\]", "", param).strip()
-    m = re.search(r"(\w+)\s*$", decl)
-    return attrs, decl[:m.start()].strip(), m.group(1)
+    m = re.search(r"[\s*&](\w+)\s*$", decl)  # an unnamed argument is all type
+    return (attrs, decl[:m.start() + 1].strip(), m.group(1)) if m else (attrs, decl, "")
 
 
 def base_type(typ):
@@ -225,11 +227,11 @@ def scan_params(k):
                             "[[buffer(n)]]; scalars go through a constant buffer)")
         if attrs:
             edits.append((at + param.index("[["), at + len(param), ""))
-        if "constant" in spaces and "&" in typ:  # the copy out of __constant: see the docstring
-            edits.append((at + param.index(name, len(typ)), at + param.index(name, len(typ)) + len(name),
-                          f"__pp_constant_{name}"))
-            copies.append(f"const {base_type(typ.replace('&', ''))} {name} = "
-                          f"__builtin_bit_cast({base_type(typ.replace('&', ''))}, __pp_constant_{name}); ")
+        if name and "constant" in spaces and "&" in typ:  # the copy out of __constant: see docstring
+            named = at + param.index(name, len(typ))
+            edits.append((named, named + len(name), f"__pp_constant_{name}"))
+            value = base_type(typ.replace("&", ""))
+            copies.append(f"const {value} {name} = __builtin_bit_cast({value}, __pp_constant_{name}); ")
     if len(widths) > 1:
         problems.append(f"{k.where()}: its position built-ins differ in width ({sorted(widths)})")
     return problems, edits, copies
