@@ -5,7 +5,7 @@ kernels, and the kernel emulator runs every kernel body the Metal kernels call.
 
 clang >= 21 comes from Debian: bookworm's newest is clang-22, in bookworm-security, which
 .ci/run installs. Where no such clang is found the type-check tests skip (in CI they fail;
-the emulator audit runs either way). About 3 s for the seven files on two cores, 0.1-1 s per broken copy.
+the emulator audit runs either way). About 3 s of CPU for the whole file on this machine.
 """
 
 import os
@@ -43,7 +43,8 @@ def test_metal_file_type_checks(clang, metal):
 BROKEN = [
     ("a misspelt builtin", "portable.h", "simd_shuffle_xor(", "simd_shufle_xor(",
      "depformer_frame.metal", "undeclared identifier 'simd_shufle_xor'"),
-    ("a write through constant", "metal/rvq.metal", "  rvq::decode(codes,", "  a.n = 0;\n  rvq::decode(codes,",
+    ("a write through constant", "metal/rvq.metal", "  rvq::decode(codes,",
+     "  a.n = 0;\n  rvq::decode(codes,",
      "rvq.metal", "cannot assign to variable 'a'"),
     ("an output buffer in constant", "metal/rvq.metal", "device float* out [[buffer(2)]]",
      "constant float* out [[buffer(2)]]", "rvq.metal",

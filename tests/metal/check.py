@@ -317,7 +317,8 @@ def unqualified_pointers(ast):
         if files[k] not in shown:
             path = Path(files[k]).resolve()
             outside = path.is_relative_to(SHIM) or path == PRELUDE
-            shown[files[k]] = None if outside else path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            inside = path.is_relative_to(ROOT)
+            shown[files[k]] = None if outside else path.relative_to(ROOT) if inside else path
         types = re.findall(r"'([^']*)'", line)
         if m.group(1) in ("FunctionDecl", "CXXMethodDecl"):
             types = [t[:t.find("(")] for t in types]  # the return type
