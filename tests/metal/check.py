@@ -36,6 +36,7 @@ prints one line per problem and exits 1 if there are any.
 """
 
 import bisect
+import functools
 import re
 import shutil
 import subprocess
@@ -130,6 +131,7 @@ class Kernel:
         self.text, self.start, self.attrs_end, self.name = text, start, attrs_end, name
         self.params, self.body = params, body  # (open, close) offsets of ( ) and { }
 
+    @functools.cached_property
     def where(self):
         file, line = line_of(self.text, self.start)
         return f"{file}:{line}: kernel {self.name}"
@@ -157,7 +159,7 @@ def find_kernels(text):
                               (open_paren, close_paren), (open_brace, closing(text, open_brace))))
         for attr in re.findall(r"\[\[([^\]]*)\]\]", head.group(1)):
             if re.match(r"\s*(\w+)", attr).group(1) not in KERNEL_ATTRIBUTES:
-                problems.append(f"{kernels[-1].where()}: unknown attribute [[{attr}]]")
+                problems.append(f"{kernels[-1].where}: unknown attribute [[{attr}]]")
     return kernels, problems
 
 
@@ -188,7 +190,7 @@ def scan_params(k):
         attrs, typ, name = read_param(param)
         spaces = set(re.findall(r"\w+", typ)) & SPACES
         indirect = "*" in typ or "&" in typ
-        where = f"{k.where()}: argument {name}"
+        where = f"{k.where}: argument {name}"
         for attr in attrs:
             m = re.fullmatch(r"(\w+)\s*(?:\((.*)\))?", attr)
             kind, arg = m.group(1), m.group(2)
@@ -233,7 +235,7 @@ def scan_params(k):
             value = base_type(typ.replace("&", ""))
             copies.append(f"const {value} {name} = __builtin_bit_cast({value}, __pp_constant_{name}); ")
     if len(widths) > 1:
-        problems.append(f"{k.where()}: its position built-ins differ in width ({sorted(widths)})")
+        problems.append(f"{k.where}: its position built-ins differ in width ({sorted(widths)})")
     return problems, edits, copies
 
 
@@ -248,12 +250,12 @@ def scan_threadgroup(k):
         statement = body[start:j].strip()
         if re.match(r"threadgroup\b", statement):
             if depth > 0 or c != ";":
-                problems.append(f"{k.where()}: threadgroup memory in a nested block or with an "
+                problems.append(f"{k.where}: threadgroup memory in a nested block or with an "
                                 "initializer (declare it at the top of the kernel)")
             for declarator in split_top(statement):
                 m = re.search(r"([*&]?)\s*(\w+)\s*(?:\[[^\]]*\]\s*)*$", split_top(declarator, "=")[0])
                 if not m:
-                    problems.append(f"{k.where()}: a threadgroup declaration this checker cannot "
+                    problems.append(f"{k.where}: a threadgroup declaration this checker cannot "
                                     f"read: {statement}")
                 elif not m.group(1):  # an array or scalar, not a pointer into threadgroup memory
                     names.append(m.group(2))
