@@ -43,9 +43,12 @@ def test_metal_file_type_checks(clang, metal):
 BROKEN = [
     ("a misspelt builtin", "portable.h", "simd_shuffle_xor(", "simd_shufle_xor(",
      "depformer_frame.metal", "undeclared identifier 'simd_shufle_xor'"),
-    ("a write through constant", "metal/rvq.metal", "  rvq::decode(codes,",
-     "  a.n = 0;\n  rvq::decode(codes,",
-     "rvq.metal", "cannot assign to variable 'a'"),
+    ("a write to a constant argument", "metal/rvq.metal", "  rvq::decode(codes,",
+     "  a.n = 0;\n  rvq::decode(codes,", "rvq.metal", "cannot assign to variable 'a'"),
+    ("a write through a constant pointer", "metal/rvq.metal",
+     "uint tid [[thread_index_in_threadgroup]]) {\n  rvq::decode(",
+     "uint tid [[thread_index_in_threadgroup]], constant float* table [[buffer(4)]]) {\n"
+     "  table[0] = 0.f;\n  rvq::decode(", "rvq.metal", "read-only variable is not assignable"),
     ("an output buffer in constant", "metal/rvq.metal", "device float* out [[buffer(2)]]",
      "constant float* out [[buffer(2)]]", "rvq.metal",
      "cannot initialize a parameter of type '__global float *'"),
