@@ -9,9 +9,11 @@
 
 #pragma once
 
+#include "portable.h"  // PP_CONSTANT, for the constants the host shares
+
 // Block sizes and the scalars of the gather launch; plain C, shared with the host.
-constexpr int kConvThreads = 128;
-constexpr int kGatherThreads = 256;
+PP_CONSTANT constexpr int kConvThreads = 128;
+PP_CONSTANT constexpr int kGatherThreads = 256;
 
 struct GatherArgs {
   int B, T, C;     // x [B, T, C]

@@ -8,12 +8,14 @@
 
 #pragma once
 
+#include "portable.h"  // PP_CONSTANT, for the constants the host shares
+
 // Scalars of the launch; plain C, shared with the host (csrc/depformer_frame_cuda.cpp).
 struct EmbedArgs {
   int B, D, rows;
 };
 
-constexpr int kEmbedThreads = 256;
+PP_CONSTANT constexpr int kEmbedThreads = 256;
 
 #if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 

@@ -10,14 +10,14 @@ namespace pp {
 
 struct F32 {
   typedef pp_u32 Elem;
-  static constexpr int kPerVec = 4;
+  static PP_CONSTANT constexpr int kPerVec = 4;
   static PP_DEVICE float load(pp_u32 e) { return pp_bits_to_float(e); }
   static PP_DEVICE pp_u32 store(float f) { return pp_float_to_bits(f); }
 };
 
 struct BF16 {
   typedef pp_u16 Elem;
-  static constexpr int kPerVec = 8;
+  static PP_CONSTANT constexpr int kPerVec = 8;
   static PP_DEVICE float load(pp_u32 e) { return pp_bits_to_float(e << 16); }
   static PP_DEVICE pp_u16 store(float f) {  // round to nearest even, as MLX's astype
     pp_u32 u = pp_float_to_bits(f);
@@ -28,7 +28,7 @@ struct BF16 {
 
 struct F16 {
   typedef pp_u16 Elem;
-  static constexpr int kPerVec = 8;
+  static PP_CONSTANT constexpr int kPerVec = 8;
   static PP_DEVICE float load(pp_u32 e) { return pp_half_to_float(pp_u16(e)); }
   static PP_DEVICE pp_u16 store(float f) { return pp_float_to_half(f); }
 };

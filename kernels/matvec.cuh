@@ -43,16 +43,16 @@ struct MatvecArgs {
 
 namespace matvec {
 
-constexpr int kThreads = 128;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRows = PP_MATVEC_ROWS;
+PP_CONSTANT constexpr int kThreads = 128;
+PP_CONSTANT constexpr int kWarps = kThreads / 32;
+PP_CONSTANT constexpr int kRows = PP_MATVEC_ROWS;
 
 // Dense weights in the activations' storage format.
 template <class F>
 struct Dense {
-  static constexpr int kChunk = F::kPerVec;  // weights per 16-byte vector
-  static constexpr int kSub = kChunk;        // weights unpacked at a time
-  static constexpr bool kAffine = false;
+  static PP_CONSTANT constexpr int kChunk = F::kPerVec;  // weights per 16-byte vector
+  static PP_CONSTANT constexpr int kSub = kChunk;        // weights unpacked at a time
+  static PP_CONSTANT constexpr bool kAffine = false;
   static PP_DEVICE long row_words(int K) { return long(K) * sizeof(typename F::Elem) / 4; }
   static PP_DEVICE void unpack_sub(pp_u32x4 r, int, PP_THREAD float* out) { pp::unpack<F>(r, out); }
 };
@@ -60,9 +60,9 @@ struct Dense {
 // MLX affine quantization, BITS per weight, packed in uint32 little-end first.
 template <int BITS>
 struct Affine {
-  static constexpr int kChunk = 128 / BITS;
-  static constexpr int kSub = 8;  // one word of 4-bit weights, two of 8-bit
-  static constexpr bool kAffine = true;
+  static PP_CONSTANT constexpr int kChunk = 128 / BITS;
+  static PP_CONSTANT constexpr int kSub = 8;  // one word of 4-bit weights, two of 8-bit
+  static PP_CONSTANT constexpr bool kAffine = true;
   static PP_DEVICE long row_words(int K) { return long(K) * BITS / 32; }
   // Weights sub * 8 .. sub * 8 + 7 of the vector.
   static PP_DEVICE void unpack_sub(pp_u32x4 r, int sub, PP_THREAD float* out) {
@@ -221,9 +221,9 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
     const int u = tid / MT, m = tid % MT;
     if (u0 + u < a.n_out && m0 + m < a.M) {
       float y[2] = {0.f, 0.f};
-      for (int half = 0; half < (a.gate ? 2 : 1); ++half) {
-        for (int i = 0; i < kWarps; ++i) y[half] += smem[(i * kRows + half * units + u) * MT + m];
-        y[half] = pp::round_trip<F>(y[half]);
+      for (int part = 0; part < (a.gate ? 2 : 1); ++part) {  // `half` is a type in Metal
+        for (int i = 0; i < kWarps; ++i) y[part] += smem[(i * kRows + part * units + u) * MT + m];
+        y[part] = pp::round_trip<F>(y[part]);
       }
       float o = y[0];
       if (a.gate) {

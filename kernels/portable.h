@@ -10,6 +10,16 @@
 
 #pragma once
 
+// Namespace- and class-scope constants are declared `PP_CONSTANT constexpr`: Metal
+// keeps every program-scope variable in its `constant` address space. Host code
+// reads the same constants (block sizes) through the .cuh files, so this part is
+// for every compiler; a host compiler gets nothing else from this file.
+#if defined(__METAL_VERSION__)
+#define PP_CONSTANT constant
+#else
+#define PP_CONSTANT
+#endif
+
 #if defined(__CUDACC__)
 
 #include <cuda_fp16.h>
@@ -89,6 +99,4 @@ PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *(device uint4*)p = v
 PP_DEVICE pp_u32x4 pp_zero16() { return uint4(0u); }
 #define PP_NEG_INF (-INFINITY)
 
-#else
-#error "kernels/portable.h is for nvcc or the Metal compiler"
 #endif

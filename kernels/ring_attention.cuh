@@ -48,9 +48,9 @@ struct RingArgs {
 
 namespace ring {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kUnroll = 4;  // key steps in flight per warp before the first use
+PP_CONSTANT constexpr int kWarps = 4;
+PP_CONSTANT constexpr int kThreads = 32 * kWarps;
+PP_CONSTANT constexpr int kUnroll = 4;  // key steps in flight per warp before the first use
 
 using pp::BF16;
 using pp::F16;

@@ -29,13 +29,15 @@
 
 #pragma once
 
+#include "portable.h"  // PP_CONSTANT, for the constants the host shares
+
 // Scalars of both kernels; plain C, shared with the host (rvq_cuda.cpp).
-constexpr int kRvqEncodeThreads = 256;
-constexpr int kRvqBinsPerGroup = 2;  // bins per group of eight threads, per chunk
-constexpr int kRvqBinsPerChunk = kRvqEncodeThreads / 8 * kRvqBinsPerGroup;
-constexpr int kRvqMaxChunks = 256;  // S at most (a block then scores several chunks)
-constexpr int kRvqMaxVectors = 4;   // V at most: kernels rvq_encode_v1, _v2, _v4
-constexpr int kRvqDecodeThreads = 256;
+PP_CONSTANT constexpr int kRvqEncodeThreads = 256;
+PP_CONSTANT constexpr int kRvqBinsPerGroup = 2;  // bins per group of eight threads, per chunk
+PP_CONSTANT constexpr int kRvqBinsPerChunk = kRvqEncodeThreads / 8 * kRvqBinsPerGroup;
+PP_CONSTANT constexpr int kRvqMaxChunks = 256;  // S at most (a block then scores several chunks)
+PP_CONSTANT constexpr int kRvqMaxVectors = 4;   // V at most: kernels rvq_encode_v1, _v2, _v4
+PP_CONSTANT constexpr int kRvqDecodeThreads = 256;
 
 struct RvqArgs {
   int n;  // vectors
@@ -73,12 +75,12 @@ inline int rvq_encode_vectors(long n, int S, int n_q, int D, int sms) {
 
 namespace rvq {
 
-constexpr int kThreads = kRvqEncodeThreads;
-constexpr int kWarps = kThreads / 32;
-constexpr int kGroups = kThreads / 8;
-constexpr int kPer = kRvqBinsPerGroup;
-constexpr int kChunk = kRvqBinsPerChunk;
-constexpr int kBatch = 8;  // loads in flight per bin (and per residual element)
+PP_CONSTANT constexpr int kThreads = kRvqEncodeThreads;
+PP_CONSTANT constexpr int kWarps = kThreads / 32;
+PP_CONSTANT constexpr int kGroups = kThreads / 8;
+PP_CONSTANT constexpr int kPer = kRvqBinsPerGroup;
+PP_CONSTANT constexpr int kChunk = kRvqBinsPerChunk;
+PP_CONSTANT constexpr int kBatch = 8;  // loads in flight per bin (and per residual element)
 
 // (d, j) beats (best_d, best) when nearer, or as near with a lower bin. Distances
 // are never NaN here (a NaN never wins the strict comparison that sets them).

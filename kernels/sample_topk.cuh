@@ -14,6 +14,8 @@
 
 #pragma once
 
+#include "portable.h"  // PP_CONSTANT, for the constants the host shares
+
 // Scalars of the launch; plain C, shared with the host (csrc/sample_topk_cuda.cpp).
 struct SampleArgs {
   int V;          // logits per row
@@ -24,7 +26,7 @@ struct SampleArgs {
   int has_forced; // forced[row] >= 0 replaces the sampled token
 };
 
-constexpr int kSampleThreads = 256;
+PP_CONSTANT constexpr int kSampleThreads = 256;
 
 #if defined(__CUDACC__) || defined(__METAL_VERSION__) || defined(PP_EMULATE)
 
@@ -32,11 +34,11 @@ constexpr int kSampleThreads = 256;
 
 namespace sample_topk {
 
-constexpr int kThreads = kSampleThreads;
-constexpr int kWarps = kThreads / 32;
-constexpr int kDigit = 4;                     // bits decided per pass
-constexpr int kCand = (1 << kDigit) - 1;      // candidates per pass (digit 0 always holds)
-constexpr int kShared = kWarps * (kCand + 1); // floats of workgroup memory the body needs
+PP_CONSTANT constexpr int kThreads = kSampleThreads;
+PP_CONSTANT constexpr int kWarps = kThreads / 32;
+PP_CONSTANT constexpr int kDigit = 4;                     // bits decided per pass
+PP_CONSTANT constexpr int kCand = (1 << kDigit) - 1;      // candidates per pass (digit 0 always holds)
+PP_CONSTANT constexpr int kShared = kWarps * (kCand + 1); // floats of workgroup memory the body needs
 
 // NaN takes key 0, below every number (-inf's key is 0x007fffff): NaN logits
 // never count towards the top k.

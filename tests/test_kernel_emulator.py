@@ -168,7 +168,7 @@ def rand(rng, shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("D", [16, 32, 64])
+@pytest.mark.parametrize("D", [16, 32, 64, 128])  # every head dim the CUDA and Metal builds take
 @pytest.mark.parametrize("T", [1, 4, 6])  # 6: a full and a partial group of 4 queries
 def test_ring_attention_kernels(emulator, dtype, D, T):
     """Random caches and per-session positions (fresh, mid-ring, past the wrap), with

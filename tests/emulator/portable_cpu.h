@@ -42,6 +42,7 @@
 #define PP_SHARED
 #define PP_SHARED_PTR
 #define PP_THREAD
+#define PP_CONSTANT
 #define PP_BARRIER() pp_emu::block_barrier()
 
 typedef uint32_t pp_u32;
