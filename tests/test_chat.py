@@ -24,7 +24,7 @@ import soundfile as sf
 import soxr
 
 from personaplex_fast.chat import ChatStats, Device, Resampler, Speaker, wants_aec
-from personaplex_fast.echo import REANCHOR_S, SUSTAIN_S, Reference, Timeline
+from personaplex_fast.echo import LAG_S, REANCHOR_S, SUSTAIN_S, MicProcessor, Reference, Timeline
 from personaplex_fast.tiny import make_tiny
 
 CLI = [sys.executable, "-m", "personaplex_fast.cli", "chat"]
@@ -339,6 +339,35 @@ def test_reference_window_is_what_played_at_that_time():
     assert unknown == 0 and window[0] == 1200 and window[-1] == 3599
     window, unknown = ref.window(100.19, 480)  # runs 10 ms past what was given: zeros, counted
     assert unknown == 240 and window[0] == 4560 and not window[240:].any()
+
+
+def test_processor_cancels_an_echo_paired_by_callback_times(tmp_path):
+    """Offline, on a simulated clock: the speaker is given 10 ms blocks, the microphone hears
+    them 50 ms later, 6 dB down, and the user at 3-5 s while the model pauses; blocks are
+    stamped as the callbacks would stamp them."""
+    voice = _speak(MODEL_LINES, "en", tmp_path / "m.wav")[:6 * 24000]
+    voice[round(2.9 * 24000):5 * 24000] = 0  # the model pauses while the user talks
+    user = _speak(USER_LINE, "en-us+f3", tmp_path / "u.wav")[:2 * 24000]
+    mic = 0.5 * np.concatenate([np.zeros(1200, np.float32), voice[:-1200]])  # 50 ms, -6 dB
+    mic[3 * 24000:5 * 24000] += user
+    p = MicProcessor(echo=True)
+    heard = []
+    for i in range(0, len(voice), 240):
+        p.reference.add(voice[i:i + 240], 100 + i / 24000 + 0.002 * (i % 7 == 0))  # some callbacks late
+        heard.append(p.process(mic[i:i + 240], 100 + i / 24000).out)  # the block's first sample
+    out = np.concatenate(heard)[p.delay:]
+    e = lambda x, a, b: float(np.sum(x[a * 24000:b * 24000] ** 2))  # noqa: E731
+    assert 10 * np.log10(e(mic, 1, 3) / e(out, 1, 3)) > 20  # echo alone: cancelled
+    assert e(out, 3, 5) / e(mic, 3, 5) > 0.9  # the user alone (the model silent): kept
+    assert p.missing == 0 and 180 < p.delay < 300 and LAG_S < 0.05
+
+
+def test_noise_suppression_alone():
+    p = MicProcessor(echo=False, noise_suppression=True)
+    noise = (np.random.default_rng(0).standard_normal(2 * 24000) * 0.01).astype(np.float32)
+    out = np.concatenate([p.process(noise[i:i + 1000], i / 24000).out for i in range(0, len(noise), 1000)])
+    assert len(out) == len(noise) // 240 * 240  # whole 10 ms blocks; the rest waits for more
+    assert np.sum(out[24000:] ** 2) < 0.5 * np.sum(noise[24000:len(out)] ** 2)
 
 
 def test_aec_auto_is_off_for_headsets_only():
