@@ -252,19 +252,26 @@ def test_echo_cancelled_and_the_user_kept(pulse, echo_path, tmp_path):
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
     assert "chat: echo cancellation on" in run.stderr
     m = _echo_measures(record, user_pcm)
-    print({k: round(v, 3) for k, v in m.items()})
+    print({k: round(float(v), 3) for k, v in m.items()})
     # The echo comes after its reference (the pairing is causal), by the loopback's 80 ms
     # plus the devices' buffers, well inside what AEC3 searches (~0.5 s).
     assert 0.08 < m["echo_delay_s"] < 0.4, m
     assert m["echo_only_s"] > 3 and m["user_only_s"] > 1, m  # enough of each to measure
-    assert m["erle_db"] >= 20, m  # far-end energy reduced by >= 20 dB after convergence
+    # Far-end energy reduced by >= 20 dB after convergence: over the whole run when the audio
+    # ran clean; a loaded machine may stall the speaker (an underflow, a gap in the echo's
+    # reference) and the canceller re-converges for a moment, so then in most 0.5 s windows.
+    glitches = sum(_summary(run.stderr)[k] for k in ("input_overflows", "input_dropped", "output_underflows",
+                                                       "output_underruns"))
+    assert m["erle_median_db"] >= 20 and m["windows_over_20db"] >= 0.75, m
+    assert glitches or m["erle_db"] >= 20, m
     assert 0.9 <= m["user_kept"] < 1.1, m  # the user's speech keeps >= 90% of its energy
 
 
 def _echo_measures(record: Path, user_pcm: np.ndarray) -> dict[str, float]:
     """From chat's --record (microphone, reference, model input), in 10 ms blocks: ERLE where
-    only the echo is heard (after 2 s of it), the user's energy kept where only the user
-    talks, and, for the record, the user's energy in the model input during double talk."""
+    only the echo is heard (after 2 s of it; over all of it and per 0.5 s window), the user's
+    energy kept where only the user talks, and, for the record, the user's energy in the model
+    input during double talk."""
     x, rate = sf.read(str(record), dtype="float32")
     mic, ref, out = x.T
     # Where the scripts landed: the echo's delay behind the reference, the user's track in the
@@ -284,8 +291,11 @@ def _echo_measures(record: Path, user_pcm: np.ndarray) -> dict[str, float]:
     echo_only = far_on & ~_dilate(user_on, 20) & converged
     user_only = user_on & ~_dilate(far_on, 20)
     both = user_on & far_on & converged
+    erle = lambda b: 10 * np.log10(e_mic[b].sum() / max(e_out[b].sum(), 1e-12))  # noqa: E731
+    windows = [erle(w) for w in (echo_only & (np.arange(n) // 50 == i) for i in range(n // 50)) if w.sum() >= 25]
     return {"echo_delay_s": echo_delay / rate, "echo_only_s": echo_only.sum() / 100, "user_only_s": user_only.sum() / 100,
-            "erle_db": 10 * np.log10(e_mic[echo_only].sum() / max(e_out[echo_only].sum(), 1e-12)),
+            "erle_db": erle(echo_only), "erle_median_db": np.median(windows),
+            "windows_over_20db": np.mean(np.array(windows) >= 20),
             "user_kept": e_out[user_only].sum() / e_mic[user_only].sum(),
             "double_talk_user_kept": e_out[both].sum() / e_user[both].sum()}
 
@@ -316,7 +326,7 @@ def test_speaker_plays_silence_on_underrun_and_counts_it():
     assert stats.output_dropped == 1
     # What it wrote is the echo reference, stamped with the callback time; frame 0 was handed over then.
     played = [speaker.played.get_nowait() for _ in range(2)]
-    assert [t for _, t in played] == [10.0, 10.08] and (played[1][0][:1000] == 0.5).all()
+    assert [t for _, t, _ in played] == [10.0, 10.08] and (played[1][0][:1000] == 0.5).all()
     assert speaker.frame_starts.get_nowait() == (0, 10.08)
 
 
@@ -329,6 +339,9 @@ def test_timeline_follows_the_earliest_stamps_and_re_anchors_on_lost_samples():
     times = [line.stamp(1.118 + 0.05 + k * 0.01, 10) for k in range(round(SUSTAIN_S * 100) + 2)]
     assert abs(times[0] - 1.118) < 1e-9 and abs(times[-1] - (1.168 + (len(times) - 1) * 0.01)) < 1e-9
     assert line.jumps == 1 and REANCHOR_S < 0.05
+    # A gap the device reported (PortAudio's over/underflow flag) is taken at once.
+    n = line.n
+    assert abs(line.stamp(5.0, 10, gap=True) - 5.0) < 1e-9 and line.jumps == 2 and line.t0 == 5.0 - n / 1000
 
 
 def test_reference_window_is_what_played_at_that_time():

@@ -169,8 +169,10 @@ class Microphone:
 
     def __init__(self, stats: ChatStats, rate: int):
         self.stats = stats
-        self.blocks: queue.SimpleQueue[tuple[np.ndarray, float]] = queue.SimpleQueue()
+        # (block, callback time, samples lost before it)
+        self.blocks: queue.SimpleQueue[tuple[np.ndarray, float, bool]] = queue.SimpleQueue()
         self.max_backlog = round(rate * INPUT_BACKLOG_S)
+        self.lost = False  # a block dropped here: the next one starts after a gap
         self.queued = self.taken = 0
 
     def callback(self, indata, frames, time_info, status) -> None:
@@ -178,14 +180,17 @@ class Microphone:
             self.stats.input_overflows += 1
         if self.queued - self.taken + frames > self.max_backlog:
             self.stats.input_dropped += 1
+            self.lost = True
             return
-        self.blocks.put((indata.mean(axis=1, dtype=np.float32), time_info.currentTime))
+        gap = self.lost or bool(status.input_overflow)
+        self.blocks.put((indata.mean(axis=1, dtype=np.float32), time_info.currentTime, gap))
         self.queued += frames
+        self.lost = False
 
-    def take(self, timeout: float) -> tuple[np.ndarray, float]:
-        block, t = self.blocks.get(timeout=timeout)
+    def take(self, timeout: float) -> tuple[np.ndarray, float, bool]:
+        block, t, gap = self.blocks.get(timeout=timeout)
         self.taken += len(block)
-        return block, t
+        return block, t, gap
 
 
 class Speaker:
@@ -199,7 +204,7 @@ class Speaker:
         self.pending = np.zeros(0, np.float32)
         self.started = False  # silence before the first model frame is not an underrun
         self.keep_played = keep_played
-        self.played: queue.SimpleQueue[tuple[np.ndarray, float]] = queue.SimpleQueue()
+        self.played: queue.SimpleQueue[tuple[np.ndarray, float, bool]] = queue.SimpleQueue()
         self.frame_starts: queue.SimpleQueue[tuple[int, float]] = queue.SimpleQueue()
 
     def push(self, pcm: np.ndarray, frame: int = -1) -> None:
@@ -232,7 +237,7 @@ class Speaker:
         outdata[:n] = pcm[:n, None]
         self.pending = pcm[n:]
         if self.keep_played:
-            self.played.put((outdata[:, 0].copy(), t))
+            self.played.put((outdata[:, 0].copy(), t, bool(status.output_underflow)))
 
 
 def wants_aec(mode: str, mic_dev: Device, spk_dev: Device) -> tuple[bool, str]:
@@ -321,7 +326,7 @@ def _loop(conv: Conversation, mic: Microphone, mic_dev: Device, stats: ChatStats
     last_block = time.monotonic()
     while not stop.is_set() and (limit is None or stats.frames < limit):
         try:
-            block, t = mic.take(timeout=0.1)
+            block, t, gap = mic.take(timeout=0.1)
         except queue.Empty:
             if time.monotonic() - last_block > INPUT_STALL_S:
                 raise UserError(f"audio input device {mic_dev.name!r} delivered no samples "
@@ -329,7 +334,7 @@ def _loop(conv: Conversation, mic: Microphone, mic_dev: Device, stats: ChatStats
             continue
         last_block = time.monotonic()
         stats.input_peak = max(stats.input_peak, float(np.abs(block).max(initial=0.0)))
-        conv.hear(block, t)
+        conv.hear(block, t, gap)
         while conv.ready() and (limit is None or stats.frames < limit):
             conv.tick()
 
@@ -346,7 +351,6 @@ class Conversation:
         self.clock = lambda: streams[0].time
         self.in_latency, self.out_latency = streams[0].latency, streams[1].latency
         self.jitter, self.transcript, self.log, self.spk_rate = jitter, transcript, log, spk_dev.rate
-        self.mic_rate = mic_dev.rate
         self.to_model, self.to_speaker = Resampler(mic_dev.rate, SAMPLE_RATE), Resampler(SAMPLE_RATE, spk_dev.rate)
         self.to_reference = Resampler(spk_dev.rate, SAMPLE_RATE)
         self.captured = Timeline(SAMPLE_RATE)  # when the microphone's 24 kHz samples were handed over
@@ -355,11 +359,11 @@ class Conversation:
         self.heard_t = 0.0  # handover time of heard[0]
         self.ticks: dict[int, tuple[float, float, float]] = {}  # frame -> (last sample's time, tick start, end)
 
-    def hear(self, block: np.ndarray, t: float) -> None:
-        """block: what the input callback got at time t (its last sample)."""
+    def hear(self, block: np.ndarray, t: float, gap: bool = False) -> None:
+        """block: what the input callback got at time t (its last sample); gap: samples were lost before it."""
         pcm = self.to_model(block)
         # The resampled samples end where the block ends (the resampler's few ms are ignored).
-        t = self.captured.stamp(t - len(pcm) / SAMPLE_RATE, len(pcm))
+        t = self.captured.stamp(t - len(pcm) / SAMPLE_RATE, len(pcm), gap)
         if self.processor is not None:
             self._take_reference()
             p = self.processor.process(pcm, t)
@@ -377,10 +381,10 @@ class Conversation:
     def _take_reference(self) -> None:
         while True:
             try:
-                pcm, t = self.speaker.played.get_nowait()
+                pcm, t, gap = self.speaker.played.get_nowait()
             except queue.Empty:
                 return
-            self.processor.reference.add(self.to_reference(pcm), t)
+            self.processor.reference.add(self.to_reference(pcm), t, gap)
 
     def ready(self) -> bool:
         return len(self.heard) >= self.engine.frame_size
@@ -406,7 +410,8 @@ class Conversation:
         self._measure()
         if stats.frames >= STATUS_FIRST and (stats.frames - STATUS_FIRST) % STATUS_EVERY == 0:
             # On a terminal the transcript is mid-line: start the status on a line of its own.
-            print(f"{chr(10) if self.log.isatty() else ''}chat: {stats.status()}", file=self.log, flush=True)
+            lead = "\n" if self.log.isatty() else ""
+            print(f"{lead}chat: {stats.status()}", file=self.log, flush=True)
 
     def _measure(self) -> None:
         while True:

@@ -45,10 +45,15 @@ class Timeline:
         self.late_from: int | None = None  # sample count since which the stamps are late
         self.late_t0 = 0.0  # the earliest anchor those late stamps gave
 
-    def stamp(self, t: float, count: int) -> float:
-        """`count` new samples whose first one the callback stamped t; returns its time."""
+    def stamp(self, t: float, count: int, gap: bool = False) -> float:
+        """`count` new samples whose first one the callback stamped t; returns its time.
+        gap: the device reported lost or unplayed samples before these (PortAudio's
+        over/underflow flags), so the stamp is taken at once."""
         t0 = t - self.n / self.rate
-        if self.t0 is None or t0 < self.t0:
+        if gap and self.t0 is not None and t0 > self.t0 + REANCHOR_S:
+            self.t0, self.late_from = t0, None
+            self.jumps += 1
+        elif self.t0 is None or t0 < self.t0:
             self.jumps += self.t0 is not None and t0 < self.t0 - REANCHOR_S
             self.t0, self.late_from = t0, None
         elif t0 > self.t0 + REANCHOR_S:
@@ -73,8 +78,8 @@ class Reference:
         self.timeline = Timeline(SAMPLE_RATE)
         self.dropped = 0  # samples trimmed off the front of pcm
 
-    def add(self, pcm: np.ndarray, t: float) -> None:
-        self.timeline.stamp(t, len(pcm))
+    def add(self, pcm: np.ndarray, t: float, gap: bool = False) -> None:
+        self.timeline.stamp(t, len(pcm), gap)
         self.pcm = np.concatenate([self.pcm, pcm])
         excess = len(self.pcm) - round(KEEP_S * SAMPLE_RATE)
         if excess > SAMPLE_RATE // 2:
