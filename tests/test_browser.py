@@ -90,10 +90,17 @@ def test_two_pages_talk_at_once(tiny_server, chromium, tmp_path):
     if os.environ.get("PERSONAPLEX_SCREENSHOT"):
         shutil.copy(tmp_path / "page.png", os.environ["PERSONAPLEX_SCREENSHOT"])
     for r in results:
+        print(r["processing"], r["latency"])
         assert r["error"] == "" and r["state"] == "live", r
         assert r["sent"] >= 30 and r["heard"] >= 10, r  # the fake microphone's speech went out
         assert r["received"] >= 40 and r["audible"] >= 10, r  # the model's audio came back
         assert r["tokens"] >= 1 and r["text"].strip(), r  # and so did its transcript
+        # The browser's echo cancellation, noise suppression and auto gain were asked for and
+        # applied; the page measured its round trip (parts: see app.js).
+        assert r["processing"] == {"echoCancellation": True, "noiseSuppression": True, "autoGainControl": True}, r
+        lat = r["latency"]
+        assert lat and lat["total"] == lat["frame"] + lat["server"] + lat["playback"] + lat["devices"], r
+        assert 0 < lat["server"] < 1000 and 0 <= lat["playback"] < 1000 and lat["total"] > 80, r
 
 
 # The worklet in an OfflineAudioContext at 48 and 44.1 kHz: a 1 kHz tone in must come out

@@ -91,7 +91,8 @@ def _chat(args) -> None:
     engine = model.engine(slots=1, sampling=sampling, seed=args.seed)
     prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
     chat(engine, model.decode_text, input_device=args.input_device, output_device=args.output_device,
-         seconds=args.seconds, prompt=prompt)
+         seconds=args.seconds, prompt=prompt, aec=args.aec, noise_suppression=args.noise_suppression,
+         record=args.record)
     _report_check(args)
 
 
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--voice-prompt", default=None,
                    help="packaged voice (NATF0-3, NATM0-3, VARF0-4, VARM0-4) or a wav/.pt file")
     s.add_argument("--text-prompt", default=None, help="role prompt, wrapped in <system> tags")
+    s.add_argument("--aec", choices=("auto", "on", "off"), default="auto",
+                   help="echo cancellation (WebRTC AEC3); auto: on unless a device is named as a headset. "
+                        "off with headphones: it saves ~10 ms")
+    s.add_argument("--noise-suppression", action="store_true", help="WebRTC noise suppression on the microphone")
+    s.add_argument("--record", metavar="WAV", default=None,
+                   help="write 24 kHz channels: microphone, echo reference, what the model heard")
     s.set_defaults(func=_chat)
 
     s = sub.add_parser("serve", help="a web page for live conversations, all sessions batched on one engine")

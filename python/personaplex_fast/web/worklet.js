@@ -27,7 +27,9 @@ class Duplex extends AudioWorkletProcessor {
     this.prebuffer = prebufferFrames * frameSize;
     this.playing = false;
     this.underruns = 0;
-    this.port.onmessage = (e) => this.enqueue(e.data);
+    // Frames to play; the string "queue" asks how many samples wait to be played.
+    this.port.onmessage = (e) => (e.data === "queue"
+      ? this.port.postMessage({ queued: Math.max(0, this.written - this.read) }) : this.enqueue(e.data));
   }
 
   enqueue(frame) {
