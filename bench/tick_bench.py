@@ -78,7 +78,18 @@ def build_mimi():
     return mimi
 
 
-def engine_ticks(lm, mimi, B, ticks, warmup, program=True):
+def op_profile(program):
+    """GPU ms per op kind (sum, count) of one tick run op by op outside the graph, the
+    second of two runs; the sum over kinds is the kernels' time without the graph."""
+    program.profile()
+    kinds = {}
+    for name, ms in program.profile():
+        total, n = kinds.get(name, (0.0, 0))
+        kinds[name] = (total + ms, n + 1)
+    return {k: [round(v[0], 4), v[1]] for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
+
+
+def engine_ticks(lm, mimi, B, ticks, warmup, program=True, profile=False):
     from personaplex_fast.engine import Engine
 
     engine = Engine(lm, mimi, slots=B, program=program)
@@ -105,16 +116,20 @@ def engine_ticks(lm, mimi, B, ticks, warmup, program=True):
             total.append(1e3 * (t2 - t0))
             if t1 is not None:
                 host.append(1e3 * (t1 - t0))
+    out = summary(total, host)
+    if profile and run is not None:
+        out["profile"] = op_profile(run.program)
     del engine, run
     gc.collect()
     mx.clear_cache()
-    return summary(total, host)
+    return out
 
 
-def codec_ticks(mimi, B, ticks, warmup):
+def codec_ticks(mimi, B, ticks, warmup, profile=False):
     from personaplex_fast.tick import CodecRunner
 
     run = CodecRunner(mimi, B, gpu=mx.default_device().type == mx.gpu)
+    gc.collect()
     pcm = mx.array((0.1 * np.random.default_rng(B).standard_normal((B, mimi.cfg.frame_size))).astype(np.float32))
     reset = mx.zeros((B, 1), mx.int32)
     total = []
@@ -124,9 +139,12 @@ def codec_ticks(mimi, B, ticks, warmup):
         mx.eval(*out)
         if i >= warmup:
             total.append(1e3 * (time.perf_counter() - t0))
+    out = summary(total)
+    if profile:
+        out["profile"] = op_profile(run.program)
     del run
     gc.collect()
-    return summary(total)
+    return out
 
 
 def main(argv=None):
@@ -139,6 +157,7 @@ def main(argv=None):
     p.add_argument("--structure", action="store_true", help="the 7B's structure at negligible widths")
     p.add_argument("--codec", action="store_true", help="also time the codec alone")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke test)")
+    p.add_argument("--profile", action="store_true", help="also each op kind's GPU time (one tick, op by op)")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     a = p.parse_args(argv)
     if a.tiny:
@@ -156,7 +175,7 @@ def main(argv=None):
     mimi = build_mimi()
     if a.codec:
         for B in batches:
-            record(dict(what="codec", B=B, **codec_ticks(mimi, B, a.ticks, a.warmup)))
+            record(dict(what="codec", B=B, **codec_ticks(mimi, B, a.ticks, a.warmup, a.profile)))
     for bits in (int(x) for x in a.formats.split(",")):
         lm = build_lm(bits, a.structure)
         fmt = "bf16" if bits == 0 else f"q{bits}"
@@ -165,7 +184,7 @@ def main(argv=None):
                         **engine_ticks(lm, mimi, batches[0], a.per_op_ticks, 5, program=False)))
         for B in batches:
             try:
-                row = engine_ticks(lm, mimi, B, a.ticks, a.warmup)
+                row = engine_ticks(lm, mimi, B, a.ticks, a.warmup, profile=a.profile)
             except Exception as e:  # out of memory at the largest batches: say so, go on
                 row = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             record(dict(what=f"tick {fmt}", B=B, **row))
