@@ -140,3 +140,14 @@ PP_DEVICE void sample(const PP_GLOBAL typename F::Elem* logits, const PP_GLOBAL 
 }  // namespace sample_topk
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plan, for csrc/sample_topk_cuda.cpp and tests/emulator/sample_topk.cpp: a
+// block of kSampleThreads per row of logits.
+
+#include "launch.cuh"
+
+inline PpLaunch sample_topk_launch(int rows) {
+  return {static_cast<unsigned int>(rows), 1, 1, kSampleThreads};
+}
+#endif
