@@ -127,10 +127,8 @@ std::vector<mx::Shape> Conv1dStream::output_shapes(const std::vector<mx::array>&
 }
 
 void Conv1dStream::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) enc.set_output_array(a);
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   const auto& x = inputs[0];
   const auto& w = inputs[2];
   Dims d{x.shape(0), x.shape(1),  x.shape(2), w.shape(0), w.shape(1), inputs[1].shape(1),
@@ -145,11 +143,5 @@ void Conv1dStream::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
                   elu = elu_input_]() { conv1d_stream_cpu<T>(x, prev, w, b, f, y, prev_out, d, elu); });
   });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void Conv1dStream::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("conv1d_stream: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex
