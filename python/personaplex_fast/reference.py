@@ -12,20 +12,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def rope(x: mx.array, start: mx.array, max_period: float) -> mx.array:
-    """Kyutai's interleaved RoPE on x [B, H, T, D] at positions start[b] + t.
+def rope(x: mx.array, positions: mx.array, max_period: float) -> mx.array:
+    """Kyutai's interleaved RoPE (pairs x[2i], x[2i + 1]) on x [B, H, T, D] at
+    positions [B, T]: the LM's and Mimi's.
 
     Angles and products in float32, rounded back to x's dtype, as moshi does.
     """
-    B, H, T, D = x.shape
+    D = x.shape[-1]
     freqs = mx.exp(mx.arange(D // 2, dtype=mx.float32) * (-math.log(max_period) * 2 / D))
-    t = start.astype(mx.float32)[:, None] + mx.arange(T, dtype=mx.float32)[None]
-    angle = t[:, None, :, None] * freqs
+    angle = positions.astype(mx.float32)[:, None, :, None] * freqs
     cos, sin = mx.cos(angle), mx.sin(angle)
-    pairs = x.astype(mx.float32).reshape(B, H, T, D // 2, 2)
+    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], D // 2, 2)
     re, im = pairs[..., 0], pairs[..., 1]
     out = mx.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-    return out.reshape(B, H, T, D).astype(x.dtype)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def positions(pos, batch: int) -> mx.array:
@@ -46,7 +46,8 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     W = k_cache.shape[2]
     pos = positions(pos, B)
     if rope_max_period is not None:
-        q, k = rope(q, pos, rope_max_period), rope(k, pos, rope_max_period)
+        at = pos[:, None] + mx.arange(T, dtype=mx.int32)
+        q, k = rope(q, at, rope_max_period), rope(k, at, rope_max_period)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     # The position each slot holds before the write: the latest p < pos with p % W == slot

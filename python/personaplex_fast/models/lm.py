@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import RingKVCache
 from ..config import LMConfig
 from .. import ops
 from ..sampling import SamplingConfig, gumbel_noise, sample
+from .cache import RingKVCache
 from .transformer import RMSNorm, Transformer, linear, projection
 
 ZERO_TOKEN = -1  # "no input": its embedding is exactly zero

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import ops, reference
-from ..cache import RingKVCache
+from .cache import RingKVCache
 
 
 class RMSNorm(nn.Module):
