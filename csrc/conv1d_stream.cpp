@@ -131,8 +131,8 @@ void Conv1dStream::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   auto& enc = cpu_encoder(stream(), inputs, outputs);
   const auto& x = inputs[0];
   const auto& w = inputs[2];
-  Dims d{x.shape(0), x.shape(1),  x.shape(2), w.shape(0), w.shape(1), inputs[1].shape(1),
-         stride_,    dilation_, groups_};
+  const Dims d{.B = x.shape(0), .T = x.shape(1), .C_in = x.shape(2), .C_out = w.shape(0), .K = w.shape(1),
+               .context = inputs[1].shape(1), .stride = stride_, .dilation = dilation_, .groups = groups_};
   const mx::array* bias = has_bias_ ? &inputs[3] : nullptr;
   const mx::array* first = has_first_ ? &inputs[3 + has_bias_] : nullptr;
   codec::dispatch_float(kOp, x.dtype(), [&](auto zero) {

@@ -107,7 +107,8 @@ void ConvTranspose1dStream::eval_cpu(const std::vector<mx::array>& inputs,
   auto& enc = cpu_encoder(stream(), inputs, outputs);
   const auto& x = inputs[0];
   const auto& w = inputs[2];
-  Dims d{x.shape(0), x.shape(1), x.shape(2), w.shape(0), w.shape(1), stride_, groups_};
+  const Dims d{.B = x.shape(0), .T = x.shape(1), .C_in = x.shape(2), .C_out = w.shape(0), .K = w.shape(1),
+               .stride = stride_, .groups = groups_};
   const mx::array* bias = has_bias_ ? &inputs[3] : nullptr;
   codec::dispatch_float(kOp, x.dtype(), [&](auto zero) {
     using T = decltype(zero);

@@ -35,7 +35,8 @@ inline int conv_lanes(long products) {
 
 // gather: a thread per element of buf [B, context + T, C] (errors name `op`).
 inline PpLaunch gather_launch(const char* op, const GatherArgs& a) {
-  return {pp_blocks_for(op, long(a.B) * (a.context + a.T) * a.C, kGatherThreads), 1, 1, kGatherThreads};
+  return {.grid_x = pp_blocks_for(op, long(a.B) * (a.context + a.T) * a.C, kGatherThreads),
+          .grid_y = 1, .grid_z = 1, .threads = kGatherThreads};
 }
 #endif
 

@@ -77,6 +77,7 @@ inline int conv1d_lanes(const Conv1dArgs& a) { return conv_lanes(long(a.K) * (a.
 // A group of a.lanes threads per output (b, t, co) of y [B, T / stride, C_out].
 inline PpLaunch conv1d_launch(const Conv1dArgs& a) {
   const long outputs = long(a.B) * (a.T / a.stride) * a.C_out;
-  return {pp_blocks_for("conv1d_stream", outputs, kConvThreads / a.lanes), 1, 1, kConvThreads};
+  return {.grid_x = pp_blocks_for("conv1d_stream", outputs, kConvThreads / a.lanes), .grid_y = 1, .grid_z = 1,
+          .threads = kConvThreads};
 }
 #endif

@@ -86,7 +86,7 @@ inline long convtr_outputs(const ConvTrArgs& a) {
 
 // A group of a.lanes threads per output.
 inline PpLaunch convtr_launch(const ConvTrArgs& a) {
-  return {pp_blocks_for("conv_transpose1d_stream", convtr_outputs(a), kConvThreads / a.lanes), 1, 1,
-          kConvThreads};
+  return {.grid_x = pp_blocks_for("conv_transpose1d_stream", convtr_outputs(a), kConvThreads / a.lanes),
+          .grid_y = 1, .grid_z = 1, .threads = kConvThreads};
 }
 #endif

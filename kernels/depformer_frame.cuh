@@ -47,6 +47,7 @@ PP_DEVICE void embed_add(const PP_GLOBAL typename F::Elem* pre, const PP_GLOBAL 
 #include "launch.cuh"
 
 inline PpLaunch embed_add_launch(const EmbedArgs& a) {
-  return {pp_blocks_for("depformer_frame", long(a.B) * a.D, kEmbedThreads), 1, 1, kEmbedThreads};
+  return {.grid_x = pp_blocks_for("depformer_frame", long(a.B) * a.D, kEmbedThreads),
+          .grid_y = 1, .grid_z = 1, .threads = kEmbedThreads};
 }
 #endif

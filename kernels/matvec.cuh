@@ -265,8 +265,8 @@ inline bool matvec_k_supported(int K, int elem_bytes, int bits) {
 // and per MT rows of x.
 inline PpLaunch matvec_launch(const MatvecArgs& a) {
   const int mt = matvec_x_rows(a.M), units = a.gate ? PP_MATVEC_ROWS / 2 : PP_MATVEC_ROWS;
-  return {static_cast<unsigned int>((a.n_out + units - 1) / units),
-          static_cast<unsigned int>((a.M + mt - 1) / mt), 1, kMatvecThreads};
+  return {.grid_x = static_cast<unsigned int>((a.n_out + units - 1) / units),
+          .grid_y = static_cast<unsigned int>((a.M + mt - 1) / mt), .grid_z = 1, .threads = kMatvecThreads};
 }
 
 #if defined(__CUDACC__) || defined(PP_EMULATE)

@@ -292,13 +292,14 @@ inline int ring_attend_smem_floats(int D, int tq) { return kRingThreads / 32 * t
 // attend: a block per window split, head and group of TQ new queries of a session.
 inline PpLaunch ring_attend_launch(const RingArgs& a) {
   const int tq = ring_queries_per_block(a.T);
-  return {static_cast<unsigned int>(a.S), static_cast<unsigned int>(a.H),
-          static_cast<unsigned int>(a.B * ((a.T + tq - 1) / tq)), kRingThreads};
+  return {.grid_x = static_cast<unsigned int>(a.S), .grid_y = static_cast<unsigned int>(a.H),
+          .grid_z = static_cast<unsigned int>(a.B * ((a.T + tq - 1) / tq)), .threads = kRingThreads};
 }
 
 // finish: a block per head and session.
 inline PpLaunch ring_finish_launch(const RingArgs& a) {
-  return {static_cast<unsigned int>(a.H), static_cast<unsigned int>(a.B), 1, kRingThreads};
+  return {.grid_x = static_cast<unsigned int>(a.H), .grid_y = static_cast<unsigned int>(a.B), .grid_z = 1,
+          .threads = kRingThreads};
 }
 
 #if defined(__CUDACC__) || defined(PP_EMULATE)

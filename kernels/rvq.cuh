@@ -320,12 +320,13 @@ PP_DEVICE void decode(const PP_GLOBAL int* codes, const PP_GLOBAL float* books, 
 
 // Launch q = 0..n_q of rvq_encode_v<V>: (vector groups, S chunks), then (groups, 1).
 inline PpLaunch rvq_encode_launch(const RvqArgs& a, int V, int S, int q) {
-  return {pp_blocks_for("rvq_encode", a.n, V), static_cast<unsigned int>(q < a.n_q ? S : 1), 1,
-          kRvqEncodeThreads};
+  return {.grid_x = pp_blocks_for("rvq_encode", a.n, V),
+          .grid_y = static_cast<unsigned int>(q < a.n_q ? S : 1), .grid_z = 1, .threads = kRvqEncodeThreads};
 }
 
 // rvq_decode: a thread per element of out [n, D].
 inline PpLaunch rvq_decode_launch(const RvqArgs& a) {
-  return {pp_blocks_for("rvq_decode", long(a.n) * a.D, kRvqDecodeThreads), 1, 1, kRvqDecodeThreads};
+  return {.grid_x = pp_blocks_for("rvq_decode", long(a.n) * a.D, kRvqDecodeThreads), .grid_y = 1, .grid_z = 1,
+          .threads = kRvqDecodeThreads};
 }
 #endif

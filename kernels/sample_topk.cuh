@@ -148,6 +148,6 @@ PP_DEVICE void sample(const PP_GLOBAL typename F::Elem* logits, const PP_GLOBAL 
 #include "launch.cuh"
 
 inline PpLaunch sample_topk_launch(int rows) {
-  return {static_cast<unsigned int>(rows), 1, 1, kSampleThreads};
+  return {.grid_x = static_cast<unsigned int>(rows), .grid_y = 1, .grid_z = 1, .threads = kSampleThreads};
 }
 #endif
