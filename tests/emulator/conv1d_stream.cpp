@@ -47,8 +47,7 @@ void conv1d_run(const Conv1dPtrs& p, Conv1dArgs a, int elu, int has_first, unsig
           seed);
     }
   }
-  const long y_size = long(a.B) * (a.T / a.stride) * a.C_out;
-  if (y_size == 0) return;
+  if (conv1d_outputs(a) == 0) return;
   if (a.lanes == 0) a.lanes = conv1d_lanes(a);
   pp_emu::launch(
       conv1d_launch(a), no_smem,
