@@ -5,8 +5,10 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 
 namespace personaplex {
@@ -37,6 +39,22 @@ inline mx::array dense_input(const mx::array& a, mx::Stream st) {
 // node when it already is: the kernels read the n values, whatever the shape).
 inline mx::array gain_input(const mx::array& a, int n, mx::Dtype dt, mx::Stream st) {
   return dense_input(a.dtype() == dt ? a : mx::astype(mx::reshape(a, {n}, st), dt, st), st);
+}
+
+// What every eval_cpu opens with: the stream's CPU encoder, told about the
+// primitive's inputs and outputs (whose buffers the caller sets: alloc_outputs,
+// or a donated cache).
+inline mx::cpu::CommandEncoder& cpu_encoder(mx::Stream s, const std::vector<mx::array>& inputs,
+                                            std::vector<mx::array>& outputs) {
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (auto& a : inputs) enc.set_input_array(a);
+  for (auto& a : outputs) enc.set_output_array(a);
+  return enc;
+}
+
+// A fresh host buffer for every output.
+inline void alloc_outputs(std::vector<mx::array>& outputs) {
+  for (auto& a : outputs) a.set_data(mx::allocator::malloc(a.nbytes()));
 }
 
 // Calls f with a zero of the C++ type of a float32, bfloat16 or float16 dtype.

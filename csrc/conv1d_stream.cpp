@@ -128,14 +128,12 @@ std::vector<mx::Shape> Conv1dStream::output_shapes(const std::vector<mx::array>&
 }
 
 void Conv1dStream::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) enc.set_output_array(a);
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   const auto& x = inputs[0];
   const auto& w = inputs[2];
-  Dims d{x.shape(0), x.shape(1),  x.shape(2), w.shape(0), w.shape(1), inputs[1].shape(1),
-         stride_,    dilation_, groups_};
+  const Dims d{.B = x.shape(0), .T = x.shape(1), .C_in = x.shape(2), .C_out = w.shape(0), .K = w.shape(1),
+               .context = inputs[1].shape(1), .stride = stride_, .dilation = dilation_, .groups = groups_};
   const mx::array* bias = has_bias_ ? &inputs[3] : nullptr;
   const mx::array* first = has_first_ ? &inputs[3 + has_bias_] : nullptr;
   codec::dispatch_float(kOp, x.dtype(), [&](auto zero) {
@@ -150,7 +148,8 @@ void Conv1dStream::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
 void cpu::conv1d_stream(mx::Dtype dtype, const void* x, const void* prev, const void* w, const void* bias,
                         const bool* first, void* y, void* prev_out, int B, int T, int C_in, int C_out,
                         int K, int context, int stride, int dilation, int groups, bool elu_input) {
-  const Dims d{B, T, C_in, C_out, K, context, stride, dilation, groups};
+  const Dims d{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .context = context, .stride = stride,
+               .dilation = dilation, .groups = groups};
   codec::dispatch_float(kOp, dtype, [&](auto zero) {
     using T_ = decltype(zero);
     conv1d_stream_cpu<T_>(static_cast<const T_*>(x), static_cast<const T_*>(prev), static_cast<const T_*>(w),
@@ -158,11 +157,5 @@ void cpu::conv1d_stream(mx::Dtype dtype, const void* x, const void* prev, const 
                           d, elu_input);
   });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void Conv1dStream::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("conv1d_stream: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex

@@ -50,7 +50,8 @@ void Conv1dStream::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
     cuda::alloc_output(buf, enc);
     enc.add_temporary(buf);
     if (buf.size() > 0) {
-      GatherArgs args{B, T, C_in, context, elu_input_, has_first_};
+      GatherArgs args{.B = B, .T = T, .C = C_in, .context = context, .elu = elu_input_,
+                      .has_first = has_first_};
       void *xp = ptr_or_null(x), *pp = ptr_or_null(prev),
            *fp = first ? ptr_or_null(*first) : nullptr, *bp = ptr_or_null(buf),
            *op = ptr_or_null(prev_out);
@@ -60,16 +61,14 @@ void Conv1dStream::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
       enc.set_output_array(buf);
       enc.set_output_array(prev_out);
       void* params[] = {&xp, &pp, &fp, &bp, &op, &args};
-      enc.add_kernel_node_raw(kernel("conv1d_gather_" + dt, device),
-                              dim3(cuda::blocks_for(
-                                  kOp, buf.size(), kGatherThreads)), dim3(kGatherThreads),
-                              {}, 0, params);
+      cuda::add_launch(enc, kernel("conv1d_gather_" + dt, device), gather_launch(kOp, args), params);
     }
   }
 
   if (y.size() == 0) return;
-  const int G = conv_lanes(static_cast<long>(K) * (C_in / groups_));
-  Conv1dArgs args{B, T, C_in, C_out, K, context, stride_, dilation_, groups_, G, has_bias_};
+  Conv1dArgs args{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .context = context,
+                  .stride = stride_, .dilation = dilation_, .groups = groups_, .has_bias = has_bias_};
+  args.lanes = conv1d_lanes(args);
   void *bp = ptr_or_null(buf), *wp = ptr_or_null(w), *biasp = bias ? ptr_or_null(*bias) : nullptr,
        *yp = ptr_or_null(y);
   set_input_if_any(enc, buf);
@@ -77,10 +76,7 @@ void Conv1dStream::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx
   if (bias) set_input_if_any(enc, *bias);
   enc.set_output_array(y);
   void* params[] = {&bp, &wp, &biasp, &yp, &args};
-  enc.add_kernel_node_raw(kernel("conv1d_" + dt, device),
-                          dim3(cuda::blocks_for(
-                              kOp, static_cast<long>(y.size()), kConvThreads / G)),
-                          dim3(kConvThreads), {}, 0, params);
+  cuda::add_launch(enc, kernel("conv1d_" + dt, device), conv1d_launch(args), params);
 }
 
 }  // namespace personaplex

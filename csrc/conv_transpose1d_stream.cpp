@@ -104,13 +104,12 @@ std::vector<mx::Shape> ConvTranspose1dStream::output_shapes(const std::vector<mx
 
 void ConvTranspose1dStream::eval_cpu(const std::vector<mx::array>& inputs,
                                      std::vector<mx::array>& outputs) {
-  for (auto& o : outputs) o.set_data(mx::allocator::malloc(o.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) enc.set_output_array(a);
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   const auto& x = inputs[0];
   const auto& w = inputs[2];
-  Dims d{x.shape(0), x.shape(1), x.shape(2), w.shape(0), w.shape(1), stride_, groups_};
+  const Dims d{.B = x.shape(0), .T = x.shape(1), .C_in = x.shape(2), .C_out = w.shape(0), .K = w.shape(1),
+               .stride = stride_, .groups = groups_};
   const mx::array* bias = has_bias_ ? &inputs[3] : nullptr;
   codec::dispatch_float(kOp, x.dtype(), [&](auto zero) {
     using T = decltype(zero);
@@ -125,7 +124,7 @@ void ConvTranspose1dStream::eval_cpu(const std::vector<mx::array>& inputs,
 void cpu::conv_transpose1d_stream(mx::Dtype dtype, const void* x, const void* partial, const void* w,
                                   const void* bias, void* y, void* partial_out, int B, int T, int C_in,
                                   int C_out, int K, int stride, int groups, bool elu_input) {
-  const Dims d{B, T, C_in, C_out, K, stride, groups};
+  const Dims d{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .stride = stride, .groups = groups};
   codec::dispatch_float(kOp, dtype, [&](auto zero) {
     using T_ = decltype(zero);
     conv_transpose1d_stream_cpu<T_>(static_cast<const T_*>(x), static_cast<const T_*>(partial),
@@ -133,11 +132,5 @@ void cpu::conv_transpose1d_stream(mx::Dtype dtype, const void* x, const void* pa
                                     static_cast<T_*>(partial_out), d, elu_input);
   });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void ConvTranspose1dStream::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("conv_transpose1d_stream: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex

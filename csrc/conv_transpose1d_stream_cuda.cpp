@@ -3,7 +3,6 @@
 // and allocated as cuda_common.h says). Outputs are always fresh buffers, as on
 // the CPU.
 
-#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -51,24 +50,19 @@ void ConvTranspose1dStream::eval_gpu(const std::vector<mx::array>& inputs,
     xin = mx::array(x.shape(), x.dtype(), nullptr, {});
     cuda::alloc_output(xin, enc);
     enc.add_temporary(xin);
-    GatherArgs args{B, T, C_in, 0, 1, 0};
+    GatherArgs args{.B = B, .T = T, .C = C_in, .elu = 1};
     void *xp = ptr_or_null(x), *op = ptr_or_null(xin);
     set_input_if_any(enc, x);
     enc.set_output_array(xin);
     void* params[] = {&xp, &op, &args};
-    enc.add_kernel_node_raw(kernel("convtr_elu_" + dt, device),
-                            dim3(cuda::blocks_for(
-                                kOp, static_cast<long>(x.size()), kGatherThreads)),
-                            dim3(kGatherThreads), {}, 0, params);
+    cuda::add_launch(enc, kernel("convtr_elu_" + dt, device), gather_launch(kOp, args), params);
   }
 
   // One output per row of the full transposed conv and channel: y, then partial'.
-  const long outs = static_cast<long>(y.size() + partial_out.size());
-  if (outs == 0) return;
-  const int taps = (K + stride_ - 1) / stride_, cin_g = C_in / groups_;
-  const int G = std::min(conv_lanes(static_cast<long>(taps) * cin_g),
-                         conv_lanes(8L * cin_g));  // lanes beyond cin_g would idle
-  ConvTrArgs args{B, T, C_in, C_out, K, stride_, groups_, G, has_bias_};
+  ConvTrArgs args{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .stride = stride_,
+                  .groups = groups_, .has_bias = has_bias_};
+  if (convtr_outputs(args) == 0) return;
+  args.lanes = convtr_lanes(args);
   void *xp = ptr_or_null(xin), *pp = ptr_or_null(partial), *wp = ptr_or_null(w),
        *biasp = bias ? ptr_or_null(*bias) : nullptr, *yp = ptr_or_null(y),
        *pop = ptr_or_null(partial_out);
@@ -79,10 +73,7 @@ void ConvTranspose1dStream::eval_gpu(const std::vector<mx::array>& inputs,
   enc.set_output_array(y);
   enc.set_output_array(partial_out);
   void* params[] = {&xp, &pp, &wp, &biasp, &yp, &pop, &args};
-  enc.add_kernel_node_raw(kernel("convtr_" + dt, device),
-                          dim3(cuda::blocks_for(
-                              kOp, outs, kConvThreads / G)), dim3(kConvThreads), {}, 0,
-                          params);
+  cuda::add_launch(enc, kernel("convtr_" + dt, device), convtr_launch(args), params);
 }
 
 }  // namespace personaplex

@@ -3,7 +3,6 @@
 #include "cuda_common.h"
 
 #include <atomic>
-#include <climits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -137,14 +136,5 @@ mx::allocator::Data device_malloc(size_t bytes, mx::cu::CommandEncoder& enc) {
 }
 
 void alloc_output(mx::array& a, mx::cu::CommandEncoder& enc) { a.set_data(device_malloc(a.nbytes(), enc)); }
-
-unsigned int blocks_for(const char* op, long items, long per_block) {
-  const long blocks = (items + per_block - 1) / per_block;
-  if (blocks > INT_MAX) {
-    throw std::invalid_argument(std::string(op) + " on CUDA: " + std::to_string(items) +
-                                " outputs are more than one launch takes; split the batch");
-  }
-  return static_cast<unsigned int>(blocks);
-}
 
 }  // namespace personaplex::cuda

@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "launch.cuh"  // PpLaunch, pp_blocks_for
 #include "mlx/array.h"
 #include "mlx/backend/cuda/device.h"
 
@@ -68,6 +69,16 @@ inline const char* kernel_dtype(const char* op, mx::Dtype dtype) {
 }
 
 // Blocks of `per_block` items for `items` items; throws (naming `op`) past one launch's grid.
-unsigned int blocks_for(const char* op, long items, long per_block);
+inline unsigned int blocks_for(const char* op, long items, long per_block) {
+  return pp_blocks_for(op, items, per_block);
+}
+
+// Adds kernel f to MLX's graph as `plan` (a kernel's launch plan, kernels/*.cuh) says,
+// with `smem_bytes` of dynamic workgroup memory.
+inline void add_launch(mx::cu::CommandEncoder& enc, CUfunction f, const PpLaunch& plan, void** params,
+                       uint32_t smem_bytes = 0) {
+  enc.add_kernel_node_raw(f, dim3(plan.grid_x, plan.grid_y, plan.grid_z), dim3(plan.threads), {},
+                          smem_bytes, params);
+}
 
 }  // namespace personaplex::cuda

@@ -52,8 +52,8 @@ Arrays proj_reads(const std::vector<mx::array>& inputs, const Proj& p,
                   std::initializer_list<const mx::array*> more);
 
 // A stack of decoder layers for one decode step (see decoder_layers.h): 6 nodes
-// per layer. Layer l's weights are inputs[first_weight + l * per_layer + ...] in
-// decoder_layers_common.h's order; its caches are read from kc[l] / vc[l] and
+// per layer. The layers' weights are inputs from first_weight on, in
+// decoder_layers_common.h's layout; layer l's caches are read from kc[l] / vc[l] and
 // written to kc_out[l] / vc_out[l] (the same arrays, or, with copy[l] /
 // copy[L + l], fresh ones the attention fills with a copy first). pos points at
 // B int32 positions inside the array pos_array.
@@ -62,7 +62,7 @@ struct StackNode {
   int bits, heads, layers, hidden;
   float eps, rope_max_period;
   const std::vector<mx::array>* inputs;
-  int first_weight, per_layer;
+  int first_weight;
   const mx::array* x;
   mx::array* y;
   const mx::array* pos_array;

@@ -39,9 +39,8 @@ void check_projection(const char* op, const std::string& what, const mx::array* 
 
 void check_layer_stack(const char* op, const mx::array* weights, int L, int C, int bits, mx::Dtype dt) {
   const LayerInputs li = layer_inputs(0, bits);  // input offsets within one layer's weights
-  const int per = bits ? 14 : 6;
   for (int l = 0; l < L; ++l) {
-    const mx::array* w = weights + l * per;
+    const mx::array* w = weights + l * layer_arrays(bits);
     const std::string at = "layer " + std::to_string(l) + ": ";
     personaplex::check(w[li.alpha1].size() == static_cast<size_t>(C) && w[li.alpha2].size() == static_cast<size_t>(C),
                        op, at + "norm alphas must hold C values");
@@ -57,7 +56,7 @@ void check_layer_stack(const char* op, const mx::array* weights, int L, int C, i
 void push_layer_stack(std::vector<mx::array>& inputs, const mx::array* weights, int L, int C, int bits,
                       mx::Dtype dt, mx::Stream st) {
   const LayerInputs li = layer_inputs(0, bits);
-  const int per = bits ? 14 : 6;
+  const int per = layer_arrays(bits);
   for (int i = 0; i < L * per; ++i) {
     const bool alpha = i % per == li.alpha1 || i % per == li.alpha2;
     const auto& w = weights[i];
@@ -79,7 +78,7 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
   check(heads > 0 && C % heads == 0 && (C / heads) % 2 == 0, "C must split into heads of even size");
   check(!bits || C % 64 == 0, "quantized weights need C divisible by 64");
   const int L = static_cast<int>(k_caches.size());
-  const int per = bits ? 14 : 6;  // weights per layer (DecoderLayers::per_layer)
+  const int per = layer_arrays(bits);
   check(L > 0 && v_caches.size() == k_caches.size(), "need one k and one v cache per layer");
   check(weights.size() == static_cast<size_t>(L * per),
         "expected " + std::to_string(per) + " weights per layer (" + std::to_string(L * per) +
@@ -127,20 +126,16 @@ void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   const int B = x.shape(0), C = x.shape(1), H = heads_, L = layers_;
   const int W = inputs[cache_index(0, false)].shape(2);
   const int n_out = static_cast<int>(outputs.size());
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) enc.set_output_array(a);
   outputs[0].set_data(mx::allocator::malloc(outputs[0].nbytes()));
   std::vector<char> copy(2 * L);
   for (int l = 0; l < L; ++l) {
     copy[l] = !donate_cache(inputs[cache_index(l, false)], outputs[1 + l], n_out);
     copy[L + l] = !donate_cache(inputs[cache_index(l, true)], outputs[1 + L + l], n_out);
   }
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
+  auto data = [](const mx::array& a) -> const void* { return a.data<void>(); };
   std::vector<LayerPointers> layers(L);
-  for (int l = 0; l < L; ++l) {
-    layers[l] = layer_pointers(inputs, layer_inputs(weight_index(l), bits_),
-                               [](const mx::array& a) -> const void* { return a.data<void>(); });
-  }
+  for (int l = 0; l < L; ++l) layers[l] = layer_pointers(inputs, layer(l), data);
   std::vector<const void*> kc(L), vc(L);  // held by the task's copies of these vectors
   std::vector<void*> kc_out(L), vc_out(L);
   for (int l = 0; l < L; ++l) {
@@ -149,7 +144,7 @@ void DecoderLayers::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
     kc_out[l] = outputs[1 + l].data<void>();
     vc_out[l] = outputs[1 + L + l].data<void>();
   }
-  const int hidden = inputs[layer_inputs(weight_index(0), bits_).ffn_in.w].shape(0) / 2;
+  const int hidden = inputs[layer(0).ffn_in.w].shape(0) / 2;
   enc.dispatch([=, x = x.data<void>(), pos = inputs[1].data<int32_t>(), y = outputs[0].data<void>(),
                 cache_bytes = outputs[1].nbytes(), bits = bits_, eps = eps_, mp = rope_max_period_]() {
     cpu::decoder_layers(dt, x, y, pos, layers.data(), L, kc.data(), vc.data(), kc_out.data(), vc_out.data(),
@@ -190,11 +185,5 @@ void cpu::decoder_layers(mx::Dtype dt, const void* x, void* y, const int32_t* po
                 l == L - 1 ? y : cur.data(), B, hidden, C, bits, false, eps);
   }
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void DecoderLayers::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("decoder_layers: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex

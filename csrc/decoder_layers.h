@@ -16,13 +16,14 @@
 //
 // weights, per layer: norm1 alpha [C], in_proj, out_proj, norm2 alpha [C],
 // linear_in (2 * hidden rows), linear_out; each projection is w (dense, x's
-// dtype) or w, scales, biases (MLX affine, group 64, `bits` 4 or 8), so 6 or 14
-// arrays per layer. The caches are donated as RingAttention's are.
+// dtype) or w, scales, biases (MLX affine, group 64, `bits` 4 or 8): the layout
+// of decoder_layers_common.h. The caches are donated as RingAttention's are.
 
 #pragma once
 
 #include <vector>
 
+#include "decoder_layers_common.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -43,9 +44,11 @@ class DecoderLayers : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
-  // Index of layer l's first weight among the inputs, and weights per layer.
-  int per_layer() const { return bits_ ? 14 : 6; }
+  // Where things sit among the inputs: x, pos, the layers' weights, the k caches,
+  // the v caches.
+  int per_layer() const { return layer_arrays(bits_); }
   int weight_index(int l) const { return 2 + l * per_layer(); }
+  LayerInputs layer(int l) const { return layer_inputs(weight_index(l), bits_); }
   int cache_index(int l, bool value) const {
     return 2 + layers_ * per_layer() + (value ? layers_ : 0) + l;
   }

@@ -41,38 +41,47 @@ void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& n) {
   const size_t es = mx::size_of(dt);
   char* qkv_p = static_cast<char*>(ptr(qkv));
   const mx::array* cur = n.x;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   for (int l = 0; l < L; ++l) {
-    const LayerInputs li = layer_inputs(n.first_weight + l * n.per_layer, bits);
+    const LayerInputs li = layer_inputs(n.first_weight + l * layer_arrays(bits), bits);
     auto in = [&](int i) -> const mx::array* { return i < 0 ? nullptr : &inputs[i]; };
     auto p = [&](int i) -> void* { return i < 0 ? nullptr : ptr(inputs[i]); };
     // qkv = in_proj(norm1(x))
     cuda::add_matvec(enc,
-                     {dt, bits, ptr(*cur), p(li.in.w), p(li.in.scales), p(li.in.biases), p(li.alpha1),
-                      nullptr, qkv_p, MatvecArgs{B, C, 3 * C, 1, 0, 0, eps}},
+                     {.dtype = dt, .bits = bits, .x = ptr(*cur), .w = p(li.in.w), .scales = p(li.in.scales),
+                      .biases = p(li.in.biases), .alpha = p(li.alpha1), .out = qkv_p,
+                      .args = {.M = B, .K = C, .n_out = 3 * C, .norm = 1, .eps = eps}},
                      cuda::proj_reads(inputs, li.in, {cur, in(li.alpha1)}), {&qkv});
     // attention over the ring, q / k / v read from qkv's rows [B, 3, H, D]
     const mx::array &kc = *n.kc[l], &vc = *n.vc[l];
-    RingArgs ra{B, H, 1, D, W, 0, n.copy[l], n.copy[L + l], n.rope_max_period > 0.f,
-                rope_step(n.rope_max_period, D), 1.f / std::sqrt(static_cast<float>(D)), 3L * C, D, 3L * C};
     cuda::add_ring_attention(enc,
-                             {dt, qkv_p, qkv_p + C * es, qkv_p + 2 * C * es, ptr(kc), ptr(vc), n.pos,
-                              ptr(attn), ptr(*n.kc_out[l]), ptr(*n.vc_out[l]), ra},
+                             {.dtype = dt, .q = qkv_p, .k = qkv_p + C * es, .v = qkv_p + 2 * C * es,
+                              .kc = ptr(kc), .vc = ptr(vc), .pos = n.pos, .out = ptr(attn),
+                              .kc_out = ptr(*n.kc_out[l]), .vc_out = ptr(*n.vc_out[l]),
+                              .args = {.B = B, .H = H, .T = 1, .D = D, .W = W, .copy_k = n.copy[l],
+                                       .copy_v = n.copy[L + l], .rope = n.rope_max_period > 0.f,
+                                       .rope_step = rope_step(n.rope_max_period, D), .scale = scale,
+                                       .new_b = 3L * C, .new_h = D, .new_t = 3L * C}},
                              {&qkv, &kc, &vc, n.pos_array}, {&attn, n.kc_out[l], n.vc_out[l]});
     // x1 = x + out_proj(attn)
     cuda::add_matvec(enc,
-                     {dt, bits, ptr(attn), p(li.out.w), p(li.out.scales), p(li.out.biases), nullptr,
-                      ptr(*cur), ptr(x1), MatvecArgs{B, C, C, 0, 0, 1, eps}},
+                     {.dtype = dt, .bits = bits, .x = ptr(attn), .w = p(li.out.w), .scales = p(li.out.scales),
+                      .biases = p(li.out.biases), .residual = ptr(*cur), .out = ptr(x1),
+                      .args = {.M = B, .K = C, .n_out = C, .residual = 1, .eps = eps}},
                      cuda::proj_reads(inputs, li.out, {&attn, cur}), {&x1});
     // h = silu-gated linear_in(norm2(x1))
     cuda::add_matvec(enc,
-                     {dt, bits, ptr(x1), p(li.ffn_in.w), p(li.ffn_in.scales), p(li.ffn_in.biases),
-                      p(li.alpha2), nullptr, ptr(h), MatvecArgs{B, C, hidden, 1, 1, 0, eps}},
+                     {.dtype = dt, .bits = bits, .x = ptr(x1), .w = p(li.ffn_in.w),
+                      .scales = p(li.ffn_in.scales), .biases = p(li.ffn_in.biases), .alpha = p(li.alpha2),
+                      .out = ptr(h),
+                      .args = {.M = B, .K = C, .n_out = hidden, .norm = 1, .gate = 1, .eps = eps}},
                      cuda::proj_reads(inputs, li.ffn_in, {&x1, in(li.alpha2)}), {&h});
     // x = x1 + linear_out(h)
     mx::array* dst = l == L - 1 ? n.y : &xb;
     cuda::add_matvec(enc,
-                     {dt, bits, ptr(h), p(li.ffn_out.w), p(li.ffn_out.scales), p(li.ffn_out.biases),
-                      nullptr, ptr(x1), ptr(*dst), MatvecArgs{B, hidden, C, 0, 0, 1, eps}},
+                     {.dtype = dt, .bits = bits, .x = ptr(h), .w = p(li.ffn_out.w),
+                      .scales = p(li.ffn_out.scales), .biases = p(li.ffn_out.biases), .residual = ptr(x1),
+                      .out = ptr(*dst), .args = {.M = B, .K = hidden, .n_out = C, .residual = 1, .eps = eps}},
                      cuda::proj_reads(inputs, li.ffn_out, {&h, &x1}), {dst});
     cur = dst;
   }
@@ -92,10 +101,20 @@ void DecoderLayers::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
     }
   }
   cuda::wait_for_caches(caches, enc);
-  cuda::StackNode n{inputs[0].dtype(), bits_, heads_, L,
-                    inputs[layer_inputs(weight_index(0), bits_).ffn_in.w].shape(0) / 2, eps_,
-                    rope_max_period_, &inputs, weight_index(0), per_layer(), &inputs[0], &outputs[0],
-                    &inputs[1], cuda::ptr(inputs[1]), {}, {}, {}, {}, std::vector<char>(2 * L)};
+  cuda::StackNode n{.dtype = inputs[0].dtype(),
+                    .bits = bits_,
+                    .heads = heads_,
+                    .layers = L,
+                    .hidden = inputs[layer(0).ffn_in.w].shape(0) / 2,
+                    .eps = eps_,
+                    .rope_max_period = rope_max_period_,
+                    .inputs = &inputs,
+                    .first_weight = weight_index(0),
+                    .x = &inputs[0],
+                    .y = &outputs[0],
+                    .pos_array = &inputs[1],
+                    .pos = cuda::ptr(inputs[1]),
+                    .copy = std::vector<char>(2 * L)};
   for (int l = 0; l < L; ++l) {
     n.copy[l] = !cuda::take_cache(inputs[cache_index(l, false)], outputs[1 + l], caches[2 * l].second, enc);
     n.copy[L + l] =

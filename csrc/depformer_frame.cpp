@@ -68,7 +68,7 @@ std::vector<mx::array> depformer_frame(const mx::array& h, const mx::array& text
   check(D > 0, "embedding tables must be [rows, D], got " + shape_str(tables[0]));
   check(heads > 0 && D % heads == 0 && (D / heads) % 2 == 0, "D must split into heads of even size");
   check(!bits || (D % 64 == 0 && C_in % 64 == 0), "quantized weights need widths divisible by 64");
-  const size_t pa = bits ? 3 : 1, per = bits ? 14 : 6;
+  const size_t pa = proj_arrays(bits), per = layer_arrays(bits);
   for (auto& t : tables) {
     check(t.ndim() == 2 && t.shape(1) == D && t.shape(0) > 0 && t.dtype() == dt,
           "embedding tables must be [rows, " + std::to_string(D) + "] of h's dtype, got " + shape_str(t));
@@ -110,8 +110,9 @@ std::vector<mx::array> depformer_frame(const mx::array& h, const mx::array& text
   for (auto& t : tables) inputs.push_back(w(t));
   for (auto& stk : stacks) push_layer_stack(inputs, stk.data(), L, D, bits, dt, st);
   for (auto& p : heads_w) for (auto& a : p) inputs.push_back(w(a));
-  DepformerSpec spec{Q, n_in, n_stack, L, heads, bits, eps, rope_max_period, greedy ? 0.f : temp,
-                     greedy ? 0 : top_k, greedy};
+  const DepformerSpec spec{.Q = Q, .n_in = n_in, .n_stack = n_stack, .layers = L, .heads = heads,
+                           .bits = bits, .eps = eps, .rope_max_period = rope_max_period,
+                           .temp = greedy ? 0.f : temp, .top_k = greedy ? 0 : top_k, .greedy = greedy};
   auto prim = std::make_shared<DepformerFrame>(st, spec, use_noise);
   return mx::array::make_arrays({{Q, B}, {Q, B, V}}, {mx::int32, dt}, prim, std::move(inputs));
 }
@@ -130,29 +131,24 @@ std::vector<mx::Shape> DepformerFrame::output_shapes(const std::vector<mx::array
 }
 
 void DepformerFrame::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) {
-    a.set_data(mx::allocator::malloc(a.nbytes()));
-    enc.set_output_array(a);
-  }
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   const auto dt = inputs[0].dtype();
   const int B = inputs[0].shape(0), C_in = inputs[0].shape(1), Q = s_.Q, L = s_.layers;
   const int D = inputs[table_index(0)].shape(1), V = outputs[1].shape(2);
-  const int hidden = inputs[layer_inputs(stack_index(0), s_.bits).ffn_in.w].shape(0) / 2;
+  const int hidden = inputs[layer(0, 0).ffn_in.w].shape(0) / 2;
   auto data = [](const mx::array& a) -> const void* { return a.data<void>(); };
-  auto proj = [&](int i) { return proj_pointers(inputs, proj_at(i, s_.bits), data); };
-  std::vector<ProjPointers> in(Q), head(Q);
+  std::vector<ProjPointers> in_ptrs(Q), head_ptrs(Q);
   std::vector<const void*> table(Q);
   std::vector<int> rows(Q);
   std::vector<LayerPointers> layers(static_cast<size_t>(Q) * L);
   for (int k = 0; k < Q; ++k) {
-    in[k] = proj(in_index(k));
-    head[k] = proj(head_index(k));
+    in_ptrs[k] = proj_pointers(inputs, in_proj(k), data);
+    head_ptrs[k] = proj_pointers(inputs, head(k), data);
     table[k] = data(inputs[table_index(k)]);
     rows[k] = inputs[table_index(k)].shape(0);
     for (int l = 0; l < L; ++l) {
-      layers[k * L + l] = layer_pointers(inputs, layer_inputs(stack_index(k) + l * per_layer(), s_.bits), data);
+      layers[k * L + l] = layer_pointers(inputs, layer(k, l), data);
     }
   }
   enc.dispatch([=, h = data(inputs[0]), text = inputs[1].data<int32_t>(), forced = inputs[2].data<int32_t>(),
@@ -172,7 +168,7 @@ void DepformerFrame::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
     const std::vector<char> no_copy(2 * L, 0);
     std::vector<char> pre(B * D * es), x(B * D * es), y(B * D * es);
     for (int k = 0; k < Q; ++k) {
-      const ProjPointers& ip = in[k];
+      const ProjPointers& ip = in_ptrs[k];
       cpu::matvec(dt, h, ip.w, ip.scales, ip.biases, nullptr, nullptr, pre.data(), B, C_in, D, sp.bits,
                   false, sp.eps);
       cpu::embed_add(dt, pre.data(), table[k], k == 0 ? text : codes + (k - 1) * B, x.data(), B, D, rows[k]);
@@ -180,18 +176,13 @@ void DepformerFrame::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
                           kc_w.data(), vc_w.data(), no_copy.data(), cache_bytes, B, D, H, Q, hidden, sp.bits,
                           sp.eps, sp.rope_max_period);
       char* lk = logits + static_cast<size_t>(k) * B * V * es;
-      cpu::matvec(dt, y.data(), head[k].w, head[k].scales, head[k].biases, nullptr, nullptr, lk, B, D, V,
-                  sp.bits, false, sp.eps);
+      const ProjPointers& hp = head_ptrs[k];
+      cpu::matvec(dt, y.data(), hp.w, hp.scales, hp.biases, nullptr, nullptr, lk, B, D, V, sp.bits, false,
+                  sp.eps);
       cpu::sample_topk(dt, lk, noise ? noise + static_cast<size_t>(k) * B * V : nullptr, forced + k * B,
                        codes + k * B, B, V, sp.temp, sp.top_k, sp.greedy);
     }
   });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void DepformerFrame::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("depformer_frame: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex

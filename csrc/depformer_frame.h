@@ -18,7 +18,7 @@
 // [Q, B] int32 (k for every session, from the caller so the GPU reads it from
 // memory); noise float32 [Q, B, V] (absent when greedy). Weights, in order:
 // n_in input projections [D, C_in]; Q tables [rows, D] of dtype T; n_stack layer
-// stacks as decoder_layers takes them (layers x 6 or 14 arrays); Q heads [V, D];
+// stacks as decoder_layers takes them (layers x layer_arrays(bits)); Q heads [V, D];
 // each projection w, or w, scales, biases (MLX affine q4/q8, group 64), all with
 // the same `bits`. Outputs codes [Q, B] int32 and logits [Q, B, V] of dtype T.
 
@@ -27,6 +27,7 @@
 #include <optional>
 #include <vector>
 
+#include "decoder_layers_common.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -53,15 +54,24 @@ class DepformerFrame : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
-  // Where things sit among the inputs.
-  int proj_arrays() const { return s_.bits ? 3 : 1; }
-  int per_layer() const { return s_.bits ? 14 : 6; }
-  int in_index(int k) const { return (noise_ ? 5 : 4) + (s_.n_in > 1 ? k : 0) * proj_arrays(); }
-  int table_index(int k) const { return (noise_ ? 5 : 4) + s_.n_in * proj_arrays() + k; }
+  // Where things sit among the inputs: h, text, forced, pos, [noise], then the
+  // weights in depformer_frame()'s order, each projection and layer stack in
+  // decoder_layers_common.h's layout.
+  int first_weight() const { return noise_ ? 5 : 4; }
+  int table_index(int k) const { return first_weight() + s_.n_in * proj_arrays(s_.bits) + k; }
   int stack_index(int k) const {
-    return table_index(s_.Q) + (s_.n_stack > 1 ? k : 0) * s_.layers * per_layer();
+    return table_index(s_.Q) + (s_.n_stack > 1 ? k : 0) * s_.layers * layer_arrays(s_.bits);
   }
-  int head_index(int k) const { return stack_index(0) + s_.n_stack * s_.layers * per_layer() + k * proj_arrays(); }
+  int head_index(int k) const {
+    return stack_index(0) + s_.n_stack * s_.layers * layer_arrays(s_.bits) + k * proj_arrays(s_.bits);
+  }
+  Proj in_proj(int k) const {
+    return proj_at(first_weight() + (s_.n_in > 1 ? k : 0) * proj_arrays(s_.bits), s_.bits);
+  }
+  LayerInputs layer(int k, int l) const {
+    return layer_inputs(stack_index(k) + l * layer_arrays(s_.bits), s_.bits);
+  }
+  Proj head(int k) const { return proj_at(head_index(k), s_.bits); }
 
  private:
   DepformerSpec s_;

@@ -23,7 +23,7 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
   const auto dt = h.dtype();
   const int B = h.shape(0), C_in = h.shape(1), Q = s_.Q, L = s_.layers;
   const int D = inputs[table_index(0)].shape(1), V = outputs[1].shape(2), Dh = D / s_.heads;
-  const int hidden = inputs[layer_inputs(stack_index(0), s_.bits).ffn_in.w].shape(0) / 2;
+  const int hidden = inputs[layer(0, 0).ffn_in.w].shape(0) / 2;
   const size_t es = mx::size_of(dt);
   auto& enc = cu::get_command_encoder(stream());
   auto& codes = outputs[0];
@@ -50,27 +50,37 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
   auto p = [&](int i) -> void* { return i < 0 ? nullptr : ptr(inputs[i]); };
   for (int k = 0; k < Q; ++k) {
     mx::array &pre = acts[3 * k], &x = acts[3 * k + 1], &y = acts[3 * k + 2];
-    const Proj ip = proj_at(in_index(k), s_.bits);
+    const Proj ip = in_proj(k);
     cuda::add_matvec(enc,
-                     {dt, s_.bits, ptr(h), p(ip.w), p(ip.scales), p(ip.biases), nullptr, nullptr, ptr(pre),
-                      MatvecArgs{B, C_in, D, 0, 0, 0, s_.eps}},
+                     {.dtype = dt, .bits = s_.bits, .x = ptr(h), .w = p(ip.w), .scales = p(ip.scales),
+                      .biases = p(ip.biases), .out = ptr(pre),
+                      .args = {.M = B, .K = C_in, .n_out = D, .eps = s_.eps}},
                      cuda::proj_reads(inputs, ip, {&h}), {&pre});
     // x = pre + table_k[previous token]
     const mx::array& table = inputs[table_index(k)];
     const mx::array& prev = k == 0 ? text : codes;
     void *pp = ptr(pre), *tp = ptr(table), *xp = ptr(x);
     void* tok = k == 0 ? ptr(text) : static_cast<char*>(ptr(codes)) + (k - 1) * B * sizeof(int);
-    EmbedArgs ea{B, D, table.shape(0)};
+    EmbedArgs ea{.B = B, .D = D, .rows = table.shape(0)};
     void* eparams[] = {&pp, &tp, &tok, &xp, &ea};
     for (const mx::array* r : {static_cast<const mx::array*>(&pre), &table, &prev}) enc.set_input_array(*r);
     enc.set_output_array(x);
-    enc.add_kernel_node_raw(embed, dim3(cuda::blocks_for("depformer_frame", long(B) * D, kEmbedThreads)),
-                            dim3(kEmbedThreads), {}, 0, eparams);
+    cuda::add_launch(enc, embed, embed_add_launch(ea), eparams);
     // the step's layer stack over the frame's caches, in place
-    cuda::StackNode sn{dt, s_.bits, s_.heads, L, hidden, s_.eps, s_.rope_max_period, &inputs,
-                       stack_index(k), per_layer(), &x, &y, &pos,
-                       static_cast<char*>(ptr(pos)) + k * B * sizeof(int), {}, {}, {}, {},
-                       std::vector<char>(2 * L, 0)};
+    cuda::StackNode sn{.dtype = dt,
+                       .bits = s_.bits,
+                       .heads = s_.heads,
+                       .layers = L,
+                       .hidden = hidden,
+                       .eps = s_.eps,
+                       .rope_max_period = s_.rope_max_period,
+                       .inputs = &inputs,
+                       .first_weight = stack_index(k),
+                       .x = &x,
+                       .y = &y,
+                       .pos_array = &pos,
+                       .pos = static_cast<char*>(ptr(pos)) + k * B * sizeof(int),
+                       .copy = std::vector<char>(2 * L, 0)};
     for (int l = 0; l < L; ++l) {
       sn.kc.push_back(&caches[l]);
       sn.vc.push_back(&caches[L + l]);
@@ -79,19 +89,25 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
     }
     cuda::add_decoder_layers(enc, sn);
     // logits[k] = head_k(y), then the token
-    const Proj hp = proj_at(head_index(k), s_.bits);
+    const Proj hp = head(k);
     char* lk = static_cast<char*>(ptr(logits)) + static_cast<size_t>(k) * B * V * es;
     cuda::add_matvec(enc,
-                     {dt, s_.bits, ptr(y), p(hp.w), p(hp.scales), p(hp.biases), nullptr, nullptr, lk,
-                      MatvecArgs{B, D, V, 0, 0, 0, s_.eps}},
+                     {.dtype = dt, .bits = s_.bits, .x = ptr(y), .w = p(hp.w), .scales = p(hp.scales),
+                      .biases = p(hp.biases), .out = lk, .args = {.M = B, .K = D, .n_out = V, .eps = s_.eps}},
                      cuda::proj_reads(inputs, hp, {&y}), {&logits});
     cuda::Arrays sreads = {&logits, &forced};
     if (noise) sreads.push_back(noise);
     cuda::add_sample_topk(
         enc,
-        {dt, lk, noise ? static_cast<char*>(ptr(*noise)) + static_cast<size_t>(k) * B * V * sizeof(float) : nullptr,
-         static_cast<char*>(ptr(forced)) + k * B * sizeof(int), static_cast<char*>(ptr(codes)) + k * B * sizeof(int),
-         B, SampleArgs{V, s_.temp, s_.top_k, s_.greedy, noise_, 1}},
+        {.dtype = dt,
+         .logits = lk,
+         .noise = noise ? static_cast<char*>(ptr(*noise)) + static_cast<size_t>(k) * B * V * sizeof(float)
+                        : nullptr,
+         .forced = static_cast<char*>(ptr(forced)) + k * B * sizeof(int),
+         .out = static_cast<char*>(ptr(codes)) + k * B * sizeof(int),
+         .rows = B,
+         .args = {.V = V, .temp = s_.temp, .top_k = s_.top_k, .greedy = s_.greedy, .has_noise = noise_,
+                  .has_forced = 1}},
         sreads, {&codes});
   }
 }

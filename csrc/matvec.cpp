@@ -99,7 +99,8 @@ void matvec_cpu(const T* x, const void* w, const T* scales, const T* biases, con
 void cpu::matvec(mx::Dtype dtype, const void* x, const void* w, const void* scales,
                  const void* biases, const void* alpha, const void* residual, void* out, int M, int K,
                  int N, int bits, bool gate, float eps) {
-  Dims d{M, K, N, gate ? N / 2 : N, bits, alpha != nullptr, gate, residual != nullptr, eps};
+  const Dims d{.M = M, .K = K, .N = N, .n_out = gate ? N / 2 : N, .bits = bits, .norm = alpha != nullptr,
+               .gate = gate, .residual = residual != nullptr, .eps = eps};
   dispatch_float("matvec", dtype, [&](auto zero) {
     using T = decltype(zero);
     matvec_cpu<T>(static_cast<const T*>(x), w, static_cast<const T*>(scales),
@@ -169,11 +170,9 @@ std::vector<mx::Shape> Matvec::output_shapes(const std::vector<mx::array>& input
 }
 
 void Matvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
   const auto& x = inputs[0];
   const int N = inputs[1].shape(0);
   size_t i = 2;
@@ -188,11 +187,5 @@ void Matvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
     cpu::matvec(dt, x, w, scales, biases, alpha, residual, o, M, K, N, bits, gate, eps);
   });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void Matvec::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("matvec: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex

@@ -21,29 +21,24 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,
                       const Arrays& writes) {
   const MatvecArgs& a = n.args;
-  // Each thread reads whole 16-byte vectors of x and of the weight rows.
-  const int per_vec = 16 / static_cast<int>(mx::size_of(n.dtype));
-  if (a.K % per_vec != 0 || (n.bits == 4 && a.K % 32 != 0)) {
-    throw std::invalid_argument("matvec on CUDA: K must be a multiple of " + std::to_string(per_vec) +
+  const int elem = static_cast<int>(mx::size_of(n.dtype));
+  if (!matvec_k_supported(a.K, elem, n.bits)) {
+    throw std::invalid_argument("matvec on CUDA: K must be a multiple of " + std::to_string(16 / elem) +
                                 " (of 32 for 4-bit weights), got " + std::to_string(a.K));
   }
   if (!aligned16(n.x) || !aligned16(n.w) || (n.alpha && !aligned16(n.alpha))) {
     throw std::invalid_argument("matvec on CUDA: x, w and alpha must start on a 16-byte boundary");
   }
-  const int device = enc.device().cuda_device();
-  const int mt = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : 8;
   const std::string name = std::string("matvec_") + cuda::kernel_dtype("matvec", n.dtype) + "_" +
                            (n.bits == 0 ? "dense" : n.bits == 4 ? "q4" : "q8") + "_m" +
-                           std::to_string(mt);
-  const int units = a.gate ? PP_MATVEC_ROWS / 2 : PP_MATVEC_ROWS;  // outputs per block
+                           std::to_string(matvec_x_rows(a.M));
   for (auto* r : reads) enc.set_input_array(*r);
   for (auto* w : writes) enc.set_output_array(*w);
   void *x = n.x, *w = n.w, *sc = n.scales, *bi = n.biases, *al = n.alpha, *res = n.residual, *out = n.out;
   MatvecArgs args = a;
   void* params[] = {&x, &w, &sc, &bi, &al, &res, &out, &args};
-  enc.add_kernel_node_raw(cuda::function(matvec_fatbin, name.c_str(), device),
-                          dim3((a.n_out + units - 1) / units, (a.M + mt - 1) / mt), dim3(128), {}, 0,
-                          params);
+  cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), enc.device().cuda_device()),
+                   matvec_launch(a), params);
 }
 
 void Matvec::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -60,8 +55,10 @@ void Matvec::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
   cuda::Arrays reads;
   for (auto& a : inputs) reads.push_back(&a);
   cuda::add_matvec(enc,
-                   {x.dtype(), bits_, cuda::ptr(x), cuda::ptr(inputs[1]), sp, bp, ap, rp, cuda::ptr(out),
-                    MatvecArgs{M, K, gate_ ? N / 2 : N, norm_, gate_, residual_, eps_}},
+                   {.dtype = x.dtype(), .bits = bits_, .x = cuda::ptr(x), .w = cuda::ptr(inputs[1]),
+                    .scales = sp, .biases = bp, .alpha = ap, .residual = rp, .out = cuda::ptr(out),
+                    .args = {.M = M, .K = K, .n_out = gate_ ? N / 2 : N, .norm = norm_, .gate = gate_,
+                             .residual = residual_, .eps = eps_}},
                    reads, {&out});
 }
 

@@ -201,9 +201,7 @@ void RingAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   const int n_out = static_cast<int>(outputs.size());
   const bool k_donated = donate_cache(inputs[3], outputs[1], n_out);
   const bool v_donated = donate_cache(inputs[4], outputs[2], n_out);
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  for (auto& a : outputs) enc.set_output_array(a);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   const int B = q.shape(0), H = q.shape(1), T = q.shape(2), D = q.shape(3);
   const int W = inputs[3].shape(2);
   // The rotated new keys: a temporary, kept alive until the task has run.
@@ -227,13 +225,5 @@ void RingAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
     });
   });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void RingAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("ring_attention: no GPU kernel in this build (CPU only)");
-}
-
-int64_t ring_cache_waits() { return 0; }
-#endif
 
 }  // namespace personaplex

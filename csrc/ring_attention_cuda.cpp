@@ -61,20 +61,14 @@ bool cuda::take_cache(const mx::array& in, mx::array& out, bool free, cu::Comman
 void cuda::add_ring_attention(cu::CommandEncoder& enc, RingNode n, const Arrays& reads,
                               const Arrays& writes) {
   RingArgs& args = n.args;
-  const int B = args.B, H = args.H, T = args.T, D = args.D, W = args.W;
-  if (D != 16 && D != 32 && D != 64 && D != 128) {
+  if (!ring_head_dim_supported(args.D)) {
     throw std::invalid_argument("ring_attention on CUDA: head dim must be 16, 32, 64 or 128, got " +
-                                std::to_string(D));
+                                std::to_string(args.D));
   }
   const int device = enc.device().cuda_device();
-  // Split the window until the grid holds ~4 blocks per multiprocessor; each
-  // split keeps at least 64 keys.
-  const int tq = T == 1 ? 1 : 4;
-  const int blocks = B * H * ((T + tq - 1) / tq);
-  const int max_splits = std::max(1, (W + tq - 1) / 64);
-  args.S = std::clamp((4 * cuda::sm_count(device) + blocks - 1) / blocks, 1, max_splits);
+  args.S = ring_splits(args, cuda::sm_count(device));
 
-  mx::array ws({B * H * T * args.S * (D + 2)}, mx::float32, nullptr, {});
+  mx::array ws({static_cast<int>(ring_workspace_floats(args))}, mx::float32, nullptr, {});
   cuda::alloc_output(ws, enc);
   enc.add_temporary(ws);
   void* wsp = cuda::ptr(ws);
@@ -82,16 +76,15 @@ void cuda::add_ring_attention(cu::CommandEncoder& enc, RingNode n, const Arrays&
   enc.set_output_array(ws);
   const char* dt = cuda::kernel_dtype("ring_attention", n.dtype);
   void* attend_params[] = {&n.q, &n.k, &n.v, &n.kc, &n.vc, &n.pos, &wsp, &args};
-  const std::string attend = std::string("ring_attend_") + dt + "_d" + std::to_string(D) +
-                             (tq == 4 ? "_q4" : "_q1");
-  enc.add_kernel_node_raw(kernel(attend, device), dim3(args.S, H, B * ((T + tq - 1) / tq)), dim3(128),
-                          {}, 0, attend_params);
+  const std::string attend = std::string("ring_attend_") + dt + "_d" + std::to_string(args.D) + "_q" +
+                             std::to_string(ring_queries_per_block(args.T));
+  cuda::add_launch(enc, kernel(attend, device), ring_attend_launch(args), attend_params);
   enc.set_input_array(ws);
   for (auto* a : reads) enc.set_input_array(*a);
   for (auto* a : writes) enc.set_output_array(*a);
   void* finish_params[] = {&wsp, &n.k, &n.v, &n.pos, &n.kc, &n.vc, &n.out, &n.kc_out, &n.vc_out, &args};
-  enc.add_kernel_node_raw(kernel(std::string("ring_finish_") + dt, device), dim3(H, B), dim3(128), {},
-                          0, finish_params);
+  cuda::add_launch(enc, kernel(std::string("ring_finish_") + dt, device), ring_finish_launch(args),
+                   finish_params);
 }
 
 void RingAttention::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -109,16 +102,19 @@ void RingAttention::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
   const bool k_donated = cuda::take_cache(inputs[3], outputs[1], k_free, enc);
   const bool v_donated = cuda::take_cache(inputs[4], outputs[2], v_free, enc);
 
-  RingArgs args{B, H, T, D, W, 0, !k_donated, !v_donated, rope_max_period_ > 0.f,
-                rope_step(rope_max_period_, D), scale_, static_cast<long>(H) * T * D,
-                static_cast<long>(T) * D, D};
+  const RingArgs args{.B = B, .H = H, .T = T, .D = D, .W = W, .copy_k = !k_donated, .copy_v = !v_donated,
+                      .rope = rope_max_period_ > 0.f, .rope_step = rope_step(rope_max_period_, D),
+                      .scale = scale_, .new_b = static_cast<long>(H) * T * D,
+                      .new_h = static_cast<long>(T) * D, .new_t = D};
   using cuda::ptr;
   cuda::Arrays reads, writes;
   for (auto& a : inputs) reads.push_back(&a);
   for (auto& a : outputs) writes.push_back(&a);
-  cuda::add_ring_attention(enc, {q.dtype(), ptr(q), ptr(inputs[1]), ptr(inputs[2]), ptr(inputs[3]),
-                                 ptr(inputs[4]), ptr(inputs[5]), ptr(outputs[0]), ptr(outputs[1]),
-                                 ptr(outputs[2]), args},
+  cuda::add_ring_attention(enc,
+                           {.dtype = q.dtype(), .q = ptr(q), .k = ptr(inputs[1]), .v = ptr(inputs[2]),
+                            .kc = ptr(inputs[3]), .vc = ptr(inputs[4]), .pos = ptr(inputs[5]),
+                            .out = ptr(outputs[0]), .kc_out = ptr(outputs[1]), .vc_out = ptr(outputs[2]),
+                            .args = args},
                            reads, writes);
 }
 

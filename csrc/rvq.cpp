@@ -111,11 +111,9 @@ std::vector<mx::Shape> RvqDecode::output_shapes(const std::vector<mx::array>& in
 }
 
 void RvqEncode::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
   const auto& books = inputs[1];
   const int n_q = books.shape(0), bins = books.shape(1), D = books.shape(2);
   enc.dispatch([x = inputs[0].data<float>(), b = books.data<float>(), c = out.data<int32_t>(),
@@ -123,24 +121,13 @@ void RvqEncode::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
 }
 
 void RvqDecode::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
   const auto& books = inputs[1];
   const int n_q = books.shape(0), bins = books.shape(1), D = books.shape(2);
   enc.dispatch([c = inputs[0].data<int32_t>(), b = books.data<float>(), o = out.data<float>(),
                 n = out.size() / D, n_q, bins, D]() { rvq_decode_cpu(c, b, o, n, n_q, bins, D); });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void RvqEncode::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("rvq_encode: no GPU kernel in this build (CPU only)");
-}
-void RvqDecode::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("rvq_decode: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex

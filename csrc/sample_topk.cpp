@@ -109,11 +109,9 @@ std::vector<mx::Shape> SampleTopK::output_shapes(const std::vector<mx::array>& i
 }
 
 void SampleTopK::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  alloc_outputs(outputs);
+  auto& enc = cpu_encoder(stream(), inputs, outputs);
   auto& out = outputs[0];
-  out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& enc = mx::cpu::get_command_encoder(stream());
-  for (auto& a : inputs) enc.set_input_array(a);
-  enc.set_output_array(out);
   const auto& l = inputs[0];
   const float* noise = noise_ ? inputs[1].data<float>() : nullptr;
   const int32_t* forced = forced_ ? inputs[noise_ ? 2 : 1].data<int32_t>() : nullptr;
@@ -122,11 +120,5 @@ void SampleTopK::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
     cpu::sample_topk(dt, l, noise, forced, o, R, V, temp, top_k, greedy);
   });
 }
-
-#ifndef PERSONAPLEX_WITH_CUDA
-void SampleTopK::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("sample_topk: no GPU kernel in this build (CPU only)");
-}
-#endif
 
 }  // namespace personaplex

@@ -19,8 +19,8 @@ void cuda::add_sample_topk(mx::cu::CommandEncoder& enc, const SampleNode& n, con
   void *l = n.logits, *noise = n.noise, *forced = n.forced, *out = n.out;
   SampleArgs args = n.args;
   void* params[] = {&l, &noise, &forced, &out, &args};
-  enc.add_kernel_node_raw(cuda::function(sample_topk_fatbin, name.c_str(), enc.device().cuda_device()),
-                          dim3(n.rows), dim3(kSampleThreads), {}, 0, params);
+  cuda::add_launch(enc, cuda::function(sample_topk_fatbin, name.c_str(), enc.device().cuda_device()),
+                   sample_topk_launch(n.rows), params);
 }
 
 void SampleTopK::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -33,8 +33,10 @@ void SampleTopK::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::
   cuda::Arrays reads;
   for (auto& a : inputs) reads.push_back(&a);
   cuda::add_sample_topk(enc,
-                        {l.dtype(), cuda::ptr(l), noise, forced, cuda::ptr(out), l.shape(0),
-                         SampleArgs{l.shape(1), temp_, top_k_, greedy_, noise_, forced_}},
+                        {.dtype = l.dtype(), .logits = cuda::ptr(l), .noise = noise, .forced = forced,
+                         .out = cuda::ptr(out), .rows = l.shape(0),
+                         .args = {.V = l.shape(1), .temp = temp_, .top_k = top_k_, .greedy = greedy_,
+                                  .has_noise = noise_, .has_forced = forced_}},
                         reads, {&out});
 }
 

@@ -528,24 +528,7 @@ void TickProgram::run_cpu(const float* pcm, const int32_t* control, float* pcm_o
   std::memcpy(tokens, at(tokens_), sizeof(int32_t) * B_ * G_);
 }
 
-#ifndef PERSONAPLEX_CUDA_BUILD
-TickProgram::~TickProgram() = default;
-void TickProgram::run_cuda(void*, const void*, const void*, void*, void*) {
-  throw std::runtime_error("tick: no CUDA kernels in this build");
-}
-void TickProgram::write_cuda(int, long, const mx::array&) { run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr); }
-std::vector<double> TickProgram::profile_cuda() {
-  run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr);
-  return {};
-}
-void TickProgram::read_cuda(int, long, void*, long) { run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr); }
-#endif
 
-#ifndef PERSONAPLEX_WITH_CUDA
-void Tick::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  throw std::runtime_error("tick: no GPU kernels in this build (CPU only)");
-}
-#endif
 
 void TickProgram::write(int h, long offset, const mx::array& src) {
   check_handle(h, "write");

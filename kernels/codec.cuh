@@ -23,12 +23,22 @@ struct GatherArgs {
 };
 
 #if !defined(__METAL_VERSION__)
-// The lanes G that share one output (host side): a power of two up to a warp,
-// about 8 of the output's `products` each.
+// Launch plans (host side: csrc/*_cuda.cpp and tests/emulator).
+
+#include "launch.cuh"
+
+// The lanes G that share one output: a power of two up to a warp, about 8 of the
+// output's `products` each.
 inline int conv_lanes(long products) {
   int g = 1;
   while (g < 32 && g * 8L < products) g *= 2;
   return g;
+}
+
+// gather: a thread per element of buf [B, context + T, C] (errors name `op`).
+inline PpLaunch gather_launch(const char* op, const GatherArgs& a) {
+  return {.grid_x = pp_blocks_for(op, long(a.B) * (a.context + a.T) * a.C, kGatherThreads),
+          .grid_y = 1, .grid_z = 1, .threads = kGatherThreads};
 }
 #endif
 

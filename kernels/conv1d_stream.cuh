@@ -66,3 +66,20 @@ PP_DEVICE void conv(const PP_GLOBAL typename F::Elem* buf, const PP_GLOBAL typen
 }  // namespace conv1d
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plan of the conv, for csrc/conv1d_stream_cuda.cpp and
+// tests/emulator/conv1d_stream.cpp (the gather's is codec.cuh's).
+
+// The lanes G of an output: its K * C_in / groups products, about 8 a lane.
+inline int conv1d_lanes(const Conv1dArgs& a) { return conv_lanes(long(a.K) * (a.C_in / a.groups)); }
+
+// Outputs: the elements (b, t, co) of y [B, T / stride, C_out].
+inline long conv1d_outputs(const Conv1dArgs& a) { return long(a.B) * (a.T / a.stride) * a.C_out; }
+
+// A group of a.lanes threads per output.
+inline PpLaunch conv1d_launch(const Conv1dArgs& a) {
+  return {.grid_x = pp_blocks_for("conv1d_stream", conv1d_outputs(a), kConvThreads / a.lanes), .grid_y = 1,
+          .grid_z = 1, .threads = kConvThreads};
+}
+#endif

@@ -65,3 +65,28 @@ PP_DEVICE void convtr(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL typen
 }  // namespace convtr
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plan of convtr, for csrc/conv_transpose1d_stream_cuda.cpp and
+// tests/emulator/conv_transpose1d_stream.cpp (the ELU's is codec.cuh's gather).
+
+// The lanes G of a row: about 8 of its taps x C_in / groups products a lane, and
+// no more than 8 x C_in / groups would keep busy (lanes beyond C_in / groups idle).
+inline int convtr_lanes(const ConvTrArgs& a) {
+  const int taps = (a.K + a.stride - 1) / a.stride, cin_g = a.C_in / a.groups;
+  const int by_products = conv_lanes(long(taps) * cin_g), by_width = conv_lanes(8L * cin_g);
+  return by_products < by_width ? by_products : by_width;
+}
+
+// Outputs: a row of the full transposed conv (T * stride + K - stride rows: y,
+// then partial') and output channel.
+inline long convtr_outputs(const ConvTrArgs& a) {
+  return long(a.B) * (long(a.T) * a.stride + a.K - a.stride) * a.C_out;
+}
+
+// A group of a.lanes threads per output.
+inline PpLaunch convtr_launch(const ConvTrArgs& a) {
+  return {.grid_x = pp_blocks_for("conv_transpose1d_stream", convtr_outputs(a), kConvThreads / a.lanes),
+          .grid_y = 1, .grid_z = 1, .threads = kConvThreads};
+}
+#endif

@@ -41,3 +41,15 @@ PP_DEVICE void embed_add(const PP_GLOBAL typename F::Elem* pre, const PP_GLOBAL 
 }  // namespace depformer_frame
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plan of embed_add, for csrc/depformer_frame_cuda.cpp and
+// tests/emulator/depformer_frame.cpp: a thread per element of [B, D].
+
+#include "launch.cuh"
+
+inline PpLaunch embed_add_launch(const EmbedArgs& a) {
+  return {.grid_x = pp_blocks_for("depformer_frame", long(a.B) * a.D, kEmbedThreads),
+          .grid_y = 1, .grid_z = 1, .threads = kEmbedThreads};
+}
+#endif

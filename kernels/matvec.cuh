@@ -240,3 +240,36 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
 }  // namespace matvec
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plan, for csrc/matvec_cuda.cpp and tests/emulator/matvec.cpp.
+
+#include "launch.cuh"
+
+constexpr int kMatvecThreads = 128;
+
+// Rows of x per block, MT: the kernels are instantiated for 1, 2, 4 and 8
+// (matvec_<dtype>_<weights>_m<MT>).
+inline int matvec_x_rows(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
+
+// Workgroup memory of matvec_..._m<MT>, in floats (kernels/cuda/matvec.cu declares it).
+inline int matvec_smem_floats(int mt) { return kMatvecThreads / 32 * PP_MATVEC_ROWS * mt + mt; }
+
+// Whether the kernels take this K: every thread reads whole 16-byte vectors of x
+// and of the weight rows, and 4-bit weights come 32 to a vector.
+inline bool matvec_k_supported(int K, int elem_bytes, int bits) {
+  return K % (16 / elem_bytes) == 0 && (bits != 4 || K % 32 == 0);
+}
+
+// A block per PP_MATVEC_ROWS weight rows (as many outputs, or half as many gated)
+// and per MT rows of x.
+inline PpLaunch matvec_launch(const MatvecArgs& a) {
+  const int mt = matvec_x_rows(a.M), units = a.gate ? PP_MATVEC_ROWS / 2 : PP_MATVEC_ROWS;
+  return {.grid_x = static_cast<unsigned int>((a.n_out + units - 1) / units),
+          .grid_y = static_cast<unsigned int>((a.M + mt - 1) / mt), .grid_z = 1, .threads = kMatvecThreads};
+}
+
+#if defined(__CUDACC__) || defined(PP_EMULATE)
+static_assert(matvec::kThreads == kMatvecThreads, "the body's block size is its launch's");
+#endif
+#endif

@@ -270,3 +270,50 @@ PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Ele
 }  // namespace ring
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plan, for csrc/ring_attention_cuda.cpp and tests/emulator/ring_attention.cpp.
+
+#include "launch.cuh"
+
+constexpr int kRingThreads = 128;
+
+// The head dims `attend` is instantiated for (ring_attend_<dtype>_d<D>_q<TQ>).
+inline bool ring_head_dim_supported(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
+
+// New queries per block, TQ: 1 for a decode step, else 4 (ring_attend_..._q1 / _q4).
+inline int ring_queries_per_block(int T) { return T == 1 ? 1 : 4; }
+
+// S, the splits of the key window: until the grid holds ~4 blocks per
+// multiprocessor (`sms` of them), each split keeping at least 64 keys.
+inline int ring_splits(const RingArgs& a, int sms) {
+  const int tq = ring_queries_per_block(a.T);
+  const int blocks = a.B * a.H * ((a.T + tq - 1) / tq);
+  const int want = (4 * sms + blocks - 1) / blocks;
+  const int most = (a.W + tq - 1) / 64 > 1 ? (a.W + tq - 1) / 64 : 1;
+  return want < 1 ? 1 : want > most ? most : want;
+}
+
+// attend's float32 workspace [B, H, T, S, D + 2] (values, max, sum), which finish reads.
+inline long ring_workspace_floats(const RingArgs& a) { return long(a.B) * a.H * a.T * a.S * (a.D + 2); }
+
+// Workgroup memory of attend, in floats (kernels/cuda/ring_attention.cu declares it).
+inline int ring_attend_smem_floats(int D, int tq) { return kRingThreads / 32 * tq * (D + 2); }
+
+// attend: a block per window split, head and group of TQ new queries of a session.
+inline PpLaunch ring_attend_launch(const RingArgs& a) {
+  const int tq = ring_queries_per_block(a.T);
+  return {.grid_x = static_cast<unsigned int>(a.S), .grid_y = static_cast<unsigned int>(a.H),
+          .grid_z = static_cast<unsigned int>(a.B * ((a.T + tq - 1) / tq)), .threads = kRingThreads};
+}
+
+// finish: a block per head and session.
+inline PpLaunch ring_finish_launch(const RingArgs& a) {
+  return {.grid_x = static_cast<unsigned int>(a.H), .grid_y = static_cast<unsigned int>(a.B), .grid_z = 1,
+          .threads = kRingThreads};
+}
+
+#if defined(__CUDACC__) || defined(PP_EMULATE)
+static_assert(ring::kThreads == kRingThreads, "the body's block size is its launch's");
+#endif
+#endif

@@ -313,3 +313,22 @@ PP_DEVICE void decode(const PP_GLOBAL int* codes, const PP_GLOBAL float* books, 
 }  // namespace rvq
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plans, for csrc/rvq_cuda.cpp and tests/emulator/rvq.cpp (with
+// rvq_encode_splits, _vectors and _smem_floats above).
+
+#include "launch.cuh"
+
+// Launch q = 0..n_q of rvq_encode_v<V>: (vector groups, S chunks), then (groups, 1).
+inline PpLaunch rvq_encode_launch(const RvqArgs& a, int V, int S, int q) {
+  return {.grid_x = pp_blocks_for("rvq_encode", a.n, V),
+          .grid_y = static_cast<unsigned int>(q < a.n_q ? S : 1), .grid_z = 1, .threads = kRvqEncodeThreads};
+}
+
+// rvq_decode: a thread per element of out [n, D].
+inline PpLaunch rvq_decode_launch(const RvqArgs& a) {
+  return {.grid_x = pp_blocks_for("rvq_decode", long(a.n) * a.D, kRvqDecodeThreads), .grid_y = 1, .grid_z = 1,
+          .threads = kRvqDecodeThreads};
+}
+#endif

@@ -142,3 +142,14 @@ PP_DEVICE void sample(const PP_GLOBAL typename F::Elem* logits, const PP_GLOBAL 
 }  // namespace sample_topk
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plan, for csrc/sample_topk_cuda.cpp and tests/emulator/sample_topk.cpp: a
+// block of kSampleThreads per row of logits.
+
+#include "launch.cuh"
+
+inline PpLaunch sample_topk_launch(int rows) {
+  return {.grid_x = static_cast<unsigned int>(rows), .grid_y = 1, .grid_z = 1, .threads = kSampleThreads};
+}
+#endif

@@ -7,24 +7,30 @@ pure-MLX reference chain is compared with the tolerances of tests/test_matvec.py
 grows through the residual stream: 5e-2 absolute on values of size ~3).
 """
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from personaplex_fast import _ext, ops, reference
+from personaplex_fast.reference import LayerStack, LayerWeights, Projection
 
 EPS = 1e-5
 
 
+def make_projection(rng, n, k, bits, dtype):
+    w = mx.array((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)).astype(dtype)
+    return Projection(*mx.quantize(w, group_size=64, bits=bits), bits=bits) if bits else Projection(w)
+
+
 def make_stack(rng, L, C, hidden, bits, dtype):
-    weights = []
-    for _ in range(L):
-        def proj(n, k):
-            w = mx.array((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)).astype(dtype)
-            return list(mx.quantize(w, group_size=64, bits=bits)) if bits else [w]
-        alpha = lambda: mx.array(rng.uniform(0.5, 1.5, C).astype(np.float32)).astype(dtype)
-        weights += [alpha(), *proj(3 * C, C), *proj(C, C), alpha(), *proj(2 * hidden, C), *proj(C, hidden)]
-    return weights
+    proj = lambda n, k: make_projection(rng, n, k, bits, dtype)
+    alpha = lambda: mx.array(rng.uniform(0.5, 1.5, C).astype(np.float32)).astype(dtype)
+    return LayerStack(tuple(LayerWeights(norm1=alpha(), in_proj=proj(3 * C, C), out_proj=proj(C, C),
+                                         norm2=alpha(), linear_in=proj(2 * hidden, C),
+                                         linear_out=proj(C, hidden))
+                            for _ in range(L)), EPS)
 
 
 def caches(rng, L, B, H, W, D, dtype):
@@ -32,25 +38,29 @@ def caches(rng, L, B, H, W, D, dtype):
     return [r() for _ in range(L)], [r() for _ in range(L)]
 
 
-def per_op_chain(x, pos, weights, ks, vs, heads, bits, rope):
+def per_op_chain(x, pos, stack, ks, vs, heads, rope):
     """The per-op fused path: ops.matvec and ops.ring_attention, layer by layer."""
     with ops.use_mode("fused"):
-        return reference_chain_with(ops, x, pos, weights, ks, vs, heads, bits, rope)
+        return reference_chain_with(ops, x, pos, stack, ks, vs, heads, rope)
 
 
-def reference_chain_with(mod, x, pos, weights, ks, vs, heads, bits, rope):
+def reference_chain_with(mod, x, pos, stack, ks, vs, heads, rope):
     B, C = x.shape
     D = C // heads
     ks2, vs2 = [], []
-    for layer, (alpha1, wi, wo, alpha2, wf, wg) in enumerate(reference.layer_weights(weights, bits)):
-        qkv = mod.matvec(x, *wi, bits=bits, alpha=alpha1, eps=EPS).reshape(B, 1, 3, heads, D)
+
+    def project(x, p, **epilogue):
+        return mod.matvec(x, p.w, p.scales, p.biases, bits=p.bits, **epilogue)
+
+    for layer, w in enumerate(stack.layers):
+        qkv = project(x, w.in_proj, alpha=w.norm1, eps=stack.eps).reshape(B, 1, 3, heads, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         out, kc, vc = mod.ring_attention(q, k, v, ks[layer], vs[layer], pos, rope_max_period=rope)
         ks2.append(kc)
         vs2.append(vc)
-        x1 = mod.matvec(out.transpose(0, 2, 1, 3).reshape(B, C), *wo, bits=bits, residual=x)
-        h = mod.matvec(x1, *wf, bits=bits, alpha=alpha2, eps=EPS, gate=True)
-        x = mod.matvec(h, *wg, bits=bits, residual=x1)
+        x1 = project(out.transpose(0, 2, 1, 3).reshape(B, C), w.out_proj, residual=x)
+        h = project(x1, w.linear_in, alpha=w.norm2, eps=stack.eps, gate=True)
+        x = project(h, w.linear_out, residual=x1)
     return x, ks2, vs2
 
 
@@ -64,14 +74,14 @@ def np32(a):
 def test_equals_the_per_op_chain(dtype, bits, B):
     rng = np.random.default_rng(B * 10 + bits)
     L, C, H, hidden, W = 3, 128, 2, 96 if not bits else 128, 6
-    weights = make_stack(rng, L, C, hidden, bits, dtype)
+    stack = make_stack(rng, L, C, hidden, bits, dtype)
     ks, vs = caches(rng, L, B, H, W, C // H, dtype)
     x = mx.array(rng.standard_normal((B, C)).astype(np.float32)).astype(dtype)
+    assert ops.decoder_layers_fusable(x, stack, H)
     for rope in (10000.0, None):
         for step, pos in enumerate([mx.array([0, 5, 13][:B]), mx.array([6, 11, 17][:B])]):
-            y, k2, v2 = ops.decoder_layers(x, pos, weights, ks, vs, heads=H, bits=bits, eps=EPS,
-                                           rope_max_period=rope)
-            y_ref, k_ref, v_ref = per_op_chain(x, pos, weights, ks, vs, H, bits, rope)
+            y, k2, v2 = ops.decoder_layers(x, pos, stack, ks, vs, heads=H, rope_max_period=rope)
+            y_ref, k_ref, v_ref = per_op_chain(x, pos, stack, ks, vs, H, rope)
             assert y.dtype == dtype and y.shape == (B, C)
             np.testing.assert_array_equal(np32(y), np32(y_ref))
             for a, b in zip(k2 + v2, k_ref + v_ref):
@@ -83,41 +93,70 @@ def test_equals_the_per_op_chain(dtype, bits, B):
 def test_matches_the_pure_mlx_reference(dtype, tol):
     rng = np.random.default_rng(5)
     L, B, C, H, hidden, W = 2, 2, 128, 2, 160, 4
-    weights = make_stack(rng, L, C, hidden, 0, dtype)
+    stack = make_stack(rng, L, C, hidden, 0, dtype)
     ks, vs = caches(rng, L, B, H, W, C // H, dtype)
     x = mx.array(rng.standard_normal((B, C)).astype(np.float32)).astype(dtype)
     pos = mx.array([3, 9])
     ops.reset_check_report()
     with ops.use_mode("check"):
-        y, k2, v2 = ops.decoder_layers(x, pos, weights, ks, vs, heads=H, eps=EPS)
-    y_ref, k_ref, v_ref = reference.decoder_layers(x, pos, weights, ks, vs, heads=H, eps=EPS)
+        y, k2, v2 = ops.decoder_layers(x, pos, stack, ks, vs, heads=H)
+    y_ref, k_ref, v_ref = reference.decoder_layers(x, pos, stack, ks, vs, heads=H)
     assert np.abs(np32(y) - np32(y_ref)).max() <= tol
     for a, b in zip(k2 + v2, k_ref + v_ref):
         assert np.abs(np32(a) - np32(b)).max() <= tol
     assert 0 <= ops.check_report()["decoder_layers"] <= tol
 
 
+def test_where_the_primitive_applies():
+    """ops.decoder_layers_fusable: one decode step of at most MATVEC_MAX_ROWS sessions,
+    head dims the attention kernels take, one bit width, not in reference mode; where
+    it says no, ops.decoder_layers is the reference."""
+    rng = np.random.default_rng(8)
+    C, H = 128, 2
+    stack = make_stack(rng, 2, C, 64, 0, mx.float32)
+    x = mx.array(rng.standard_normal((2, C)).astype(np.float32))
+    assert ops.decoder_layers_fusable(x, stack, H) and ops.decoder_layers_fusable(x[:, None], stack, H)
+    rows = ops.MATVEC_MAX_ROWS + 1
+    assert not ops.decoder_layers_fusable(mx.zeros((rows, C)), stack, H)
+    assert not ops.decoder_layers_fusable(mx.zeros((2, 2, C)), stack, H)  # a prompt chunk
+    assert not ops.decoder_layers_fusable(x, stack, 16)  # heads of 8: no attention kernel
+    assert not ops.decoder_layers_fusable(x, None, H)
+    with ops.use_mode("reference"):
+        assert not ops.decoder_layers_fusable(x, stack, H)
+    first = stack.layers[0]
+    q8 = Projection(*mx.quantize(first.linear_out.w, group_size=64, bits=8), bits=8)
+    mixed = replace(stack, layers=(replace(first, linear_out=q8), *stack.layers[1:]))
+    assert ops.bits_of(mixed) is None and not ops.decoder_layers_fusable(x, mixed, H)
+    ks, vs = caches(rng, 2, 2, H, 4, C // H, mx.float32)
+    pos = mx.array([1, 6])
+    got = ops.decoder_layers(x, pos, mixed, ks, vs, heads=H)
+    want = reference.decoder_layers(x, pos, mixed, ks, vs, heads=H)
+    for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
+        np.testing.assert_array_equal(np32(a), np32(b))
+
+
 def test_caches_are_reused_not_copied():
     """Decoding through the stack takes the caches over in place (as ring_attention)."""
     rng = np.random.default_rng(6)
     L, B, C, H, hidden, W = 2, 2, 128, 2, 64, 8
-    weights = make_stack(rng, L, C, hidden, 0, mx.float32)
+    stack = make_stack(rng, L, C, hidden, 0, mx.float32)
     ks, vs = caches(rng, L, B, H, W, C // H, mx.float32)
     x = mx.array(rng.standard_normal((B, C)).astype(np.float32))
-    mx.eval(ks, vs, weights)
+    mx.eval(ks, vs, ops.stack_arrays(stack))
     state = {"k": ks, "v": vs}
     del ks, vs
     copies = _ext.ring_cache_copies()
     for p in range(12):
-        y, state["k"], state["v"] = ops.decoder_layers(x, mx.array([p, p + 3]), weights, state["k"],
-                                                       state["v"], heads=H, eps=EPS)
+        y, state["k"], state["v"] = ops.decoder_layers(x, mx.array([p, p + 3]), stack, state["k"],
+                                                       state["v"], heads=H)
         mx.eval(y, state["k"], state["v"])
     assert _ext.ring_cache_copies() == copies
 
 
 def test_bad_operands_raise():
     rng = np.random.default_rng(7)
-    weights = make_stack(rng, 2, 128, 64, 0, mx.float32)
+    stack = make_stack(rng, 2, 128, 64, 0, mx.float32)
+    weights = ops.stack_arrays(stack)
     ks, vs = caches(rng, 2, 1, 2, 4, 64, mx.float32)
     x = mx.zeros((1, 128))
     pos = mx.array([0])
@@ -125,9 +164,11 @@ def test_bad_operands_raise():
                                                       v_caches=vs, heads=2, bits=0, eps=EPS,
                                                       rope_max_period=0.0), **kw})
     with pytest.raises(ValueError, match="weights per layer"):
-        call(weights=weights[:-1])
-    with pytest.raises(ValueError, match="in_proj"):
-        call(weights=[weights[0], weights[1][:, :64]] + weights[2:])
+        call(weights=weights[:-1])  # the last layer's linear_out missing
+    first = stack.layers[0]
+    narrow = replace(first, in_proj=Projection(first.in_proj.w[:, :64]))
+    with pytest.raises(ValueError, match="layer 0: in_proj"):
+        call(weights=ops.stack_arrays(replace(stack, layers=(narrow, *stack.layers[1:]))))
     with pytest.raises(ValueError, match="caches"):
         call(k_caches=[ks[0], ks[1][:, :1]])
     with pytest.raises(ValueError, match="pos"):

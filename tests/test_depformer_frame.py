@@ -9,41 +9,41 @@ reference sampling of the primitive's own logits. The frame's caches are
 NaN-filled scratch on the CPU, so a read of a slot not yet written shows.
 """
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from personaplex_fast import _ext, ops, reference
 from personaplex_fast.models.lm import LM
+from personaplex_fast.reference import DepformerWeights, Projection
 from personaplex_fast.sampling import SamplingConfig
 from personaplex_fast.tiny import TINY, random_lm_weights
-from test_decoder_layers import EPS, make_stack, np32
+from test_decoder_layers import EPS, make_projection, make_stack, np32
 
 TOL = {mx.float32: 1e-4, mx.bfloat16: 6e-2}
 
 
 def make_frame(rng, *, B=3, Q=4, C_in=128, D=64, heads=4, hidden=128, V=64, L=2, bits=0,
                dtype=mx.float32, per_step=True):
-    def proj(n, k):
-        w = mx.array((rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)).astype(dtype)
-        return list(mx.quantize(w, group_size=64, bits=bits)) if bits else [w]
-
+    proj = lambda n, k: make_projection(rng, n, k, bits, dtype)
     n = Q if per_step else 1
     return dict(
         h=mx.array(rng.standard_normal((B, C_in)).astype(np.float32)).astype(dtype),
         text=mx.array(rng.integers(0, 20, B).astype(np.int32)),
-        in_projs=[proj(D, C_in) for _ in range(n)],
-        tables=[mx.array(rng.standard_normal((V + 1 if k else 21, D)).astype(np.float32)).astype(dtype)
-                for k in range(Q)],
-        stacks=[make_stack(rng, L, D, hidden, bits, dtype) for _ in range(n)],
-        heads_w=[proj(V, D) for _ in range(Q)],
-        kw=dict(heads=heads, bits=bits, eps=EPS, rope_max_period=None),
+        weights=DepformerWeights(
+            in_projs=tuple(proj(D, C_in) for _ in range(n)),
+            tables=tuple(mx.array(rng.standard_normal((V + 1 if k else 21, D)).astype(np.float32)).astype(dtype)
+                         for k in range(Q)),
+            stacks=tuple(make_stack(rng, L, D, hidden, bits, dtype) for _ in range(n)),
+            heads=tuple(proj(V, D) for _ in range(Q))),
+        kw=dict(heads=heads, rope_max_period=None),
     )
 
 
 def run(fn, f, forced, noise, **pick):
-    return fn(f["h"], f["text"], forced, noise, f["in_projs"], f["tables"], f["stacks"], f["heads_w"],
-              **f["kw"], **pick)
+    return fn(f["h"], f["text"], forced, noise, f["weights"], **f["kw"], **pick)
 
 
 @pytest.mark.parametrize("dtype,bits", [(mx.float32, 0), (mx.bfloat16, 0), (mx.bfloat16, 4),
@@ -54,6 +54,7 @@ def test_teacher_forced_logits_match_reference(dtype, bits, per_step):
     f = make_frame(rng, bits=bits, dtype=dtype, per_step=per_step)
     Q, B = 4, 3
     forced = mx.array(rng.integers(0, 64, (Q, B)).astype(np.int32))
+    assert ops.depformer_fusable(f["h"], f["weights"], f["kw"]["heads"])
     with ops.use_mode("fused"):
         codes, logits = run(ops.depformer_frame, f, forced, None, temp=0.8, top_k=10)
     ref_codes, ref_logits = run(reference.depformer_frame, f, forced, None, temp=0.8, top_k=10)
@@ -133,27 +134,48 @@ def test_check_mode_records_the_logit_difference():
     assert 0.0 <= diff < 0.25  # bf16 logits of size ~3, teacher-forced
 
 
+def test_where_the_primitive_applies():
+    """ops.depformer_fusable: tables of h's float dtype, head dims the attention kernels
+    take, one bit width and one norm eps, not in reference mode."""
+    f = make_frame(np.random.default_rng(1))
+    h, w = f["h"], f["weights"]
+    assert ops.depformer_fusable(h, w, 4) and ops.depformer_fusable(h[:, None], w, 4)
+    assert not ops.depformer_fusable(h, None, 4)
+    assert not ops.depformer_fusable(h, w, 8)  # heads of 8
+    assert not ops.depformer_fusable(h.astype(mx.bfloat16), w, 4)  # tables float32
+    q4 = Projection(*mx.quantize(w.heads[0].w, group_size=64, bits=4), bits=4)
+    assert not ops.depformer_fusable(h, replace(w, heads=(q4, *w.heads[1:])), 4)
+    other_eps = replace(w.stacks[1], eps=EPS / 2)
+    assert not ops.depformer_fusable(h, replace(w, stacks=(w.stacks[0], other_eps, *w.stacks[2:])), 4)
+    with ops.use_mode("reference"):
+        assert not ops.depformer_fusable(h, w, 4)
+
+
 def test_bad_operands_raise():
     rng = np.random.default_rng(0)
     f = make_frame(rng)
+    w = f["weights"]
     forced = mx.full((4, 3), -1, mx.int32)
-    args = lambda **o: [o.get(k, v) for k, v in dict(
-        h=f["h"], text=f["text"], forced=forced, noise=None, in_projs=f["in_projs"], tables=f["tables"],
-        stacks=f["stacks"], heads_w=f["heads_w"]).items()] + [4, 0, EPS, 0.0, 0.8, 10, False]
+
+    def call(weights=w, forced=forced, noise=None):
+        _ext.depformer_frame(f["h"], f["text"], forced, noise, *ops.depformer_arrays(weights), 4, 0, EPS,
+                             0.0, 0.8, 10, False)
+
     with pytest.raises(ValueError, match="one head per codebook"):
-        _ext.depformer_frame(*args(heads_w=f["heads_w"][:3]))
+        call(replace(w, heads=w.heads[:3]))
     with pytest.raises(ValueError, match="forced must be"):
-        _ext.depformer_frame(*args(forced=mx.full((3, 4), -1, mx.int32)))
+        call(forced=mx.full((3, 4), -1, mx.int32))
     with pytest.raises(ValueError, match="noise must be"):
-        _ext.depformer_frame(*args(noise=mx.zeros((4, 3, 63))))
+        call(noise=mx.zeros((4, 3, 63)))
     with pytest.raises(ValueError, match="1 or Q input projections"):
-        _ext.depformer_frame(*args(in_projs=f["in_projs"][:2]))
+        call(replace(w, in_projs=w.in_projs[:2]))
     with pytest.raises(ValueError, match="in_proj weight must be"):
-        _ext.depformer_frame(*args(in_projs=[[p[0][:, :64]] for p in f["in_projs"]]))
+        call(replace(w, in_projs=tuple(Projection(p.w[:, :64]) for p in w.in_projs)))
     with pytest.raises(ValueError, match="layer 1: linear_out"):
-        bad = [list(s) for s in f["stacks"]]
-        bad[2][6 + 5] = bad[2][6 + 5][:, :32]
-        _ext.depformer_frame(*args(stacks=bad))
+        stack = w.stacks[2]
+        last = replace(stack.layers[1], linear_out=Projection(stack.layers[1].linear_out.w[:, :32]))
+        bad = replace(stack, layers=(stack.layers[0], last))
+        call(replace(w, stacks=(*w.stacks[:2], bad, *w.stacks[3:])))
 
 
 def test_the_7b_config_takes_the_primitive():
@@ -164,11 +186,13 @@ def test_the_7b_config_takes_the_primitive():
     from personaplex_fast.config import LMConfig
 
     lm = LM(LMConfig())
-    in_projs, tables, stacks, heads, bits, _ = lm.depformer_weights()
-    assert (len(in_projs), len(tables), len(stacks), len(heads), bits) == (8, 8, 8, 8, 0)
-    assert len(stacks[0]) == 6 * 6 and lm.cfg.depformer.head_dim in (16, 32, 64, 128)
+    h = mx.zeros((1, 1, lm.cfg.dim), lm.dtype)
+    w = lm.depformer_weights()
+    assert (len(w.in_projs), len(w.tables), len(w.stacks), len(w.heads), ops.bits_of(w)) == (8, 8, 8, 8, 0)
+    assert len(w.stacks[0].layers) == 6 and ops.depformer_fusable(h, w, lm.cfg.depformer.num_heads)
     nn.quantize(lm, group_size=64, bits=4, class_predicate=quantizable(64))
-    assert lm.depformer_weights()[4] == 4
+    w = lm.depformer_weights()
+    assert ops.bits_of(w) == 4 and ops.depformer_fusable(h, w, lm.cfg.depformer.num_heads)
 
 
 def test_kept_weight_lists_follow_weight_changes():
@@ -189,12 +213,14 @@ def test_kept_weight_lists_follow_weight_changes():
     np.testing.assert_array_equal(np.array(a.depformer_frame(h, text, greedy, mx.random.key(0))),
                                   np.array(b.depformer_frame(h, text, greedy, mx.random.key(0))))
     assert not np.array_equal(before, np.array(a.depformer_frame(h, text, greedy, mx.random.key(0))))
-    assert a.temporal_stack()[0][1] is a.transformer.layers[0].self_attn.in_projs[0].weight
+    assert a.temporal_stack().layers[0].in_proj.w is a.transformer.layers[0].self_attn.in_projs[0].weight
     a.set_dtype(mx.bfloat16)
-    assert a.depformer_weights()[0][0][0].dtype == mx.bfloat16
-    assert a.temporal_stack()[0][0].dtype == mx.bfloat16
+    assert a.depformer_weights().in_projs[0].w.dtype == mx.bfloat16
+    assert a.temporal_stack().layers[0].norm1.dtype == mx.bfloat16
     nn.quantize(a, group_size=64, bits=8, class_predicate=quantizable(64))
-    assert a.depformer_weights()[4] == 8
+    assert ops.bits_of(a.depformer_weights()) == 8
     # The tiny temporal FFN's 352 inputs are not a multiple of 64: its linear_out stays
     # dense, mixed bits do not fit decoder_layers, so the per-op path takes over.
-    assert a.temporal_stack() is None
+    assert ops.bits_of(a.temporal_stack()) is None
+    assert not ops.decoder_layers_fusable(mx.zeros((2, 1, TINY.dim), mx.bfloat16), a.temporal_stack(),
+                                          TINY.num_heads)

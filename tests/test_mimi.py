@@ -10,10 +10,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from personaplex_fast import ops
+from personaplex_fast.config import MimiConfig
 from personaplex_fast.errors import CheckpointError
 from personaplex_fast.mimi_checkpoint import (CONFIG_METADATA_KEY, load_mimi, tiny_mimi_config,
                                               write_tiny_mimi)
-from personaplex_fast.models.mimi import MimiConfig
 
 FRAME = 1920
 N_FRAMES = 20

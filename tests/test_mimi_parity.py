@@ -23,8 +23,8 @@ loaders = pytest.importorskip("moshi.models.loaders")
 from safetensors.torch import save_file  # noqa: E402
 
 from personaplex_fast.audio import read_audio  # noqa: E402
+from personaplex_fast.config import MimiConfig  # noqa: E402
 from personaplex_fast.mimi_checkpoint import load_mimi, tiny_mimi_config  # noqa: E402
-from personaplex_fast.models.mimi import MimiConfig  # noqa: E402
 
 FRAME = 1920
 N_FRAMES = 40  # 3.2 s

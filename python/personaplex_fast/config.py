@@ -1,15 +1,20 @@
-"""Model configuration: frozen dataclasses read from a checkpoint's config.json.
+"""Model configuration: frozen dataclasses, the LM's and Mimi's.
 
-The field names follow the official `lm_config` keys (the flat dict Kyutai's
-`config.json` files and `moshi.models.loaders._lm_kwargs` use), so a config.json
-from either model repo maps onto them without renaming. Keys we do not model are
-ignored; absent keys take the official PersonaPlex / Moshi 7B value.
+The LM's are read from a checkpoint's config.json. Their field names follow the
+official `lm_config` keys (the flat dict Kyutai's `config.json` files and
+`moshi.models.loaders._lm_kwargs` use), so a config.json from either model repo
+maps onto them without renaming. Keys we do not model are ignored; absent keys take
+the official PersonaPlex / Moshi 7B value.
+
+Mimi's (MimiConfig) defaults are the official codec; a converted codec carries
+its own as JSON in the safetensors metadata (mimi_checkpoint.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,3 +180,80 @@ def _gated_hidden(dim: int, dim_feedforward: int) -> int:
     if dim_feedforward == 4 * dim:
         return (21 * dim) // 8
     return (2 * dim_feedforward) // 3
+
+
+# ------------------------------------------------------------------------------- Mimi
+
+
+@dataclass(frozen=True)
+class SeanetConfig:
+    channels: int = 1
+    dimension: int = 512
+    n_filters: int = 64
+    ratios: tuple[int, ...] = (8, 6, 5, 4)  # decoder order; the encoder runs them reversed
+    n_residual_layers: int = 1
+    compress: int = 2
+    dilation_base: int = 2
+    kernel_size: int = 7
+    residual_kernel_size: int = 3
+    last_kernel_size: int = 3
+
+
+@dataclass(frozen=True)
+class MimiTransformerConfig:
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 8
+    dim_feedforward: int = 2048
+    context: int = 250  # steps of 40 ms (the transformers run at the 25 Hz encoder rate)
+    layer_scale: float = 0.01
+    max_period: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    dimension: int = 256
+    bins: int = 2048
+    n_q: int = 32  # codebooks stored in the checkpoint
+    n_q_semantic: int = 1
+    epsilon: float = 1e-5  # floor of cluster_usage when turning EMA sums into centroids
+
+
+@dataclass(frozen=True)
+class MimiConfig:
+    """Defaults are the official Mimi (tokenizer-e351c8d8-checkpoint125) as PersonaPlex uses it."""
+
+    sample_rate: int = 24000
+    frame_rate: float = 12.5
+    num_codebooks: int = 8  # codebooks used: PersonaPlex/Moshi model 8 of the 32 stored
+    seanet: SeanetConfig = field(default_factory=SeanetConfig)
+    transformer: MimiTransformerConfig = field(default_factory=MimiTransformerConfig)
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    @property
+    def frame_size(self) -> int:
+        return int(self.sample_rate / self.frame_rate)
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.seanet.ratios)
+
+    @property
+    def resample_stride(self) -> int:
+        """Encoder-rate steps per codec frame (2: 25 Hz -> 12.5 Hz)."""
+        return self.frame_size // self.hop_length
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "MimiConfig":
+        seanet = dict(d.get("seanet", {}))
+        if "ratios" in seanet:
+            seanet["ratios"] = tuple(seanet["ratios"])
+        return MimiConfig(
+            **{k: v for k, v in d.items() if k not in ("seanet", "transformer", "quantizer")},
+            seanet=SeanetConfig(**seanet),
+            transformer=MimiTransformerConfig(**d.get("transformer", {})),
+            quantizer=QuantizerConfig(**d.get("quantizer", {})))

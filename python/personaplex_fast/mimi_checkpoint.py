@@ -26,9 +26,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_unflatten
 
+from .config import MimiConfig, MimiTransformerConfig, QuantizerConfig, SeanetConfig
 from .errors import CheckpointError
-from .models.mimi import (MimiConfig, MimiTransformerConfig, QuantizerConfig, SeanetConfig,
-                          Mimi)
+from .models.mimi import Mimi
 
 CONFIG_METADATA_KEY = "personaplex_fast.mimi_config"
 

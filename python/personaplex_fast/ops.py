@@ -3,6 +3,10 @@
 Modes: "fused" (default: the C++ extension), "reference" (pure MLX, reference.py)
 and "check" (both on the same inputs; the fused result is used and the largest
 absolute difference per op is recorded in `check_report()`).
+
+Every rule for whether a fused primitive applies lives here (`*_fusable`,
+`projection`), and so does the flattening of the named weight structures of
+reference.py into the extension's array lists (`stack_arrays`, ...).
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from . import reference
+from .reference import DepformerWeights, LayerStack, Projection
 
 MODES = ("fused", "reference", "check")
 _mode = "fused"
@@ -93,32 +100,50 @@ def _reference() -> bool:
     return _mode == "reference" or not kernels_here()
 
 
+def _leaves(out) -> list:
+    return [out] if isinstance(out, mx.array) else [a for o in out for a in _leaves(o)]
+
+
 def _record(name: str, fused, ref) -> None:
     worst = max((float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))))
-                 for a, b in zip(fused, ref) if a.size), default=0.0)
+                 for a, b in zip(_leaves(fused), _leaves(ref)) if a.size), default=0.0)
     _diffs[name] = max(_diffs.get(name, 0.0), worst)
+
+
+def _pick(name: str, fusable: bool, fused, ref, compare=None):
+    """ref() in reference mode or where the fused primitive does not apply; else
+    fused(), and in check mode the largest difference from ref() is recorded under
+    `name` (compare(result) -> (fused arrays, reference arrays) when the two are not
+    compared as they are)."""
+    if _reference() or not fusable:
+        return ref()
+    out = fused()
+    if _mode == "check":
+        _record(name, *(compare(out) if compare else (out, ref())))
+    return out
+
+
+FLOAT_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+
+
+def _rope_arg(rope_max_period: float | None) -> float:
+    return 0.0 if rope_max_period is None else float(rope_max_period)
 
 
 def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | None = 10000.0,
                    scale: float | None = None):
     """See reference.ring_attention; returns (out, k_cache', v_cache')."""
-    if _reference():
-        return reference.ring_attention(q, k, v, k_cache, v_cache, pos,
-                                        rope_max_period=rope_max_period, scale=scale)
     # The C++ signature takes mx.array only (no implicit conversion of ints/numpy).
     q, k, v, k_cache, v_cache = (x if isinstance(x, mx.array) else mx.array(x)
                                  for x in (q, k, v, k_cache, v_cache))
     pos = reference.positions(pos, q.shape[0])
-    D = q.shape[-1]
-    fused = tuple(_ext().ring_attention(
-        q, k, v, k_cache, v_cache, pos,
-        1.0 / math.sqrt(D) if scale is None else float(scale),
-        0.0 if rope_max_period is None else float(rope_max_period)))
-    if _mode == "check":
-        ref = reference.ring_attention(q, k, v, k_cache, v_cache, pos,
-                                       rope_max_period=rope_max_period, scale=scale)
-        _record("ring_attention", fused, ref)
-    return fused
+    scale_ = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _pick(
+        "ring_attention", True,
+        lambda: tuple(_ext().ring_attention(q, k, v, k_cache, v_cache, pos, scale_,
+                                            _rope_arg(rope_max_period))),
+        lambda: reference.ring_attention(q, k, v, k_cache, v_cache, pos, rope_max_period=rope_max_period,
+                                         scale=scale))
 
 
 # Streaming conv steps larger than this many multiply-adds run as MLX's own
@@ -136,49 +161,36 @@ def _conv_as_gemm(macs: int) -> bool:
 def conv1d_stream(x, previous, weight, bias=None, *, stride: int = 1, dilation: int = 1,
                   elu_input: bool = False, groups: int = 1, first=None):
     """See reference.conv1d_stream; returns (y, previous')."""
-    kw = dict(stride=stride, dilation=dilation, elu_input=elu_input, groups=groups, first=first)
-    if _reference() or _conv_as_gemm(x.shape[0] * (x.shape[1] // stride) * weight.size):
-        return reference.conv1d_stream(x, previous, weight, bias, **kw)
-    fused = tuple(_ext().conv1d_stream(x, previous, weight, bias, first, int(stride), int(dilation),
-                                       int(groups), bool(elu_input)))
-    if _mode == "check":
-        _record("conv1d_stream", fused, reference.conv1d_stream(x, previous, weight, bias, **kw))
-    return fused
+    return _pick(
+        "conv1d_stream", not _conv_as_gemm(x.shape[0] * (x.shape[1] // stride) * weight.size),
+        lambda: tuple(_ext().conv1d_stream(x, previous, weight, bias, first, int(stride), int(dilation),
+                                           int(groups), bool(elu_input))),
+        lambda: reference.conv1d_stream(x, previous, weight, bias, stride=stride, dilation=dilation,
+                                        elu_input=elu_input, groups=groups, first=first))
 
 
 def conv_transpose1d_stream(x, partial, weight, bias=None, *, stride: int, groups: int = 1,
                             elu_input: bool = False):
     """See reference.conv_transpose1d_stream; returns (y, partial')."""
-    kw = dict(stride=stride, groups=groups, elu_input=elu_input)
-    if _reference() or _conv_as_gemm(x.shape[0] * x.shape[1] * weight.size):
-        return reference.conv_transpose1d_stream(x, partial, weight, bias, **kw)
-    fused = tuple(_ext().conv_transpose1d_stream(x, partial, weight, bias, int(stride), int(groups),
-                                                 bool(elu_input)))
-    if _mode == "check":
-        _record("conv_transpose1d_stream", fused,
-                reference.conv_transpose1d_stream(x, partial, weight, bias, **kw))
-    return fused
+    return _pick(
+        "conv_transpose1d_stream", not _conv_as_gemm(x.shape[0] * x.shape[1] * weight.size),
+        lambda: tuple(_ext().conv_transpose1d_stream(x, partial, weight, bias, int(stride), int(groups),
+                                                     bool(elu_input))),
+        lambda: reference.conv_transpose1d_stream(x, partial, weight, bias, stride=stride, groups=groups,
+                                                  elu_input=elu_input))
 
 
 def rvq_encode(x, codebooks):
     """See reference.rvq_encode; codes [..., n_q] int32. Check mode records the
     largest code difference: nonzero only where summation order flipped a near-tie."""
-    if _reference():
-        return reference.rvq_encode(x, codebooks)
-    fused = _ext().rvq_encode(x, codebooks)
-    if _mode == "check":
-        _record("rvq_encode", [fused], [reference.rvq_encode(x, codebooks)])
-    return fused
+    return _pick("rvq_encode", True, lambda: _ext().rvq_encode(x, codebooks),
+                 lambda: reference.rvq_encode(x, codebooks))
 
 
 def rvq_decode(codes, codebooks):
     """See reference.rvq_decode; [..., D] float32."""
-    if _reference():
-        return reference.rvq_decode(codes, codebooks)
-    fused = _ext().rvq_decode(codes, codebooks)
-    if _mode == "check":
-        _record("rvq_decode", [fused], [reference.rvq_decode(codes, codebooks)])
-    return fused
+    return _pick("rvq_decode", True, lambda: _ext().rvq_decode(codes, codebooks),
+                 lambda: reference.rvq_decode(codes, codebooks))
 
 
 # Head dims the attention kernels are instantiated for (kernels/cuda/ring_attention.cu);
@@ -195,77 +207,163 @@ def matvec_fusable(x, w, bits: int = 0) -> bool:
     """Whether ops.matvec takes the fused primitive for these operands."""
     K = x.shape[-1]
     rows = x.size // K if K else 0
-    return (0 < rows <= MATVEC_MAX_ROWS and x.dtype in (mx.float32, mx.bfloat16, mx.float16)
+    return (0 < rows <= MATVEC_MAX_ROWS and x.dtype in FLOAT_DTYPES
             and K % 8 == 0 and (w.dtype == x.dtype if bits == 0 else bits in (4, 8)))
+
+
+def projection(layer: nn.Module) -> Projection | None:
+    """A layer as the fused matvec takes it: a bias-free nn.Linear (bits 0), or an
+    affine group-64 nn.QuantizedLinear; None for anything else."""
+    if "bias" in layer:
+        return None
+    if isinstance(layer, nn.QuantizedLinear):
+        if layer.group_size == 64 and getattr(layer, "mode", "affine") == "affine":
+            return Projection(layer.weight, layer.scales, layer.biases, layer.bits)
+        return None
+    if isinstance(layer, nn.Linear):
+        return Projection(layer.weight)
+    return None
 
 
 def matvec(x, w, scales=None, biases=None, *, bits: int = 0, alpha=None, eps: float = 1e-8,
            gate: bool = False, residual=None):
     """See reference.matvec; x [..., K] -> [..., n_out]. Falls back to the reference
     where the fused primitive does not apply (matvec_fusable)."""
-    kw = dict(bits=bits, alpha=alpha, eps=eps, gate=gate, residual=residual)
-    if _reference() or not matvec_fusable(x, w, bits):
-        return reference.matvec(x, w, scales, biases, **kw)
-    lead, K = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, K)
-    res2 = None if residual is None else residual.reshape(x2.shape[0], -1)
-    y = _ext().matvec(x2, w, scales, biases, alpha, res2, int(bits), bool(gate), float(eps))
-    y = y.reshape(*lead, y.shape[-1])
-    if _mode == "check":
-        _record("matvec", [y], [reference.matvec(x, w, scales, biases, **kw)])
-    return y
+    def fused():
+        lead, K = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, K)
+        res2 = None if residual is None else residual.reshape(x2.shape[0], -1)
+        y = _ext().matvec(x2, w, scales, biases, alpha, res2, int(bits), bool(gate), float(eps))
+        return y.reshape(*lead, y.shape[-1])
+
+    return _pick("matvec", matvec_fusable(x, w, bits), fused,
+                 lambda: reference.matvec(x, w, scales, biases, bits=bits, alpha=alpha, eps=eps, gate=gate,
+                                          residual=residual))
 
 
-def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int = 0,
-                   eps: float = 1e-8, rope_max_period: float | None = 10000.0):
+# What ops derives from a LayerStack or DepformerWeights: (bit width, the extension's
+# array lists), kept while the object lives. The model keeps its stacks between
+# steps; walking the 7B's layers on every call instead cost ~0.6 ms of host time
+# a step (q4, on the 2-core CI machine).
+_derived: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _common(values):
+    """The one value of `values`, or None when they differ."""
+    values = set(values)
+    return values.pop() if len(values) == 1 else None
+
+
+def projection_arrays(p: Projection) -> list[mx.array]:
+    """p as the extension takes a projection: [w], or [w, scales, biases] quantized."""
+    return [p.w, p.scales, p.biases] if p.bits else [p.w]
+
+
+def _derive(weights: LayerStack | DepformerWeights) -> tuple:
+    found = _derived.get(weights)
+    if found is not None:
+        return found
+    if isinstance(weights, LayerStack):
+        arrays = []
+        for w in weights.layers:  # csrc/decoder_layers_common.h's layout
+            arrays += [w.norm1, *projection_arrays(w.in_proj), *projection_arrays(w.out_proj), w.norm2,
+                       *projection_arrays(w.linear_in), *projection_arrays(w.linear_out)]
+        bits = _common(p.bits for w in weights.layers for p in w.projections())
+    else:
+        arrays = ([projection_arrays(p) for p in weights.in_projs], list(weights.tables),
+                  [stack_arrays(s) for s in weights.stacks], [projection_arrays(p) for p in weights.heads])
+        bits = _common([p.bits for p in (*weights.in_projs, *weights.heads)]
+                       + [bits_of(s) for s in weights.stacks])
+    _derived[weights] = found = (bits, arrays)
+    return found
+
+
+def bits_of(weights: LayerStack | DepformerWeights) -> int | None:
+    """The bit width every projection of a stack (or of the depformer) shares; None
+    when they differ (the fused stacks take one)."""
+    return _derive(weights)[0]
+
+
+def stack_arrays(stack: LayerStack) -> list[mx.array]:
+    """The layers as decoder_layers' flat weight list (csrc/decoder_layers_common.h):
+    per layer norm1, in_proj, out_proj, norm2, linear_in, linear_out. Kept: do not
+    modify it."""
+    return _derive(stack)[1]
+
+
+def depformer_arrays(weights: DepformerWeights) -> tuple[list, list, list, list]:
+    """(in_projs, tables, stacks, heads) as the extension's depformer_frame takes them."""
+    return _derive(weights)[1]
+
+
+def decoder_layers_fusable(x, stack: LayerStack | None, heads: int) -> bool:
+    """Whether ops.decoder_layers takes the fused primitive: one decode step (x [B, C],
+    or [B, 1, C]) of at most MATVEC_MAX_ROWS sessions in a float dtype, head dims the
+    attention kernels take, and one bit width through the stack."""
+    return (stack is not None and not _reference() and (x.ndim == 2 or (x.ndim == 3 and x.shape[1] == 1))
+            and 0 < x.shape[0] <= MATVEC_MAX_ROWS and x.dtype in FLOAT_DTYPES
+            and x.shape[-1] // heads in ATTENTION_HEAD_DIMS and bits_of(stack) is not None)
+
+
+def decoder_layers(x, pos, stack: LayerStack, k_caches, v_caches, *, heads: int,
+                   rope_max_period: float | None = 10000.0):
     """See reference.decoder_layers; returns (y, k_caches', v_caches') as lists."""
-    kw = dict(heads=heads, bits=bits, eps=eps, rope_max_period=rope_max_period)
-    if _reference():
-        return reference.decoder_layers(x, pos, weights, k_caches, v_caches, **kw)
     pos = reference.positions(pos, x.shape[0])
-    out = _ext().decoder_layers(x, pos, list(weights), list(k_caches), list(v_caches), int(heads),
-                                int(bits), float(eps),
-                                0.0 if rope_max_period is None else float(rope_max_period))
-    L = len(k_caches)
-    fused = (out[0], out[1:1 + L], out[1 + L:])
-    if _mode == "check":
-        ref = reference.decoder_layers(x, pos, weights, k_caches, v_caches, **kw)
-        _record("decoder_layers", [fused[0], *fused[1], *fused[2]], [ref[0], *ref[1], *ref[2]])
-    return fused
+
+    def fused():
+        out = _ext().decoder_layers(x, pos, stack_arrays(stack), list(k_caches), list(v_caches), int(heads),
+                                    bits_of(stack), float(stack.eps), _rope_arg(rope_max_period))
+        L = len(k_caches)
+        return out[0], out[1:1 + L], out[1 + L:]
+
+    return _pick("decoder_layers", decoder_layers_fusable(x, stack, heads), fused,
+                 lambda: reference.decoder_layers(x, pos, stack, k_caches, v_caches, heads=heads,
+                                                  rope_max_period=rope_max_period))
 
 
 def sample_topk(logits, noise=None, forced=None, *, temp: float, top_k: int, greedy: bool = False):
     """See reference.sample_topk; tokens [...] int32 for logits [..., V]."""
-    kw = dict(temp=temp, top_k=top_k, greedy=greedy)
-    if _reference() or logits.dtype not in (mx.float32, mx.bfloat16, mx.float16):
-        return reference.sample_topk(logits, noise, forced, **kw)
-    lead, V = logits.shape[:-1], logits.shape[-1]
-    R = math.prod(lead)
-    fused = _ext().sample_topk(logits.reshape(R, V), None if noise is None else noise.reshape(R, V),
-                               None if forced is None else forced.reshape(R), float(temp), int(top_k),
-                               bool(greedy)).reshape(lead)
-    if _mode == "check":
-        _record("sample_topk", [fused], [reference.sample_topk(logits, noise, forced, **kw)])
-    return fused
+    def fused():
+        lead, V = logits.shape[:-1], logits.shape[-1]
+        R = math.prod(lead)
+        return _ext().sample_topk(logits.reshape(R, V), None if noise is None else noise.reshape(R, V),
+                                  None if forced is None else forced.reshape(R), float(temp), int(top_k),
+                                  bool(greedy)).reshape(lead)
+
+    return _pick("sample_topk", logits.dtype in FLOAT_DTYPES, fused,
+                 lambda: reference.sample_topk(logits, noise, forced, temp=temp, top_k=top_k, greedy=greedy))
 
 
-def depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, *, heads: int,
-                    bits: int = 0, eps: float = 1e-8, rope_max_period: float | None = None,
-                    temp: float = 1.0, top_k: int = 0, greedy: bool = False):
+def depformer_fusable(h, weights: DepformerWeights | None, heads: int) -> bool:
+    """Whether ops.depformer_frame takes the fused primitive: h [B, C_in] (or
+    [B, 1, C_in]) in a float dtype that the tables share, head dims the attention
+    kernels take, one bit width and one norm eps throughout."""
+    return (weights is not None and not _reference() and h.dtype in FLOAT_DTYPES
+            and all(t.dtype == h.dtype for t in weights.tables)
+            and weights.tables[0].shape[1] // heads in ATTENTION_HEAD_DIMS
+            and bits_of(weights) is not None and len({s.eps for s in weights.stacks}) == 1)
+
+
+def depformer_frame(h, text, forced, noise, weights: DepformerWeights, *, heads: int,
+                    rope_max_period: float | None = None, temp: float = 1.0, top_k: int = 0,
+                    greedy: bool = False):
     """See reference.depformer_frame; returns (codes [Q, B] int32, logits [Q, B, V]).
 
     Check mode runs the reference teacher-forced with the fused codes, so every
     step sees the same inputs and the recorded difference is the logits' own."""
-    kw = dict(heads=heads, bits=bits, eps=eps, rope_max_period=rope_max_period, temp=temp, top_k=top_k,
-              greedy=greedy)
-    if _reference() or (tables[0].shape[1] // heads) not in ATTENTION_HEAD_DIMS:
-        return reference.depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, **kw)
-    fused = tuple(_ext().depformer_frame(
-        h, text, forced, noise, [list(p) for p in in_projs], list(tables), [list(s) for s in stacks],
-        [list(p) for p in heads_w], int(heads), int(bits), float(eps),
-        0.0 if rope_max_period is None else float(rope_max_period), float(temp), int(top_k), bool(greedy)))
-    if _mode == "check":
-        teacher = mx.where(forced >= 0, forced, fused[0])
-        ref = reference.depformer_frame(h, text, teacher, noise, in_projs, tables, stacks, heads_w, **kw)
-        _record("depformer_frame", [fused[1]], [ref[1]])
-    return fused
+    def ref(forced_):
+        return reference.depformer_frame(h, text, forced_, noise, weights, heads=heads,
+                                         rope_max_period=rope_max_period, temp=temp, top_k=top_k,
+                                         greedy=greedy)
+
+    def fused():
+        return tuple(_ext().depformer_frame(
+            h, text, forced, noise, *depformer_arrays(weights), int(heads), bits_of(weights),
+            float(weights.stacks[0].eps), _rope_arg(rope_max_period), float(temp), int(top_k), bool(greedy)))
+
+    def compare(out):
+        teacher = mx.where(forced >= 0, forced, out[0])
+        return [out[1]], [ref(teacher)[1]]
+
+    return _pick("depformer_frame", depformer_fusable(h, weights, heads), fused, lambda: ref(forced),
+                 compare)

@@ -7,25 +7,78 @@ engine. Clarity first: no in-place tricks, float32 arithmetic throughout.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 
 
-def rope(x: mx.array, start: mx.array, max_period: float) -> mx.array:
-    """Kyutai's interleaved RoPE on x [B, H, T, D] at positions start[b] + t.
+# The weights of the fused stacks, by name. Frozen and compared by identity: ops
+# keeps what it derives from one (its bit width, the extension's array lists) for
+# as long as the object lives.
+
+
+@dataclass(frozen=True, eq=False)
+class Projection:
+    """A bias-free linear layer as the fused primitives take it: w dense [N, K] in the
+    activations' dtype (bits 0), or MLX's affine quantization with group 64 (bits 4 or
+    8: w uint32 [N, K * bits / 32], scales and biases [N, K / 64])."""
+
+    w: mx.array
+    scales: mx.array | None = None
+    biases: mx.array | None = None
+    bits: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class LayerWeights:
+    """One transformer layer of the LM: RMSNorm gains and the four projections."""
+
+    norm1: mx.array  # alpha (C values, any shape) of the norm before attention
+    in_proj: Projection  # [3C, C]: q, k, v
+    out_proj: Projection  # [C, C]
+    norm2: mx.array  # alpha of the norm before the FFN
+    linear_in: Projection  # [2 * hidden, C]: SiLU gate, then value
+    linear_out: Projection  # [C, hidden]
+
+    def projections(self) -> tuple[Projection, ...]:
+        return (self.in_proj, self.out_proj, self.linear_in, self.linear_out)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStack:
+    """The layers decoder_layers runs in order, with the eps of all their norms."""
+
+    layers: tuple[LayerWeights, ...]
+    eps: float
+
+
+@dataclass(frozen=True, eq=False)
+class DepformerWeights:
+    """What depformer_frame reads: per codebook step k, in_projs[k] (or one shared),
+    tables[k] (the text embedding, then the audio embeddings), stacks[k] (or one
+    shared) and heads[k]."""
+
+    in_projs: tuple[Projection, ...]
+    tables: tuple[mx.array, ...]
+    stacks: tuple[LayerStack, ...]
+    heads: tuple[Projection, ...]
+
+
+def rope(x: mx.array, positions: mx.array, max_period: float) -> mx.array:
+    """Kyutai's interleaved RoPE (pairs x[2i], x[2i + 1]) on x [B, H, T, D] at
+    positions [B, T]: the LM's and Mimi's.
 
     Angles and products in float32, rounded back to x's dtype, as moshi does.
     """
-    B, H, T, D = x.shape
+    D = x.shape[-1]
     freqs = mx.exp(mx.arange(D // 2, dtype=mx.float32) * (-math.log(max_period) * 2 / D))
-    t = start.astype(mx.float32)[:, None] + mx.arange(T, dtype=mx.float32)[None]
-    angle = t[:, None, :, None] * freqs
+    angle = positions.astype(mx.float32)[:, None, :, None] * freqs
     cos, sin = mx.cos(angle), mx.sin(angle)
-    pairs = x.astype(mx.float32).reshape(B, H, T, D // 2, 2)
+    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], D // 2, 2)
     re, im = pairs[..., 0], pairs[..., 1]
     out = mx.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-    return out.reshape(B, H, T, D).astype(x.dtype)
+    return out.reshape(x.shape).astype(x.dtype)
 
 
 def positions(pos, batch: int) -> mx.array:
@@ -46,7 +99,8 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     W = k_cache.shape[2]
     pos = positions(pos, B)
     if rope_max_period is not None:
-        q, k = rope(q, pos, rope_max_period), rope(k, pos, rope_max_period)
+        at = pos[:, None] + mx.arange(T, dtype=mx.int32)
+        q, k = rope(q, at, rope_max_period), rope(k, at, rope_max_period)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
 
     # The position each slot holds before the write: the latest p < pos with p % W == slot
@@ -170,39 +224,32 @@ def gate_residual(y, *, gate: bool = False, residual=None):
     return y if residual is None else residual + y
 
 
-def layer_weights(weights, bits: int):
-    """decoder_layers' flat weight list, per layer: (alpha1, in_proj, out_proj, alpha2,
-    linear_in, linear_out), each projection a list of 1 array (dense) or 3 (w, scales,
-    biases)."""
-    p = 3 if bits else 1
-    per = 2 + 4 * p
-    for i in range(0, len(weights), per):
-        w = weights[i:i + per]
-        yield (w[0], w[1:1 + p], w[1 + p:1 + 2 * p], w[1 + 2 * p], w[2 + 2 * p:2 + 3 * p],
-               w[2 + 3 * p:2 + 4 * p])
+def project(x, p: Projection, **epilogue):
+    """matvec through projection p (epilogue: alpha, eps, gate, residual)."""
+    return matvec(x, p.w, p.scales, p.biases, bits=p.bits, **epilogue)
 
 
-def decoder_layers(x, pos, weights, k_caches, v_caches, *, heads: int, bits: int = 0,
-                   eps: float = 1e-8, rope_max_period: float | None = 10000.0):
+def decoder_layers(x, pos, stack: LayerStack, k_caches, v_caches, *, heads: int,
+                   rope_max_period: float | None = 10000.0):
     """One decode step through a stack of layers (see csrc/decoder_layers.h).
 
-    x [B, C]; weights: per layer alpha1, in_proj, out_proj, alpha2, linear_in,
-    linear_out, each projection w (bits 0) or w, scales, biases. Returns
-    (y [B, C], k_caches', v_caches') as lists.
+    x [B, C]; caches [B, heads, W, C / heads] per layer. Returns (y [B, C],
+    k_caches', v_caches') as lists.
     """
     B, C = x.shape
     D = C // heads
+    eps = stack.eps
     ks, vs = [], []
-    for layer, (alpha1, wi, wo, alpha2, wf, wg) in enumerate(layer_weights(weights, bits)):
-        qkv = matvec(x, *wi, bits=bits, alpha=alpha1, eps=eps).reshape(B, 1, 3, heads, D)
+    for layer, w in enumerate(stack.layers):
+        qkv = project(x, w.in_proj, alpha=w.norm1, eps=eps).reshape(B, 1, 3, heads, D)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
         out, kc, vc = ring_attention(q, k, v, k_caches[layer], v_caches[layer], pos,
                                      rope_max_period=rope_max_period)
         ks.append(kc)
         vs.append(vc)
-        x1 = matvec(out.transpose(0, 2, 1, 3).reshape(B, C), *wo, bits=bits, residual=x)
-        h = matvec(x1, *wf, bits=bits, alpha=alpha2, eps=eps, gate=True)
-        x = matvec(h, *wg, bits=bits, residual=x1)
+        x1 = project(out.transpose(0, 2, 1, 3).reshape(B, C), w.out_proj, residual=x)
+        h = project(x1, w.linear_in, alpha=w.norm2, eps=eps, gate=True)
+        x = project(h, w.linear_out, residual=x1)
     return x, ks, vs
 
 
@@ -229,28 +276,31 @@ def embed_rows(table, ids):
     return mx.where((ids == -1)[..., None], mx.zeros((), rows.dtype), rows)
 
 
-def depformer_frame(h, text, forced, noise, in_projs, tables, stacks, heads_w, *, heads: int,
-                    bits: int = 0, eps: float = 1e-8, rope_max_period: float | None = None,
-                    temp: float = 1.0, top_k: int = 0, greedy: bool = False):
+def step_part(parts: tuple, k: int):
+    """Step k's entry of a per-step tuple, or its one entry shared by every step."""
+    return parts[k if len(parts) > 1 else 0]
+
+
+def depformer_frame(h, text, forced, noise, weights: DepformerWeights, *, heads: int,
+                    rope_max_period: float | None = None, temp: float = 1.0, top_k: int = 0,
+                    greedy: bool = False):
     """All codebook steps of one depformer frame (see csrc/depformer_frame.h).
 
     h [B, C_in]; text [B]; forced [Q, B] (-1: sample); noise [Q, B, V] float32 or
-    None; in_projs: 1 or Q projections, tables: Q embedding tables, stacks: 1 or Q
-    decoder_layers weight lists, heads_w: Q projections (each projection a list:
-    [w] or [w, scales, biases]). Returns (codes [Q, B] int32, logits [Q, B, V]).
+    None. Returns (codes [Q, B] int32, logits [Q, B, V]).
     """
-    Q, B = len(tables), h.shape[0]
-    D = tables[0].shape[1]
-    L = len(stacks[0]) // (2 + 4 * (3 if bits else 1))
+    Q, B = len(weights.tables), h.shape[0]
+    D = weights.tables[0].shape[1]
+    L = len(weights.stacks[0].layers)
     ks = [mx.zeros((B, heads, Q, D // heads), h.dtype) for _ in range(L)]
     vs = list(ks)
     prev, codes, logits = text, [], []
     for k in range(Q):
-        x = matvec(h, *in_projs[k if len(in_projs) > 1 else 0], bits=bits)
-        x = x + embed_rows(tables[k], prev)
-        x, ks, vs = decoder_layers(x, mx.full((B,), k, mx.int32), stacks[k if len(stacks) > 1 else 0],
-                                   ks, vs, heads=heads, bits=bits, eps=eps, rope_max_period=rope_max_period)
-        lk = matvec(x, *heads_w[k], bits=bits)
+        x = project(h, step_part(weights.in_projs, k))
+        x = x + embed_rows(weights.tables[k], prev)
+        x, ks, vs = decoder_layers(x, mx.full((B,), k, mx.int32), step_part(weights.stacks, k), ks, vs,
+                                   heads=heads, rope_max_period=rope_max_period)
+        lk = project(x, weights.heads[k])
         prev = sample_topk(lk, None if noise is None else noise[k], forced[k], temp=temp, top_k=top_k,
                            greedy=greedy)
         codes.append(prev)

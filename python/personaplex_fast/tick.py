@@ -29,10 +29,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import ops
 from .models.lm import LM, LMState, NOT_FORCED, UNGENERATED
 from .models.mimi import Mimi
 from .models.mimi_layers import CausalConv1d, CausalConvTranspose1d
-from .models.transformer import projection
 from .sampling import SamplingConfig
 
 RESET_LM = 1  # offsets, token rings, forced rings
@@ -152,8 +152,8 @@ class Builder:
         """out [M, n_out] = [silu-gate of] layer(norm(x)) [+ out]: one matvec, or on a GPU
         at GEMM_MIN_ROWS rows and more with dense weights, [norm,] a cuBLAS GEMM [, gate].
         norm: an RMSNorm module (float32, as matvec's prologue); residual: in place into out."""
-        arrays, bits = _proj(layer)
-        w, scales, biases = (arrays + [None, None])[:3]
+        proj = _proj(layer)
+        w, scales, biases, bits = proj.w, proj.scales, proj.biases, proj.bits
         dt = self.p_dtype(x)
         if self.gpu and bits == 0 and M >= GEMM_MIN_ROWS:
             src = x
@@ -312,8 +312,8 @@ def _cast(a: mx.array, dtype) -> mx.array:
     return a if a.dtype == dtype else a.astype(dtype)
 
 
-def _proj(layer: nn.Module) -> tuple[list[mx.array], int]:
-    p = projection(layer)
+def _proj(layer: nn.Module):
+    p = ops.projection(layer)
     if p is None:
         raise Unsupported(f"{type(layer).__name__} (bias-free Linear or affine group-64 QuantizedLinear only)")
     return p

@@ -1,6 +1,7 @@
 // The launches of kernels/cuda/conv1d_stream.cu run through the CPU emulator
-// (portable_cpu.h), with the host logic of csrc/conv1d_stream_cuda.cpp (the gather
-// node and its temporary, grids, block sizes, lane count). A C ABI for
+// (portable_cpu.h) as csrc/conv1d_stream_cuda.cpp makes them: the gather node and
+// its temporary, then the conv, each launched by its plan (kernels/codec.cuh,
+// kernels/conv1d_stream.cuh: grids, blocks, lanes). A C ABI for
 // tests/test_codec_emulator.py (ctypes): each entry returns 0, or 1 with the
 // reason in emu_error().
 //
@@ -11,13 +12,9 @@
 #include <cmath>
 #include <vector>
 
-#include "codec_host.h"
 #include "conv1d_stream.cuh"
 
 namespace {
-
-using codec_host::blocks_for;
-using pp_emu::Dim3;
 
 struct Conv1dPtrs {
   const void *x, *prev, *w, *bias;
@@ -38,9 +35,10 @@ void conv1d_run(const Conv1dPtrs& p, Conv1dArgs a, int elu, int has_first, unsig
     tmp.assign(buf_size, F::store(NAN));  // a temporary: unwritten reads show as NaN
     buf = tmp.data();
     if (buf_size > 0) {
-      const GatherArgs g{a.B, a.T, a.C_in, a.context, elu, has_first};
+      const GatherArgs g{.B = a.B, .T = a.T, .C = a.C_in, .context = a.context, .elu = elu,
+                         .has_first = has_first};
       pp_emu::launch(
-          Dim3{blocks_for(buf_size, kGatherThreads), 1, 1}, kGatherThreads, no_smem,
+          gather_launch("conv1d_stream", g), no_smem,
           [&](int bx, int, int, int tid) {
             codec::gather<F>(static_cast<const E*>(p.x), static_cast<const E*>(p.prev), p.first,
                              tmp.data(), static_cast<E*>(p.prev_out), g,
@@ -49,11 +47,10 @@ void conv1d_run(const Conv1dPtrs& p, Conv1dArgs a, int elu, int has_first, unsig
           seed);
     }
   }
-  const long y_size = long(a.B) * (a.T / a.stride) * a.C_out;
-  if (y_size == 0) return;
-  if (a.lanes == 0) a.lanes = conv_lanes(long(a.K) * (a.C_in / a.groups));
+  if (conv1d_outputs(a) == 0) return;
+  if (a.lanes == 0) a.lanes = conv1d_lanes(a);
   pp_emu::launch(
-      Dim3{blocks_for(y_size, kConvThreads / a.lanes), 1, 1}, kConvThreads, no_smem,
+      conv1d_launch(a), no_smem,
       [&](int bx, int, int, int tid) {
         conv1d::conv<F>(static_cast<const E*>(buf), static_cast<const E*>(p.w),
                         static_cast<const E*>(p.bias), static_cast<E*>(p.y), a, bx, tid);
@@ -71,7 +68,8 @@ const char* emu_error() { return pp_emu::g_error.c_str(); }
 int emu_conv1d_stream(int dtype, const void* x, const void* prev, const void* w, const void* bias,
                       const unsigned char* first, void* y, void* prev_out, const Conv1dArgs* a,
                       int elu, unsigned seed) {
-  const Conv1dPtrs p{x, prev, w, bias, first, y, prev_out};
+  const Conv1dPtrs p{.x = x, .prev = prev, .w = w, .bias = bias, .first = first, .y = y,
+                     .prev_out = prev_out};
   const int has_first = first != nullptr;
   return pp_emu::guarded([&] {
     if (dtype == 0) conv1d_run<pp::F32>(p, *a, elu, has_first, seed);

@@ -1,24 +1,20 @@
 // The launches of kernels/cuda/conv_transpose1d_stream.cu run through the CPU
-// emulator (portable_cpu.h), with the host logic of
-// csrc/conv_transpose1d_stream_cuda.cpp (the ELU node and its temporary, grids,
-// block sizes, lane count). A C ABI for tests/test_codec_emulator.py (ctypes):
-// each entry returns 0, or 1 with the reason in emu_error().
+// emulator (portable_cpu.h) as csrc/conv_transpose1d_stream_cuda.cpp makes them:
+// the ELU node and its temporary, then convtr, each launched by its plan
+// (kernels/codec.cuh, kernels/conv_transpose1d_stream.cuh: grids, blocks, lanes).
+// A C ABI for tests/test_codec_emulator.py (ctypes): each entry returns 0, or 1
+// with the reason in emu_error().
 //
 // Built by the test: g++ -std=c++20 -O1 -ffp-contract=off -U_FORTIFY_SOURCE -DPP_EMULATE
 // -shared -fPIC, with kernels/*.cuh and portable_cpu.h (as portable.h) in one
 // include directory.
 
-#include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "codec_host.h"
 #include "conv_transpose1d_stream.cuh"
 
 namespace {
-
-using codec_host::blocks_for;
-using pp_emu::Dim3;
 
 struct ConvTrPtrs {
   const void *x, *partial, *w, *bias;
@@ -37,9 +33,9 @@ void convtr_run(const ConvTrPtrs& p, ConvTrArgs a, int elu, unsigned seed) {
   if (elu && x_size > 0) {
     tmp.assign(x_size, F::store(NAN));
     xin = tmp.data();
-    const GatherArgs g{a.B, a.T, a.C_in, 0, 1, 0};
+    const GatherArgs g{.B = a.B, .T = a.T, .C = a.C_in, .elu = 1};
     pp_emu::launch(
-        Dim3{blocks_for(x_size, kGatherThreads), 1, 1}, kGatherThreads, no_smem,
+        gather_launch("conv_transpose1d_stream", g), no_smem,
         [&](int bx, int, int, int tid) {
           codec::gather<F>(static_cast<const E*>(p.x), nullptr, nullptr, tmp.data(), nullptr, g,
                            long(bx) * kGatherThreads + tid);
@@ -47,12 +43,10 @@ void convtr_run(const ConvTrPtrs& p, ConvTrArgs a, int elu, unsigned seed) {
         seed);
   }
   // One output per row of the full transposed conv and channel: y, then partial'.
-  const long outs = long(a.B) * (a.T * a.stride + a.K - a.stride) * a.C_out;
-  if (outs == 0) return;
-  const int taps = (a.K + a.stride - 1) / a.stride, cin_g = a.C_in / a.groups;
-  if (a.lanes == 0) a.lanes = std::min(conv_lanes(long(taps) * cin_g), conv_lanes(8L * cin_g));
+  if (convtr_outputs(a) == 0) return;
+  if (a.lanes == 0) a.lanes = convtr_lanes(a);
   pp_emu::launch(
-      Dim3{blocks_for(outs, kConvThreads / a.lanes), 1, 1}, kConvThreads, no_smem,
+      convtr_launch(a), no_smem,
       [&](int bx, int, int, int tid) {
         convtr::convtr<F>(static_cast<const E*>(xin), static_cast<const E*>(p.partial),
                           static_cast<const E*>(p.w), static_cast<const E*>(p.bias),
@@ -71,7 +65,7 @@ const char* emu_error() { return pp_emu::g_error.c_str(); }
 int emu_conv_transpose1d_stream(int dtype, const void* x, const void* partial, const void* w,
                                 const void* bias, void* y, void* partial_out, const ConvTrArgs* a,
                                 int elu, unsigned seed) {
-  const ConvTrPtrs p{x, partial, w, bias, y, partial_out};
+  const ConvTrPtrs p{.x = x, .partial = partial, .w = w, .bias = bias, .y = y, .partial_out = partial_out};
   return pp_emu::guarded([&] {
     if (dtype == 0) convtr_run<pp::F32>(p, *a, elu, seed);
     else if (dtype == 1) convtr_run<pp::BF16>(p, *a, elu, seed);

@@ -1,9 +1,9 @@
 // The embed_add launch of csrc/depformer_frame_cuda.cpp (kernels/cuda/depformer_frame.cu)
-// runs through the CPU emulator (portable_cpu.h): one thread per element of [B, D],
-// kEmbedThreads threads per block. (DepformerFrame's other kernels are matvec's,
-// ring_attention's and sample_topk's, which have drivers of their own.) A C ABI for
-// tests/test_sampling_emulator.py (ctypes): the entry returns 0, or 1 with the reason
-// in emu_error().
+// runs through the CPU emulator (portable_cpu.h), by its plan in
+// kernels/depformer_frame.cuh: one thread per element of [B, D]. (DepformerFrame's
+// other kernels are matvec's, ring_attention's and sample_topk's, which have drivers
+// of their own.) A C ABI for tests/test_sampling_emulator.py (ctypes): the entry
+// returns 0, or 1 with the reason in emu_error().
 //
 // Built by the test: g++ -std=c++20 -O1 -ffp-contract=off -U_FORTIFY_SOURCE -DPP_EMULATE
 // -shared -fPIC, with kernels/*.cuh and portable_cpu.h (as portable.h) in one
@@ -11,13 +11,9 @@
 
 #include <vector>
 
-#include "codec_host.h"
 #include "depformer_frame.cuh"
 
 namespace {
-
-using codec_host::blocks_for;
-using pp_emu::Dim3;
 
 template <class F>
 void embed_launch(const void* pre, const void* table, const int* tokens, void* out, EmbedArgs a,
@@ -27,7 +23,7 @@ void embed_launch(const void* pre, const void* table, const int* tokens, void* o
   if (size == 0) return;
   std::vector<float> no_smem;
   pp_emu::launch(
-      Dim3{blocks_for(size, kEmbedThreads), 1, 1}, kEmbedThreads, no_smem,
+      embed_add_launch(a), no_smem,
       [&](int bx, int, int, int tid) {
         depformer_frame::embed_add<F>(static_cast<const E*>(pre), static_cast<const E*>(table), tokens,
                                       static_cast<E*>(out), a, long(bx) * kEmbedThreads + tid);

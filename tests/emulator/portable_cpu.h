@@ -37,6 +37,8 @@
 #include <string>
 #include <vector>
 
+#include "launch.cuh"  // PpLaunch: the kernels' launch plans
+
 #define PP_DEVICE inline
 #define PP_GLOBAL
 #define PP_SHARED
@@ -217,6 +219,14 @@ void launch(Dim3 grid, int threads, std::vector<float>& smem, Body body, unsigne
     }
   }
   g_launch = nullptr;
+}
+
+// The launch a kernel's plan (kernels/*.cuh, as the host takes it) describes.
+template <class Body>
+void launch(const PpLaunch& plan, std::vector<float>& smem, Body body, unsigned seed = 1,
+            const std::function<void()>& poison = {}) {
+  launch(Dim3{static_cast<int>(plan.grid_x), static_cast<int>(plan.grid_y), static_cast<int>(plan.grid_z)},
+         static_cast<int>(plan.threads), smem, body, seed, poison);
 }
 
 inline void check_aligned(const void* p) {

@@ -1,7 +1,9 @@
 // The launches of kernels/cuda/ring_attention.cu run through the CPU emulator
-// (portable_cpu.h), with the host logic of csrc/ring_attention_cuda.cpp (grids, block
-// sizes, shared memory, workspace). A C ABI for tests/test_kernel_emulator.py (ctypes):
-// each entry returns 0, or 1 with the reason in emu_error().
+// (portable_cpu.h), as csrc/ring_attention_cuda.cpp makes them: the launch plans of
+// kernels/ring_attention.cuh (grids, blocks, queries per block, workspace) with
+// the window splits S from the caller (the test sweeps them). A C ABI for
+// tests/test_kernel_emulator.py (ctypes): each entry returns 0, or 1 with the
+// reason in emu_error().
 //
 // Built by the test: g++ -std=c++20 -O1 -ffp-contract=off -U_FORTIFY_SOURCE -DPP_EMULATE
 // -shared -fPIC, with kernels/*.cuh and portable_cpu.h (as portable.h) in one
@@ -16,8 +18,6 @@
 
 namespace {
 
-using pp_emu::Dim3;
-
 struct RingPtrs {
   const void *q, *k, *v, *kc, *vc;
   const int* pos;
@@ -27,9 +27,9 @@ struct RingPtrs {
 template <class F, int D, int TQ>
 void ring_attend(const RingPtrs& p, float* ws, const RingArgs& a, unsigned seed) {
   using E = typename F::Elem;
-  std::vector<float> smem(ring::kWarps * TQ * (D + 2));
+  std::vector<float> smem(ring_attend_smem_floats(D, TQ));
   pp_emu::launch(
-      Dim3{a.S, a.H, a.B * ((a.T + TQ - 1) / TQ)}, ring::kThreads, smem,
+      ring_attend_launch(a), smem,
       [&](int bx, int by, int bz, int tid) {
         ring::attend<F, D, TQ>(static_cast<const E*>(p.q), static_cast<const E*>(p.k),
                                static_cast<const E*>(p.v), static_cast<const E*>(p.kc),
@@ -41,7 +41,7 @@ void ring_attend(const RingPtrs& p, float* ws, const RingArgs& a, unsigned seed)
 
 template <class F, int D>
 void ring_attend_q(const RingPtrs& p, float* ws, const RingArgs& a, unsigned seed) {
-  if (a.T == 1) ring_attend<F, D, 1>(p, ws, a, seed);
+  if (ring_queries_per_block(a.T) == 1) ring_attend<F, D, 1>(p, ws, a, seed);
   else ring_attend<F, D, 4>(p, ws, a, seed);
 }
 
@@ -50,7 +50,7 @@ void ring_attend_q(const RingPtrs& p, float* ws, const RingArgs& a, unsigned see
 template <class F>
 void ring_run(const RingPtrs& p, const RingArgs& a, unsigned seed) {
   using E = typename F::Elem;
-  std::vector<float> ws(size_t(a.B) * a.H * a.T * a.S * (a.D + 2), NAN);
+  std::vector<float> ws(ring_workspace_floats(a), NAN);
   if (a.D == 16) ring_attend_q<F, 16>(p, ws.data(), a, seed);
   else if (a.D == 32) ring_attend_q<F, 32>(p, ws.data(), a, seed);
   else if (a.D == 64) ring_attend_q<F, 64>(p, ws.data(), a, seed);
@@ -58,7 +58,7 @@ void ring_run(const RingPtrs& p, const RingArgs& a, unsigned seed) {
   else throw std::invalid_argument("ring_attention: head dim must be 16, 32, 64 or 128");
   std::vector<float> no_smem;
   pp_emu::launch(
-      Dim3{a.H, a.B, 1}, ring::kThreads, no_smem,
+      ring_finish_launch(a), no_smem,
       [&](int bx, int by, int, int tid) {
         ring::finish<F>(ws.data(), static_cast<const E*>(p.k), static_cast<const E*>(p.v), p.pos,
                         static_cast<const E*>(p.kc), static_cast<const E*>(p.vc),
@@ -77,7 +77,8 @@ const char* emu_error() { return pp_emu::g_error.c_str(); }
 int emu_ring_attention(int dtype, const void* q, const void* k, const void* v, const void* kc,
                        const void* vc, const int* pos, void* out, void* kc_out, void* vc_out,
                        const RingArgs* a, unsigned seed) {
-  const RingPtrs p{q, k, v, kc, vc, pos, out, kc_out, vc_out};
+  const RingPtrs p{.q = q, .k = k, .v = v, .kc = kc, .vc = vc, .pos = pos, .out = out, .kc_out = kc_out,
+                   .vc_out = vc_out};
   return pp_emu::guarded([&] {
     if (dtype == 0) ring_run<pp::F32>(p, *a, seed);
     else if (dtype == 1) ring_run<pp::BF16>(p, *a, seed);

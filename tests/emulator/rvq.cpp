@@ -1,8 +1,8 @@
 // The launches of kernels/cuda/rvq.cu run through the CPU emulator
-// (portable_cpu.h), with the host logic of csrc/rvq_cuda.cpp (grids, block sizes,
-// the launch sequence, the float32 workspace of partial argmins). A C ABI for
-// tests/test_codec_emulator.py (ctypes): each entry returns 0, or 1 with the
-// reason in emu_error().
+// (portable_cpu.h) as csrc/rvq_cuda.cpp makes them: the launch sequence and the
+// float32 workspace of partial argmins, each launch by kernels/rvq.cuh's plan. A
+// C ABI for tests/test_codec_emulator.py (ctypes): each entry returns 0, or 1 with
+// the reason in emu_error().
 //
 // Built by the test: g++ -std=c++20 -O1 -ffp-contract=off -U_FORTIFY_SOURCE -DPP_EMULATE
 // -shared -fPIC, with kernels/*.cuh and portable_cpu.h (as portable.h) in one
@@ -13,15 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "codec_host.h"
 #include "rvq.cuh"
-
-namespace {
-
-using codec_host::blocks_for;
-using pp_emu::Dim3;
-
-}  // namespace
 
 extern "C" {
 
@@ -43,7 +35,7 @@ int emu_rvq_encode(const float* x, const float* books, int* codes, const RvqArgs
     std::vector<float> smem(rvq_encode_smem_floats(V, a->n_q, a->D));
     for (int q = 0; q <= a->n_q; ++q) {
       pp_emu::launch(
-          Dim3{blocks_for(a->n, V), q < a->n_q ? S : 1, 1}, kRvqEncodeThreads, smem,
+          rvq_encode_launch(*a, V, S, q), smem,
           [&](int bx, int by, int, int tid) {
             float* p = part.data();
             switch (V) {
@@ -66,7 +58,7 @@ int emu_rvq_decode(const int* codes, const float* books, float* out, const RvqAr
     if (size == 0) return;
     std::vector<float> no_smem;
     pp_emu::launch(
-        Dim3{blocks_for(size, kRvqDecodeThreads), 1, 1}, kRvqDecodeThreads, no_smem,
+        rvq_decode_launch(*a), no_smem,
         [&](int bx, int, int, int tid) {
           rvq::decode(codes, books, out, *a, long(bx) * kRvqDecodeThreads + tid);
         },

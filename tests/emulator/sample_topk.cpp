@@ -1,6 +1,6 @@
 // The launch of kernels/cuda/sample_topk.cu runs through the CPU emulator
-// (portable_cpu.h), with the host logic of csrc/sample_topk_cuda.cpp (one block of
-// kSampleThreads threads per row, sample_topk::kShared floats of shared memory).
+// (portable_cpu.h) as csrc/sample_topk_cuda.cpp makes it (kernels/sample_topk.cuh's
+// launch plan), with sample_topk::kShared floats of shared memory.
 // A C ABI for tests/test_sampling_emulator.py (ctypes): the entry returns 0, or 1
 // with the reason in emu_error().
 //
@@ -14,15 +14,13 @@
 
 namespace {
 
-using pp_emu::Dim3;
-
 template <class F>
 void sample_launch(const void* logits, const float* noise, const int* forced, int* out, int rows,
                    SampleArgs a, unsigned seed) {
   if (rows == 0) return;
   std::vector<float> red(sample_topk::kShared);
   pp_emu::launch(
-      Dim3{rows, 1, 1}, kSampleThreads, red,
+      sample_topk_launch(rows), red,
       [&](int bx, int, int, int tid) {
         sample_topk::sample<F>(static_cast<const typename F::Elem*>(logits), noise, forced, out, a,
                                red.data(), bx, tid);

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from personaplex_fast import _ext, ops
-from tests.test_decoder_layers import EPS, caches, make_stack, np32, per_op_chain
+from tests.test_decoder_layers import caches, make_stack, np32, per_op_chain
 
 
 @pytest.fixture(autouse=True)
@@ -38,22 +38,20 @@ SHAPES = [  # B, C, H, hidden, W, L, rope
     if not (shape[1] == 4096 and dtype == mx.float32)])
 def test_decoder_layers_gpu(dtype, bits, B, C, H, hidden, W, L, rope):
     rng = np.random.default_rng(B + C + bits)
-    weights = make_stack(rng, L, C, hidden, bits, dtype)
+    stack = make_stack(rng, L, C, hidden, bits, dtype)
     ks, vs = caches(rng, L, B, H, W, C // H, dtype)
     x = mx.array(rng.standard_normal((B, C)).astype(np.float32)).astype(dtype)
     for pos in ([0, 5, 2 * W + 1, W - 1, W, 7, 8, 9][:B], [3 * W + 2] * B):
         pos = mx.array(pos)
         with mx.stream(mx.gpu):
-            y, k2, v2 = ops.decoder_layers(x, pos, weights, ks, vs, heads=H, bits=bits, eps=EPS,
-                                           rope_max_period=rope)
-            y_op, k_op, v_op = per_op_chain(x, pos, weights, ks, vs, H, bits, rope)
+            y, k2, v2 = ops.decoder_layers(x, pos, stack, ks, vs, heads=H, rope_max_period=rope)
+            y_op, k_op, v_op = per_op_chain(x, pos, stack, ks, vs, H, rope)
             mx.eval(y, k2, v2, y_op, k_op, v_op)
         if C == 4096:  # the CPU run of the 7B shape costs minutes; the chain above is exact
             ks, vs, x = k2, v2, y
             continue
         with mx.stream(mx.cpu):
-            y_cpu, k_cpu, v_cpu = ops.decoder_layers(x, pos, weights, ks, vs, heads=H, bits=bits,
-                                                     eps=EPS, rope_max_period=rope)
+            y_cpu, k_cpu, v_cpu = ops.decoder_layers(x, pos, stack, ks, vs, heads=H, rope_max_period=rope)
             mx.eval(y_cpu, k_cpu, v_cpu)
         assert np.isfinite(np32(y)).all()
         np.testing.assert_array_equal(np32(y), np32(y_op))

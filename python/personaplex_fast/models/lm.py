@@ -22,11 +22,12 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import RingKVCache
 from ..config import LMConfig
 from .. import ops
+from ..reference import DepformerWeights, LayerStack
 from ..sampling import SamplingConfig, gumbel_noise, sample
-from .transformer import RMSNorm, Transformer, linear, projection
+from .cache import RingKVCache
+from .transformer import RMSNorm, Transformer, linear
 
 ZERO_TOKEN = -1  # "no input": its embedding is exactly zero
 UNGENERATED = -2  # output slot not produced yet (warm-up frames)
@@ -73,7 +74,7 @@ class StepOutput:
 
 
 class _Memo:
-    """What the forward pass derives from the weights' layout (the weight lists of the
+    """What the forward pass derives from the weights' layout (the named weights of the
     fused stacks), kept between steps: gathering them walks every layer in Python
     (~3.6 ms a step for the 7B on the 2-core CI machine). A plain object, so nn.Module keeps it out of the
     parameters; LM.update / update_modules (load_weights, set_dtype, nn.quantize)
@@ -148,11 +149,17 @@ class LM(nn.Module):
     def temporal_sequence(self, x: mx.array, state: LMState) -> mx.array:
         """Feed [B, T, dim] inputs through the temporal transformer at the sessions'
         positions (T > 1: a prompt chunk); the caller advances state.offsets."""
-        return self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period)
+        return self.transformer(x, state.kv, state.offsets, 0, self.cfg.max_period,
+                                stack=self.temporal_stack())
 
-    def temporal_stack(self):
+    def temporal_stack(self) -> LayerStack | None:
         """The temporal transformer's stack_weights, kept between steps (see _Memo)."""
         return self._memo.get("temporal", lambda: self.transformer.stack_weights(0))
+
+    def depformer_stack(self, step: int) -> LayerStack | None:
+        """The depformer's stack_weights for codebook step `step` (0 when the steps
+        share their weights), kept between steps (see _Memo)."""
+        return self._memo.get(("depformer", step), lambda: self.depformer.stack_weights(step))
 
     def temporal(self, x: mx.array, state: LMState) -> tuple[mx.array, mx.array]:
         """[B, 1, dim] embeddings -> (normed hidden [B, 1, dim], text logits [B, text_card])."""
@@ -160,27 +167,24 @@ class LM(nn.Module):
         h = self.out_norm(h)
         return h, linear(self.text_linear, h)[:, 0]
 
-    def depformer_weights(self) -> tuple[list, list, list, list, int, float] | None:
-        """(in_projs, tables, stacks, heads, bits, eps) for ops.depformer_frame, or None
-        where a layer does not fit it (see Transformer.stack_weights); kept between
-        steps (see _Memo)."""
+    def depformer_weights(self) -> DepformerWeights | None:
+        """The depformer's weights for ops.depformer_frame, or None where a part has no
+        such form (see Transformer.stack_weights, ops.projection; an embedding that is
+        not a plain table); kept between steps (see _Memo)."""
         return self._memo.get("depformer", self._depformer_weights)
 
-    def _depformer_weights(self):
+    def _depformer_weights(self) -> DepformerWeights | None:
         steps = self.cfg.dep_q if self.cfg.depformer.weights_per_step else 1
-        stacks = [self.depformer.stack_weights(s) for s in range(steps)]
-        projs = [projection(m) for m in self.depformer_in + self.linears]
+        stacks = tuple(self.depformer_stack(s) for s in range(steps))
+        in_projs = tuple(ops.projection(m) for m in self.depformer_in)
+        heads = tuple(ops.projection(m) for m in self.linears)
         tables = [self.depformer_text_emb, *self.depformer_emb]
-        if any(s is None for s in stacks) or any(p is None for p in projs):
+        if any(part is None for part in stacks + in_projs + heads):
             return None
-        if any(type(t) is not nn.Embedding or t.weight.dtype != self.dtype for t in tables):
+        if any(type(t) is not nn.Embedding for t in tables):
             return None
-        bits = {b for _, b in projs} | {s[1] for s in stacks}
-        if len(bits) != 1 or len({s[2] for s in stacks}) != 1:
-            return None
-        n_in = len(self.depformer_in)
-        return ([p for p, _ in projs[:n_in]], [t.weight for t in tables], [s[0] for s in stacks],
-                [p for p, _ in projs[n_in:]], bits.pop(), stacks[0][2])
+        return DepformerWeights(in_projs=in_projs, tables=tuple(t.weight for t in tables), stacks=stacks,
+                                heads=heads)
 
     def depformer_frame(self, h: mx.array, text: mx.array, sampling: SamplingConfig,
                         key: mx.array, forced: mx.array | None = None) -> mx.array:
@@ -197,11 +201,10 @@ class LM(nn.Module):
         noise = gumbel_noise((cfg.dep_q, B, cfg.card), sampling.greedy, sampling.temp_audio, key)
         forced = mx.full((B, cfg.dep_q), NOT_FORCED, mx.int32) if forced is None else forced
         pick = dict(temp=sampling.temp_audio, top_k=sampling.topk_audio, greedy=sampling.greedy)
-        weights = self.depformer_weights() if h.dtype in (mx.float32, mx.bfloat16, mx.float16) else None
-        if weights is not None:
-            in_projs, tables, stacks, heads, bits, eps = weights
-            codes, _ = ops.depformer_frame(h[:, 0], text, forced.T, noise, in_projs, tables, stacks, heads,
-                                           heads=d.num_heads, bits=bits, eps=eps, rope_max_period=rope, **pick)
+        weights = self.depformer_weights()
+        if ops.depformer_fusable(h, weights, d.num_heads):
+            codes, _ = ops.depformer_frame(h[:, 0], text, forced.T, noise, weights, heads=d.num_heads,
+                                           rope_max_period=rope, **pick)
             return codes.T
         # A fresh cache per frame: the depformer's context is the frame's own steps.
         cache = RingKVCache(d.num_layers, B, d.num_heads, cfg.dep_q, d.head_dim, h.dtype)
@@ -211,7 +214,8 @@ class LM(nn.Module):
             table = self.depformer_text_emb if k == 0 else self.depformer_emb[k - 1]
             x = x + embed(table, prev[:, None])
             pos = mx.full((B,), k, dtype=mx.int32)
-            x = self.depformer(x, cache, pos, k if d.weights_per_step else 0, rope)
+            step = k if d.weights_per_step else 0
+            x = self.depformer(x, cache, pos, step, rope, stack=self.depformer_stack(step))
             logits = linear(self.linears[k], x)[:, 0]
             prev = ops.sample_topk(logits, None if noise is None else noise[k], forced[:, k], **pick)
             codes.append(prev)

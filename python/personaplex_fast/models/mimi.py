@@ -20,91 +20,15 @@ mx.bfloat16)` works, with codebook distances kept in fp32.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import types
-from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .. import ops
-from .mimi_layers import (CausalConv1d, CausalConvTranspose1d, SeanetDecoder, SeanetEncoder,
-                          Transformer)
-
-
-@dataclass(frozen=True)
-class SeanetConfig:
-    channels: int = 1
-    dimension: int = 512
-    n_filters: int = 64
-    ratios: tuple[int, ...] = (8, 6, 5, 4)  # decoder order; the encoder runs them reversed
-    n_residual_layers: int = 1
-    compress: int = 2
-    dilation_base: int = 2
-    kernel_size: int = 7
-    residual_kernel_size: int = 3
-    last_kernel_size: int = 3
-
-
-@dataclass(frozen=True)
-class MimiTransformerConfig:
-    d_model: int = 512
-    num_heads: int = 8
-    num_layers: int = 8
-    dim_feedforward: int = 2048
-    context: int = 250  # steps of 40 ms (the transformers run at the 25 Hz encoder rate)
-    layer_scale: float = 0.01
-    max_period: float = 10000.0
-    norm_eps: float = 1e-5
-
-
-@dataclass(frozen=True)
-class QuantizerConfig:
-    dimension: int = 256
-    bins: int = 2048
-    n_q: int = 32  # codebooks stored in the checkpoint
-    n_q_semantic: int = 1
-    epsilon: float = 1e-5  # floor of cluster_usage when turning EMA sums into centroids
-
-
-@dataclass(frozen=True)
-class MimiConfig:
-    """Defaults are the official Mimi (tokenizer-e351c8d8-checkpoint125) as PersonaPlex uses it."""
-
-    sample_rate: int = 24000
-    frame_rate: float = 12.5
-    num_codebooks: int = 8  # codebooks used: PersonaPlex/Moshi model 8 of the 32 stored
-    seanet: SeanetConfig = field(default_factory=SeanetConfig)
-    transformer: MimiTransformerConfig = field(default_factory=MimiTransformerConfig)
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-
-    @property
-    def frame_size(self) -> int:
-        return int(self.sample_rate / self.frame_rate)
-
-    @property
-    def hop_length(self) -> int:
-        return math.prod(self.seanet.ratios)
-
-    @property
-    def resample_stride(self) -> int:
-        """Encoder-rate steps per codec frame (2: 25 Hz -> 12.5 Hz)."""
-        return self.frame_size // self.hop_length
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_dict(d: dict) -> "MimiConfig":
-        seanet = dict(d.get("seanet", {}))
-        if "ratios" in seanet:
-            seanet["ratios"] = tuple(seanet["ratios"])
-        return MimiConfig(
-            **{k: v for k, v in d.items() if k not in ("seanet", "transformer", "quantizer")},
-            seanet=SeanetConfig(**seanet),
-            transformer=MimiTransformerConfig(**d.get("transformer", {})),
-            quantizer=QuantizerConfig(**d.get("quantizer", {})))
+from ..config import MimiConfig
+from .mimi_layers import (CausalConv1d, CausalConvTranspose1d, MimiTransformer, SeanetDecoder,
+                          SeanetEncoder)
 
 
 # --------------------------------------------------------------------------- quantizer
@@ -175,7 +99,7 @@ class MimiState:
     def __init__(self, batch: int, convs: list, transformer):
         self.batch = batch
         self.convs = convs  # ConvCache / ConvTrCache per conv, in execution order
-        self.transformer = transformer  # TransformerCache
+        self.transformer = transformer  # MimiTransformerCache
 
     def reset(self, session: int | None = None) -> None:
         """Forget the history of one session (index) or of all of them (None)."""
@@ -210,13 +134,13 @@ class Mimi(nn.Module):
         self.cfg = cfg
         dim, stride = cfg.seanet.dimension, cfg.resample_stride
         self.encoder = SeanetEncoder(cfg.seanet)
-        self.encoder_transformer = Transformer(cfg.transformer, stride)
+        self.encoder_transformer = MimiTransformer(cfg.transformer, stride)
         # Learnt 25 -> 12.5 Hz conv; 'replicate' left padding as in moshi's ConvDownsample1d.
         self.downsample = CausalConv1d(dim, dim, 2 * stride, stride=stride, bias=False, replicate=True)
         self.quantizer = SplitResidualVQ(cfg)
         # Depthwise (groups = channels): moshi's default `upsample_channel_wise_bug=True`.
         self.upsample = CausalConvTranspose1d(dim, dim, 2 * stride, stride, bias=False, groups=dim)
-        self.decoder_transformer = Transformer(cfg.transformer, stride)
+        self.decoder_transformer = MimiTransformer(cfg.transformer, stride)
         self.decoder = SeanetDecoder(cfg.seanet)
 
     @property

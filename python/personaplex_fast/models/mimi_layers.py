@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import ops
+from ..reference import rope
 
 
 def _keep_where(mask: mx.array, fresh: mx.array, old: mx.array) -> mx.array:
@@ -74,7 +75,7 @@ class WindowKVCache:
         self.positions = _keep_where(mask, mx.full(self.positions.shape, -1, mx.int32), self.positions)
 
 
-class TransformerCache:
+class MimiTransformerCache:
     """Per-session time offset (for RoPE and the causal window) plus one KV cache per layer."""
 
     def __init__(self, batch: int, layers: list[WindowKVCache]):
@@ -228,19 +229,6 @@ class SeanetDecoder(nn.Module):
 # ------------------------------------------------------------------------- transformer
 
 
-def apply_rope(x: mx.array, positions: mx.array, max_period: float) -> mx.array:
-    """Interleaved RoPE (pairs x[2i], x[2i+1]) for x [B, H, T, D] at positions [B, T].
-    Angles use moshi's fp32 formula, so the two rotations differ only by sin/cos rounding."""
-    d = x.shape[-1]
-    freqs = mx.exp(mx.arange(d // 2, dtype=mx.float32) * (-math.log(max_period) * 2 / d))
-    angles = positions.astype(mx.float32)[:, None, :, None] * freqs
-    cos, sin = mx.cos(angles), mx.sin(angles)
-    pairs = x.astype(mx.float32).reshape(*x.shape[:-1], d // 2, 2)
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = mx.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
-
-
 def _layer_step(x, positions, keys, values, key_pos, attn_norm_w, attn_norm_b, in_proj, out_proj,
                 attn_scale, ffn_norm_w, ffn_norm_b, ffn_in, ffn_out, ffn_scale, *, heads: int,
                 context: int, steps_per_frame: int, max_period: float, eps: float):
@@ -250,8 +238,8 @@ def _layer_step(x, positions, keys, values, key_pos, attn_norm_w, attn_norm_b, i
     b, t, d = x.shape
     h = mx.fast.layer_norm(x, attn_norm_w, attn_norm_b, eps)
     qkv = (h @ in_proj.T).reshape(b, t, 3, heads, d // heads).transpose(2, 0, 3, 1, 4)
-    q = apply_rope(qkv[0], positions, max_period)
-    k = apply_rope(qkv[1], positions, max_period)
+    q = rope(qkv[0], positions, max_period)
+    k = rope(qkv[1], positions, max_period)
     all_keys = mx.concatenate([keys, k], axis=2)
     all_values = mx.concatenate([values, qkv[2]], axis=2)
     all_pos = mx.concatenate([key_pos, positions], axis=1)
@@ -274,7 +262,7 @@ def _layer_step(x, positions, keys, values, key_pos, attn_norm_w, attn_norm_b, i
 _compiled_layer_step = mx.compile(_layer_step)
 
 
-class TransformerLayer(nn.Module):
+class MimiTransformerLayer(nn.Module):
     """Pre-norm layer: x + s1 * attn(LN(x)), then x + s2 * W2 gelu(W1 LN(x))."""
 
     def __init__(self, cfg, steps_per_frame: int):
@@ -302,22 +290,23 @@ class TransformerLayer(nn.Module):
         return y
 
 
-class Transformer(nn.Module):
-    """Causal transformer over [B, T, d_model] latents with a sliding window of `context`
+class MimiTransformer(nn.Module):
+    """Mimi's causal transformer over [B, T, d_model] latents (LayerNorm, GELU, layer
+    scales; not the LM's models/transformer.py) with a sliding window of `context`
     steps; a codec frame spans `steps_per_frame` steps (see the mask in attention)."""
 
     def __init__(self, cfg, steps_per_frame: int):
         super().__init__()
         self.cfg = cfg
-        self.layers = [TransformerLayer(cfg, steps_per_frame) for _ in range(cfg.num_layers)]
+        self.layers = [MimiTransformerLayer(cfg, steps_per_frame) for _ in range(cfg.num_layers)]
 
-    def new_cache(self, batch: int, dtype: mx.Dtype) -> TransformerCache:
+    def new_cache(self, batch: int, dtype: mx.Dtype) -> MimiTransformerCache:
         c = self.cfg
-        return TransformerCache(batch, [
+        return MimiTransformerCache(batch, [
             WindowKVCache(batch, c.num_heads, c.d_model // c.num_heads, c.context, dtype)
             for _ in self.layers])
 
-    def __call__(self, x, cache: TransformerCache):
+    def __call__(self, x, cache: MimiTransformerCache):
         positions = cache.offset[:, None] + mx.arange(x.shape[1], dtype=mx.int32)
         for layer, kv in zip(self.layers, cache.layers):
             x = layer(x, positions, kv)

@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import ops, reference
-from ..cache import RingKVCache
+from ..reference import LayerStack, LayerWeights
+from .cache import RingKVCache
 
 
 class RMSNorm(nn.Module):
@@ -31,21 +32,6 @@ class RMSNorm(nn.Module):
         return y.astype(x.dtype)
 
 
-def projection(layer: nn.Module) -> tuple[list[mx.array], int] | None:
-    """(arrays, bits) of a layer the fused matvec takes: [weight] of a bias-free
-    nn.Linear (bits 0), or [weight, scales, biases] of an affine group-64
-    nn.QuantizedLinear; None for anything else."""
-    if "bias" in layer:
-        return None
-    if isinstance(layer, nn.QuantizedLinear):
-        if layer.group_size == 64 and getattr(layer, "mode", "affine") == "affine":
-            return [layer.weight, layer.scales, layer.biases], layer.bits
-        return None
-    if isinstance(layer, nn.Linear):
-        return [layer.weight], 0
-    return None
-
-
 def linear(layer: nn.Module, x: mx.array, *, norm: RMSNorm | None = None, gate: bool = False,
            residual: mx.array | None = None) -> mx.array:
     """residual + [silu-gate of] layer(norm(x)) as one ops.matvec where it applies.
@@ -60,13 +46,13 @@ def linear(layer: nn.Module, x: mx.array, *, norm: RMSNorm | None = None, gate: 
             alpha, eps = norm.alpha.reshape(-1), norm.eps
         else:
             x = norm(x)
-    proj = projection(layer)
-    if proj is None:  # unfused
+    p = ops.projection(layer)
+    if p is None:  # unfused
         if alpha is not None:
             x = norm(x)
         return reference.gate_residual(layer(x), gate=gate, residual=residual)
-    arrays, bits = proj
-    return ops.matvec(x, *arrays, bits=bits, alpha=alpha, eps=eps, gate=gate, residual=residual)
+    return ops.matvec(x, p.w, p.scales, p.biases, bits=p.bits, alpha=alpha, eps=eps, gate=gate,
+                      residual=residual)
 
 
 class GatedFFN(nn.Module):
@@ -126,41 +112,35 @@ class Transformer(nn.Module):
         self.layers = [Layer(**layer_kwargs) for _ in range(num_layers)]
         self.num_heads = layer_kwargs["num_heads"]
 
-    def stack_weights(self, step: int = 0) -> tuple[list[mx.array], int, float] | None:
-        """(weights, bits, eps) of the layers for ops.decoder_layers, or None where a
-        layer does not fit it (a bias, another quantization, a norm not in float32)."""
-        weights, all_bits, eps = [], set(), set()
+    def stack_weights(self, step: int = 0) -> LayerStack | None:
+        """The layers' weights of codebook step `step` for ops.decoder_layers, or None
+        where a layer has no such form (a bias or another quantization
+        (ops.projection), a norm not in float32, norms of different eps)."""
+        layers, eps = [], set()
         for layer in self.layers:
             if not (layer.norm1.f32 and layer.norm2.f32):
                 return None
             ffn = layer.gating[step] if isinstance(layer.gating, list) else layer.gating
-            projs = [projection(m) for m in (layer.self_attn.in_projs[step],
-                                             layer.self_attn.out_projs[step], ffn.linear_in, ffn.linear_out)]
+            attn = layer.self_attn
+            projs = [ops.projection(m) for m in (attn.in_projs[step], attn.out_projs[step], ffn.linear_in,
+                                                 ffn.linear_out)]
             if any(p is None for p in projs):
                 return None
-            all_bits.update(b for _, b in projs)
             eps.update((layer.norm1.eps, layer.norm2.eps))
-            weights += [layer.norm1.alpha, *projs[0][0], *projs[1][0], layer.norm2.alpha,
-                        *projs[2][0], *projs[3][0]]
-        if len(all_bits) != 1 or len(eps) != 1:
-            return None
-        return weights, all_bits.pop(), eps.pop()
+            in_proj, out_proj, linear_in, linear_out = projs
+            layers.append(LayerWeights(norm1=layer.norm1.alpha, in_proj=in_proj, out_proj=out_proj,
+                                       norm2=layer.norm2.alpha, linear_in=linear_in, linear_out=linear_out))
+        return LayerStack(tuple(layers), eps.pop()) if len(eps) == 1 else None
 
     def __call__(self, x: mx.array, cache: RingKVCache, pos: mx.array, step: int = 0,
-                 rope_max_period: float | None = None, stack=False) -> mx.array:
-        """stack: stack_weights(step) when the caller keeps it (False: work it out here)."""
-        B, T, C = x.shape
-        # One decode step of few sessions: the whole stack as one primitive.
-        if (T == 1 and ops.mode() != "reference" and ops.kernels_here() and B <= ops.MATVEC_MAX_ROWS
-                and C // self.num_heads in ops.ATTENTION_HEAD_DIMS and x.dtype in (mx.float32, mx.bfloat16, mx.float16)):
-            if stack is False:
-                stack = self.stack_weights(step)
-            if stack is not None:
-                weights, bits, eps = stack
-                y, cache.keys, cache.values = ops.decoder_layers(
-                    x[:, 0], pos, weights, cache.keys, cache.values, heads=self.num_heads, bits=bits,
-                    eps=eps, rope_max_period=rope_max_period)
-                return y[:, None]
+                 rope_max_period: float | None = None, stack: LayerStack | None = None) -> mx.array:
+        """stack: stack_weights(step), kept by the caller; where ops.decoder_layers_fusable
+        says so, one decode step runs the whole stack as that one primitive."""
+        if ops.decoder_layers_fusable(x, stack, self.num_heads):
+            y, cache.keys, cache.values = ops.decoder_layers(
+                x[:, 0], pos, stack, cache.keys, cache.values, heads=self.num_heads,
+                rope_max_period=rope_max_period)
+            return y[:, None]
         for i, layer in enumerate(self.layers):
             x = layer(x, cache, i, pos, step, rope_max_period)
         return x

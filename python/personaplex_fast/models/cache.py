@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from . import ops
+from .. import ops
 
 
 class RingKVCache:
