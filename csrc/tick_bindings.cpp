@@ -141,18 +141,19 @@ void bind_tick(nb::module_& m) {
             int buf = -1, next = -1;
             if (context > 0 || elu) buf = p.buffer(static_cast<long>(B) * (context + T) * C_in * e, p.mem(x).dtype);
             if (context > 0) next = p.buffer(static_cast<long>(B) * context * C_in * e, p.mem(x).dtype);
-            const int lanes = conv_lanes(static_cast<long>(K) * (C_in / groups));
             check(!gemm || groups == 1, op, "the GEMM form takes one group");
             // K = 1 at stride 1 reads its rows as they are; other shapes gather windows.
             const int cols = gemm && !(K == 1 && stride == 1)
                                  ? p.buffer(static_cast<long>(B) * (T / stride) * K * C_in * e, p.mem(x).dtype)
                                  : -1;
+            Conv1dArgs conv{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .context = context,
+                            .stride = stride, .dilation = dilation, .groups = groups, .lanes = 0,
+                            .has_bias = bias >= 0};
+            conv.lanes = conv1d_lanes(conv);
             p.add(prog::Conv1d{x, state, first, w, bias, y, buf, next, gemm, cols,
                                GatherArgs{.B = B, .T = T, .C = C_in, .context = context, .elu = elu,
                                           .has_first = first >= 0},
-                               Conv1dArgs{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .context = context,
-                                          .stride = stride, .dilation = dilation, .groups = groups, .lanes = lanes,
-                                          .has_bias = bias >= 0}});
+                               conv});
           },
           "x"_a, "state"_a, "w"_a, "y"_a, "B"_a, "T"_a, "C_in"_a, "C_out"_a, "K"_a, "stride"_a = 1,
           "dilation"_a = 1, "groups"_a = 1, "elu"_a = false, "bias"_a = -1, "first"_a = -1, "gemm"_a = false,
@@ -172,8 +173,6 @@ void bind_tick(nb::module_& m) {
             same_dtype(p, op, {x, partial, w, bias, y});
             const int xe = elu ? p.buffer(static_cast<long>(B) * T * C_in * e, p.mem(x).dtype) : -1;
             const int next = p.buffer(std::max(B * overlap * C_out * e, 1L), p.mem(x).dtype);
-            const int taps = (K + stride - 1) / stride, cin_g = C_in / groups;
-            const int lanes = std::min(conv_lanes(static_cast<long>(taps) * cin_g), conv_lanes(8L * cin_g));
             int z = -1;
             if (w_t >= 0) {
               check(groups == 1, op, "the GEMM form takes one group");
@@ -181,10 +180,10 @@ void bind_tick(nb::module_& m) {
               same_dtype(p, op, {x, w_t});
               z = p.buffer(static_cast<long>(B) * T * K * C_out * e, p.mem(x).dtype);
             }
-            p.add(prog::ConvTranspose1d{x, partial, w, bias, y, xe, next, w_t, z, elu,
-                                        ConvTrArgs{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K,
-                                                   .stride = stride, .groups = groups, .lanes = lanes,
-                                                   .has_bias = bias >= 0}});
+            ConvTrArgs conv{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .stride = stride,
+                            .groups = groups, .lanes = 0, .has_bias = bias >= 0};
+            conv.lanes = convtr_lanes(conv);
+            p.add(prog::ConvTranspose1d{x, partial, w, bias, y, xe, next, w_t, z, elu, conv});
           },
           "x"_a, "partial"_a, "w"_a, "y"_a, "B"_a, "T"_a, "C_in"_a, "C_out"_a, "K"_a, "stride"_a, "groups"_a = 1,
           "elu"_a = false, "bias"_a = -1, "w_t"_a = -1,

@@ -124,8 +124,8 @@ struct CudaState {
   CUdeviceptr cublas_ws = 0;
 
   // One kernel launch of an op: resolved in the dry pass, launched in the capture.
-  void kernel(const unsigned char* image, const std::string& name, dim3 grid, dim3 block, unsigned smem,
-              void** params) {
+  void kernel(const unsigned char* image, const std::string& name, const PpLaunch& plan, void** params,
+              unsigned smem = 0) {
     CUfunction f = cuda::function(image, name.c_str(), device);
     if (dry) {
       if (smem > 48 * 1024) {
@@ -134,7 +134,8 @@ struct CudaState {
       }
       return;
     }
-    ck(cuLaunchKernel(f, grid.x, grid.y, grid.z, block.x, block.y, block.z, smem, launch_stream, params, nullptr),
+    ck(cuLaunchKernel(f, plan.grid_x, plan.grid_y, plan.grid_z, plan.threads, 1, 1, smem, launch_stream, params,
+                      nullptr),
        name.c_str());
   }
   void copy(void* dst, const void* src, size_t bytes) {
@@ -182,36 +183,34 @@ template <class At>
 void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At at) {
   const int device = s.device;
   auto dts = [&](int h) { return std::string(cuda::kernel_dtype(kOp, p.mem(h).dtype)); };
+  auto flat = [&](const char* name, long items, void** params, int h = -1) {
+    s.kernel(tick_fatbin, h >= 0 ? std::string(name) + "_" + dts(h) : std::string(name), tick_flat_launch(items),
+             params);
+  };
   std::visit(
       [&](const auto& o) {
         using O = std::decay_t<decltype(o)>;
         if constexpr (std::is_same_v<O, prog::Matvec>) {
           MatvecArgs a = o.args;
-          const int mt = a.M <= 1 ? 1 : a.M <= 2 ? 2 : a.M <= 4 ? 4 : 8;
-          const int units = a.gate ? PP_MATVEC_ROWS / 2 : PP_MATVEC_ROWS;
-          const std::string name = "matvec_" + dts(o.x) + "_" +
-                                   (o.bits == 0 ? "dense" : o.bits == 4 ? "q4" : "q8") + "_m" + std::to_string(mt);
+          const std::string name = "matvec_" + dts(o.x) + "_" + (o.bits == 0 ? "dense" : o.bits == 4 ? "q4" : "q8") +
+                                   "_m" + std::to_string(matvec_x_rows(a.M));
           void *x = at(o.x), *w = at(o.w), *sc = at(o.scales), *bi = at(o.biases), *al = at(o.alpha),
                *res = at(o.residual), *out = at(o.out);
           void* params[] = {&x, &w, &sc, &bi, &al, &res, &out, &a};
-          s.kernel(matvec_fatbin, name, dim3((a.n_out + units - 1) / units, (a.M + mt - 1) / mt), dim3(128), 0,
-                   params);
+          s.kernel(matvec_fatbin, name, matvec_launch(a), params);
         } else if constexpr (std::is_same_v<O, prog::Attention>) {
           RingArgs a = o.args;
-          const int tq = a.T == 1 ? 1 : 4;
-          const int groups = (a.T + tq - 1) / tq;
-          const int blocks = a.B * a.H * groups;
-          const int max_splits = std::max(1, (a.W + tq - 1) / 64);
-          a.S = std::clamp((4 * cuda::sm_count(device) + blocks - 1) / blocks, 1, max_splits);
-          void* ws = s.workspace(sizeof(float) * static_cast<size_t>(a.B) * a.H * a.T * a.S * (a.D + 2));
+          a.S = ring_splits(a, cuda::sm_count(device));
+          void* ws = s.workspace(sizeof(float) * ring_workspace_floats(a));
           void *q = at(o.q), *k = at(o.k), *v = at(o.v), *kc = at(o.kc), *vc = at(o.vc), *pos = at(o.pos),
                *out = at(o.out);
           const std::string dt = dts(o.q);
           void* attend[] = {&q, &k, &v, &kc, &vc, &pos, &ws, &a};
-          s.kernel(ring_attention_fatbin, "ring_attend_" + dt + "_d" + std::to_string(a.D) + (tq == 4 ? "_q4" : "_q1"),
-                   dim3(a.S, a.H, a.B * groups), dim3(128), 0, attend);
+          s.kernel(ring_attention_fatbin,
+                   "ring_attend_" + dt + "_d" + std::to_string(a.D) + (ring_queries_per_block(a.T) == 4 ? "_q4" : "_q1"),
+                   ring_attend_launch(a), attend);
           void* finish[] = {&ws, &k, &v, &pos, &kc, &vc, &out, &kc, &vc, &a};
-          s.kernel(ring_attention_fatbin, "ring_finish_" + dt, dim3(a.H, a.B), dim3(128), 0, finish);
+          s.kernel(ring_attention_fatbin, "ring_finish_" + dt, ring_finish_launch(a), finish);
         } else if constexpr (std::is_same_v<O, prog::Conv1d>) {
           const Conv1dArgs& c = o.conv;
           const std::string dt = dts(o.x);
@@ -221,23 +220,18 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
             GatherArgs g = o.gather;
             void *x = at(o.x), *prev = at(o.state), *first = at(o.first), *b = at(o.buf), *next = at(o.next);
             void* params[] = {&x, &prev, &first, &b, &next, &g};
-            const long n = static_cast<long>(c.B) * (c.context + c.T) * c.C_in;
-            s.kernel(conv1d_stream_fatbin, "conv1d_gather_" + dt,
-                     dim3(cuda::blocks_for(kOp, n, kGatherThreads)), dim3(kGatherThreads), 0, params);
+            s.kernel(conv1d_stream_fatbin, "conv1d_gather_" + dt, gather_launch(kOp, g), params);
             buf = b;
           }
-          const long outs = static_cast<long>(c.B) * (c.T / c.stride) * c.C_out;
           if (o.gemm) {
-            const int T_out = c.T / c.stride, M = c.B * T_out;
+            const int M = c.B * (c.T / c.stride);
             void* rows = buf;
             if (o.cols >= 0) {
-              Im2colArgs ia{.B = c.B, .T_out = T_out, .C_in = c.C_in, .K = c.K, .stride = c.stride,
+              Im2colArgs ia{.B = c.B, .T_out = c.T / c.stride, .C_in = c.C_in, .K = c.K, .stride = c.stride,
                             .dilation = c.dilation, .rows = c.context + c.T};
               void* cols = at(o.cols);
               void* params[] = {&buf, &cols, &ia};
-              s.kernel(tick_fatbin, "tick_im2col_" + dt,
-                       dim3(cuda::blocks_for(kOp, static_cast<long>(M) * c.K * c.C_in, kTickThreads)),
-                       dim3(kTickThreads), 0, params);
+              flat("tick_im2col", static_cast<long>(M) * c.K * c.C_in, params, o.x);
               rows = cols;
             }
             void* y = at(o.y);
@@ -245,16 +239,14 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
               RowsArgs ra{.rows = M, .cols = c.C_out};
               void* bias = at(o.bias);
               void* params[] = {&bias, &y, &ra};
-              s.kernel(tick_fatbin, "tick_bias_rows_" + dt, dim3(cuda::blocks_for(kOp, outs, kTickThreads)),
-                       dim3(kTickThreads), 0, params);
+              flat("tick_bias_rows", conv1d_outputs(c), params, o.x);
             }
             s.gemm(p.mem(o.x).dtype, rows, at(o.w), y, M, c.C_out, c.K * c.C_in, c.has_bias);
           } else {
             Conv1dArgs a = c;
             void *w = at(o.w), *bias = at(o.bias), *y = at(o.y);
             void* params[] = {&buf, &w, &bias, &y, &a};
-            s.kernel(conv1d_stream_fatbin, "conv1d_" + dt, dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)),
-                     dim3(kConvThreads), 0, params);
+            s.kernel(conv1d_stream_fatbin, "conv1d_" + dt, conv1d_launch(a), params);
           }
           if (c.context > 0) s.copy(at(o.state), at(o.next), es * c.B * c.context * c.C_in);
         } else if constexpr (std::is_same_v<O, prog::ConvTranspose1d>) {
@@ -263,32 +255,26 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
           const size_t es = mx::size_of(p.mem(o.x).dtype);
           void* xin = at(o.x);
           if (o.elu) {
-            GatherArgs g{c.B, c.T, c.C_in, 0, 1, 0};
+            GatherArgs g{.B = c.B, .T = c.T, .C = c.C_in, .context = 0, .elu = 1, .has_first = 0};
             void *x = at(o.x), *xe = at(o.xe);
             void* params[] = {&x, &xe, &g};
-            s.kernel(conv_transpose1d_stream_fatbin, "convtr_elu_" + dt,
-                     dim3(cuda::blocks_for(kOp, static_cast<long>(c.B) * c.T * c.C_in, kGatherThreads)),
-                     dim3(kGatherThreads), 0, params);
+            s.kernel(conv_transpose1d_stream_fatbin, "convtr_elu_" + dt, gather_launch(kOp, g), params);
             xin = xe;
           }
-          const int overlap = c.K - c.stride;
           void *partial = at(o.partial), *bias = at(o.bias), *y = at(o.y), *next = at(o.next);
-          const long outs = static_cast<long>(c.B) * (c.T * c.stride + overlap) * c.C_out;
           if (o.w_t >= 0) {
             void* z = at(o.z);
             s.gemm(p.mem(o.x).dtype, xin, at(o.w_t), z, c.B * c.T, c.K * c.C_out, c.C_in, false);
             Col2imArgs ca{.B = c.B, .T = c.T, .C_out = c.C_out, .K = c.K, .stride = c.stride, .has_bias = c.has_bias};
             void* params[] = {&z, &partial, &bias, &y, &next, &ca};
-            s.kernel(tick_fatbin, "tick_col2im_" + dt, dim3(cuda::blocks_for(kOp, outs, kTickThreads)),
-                     dim3(kTickThreads), 0, params);
+            flat("tick_col2im", col2im_outputs(ca), params, o.x);
           } else {
             ConvTrArgs a = c;
             void* w = at(o.w);
             void* params[] = {&xin, &partial, &w, &bias, &y, &next, &a};
-            s.kernel(conv_transpose1d_stream_fatbin, "convtr_" + dt,
-                     dim3(cuda::blocks_for(kOp, outs, kConvThreads / c.lanes)), dim3(kConvThreads), 0, params);
+            s.kernel(conv_transpose1d_stream_fatbin, "convtr_" + dt, convtr_launch(a), params);
           }
-          s.copy(at(o.partial), at(o.next), es * c.B * overlap * c.C_out);
+          s.copy(at(o.partial), at(o.next), es * c.B * (c.K - c.stride) * c.C_out);
         } else if constexpr (std::is_same_v<O, prog::RvqEncode>) {
           RvqArgs a = o.args;
           int S = rvq_encode_splits(a.bins);
@@ -296,103 +282,84 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
           const unsigned smem = 4u * rvq_encode_smem_floats(V, a.n_q, a.D);
           void* part = s.workspace(sizeof(float) * 2 * static_cast<size_t>(a.n) * a.n_q * S);
           void *x = at(o.x), *books = at(o.books), *codes = at(o.codes);
-          const unsigned groups = cuda::blocks_for(kOp, a.n, V);
           for (int q = 0; q <= a.n_q; ++q) {
             void* params[] = {&x, &books, &codes, &part, &a, &q, &S};
-            s.kernel(rvq_fatbin, "rvq_encode_v" + std::to_string(V), dim3(groups, q < a.n_q ? S : 1),
-                     dim3(kRvqEncodeThreads), smem, params);
+            s.kernel(rvq_fatbin, "rvq_encode_v" + std::to_string(V), rvq_encode_launch(a, V, S, q), params, smem);
           }
         } else if constexpr (std::is_same_v<O, prog::RvqDecode>) {
           RvqArgs a = o.args;
           void *codes = at(o.codes), *books = at(o.books), *out = at(o.out);
           void* params[] = {&codes, &books, &out, &a};
-          s.kernel(rvq_fatbin, "rvq_decode", dim3(cuda::blocks_for(kOp, static_cast<long>(a.n) * a.D, kRvqDecodeThreads)),
-                   dim3(kRvqDecodeThreads), 0, params);
+          s.kernel(rvq_fatbin, "rvq_decode", rvq_decode_launch(a), params);
         } else if constexpr (std::is_same_v<O, prog::Gumbel>) {
           GumbelArgs a = o.args;
           void *seeds = at(o.seeds), *offsets = at(o.offsets), *out = at(o.out);
           void* params[] = {&seeds, &offsets, &out, &a};
-          s.kernel(tick_fatbin, "tick_gumbel",
-                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.streams) * a.B * a.V, kTickThreads)),
-                   dim3(kTickThreads), 0, params);
+          flat("tick_gumbel", static_cast<long>(a.streams) * a.B * a.V, params);
         } else if constexpr (std::is_same_v<O, prog::Sample>) {
           SampleArgs a = o.args;
           void *logits = at(o.logits), *noise = at(o.noise), *forced = at(o.forced), *out = at(o.out);
           void* params[] = {&logits, &noise, &forced, &out, &a};
-          s.kernel(sample_topk_fatbin, "sample_topk_" + dts(o.logits), dim3(o.rows), dim3(kSampleThreads), 0,
-                   params);
+          s.kernel(sample_topk_fatbin, "sample_topk_" + dts(o.logits), sample_topk_launch(o.rows), params);
         } else if constexpr (std::is_same_v<O, prog::EmbedAdd>) {
           EmbedArgs a = o.args;
           void *pre = at(o.pre), *table = at(o.table), *tokens = at(o.tokens), *out = at(o.out);
           void* params[] = {&pre, &table, &tokens, &out, &a};
-          s.kernel(depformer_frame_fatbin, "embed_add_" + dts(o.pre),
-                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.B) * a.D, kEmbedThreads)), dim3(kEmbedThreads), 0,
-                   params);
+          s.kernel(depformer_frame_fatbin, "embed_add_" + dts(o.pre), embed_add_launch(a), params);
         } else if constexpr (std::is_same_v<O, prog::Norm>) {
           NormArgs a = o.args;
           void *x = at(o.x), *w = at(o.w), *b = at(o.b), *out = at(o.out);
           void* params[] = {&x, &w, &b, &out, &a};
-          s.kernel(tick_fatbin, "tick_norm_" + dts(o.x), dim3(a.rows), dim3(kTickThreads), 0, params);
+          s.kernel(tick_fatbin, "tick_norm_" + dts(o.x), tick_norm_launch(a), params);
         } else if constexpr (std::is_same_v<O, prog::Gelu>) {
           RowsArgs a = o.args;
           void *x = at(o.x), *out = at(o.out);
           void* params[] = {&x, &out, &a};
-          s.kernel(tick_fatbin, "tick_gelu_" + dts(o.x),
-                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
-                   0, params);
+          flat("tick_gelu", static_cast<long>(a.rows) * a.cols, params, o.x);
         } else if constexpr (std::is_same_v<O, prog::ScaleAdd>) {
           RowsArgs a = o.args;
           void *x = at(o.x), *sc = at(o.scale), *y = at(o.y), *out = at(o.out);
           void* params[] = {&x, &sc, &y, &out, &a};
-          s.kernel(tick_fatbin, "tick_scale_add_" + dts(o.x),
-                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
-                   0, params);
+          flat("tick_scale_add", static_cast<long>(a.rows) * a.cols, params, o.x);
+        } else if constexpr (std::is_same_v<O, prog::Gate>) {
+          RowsArgs a = o.args;
+          void *x = at(o.x), *out = at(o.out);
+          void* params[] = {&x, &out, &a};
+          flat("tick_gate", static_cast<long>(a.rows) * a.cols, params, o.x);
         } else if constexpr (std::is_same_v<O, prog::FrameIn>) {
           FrameArgs a = o.args;
           int n_ac = o.n_ac;
           void *tokens = at(o.tokens), *forced = at(o.forced), *offsets = at(o.offsets), *delays = at(o.delays),
                *sem = at(o.sem), *ac = at(o.ac), *cur = at(o.cur), *now = at(o.now);
           void* params[] = {&tokens, &forced, &offsets, &delays, &sem, &ac, &n_ac, &cur, &now, &a};
-          s.kernel(tick_fatbin, "tick_frame_in", dim3(cuda::blocks_for(kOp, a.B, kTickThreads)), dim3(kTickThreads),
-                   0, params);
+          flat("tick_frame_in", a.B, params);
         } else if constexpr (std::is_same_v<O, prog::FrameOut>) {
           FrameArgs a = o.args;
           void *tokens = at(o.tokens), *offsets = at(o.offsets), *delays = at(o.delays), *gen = at(o.gen),
                *out = at(o.out), *sem = at(o.sem), *ac = at(o.ac), *valid = at(o.valid);
           void* params[] = {&tokens, &offsets, &delays, &gen, &out, &sem, &ac, &valid, &a};
-          s.kernel(tick_fatbin, "tick_frame_out", dim3(cuda::blocks_for(kOp, a.B, kTickThreads)),
-                   dim3(kTickThreads), 0, params);
+          flat("tick_frame_out", a.B, params);
         } else if constexpr (std::is_same_v<O, prog::FillRows>) {
           void* arena = reinterpret_cast<void*>(s.arena);
           void *regions = at(o.regions), *control = at(o.control);
           int cols = o.control_cols;
           void* params[] = {&arena, &regions, &control, &cols};
-          s.kernel(tick_fatbin, "tick_fill_rows", dim3(o.n, o.B), dim3(kTickThreads), 0, params);
+          s.kernel(tick_fatbin, "tick_fill_rows", tick_fill_launch(o.n, o.B), params);
         } else if constexpr (std::is_same_v<O, prog::Update>) {
           void* arena = reinterpret_cast<void*>(s.arena);
           void* entries = at(o.entries);
           int n = o.n;
           void* params[] = {&arena, &entries, &n};
-          s.kernel(tick_fatbin, "tick_update", dim3(cuda::blocks_for(kOp, std::max(o.count, 1), kTickThreads)),
-                   dim3(kTickThreads), 0, params);
+          flat("tick_update", std::max(o.count, 1), params);
         } else if constexpr (std::is_same_v<O, prog::Mute>) {
           RowsArgs a = o.args;
           void *x = at(o.x), *valid = at(o.valid), *out = at(o.out);
           void* params[] = {&x, &valid, &out, &a};
-          s.kernel(tick_fatbin, "tick_mute",
-                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
-                   0, params);
+          flat("tick_mute", static_cast<long>(a.rows) * a.cols, params);
         } else if constexpr (std::is_same_v<O, prog::Copy>) {
           s.copy(at(o.dst), at(o.src), static_cast<size_t>(o.bytes));
         } else if constexpr (std::is_same_v<O, prog::Gemm>) {
           s.gemm(p.mem(o.x).dtype, at(o.x), at(o.w), at(o.y), o.M, o.N, o.K, o.accumulate != 0);
-        } else if constexpr (std::is_same_v<O, prog::Gate>) {
-          RowsArgs a = o.args;
-          void *x = at(o.x), *out = at(o.out);
-          void* params[] = {&x, &out, &a};
-          s.kernel(tick_fatbin, "tick_gate_" + dts(o.x),
-                   dim3(cuda::blocks_for(kOp, static_cast<long>(a.rows) * a.cols, kTickThreads)), dim3(kTickThreads),
-                   0, params);
         }
       },
       op);

@@ -351,3 +351,29 @@ PP_DEVICE void update(PP_GLOBAL unsigned char* arena, const PP_GLOBAL UpdateEntr
 }  // namespace tick
 
 #endif
+
+#if !defined(__METAL_VERSION__)
+// Launch plans, for csrc/tick_cuda.cpp and tests/emulator/tick.cpp.
+
+#include "launch.cuh"
+
+// A thread per item (gelu, scale_add, gate, im2col, bias_rows, col2im, gumbel, mute,
+// update), or per session (frame_in, frame_out).
+inline PpLaunch tick_flat_launch(long items) {
+  return {.grid_x = pp_blocks_for("tick", items, kTickThreads), .grid_y = 1, .grid_z = 1, .threads = kTickThreads};
+}
+
+// norm: a block per row.
+inline PpLaunch tick_norm_launch(const NormArgs& a) {
+  return {.grid_x = static_cast<unsigned int>(a.rows), .grid_y = 1, .grid_z = 1, .threads = kTickThreads};
+}
+
+// fill_rows: a block per region and session.
+inline PpLaunch tick_fill_launch(int regions, int B) {
+  return {.grid_x = static_cast<unsigned int>(regions), .grid_y = static_cast<unsigned int>(B), .grid_z = 1,
+          .threads = kTickThreads};
+}
+
+// col2im: a thread per output row and channel (y's rows, then the next partial's).
+inline long col2im_outputs(const Col2imArgs& a) { return long(a.B) * (long(a.T) * a.stride + a.K - a.stride) * a.C_out; }
+#endif

@@ -11,20 +11,16 @@
 
 #include <vector>
 
-#include "codec_host.h"
 #include "tick.cuh"
 
 namespace {
-
-using codec_host::blocks_for;
-using pp_emu::Dim3;
 
 template <class Body>
 void flat(long n, Body body, unsigned seed) {
   if (n <= 0) return;
   std::vector<float> no_smem;
-  pp_emu::launch(Dim3{blocks_for(n, kTickThreads), 1, 1}, kTickThreads, no_smem,
-                 [&](int bx, int, int, int tid) { body(long(bx) * kTickThreads + tid); }, seed);
+  pp_emu::launch(tick_flat_launch(n), no_smem, [&](int bx, int, int, int tid) { body(long(bx) * kTickThreads + tid); },
+                 seed);
 }
 
 template <class Fn>
@@ -49,7 +45,7 @@ int emu_tick_norm(int dtype, const void* x, const void* w, const void* b, void* 
     using F = decltype(f);
     using E = typename F::Elem;
     std::vector<float> smem(kTickThreads / 32);
-    pp_emu::launch(Dim3{a->rows, 1, 1}, kTickThreads, smem,
+    pp_emu::launch(tick_norm_launch(*a), smem,
                    [&](int bx, int, int, int tid) {
                      tick::norm<F>(static_cast<const E*>(x), static_cast<const E*>(w), static_cast<const E*>(b),
                                    static_cast<E*>(out), *a, smem.data(), bx, tid);
@@ -111,8 +107,7 @@ int emu_tick_col2im(int dtype, const void* z, const void* partial, const void* b
   return by_dtype(dtype, [&](auto f) {
     using F = decltype(f);
     using E = typename F::Elem;
-    const long rows = long(a->T) * a->stride + a->K - a->stride;
-    flat(long(a->B) * rows * a->C_out, [&](long i) {
+    flat(col2im_outputs(*a), [&](long i) {
       tick::col2im<F>(static_cast<const E*>(z), static_cast<const E*>(partial), static_cast<const E*>(bias),
                       static_cast<E*>(y), static_cast<E*>(next), *a, i);
     }, seed);
@@ -145,7 +140,7 @@ int emu_tick_fill_rows(unsigned char* arena, const FillRegion* regions, int n, c
                        unsigned seed) {
   return pp_emu::guarded([&] {
     std::vector<float> no_smem;
-    pp_emu::launch(Dim3{n, B, 1}, kTickThreads, no_smem,
+    pp_emu::launch(tick_fill_launch(n, B), no_smem,
                    [&](int bx, int by, int, int tid) { tick::fill_rows(arena, regions, control, cols, bx, by, tid); },
                    seed);
   });
