@@ -97,17 +97,20 @@ class _StorageRef:
     pass
 
 
-class _OutOfBounds:
-    """Pickles as a tensor view reaching far past its 4-element storage."""
+class _View:
+    """Pickles as a tensor view (size, stride, offset) of the crafted file's storage."""
+
+    def __init__(self, size, stride, offset=0):
+        self.args = (offset, tuple(size), tuple(stride))
 
     def __reduce__(self):
         import collections
 
         return (torch._utils._rebuild_tensor_v2,
-                (_StorageRef(), 0, (1 << 20,), (1,), False, collections.OrderedDict()))
+                (_StorageRef(), *self.args, False, collections.OrderedDict()))
 
 
-def _save_crafted(path, obj, storage=np.arange(4, dtype=np.int64)):
+def _save_crafted(path, obj, storage=np.arange(4, dtype=np.int64), compress=False):
     import pickle
     import zipfile
 
@@ -117,15 +120,45 @@ def _save_crafted(path, obj, storage=np.arange(4, dtype=np.int64)):
 
     buf = io.BytesIO()
     Pickler(buf, protocol=2).dump(obj)
-    with zipfile.ZipFile(path, "w") as z:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as z:
         z.writestr("x/data.pkl", buf.getvalue())
         z.writestr("x/data/0", storage.tobytes())
 
 
 def test_views_outside_their_storage_are_refused(tmp_path):
-    _save_crafted(tmp_path / "oob.pt", {"cache": _OutOfBounds()})
+    _save_crafted(tmp_path / "oob.pt", {"cache": _View((1 << 20,), (1,))})
     with pytest.raises(UserError, match="outside its storage"):
         torchfile.load(tmp_path / "oob.pt")
+
+
+@pytest.mark.parametrize("view", [
+    _View((1 << 16, 1 << 16), (0, 0)),  # 4 elements repeated 4 billion times
+    _View((1000, 4), (0, 1)),  # stride 0 on one axis
+    _View((3, 2), (1, 1)),  # overlapping rows: 6 elements of a 4-element storage
+    _View((3,), (0,), offset=2),  # more than is left past the offset
+])
+def test_views_larger_than_their_storage_are_refused(tmp_path, view):
+    _save_crafted(tmp_path / "rep.pt", {"cache": view})
+    with pytest.raises(UserError, match="more than the .* of its storage"):
+        torchfile.load(tmp_path / "rep.pt")
+
+
+def test_a_legitimate_overlap_free_view_still_loads(tmp_path):
+    _save_crafted(tmp_path / "ok.pt", {"cache": _View((2, 2), (1, 2))})  # a transpose
+    assert torchfile.load(tmp_path / "ok.pt")["cache"].tolist() == [[0, 2], [1, 3]]
+
+
+def test_what_a_file_may_cost_is_bounded(tmp_path):
+    """Many views of one storage, and a deflated storage that inflates far: both stop
+    at the byte budget, before the memory is taken."""
+    _save_crafted(tmp_path / "many.pt", {"cache": [_View((4,), (1,)) for _ in range(100)]})
+    with pytest.raises(UserError, match="more than 0 MB of tensors"):
+        torchfile.load(tmp_path / "many.pt", max_bytes=2000)
+    _save_crafted(tmp_path / "bomb.pt", {"cache": _View((4,), (1,))},
+                  storage=np.zeros(8 << 20, np.int64), compress=True)
+    assert (tmp_path / "bomb.pt").stat().st_size < 200_000
+    with pytest.raises(UserError, match="more than 16 MB of tensors"):
+        torchfile.load(tmp_path / "bomb.pt", max_bytes=16 << 20)
 
 
 def test_voice_file_without_the_voice_keys_is_refused(tmp_path):
