@@ -1,6 +1,7 @@
 // The page's half of a conversation: the session-start message, microphone frames out,
 // model frames and transcript in. The wire format is documented at the top of server.py.
-// URL parameters ?voice=NAME&prompt=TEXT preselect the pickers; ?autostart starts at load.
+// URL parameters ?voice=NAME&prompt=TEXT preselect the pickers; ?autostart starts at load;
+// ?token=T is passed on to the server (serve --token).
 
 "use strict";
 
@@ -13,7 +14,14 @@ const stats = { state: "idle", rate: 0, captured: 0, heard: 0, sent: 0, received
 window.personaplex = stats;
 
 const $ = (id) => document.getElementById(id);
+const TOKEN = new URLSearchParams(location.search).get("token");
 let conn = null;
+
+function withToken(path) {
+  const url = new URL(path, location.href);
+  if (TOKEN) url.searchParams.set("token", TOKEN);
+  return url;
+}
 
 function setStatus(state, detail) {
   stats.state = state;
@@ -68,7 +76,7 @@ async function start() {
   }
   c.node.port.onmessage = (e) => onMicFrame(c, e.data);
   c.node.onprocessorerror = () => { stop(); fail("the audio worklet stopped (see the console)"); };
-  const url = new URL("ws", location.href);
+  const url = withToken("ws");
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   c.ws = new WebSocket(url);
   c.ws.binaryType = "arraybuffer";
@@ -142,7 +150,9 @@ function stop() {
 async function init() {
   const params = new URLSearchParams(location.search);
   try {
-    const info = await (await fetch("api/info")).json();
+    const reply = await fetch(withToken("api/info"));
+    if (!reply.ok) throw new Error((await reply.text()).trim());
+    const info = await reply.json();
     for (const v of info.voices) $("voice").add(new Option(v, v));
   } catch (e) {
     fail(`cannot reach the server: ${e.message}`);
