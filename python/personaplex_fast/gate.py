@@ -87,8 +87,9 @@ class Gate:
 
     def refusal(self, request: web.Request) -> tuple[int, str] | None:
         """(HTTP status, one line) for a request that may not pass, else None."""
-        if self.loopback and not (is_loopback(_hostname(request.host)) or _hostname(request.host) in self.hosts):
-            return 403, (f"Host {request.host!r:.80} is not served here: this server listens on a "
+        host = request.headers.get("Host")  # a client without one is no browser
+        if self.loopback and host is not None and not (is_loopback(_hostname(host)) or _hostname(host) in self.hosts):
+            return 403, (f"Host {host!r:.80} is not served here: this server listens on a "
                          "loopback address (use --allow-origin for a name that reaches it)")
         origin = request.headers.get("Origin")
         if request.path == "/ws" and origin is not None and not self._origin_allowed(origin, request):
@@ -100,7 +101,8 @@ class Gate:
 
     def _origin_allowed(self, origin: str, request: web.Request) -> bool:
         origin = origin.rstrip("/").lower()
-        return origin == f"{request.scheme}://{request.host}".lower() or origin in self.origins
+        own = f"{request.scheme}://{request.headers.get('Host', '')}".lower()
+        return origin == own or origin in self.origins
 
     def _token_ok(self, request: web.Request) -> bool:
         given = request.query.get("token", "")
