@@ -2,11 +2,11 @@
 
 Every endpoint that starts sessions goes through one Admission, in this order:
 
+    plan(v, text)   the prompt is measured in characters, tokens and frames and refused
+                    past the limits (a tokenizer call: no model work)
     reserve()       a slot is reserved before any work is done for the client, or the
                     client hears "try again later" (ServerFull); so at most `slots`
                     joins are ever pending, and a full server costs nothing
-    plan(v, text)   the prompt is measured in characters, tokens and frames and refused
-                    past the limits, still before any work
     join(ticket)    the prompt's prefill waits in a first-come queue; the tick loop runs
                     it in slices between ticks (work), then the engine joins the slot
     leave(ticket)   always, joined or not
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 from .prompts import PREFILL_CHUNK, Prefill
+from .sampling import SamplingConfig
 from .session_prompt import prepare_voice, prompt_prefill, special_codes, text_prompt_tokens
 
 # Room kept free before the next tick, for the event loop to hand it the frames.
@@ -69,7 +70,7 @@ class Admission:
     wake: asyncio.Event  # set when there is work for the tick loop
     limits: Limits = field(default_factory=Limits)
     seed: int = 0
-    sampling: object = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     voices: dict = field(default_factory=dict)  # name -> prepared voice
 
     def __post_init__(self):
