@@ -265,9 +265,10 @@ class Server:
         lim = self.limits
         try:
             voice, prompt = parse_start(await ws.receive(timeout=lim.handshake_timeout_s))
+            prefill = self.admission.plan(voice, prompt)  # measured, not run
             ticket = self.admission.reserve()
             self.gate.admitted(request)
-            slot, recv = await self.admit(ws, ticket, self.admission.plan(voice, prompt))
+            slot, recv = await self.admit(ws, ticket, prefill)
             if slot is None:
                 return ws  # the client left while its prompt waited
             session = self.sessions[slot] = Session(ws, request, slot)
