@@ -8,6 +8,8 @@ from personaplex_fast.gate import Gate, is_loopback
 
 
 def refusal(gate, path="/ws", **headers):
+    if path.startswith("/ws"):
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade", **headers}
     got = gate.refusal(make_mocked_request("GET", path, headers=headers))
     return None if got is None else got[0]
 
@@ -40,7 +42,10 @@ def test_any_host_on_a_public_address_but_still_same_origin():
     gate = Gate(Limits(), "0.0.0.0")
     assert refusal(gate, Host="box.lan:8998", Origin="http://box.lan:8998") is None
     assert refusal(gate, Host="box.lan:8998", Origin="http://evil.example") == 403
-    assert refusal(gate, "/api/info", Host="box.lan:8998", Origin="http://evil.example") is None  # not /ws
+    # Not a websocket: a foreign page cannot read the reply (no CORS headers).
+    assert refusal(gate, "/api/info", Host="box.lan:8998", Origin="http://evil.example") is None
+    assert refusal(gate, "/api/chat", Host="box.lan:8998", Origin="http://evil.example",
+                   Upgrade="websocket") == 403
 
 
 def test_token():
@@ -48,4 +53,5 @@ def test_token():
     assert refusal(gate, "/ws") == 401 and refusal(gate, "/api/info") == 401
     assert refusal(gate, "/ws?token=s3cret") is None and refusal(gate, "/ws?token=s3cre") == 401
     assert refusal(gate, "/ws", Authorization="Bearer s3cret") is None
+    assert refusal(gate, "/api/chat", Upgrade="websocket") == 401  # any websocket, any /api/
     assert refusal(gate, "/") is None and refusal(gate, "/app.js") is None  # the page is public

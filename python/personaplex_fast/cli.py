@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                    help="a page origin (https://host:port) allowed to open sessions besides the server's own; "
                         "repeatable")
-    s.add_argument("--token", default=None, help="require ?token=TOKEN on /ws and /api/info (open /?token=TOKEN)")
+    s.add_argument("--token", default=None,
+                   help="require ?token=TOKEN on websockets and /api/ (open the page as /?token=TOKEN)")
     s.add_argument("--ssl-cert", default=None, help="serve HTTPS/WSS with this certificate (PEM)")
     s.add_argument("--ssl-key", default=None, help="the certificate's private key (PEM)")
     d = Limits()

@@ -9,9 +9,11 @@
                request that never completes, and the START timeout in server.py)
     Host       on a loopback address only loopback names, or hosts of --allow-origin
                (a DNS-rebinding page reaches 127.0.0.1 under its own name)
-    Origin     a browser's websocket must come from the page's own origin or one given
-               with --allow-origin (browsers always send Origin; other clients need not)
-    token      with --token, /ws and /api/info need ?token=... or Authorization: Bearer
+    Origin     a browser's websocket (any endpoint) must come from the page's own origin
+               or one given with --allow-origin (browsers always send Origin; other
+               clients need not)
+    token      with --token, every websocket and /api/... needs ?token=... or
+               Authorization: Bearer; the page itself is public
 """
 
 from __future__ import annotations
@@ -26,9 +28,6 @@ from aiohttp import web
 
 from .admission import Limits
 from .errors import UserError
-
-GUARDED = ("/ws", "/api/info")
-
 
 def is_loopback(host: str) -> bool:
     host = host.strip("[]").lower()
@@ -92,10 +91,11 @@ class Gate:
             return 403, (f"Host {host!r:.80} is not served here: this server listens on a "
                          "loopback address (use --allow-origin for a name that reaches it)")
         origin = request.headers.get("Origin")
-        if request.path == "/ws" and origin is not None and not self._origin_allowed(origin, request):
+        socket = request.headers.get("Upgrade", "").lower() == "websocket"
+        if socket and origin is not None and not self._origin_allowed(origin, request):
             return 403, (f"origin {origin!r:.80} may not open sessions on this server; "
                          "start it with --allow-origin for that page")
-        if self.token and request.path in GUARDED and not self._token_ok(request):
+        if self.token and (socket or request.path.startswith("/api/")) and not self._token_ok(request):
             return 401, "this server needs its token: open the page as /?token=..."
         return None
 
