@@ -167,15 +167,20 @@ def one_line(text: str) -> str:
 # ----------------------------------------------------------------- clients
 
 
-async def session(s, first: bytes | str | None, frames: int = 0, headers=None, timeout=10.0) -> str | None:
-    """Open /ws, send `first`, stream `frames` frames after READY; -> the ERROR line,
-    "ready" when a session ran, or "closed"."""
+async def session(s, first: bytes | str | None, frames: int = 0, headers=None, timeout=10.0,
+                  tries: int = 20) -> str | None:
+    """Open /ws (again after a 503, `tries` times), send `first`, stream `frames` frames
+    after READY; -> the ERROR line, "ready" when a session ran, "closed", or "HTTP 503"."""
     url = s["base"].replace("http", "ws") + "/ws"
     async with aiohttp.ClientSession() as http:
-        try:
-            ws = await http.ws_connect(url, headers=headers)
-        except aiohttp.WSServerHandshakeError as e:
-            return f"HTTP {e.status}"  # the gate's refusal (its one line: see raw_ws)
+        for attempt in range(tries):
+            try:
+                ws = await http.ws_connect(url, headers=headers)
+                break
+            except aiohttp.WSServerHandshakeError as e:
+                if e.status != 503 or attempt == tries - 1:
+                    return f"HTTP {e.status}"  # the gate's refusal (its one line: see raw_ws)
+                await asyncio.sleep(0.25)  # "try again later": the previous attack's sockets closing
         async with ws:
             return await _converse(ws, first, frames, timeout)
 
@@ -272,7 +277,7 @@ async def long_prompts_queue(s):
     (their prefills run in slices between ticks), the others are told to try again."""
     first = start(prompt=prompt_of(s, 230))
     for _ in range(2):
-        got = await asyncio.gather(*(session(s, first, frames=5) for _ in range(20)))
+        got = await asyncio.gather(*(session(s, first, frames=5, tries=1) for _ in range(20)))
         assert got.count("ready") >= 1, got
         assert all(g in ("ready", "HTTP 503") or "try again later" in g for g in got), got
 

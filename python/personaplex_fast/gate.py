@@ -67,8 +67,8 @@ class Gate:
             if (len(self.accepting) + len(self.open) >= lim.max_connections
                     or self.handshakes() >= lim.max_handshakes):
                 self.refused += 1
-                return _Refusal(f"the server is busy ({len(self.open)} connections); try again later",
-                                lim.handshake_timeout_s)
+                return _Refusal(f"the server is busy ({len(self.open)} connections, {self.handshakes()} "
+                                f"not in a session); try again later", lim.handshake_timeout_s)
             conn = _Connection(server, loop=loop, keepalive_timeout=lim.handshake_timeout_s, access_log=None)
             conn.gate = self
             self.accepting.add(conn)
