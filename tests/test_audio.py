@@ -94,3 +94,15 @@ def test_mp3_read_and_truncation(tmp_path):
     with pytest.raises(AudioError, match="truncated") as error:
         read_audio(path)
     _assert_one_line(error, path)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac"])
+def test_a_file_longer_than_the_cap_is_refused_by_its_header(tmp_path, fmt, monkeypatch):
+    path = tmp_path / f"long.{fmt}"
+    sf.write(str(path), np.zeros((3 * 8000, 2), np.float32), 8000)
+    assert len(read_audio(path, max_seconds=3)) == 3 * 24000
+    # Refused from the header: nothing is decoded.
+    monkeypatch.setattr(sf.SoundFile, "read", lambda *a, **k: pytest.fail("decoded a refused file"))
+    with pytest.raises(AudioError, match=r"is 3\.0 s long; the limit is 2\.5 s") as e:
+        read_audio(path, max_seconds=2.5)
+    _assert_one_line(e, path)

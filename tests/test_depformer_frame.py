@@ -124,6 +124,50 @@ def test_model_frame_equals_its_per_op_loop(dtype, bits, monkeypatch):
     assert len(np.unique(fused)) > 4  # sampled, not a constant
 
 
+# Ids a crafted voice or client could smuggle in: past the table by one, far past it
+# (5000 segfaulted an unclamped lookup), the int32 extremes, and below -1.
+WILD_IDS = [64, 65, 5000, 2**31 - 1, -2, -7, -(2**31)]
+
+
+def test_ids_past_the_tables_are_clamped_in_every_path(monkeypatch):
+    """Forced codes (the next step's embedding ids; negative ones are sampled) and
+    text ids outside the tables:
+    the primitive, its reference and the model's per-op loop all read the nearest
+    row (id -1 a zero row), never past the table, and agree."""
+    rng = np.random.default_rng(5)
+    f = make_frame(rng)
+    Q, B = 4, 3
+    forced = mx.array(rng.choice(WILD_IDS, (Q, B)).astype(np.int32))
+    f["text"] = mx.array([5000, -(2**31), 2**31 - 1], mx.int32)
+    with ops.use_mode("fused"):
+        codes, logits = run(ops.depformer_frame, f, forced, None, temp=0.8, top_k=10)
+    _, ref_logits = run(reference.depformer_frame, f, forced, None, temp=0.8, top_k=10)
+    hit = np.array(forced) >= 0  # negative: not forced, sampled
+    np.testing.assert_array_equal(np.array(codes)[hit], np.array(forced)[hit])
+    assert np.isfinite(np32(logits)).all()
+    np.testing.assert_allclose(np32(logits), np32(ref_logits), atol=TOL[mx.float32] * 10, rtol=0)
+    clamped = [mx.minimum(forced[k], f["tables"][k + 1].shape[0] - 1) for k in range(Q - 1)]
+    f["text"] = mx.clip(f["text"], 0, f["tables"][0].shape[0] - 1)
+    _, in_range = run(reference.depformer_frame, f, mx.stack([*clamped, forced[-1]]), None, temp=0.8,
+                      top_k=10)
+    np.testing.assert_array_equal(np32(ref_logits), np32(in_range))
+
+    wild = mx.array(rng.choice(WILD_IDS, (3, TINY.dep_q)).astype(np.int32))
+    fused, loop = frame_and_per_op_loop(mx.float32, 0, monkeypatch, 6, wild)
+    np.testing.assert_array_equal(fused, loop)
+
+
+def test_temporal_embedding_clamps_ids_to_its_tables():
+    lm = tiny_lm()
+    ids = np.array([[[TINY.text_card + 1] + [TINY.card + 1] * TINY.n_q,
+                     [5000] + [2**31 - 1] * TINY.n_q,
+                     [TINY.text_card] + [TINY.card] * TINY.n_q]], np.int32)
+    x = np.array(lm.embed_frame_sequence(mx.array(ids)))
+    assert np.isfinite(x).all()
+    np.testing.assert_array_equal(x[0, 0], x[0, 2])  # past the end reads the last row
+    np.testing.assert_array_equal(x[0, 1], x[0, 2])
+
+
 def test_check_mode_records_the_logit_difference():
     lm = tiny_lm(mx.bfloat16)
     h = mx.random.normal((2, 1, TINY.dim)).astype(mx.bfloat16)

@@ -6,7 +6,7 @@ import pytest
 
 from personaplex_fast.checkpoint import load_lm
 from personaplex_fast.config import DepformerConfig, LMConfig
-from personaplex_fast.prompts import (SPACER_FRAMES, TEXT_PAD, PackagedVoice, build_frames,
+from personaplex_fast.prompts import (SPACER_FRAMES, TEXT_PAD, PackagedVoice, Prefill, build_frames,
                                       input_tokens, prefill, wrap_system)
 from personaplex_fast.sampling import SamplingConfig
 from personaplex_fast.tiny import write_lm
@@ -93,6 +93,31 @@ def test_packaged_voice_equals_its_audio_prompt(lm):
     stepped = step_through(lm, frames, sine)
     for a, b in zip(continue_logits(lm, filled), continue_logits(lm, stepped)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("slices", [[1], [3, 1, 7], [64]])
+def test_prefill_in_slices_equals_prefill(lm, slices):
+    """Prefill.advance in slices of any size (cycled) gives prefill's state,
+    through a packaged voice's embeddings and the text; no KV state before the first."""
+    voice, silence, sine, text = random_prompt(3, n_voice=12, n_text=5)
+    frames = build_frames(voice, len(voice), text, silence)
+    E = len(voice) - 1
+    embeddings = np.stack([np.array(lm.embed_frame_sequence(
+        mx.array(input_tokens(lm, frames, sine, p)[None].astype(np.int32))))[0, 0] for p in range(E)])
+    packaged = PackagedVoice(embeddings, np.stack([input_tokens(lm, frames, sine, E + j) for j in (0, 1)]))
+    frames_pt = build_frames(None, len(voice), text, silence)
+    whole = prefill(lm, frames_pt, sine, voice=packaged, sampling=GREEDY)
+    run = Prefill(lm, frames_pt, sine, voice=packaged, sampling=GREEDY)
+    assert run.state is None and run.frames_left == len(frames_pt)
+    calls = 0
+    while not run.advance(slices[calls % len(slices)]):
+        calls += 1
+        assert run.frames_left > 0
+    assert run.frames_left == 0
+    if slices == [1]:  # one frame a call, the last step included
+        assert calls + 1 == len(frames_pt)
+    for a, b in zip(continue_logits(lm, run.state), continue_logits(lm, whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # chunk lengths change the sum order
 
 
 # ------------------------------------------- against a model of PersonaPlex's cache

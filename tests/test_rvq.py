@@ -65,6 +65,17 @@ def test_ties_go_to_the_lowest_index():
     assert np.isin(codes, [2, 9]).any()
 
 
+def test_codes_outside_the_codebook_are_clamped_in_both_paths():
+    """A code past the codebook (or negative) reads the nearest entry in the fused
+    decode and in its reference alike, never memory past the codebook."""
+    rng = np.random.default_rng(3)
+    books = residual_books(rng, 3, 16, 8)
+    wild = np.array([[16, 5000, -1], [2**31 - 1, -(2**31), 7]], np.int32)
+    want = np.array(reference.rvq_decode(mx.array(np.clip(wild, 0, 15)), books))
+    np.testing.assert_array_equal(np.array(reference.rvq_decode(mx.array(wild), books)), want)
+    np.testing.assert_array_equal(np.array(ops.rvq_decode(mx.array(wild), books)), want)
+
+
 def test_bad_shapes_are_rejected_with_a_message():
     books = mx.zeros((4, 16, 8))
     with pytest.raises(ValueError, match="must end in the codebook dim 8"):

@@ -198,13 +198,14 @@ def emulated_embed_add(emu, pre, table, tokens, seed):
 @pytest.mark.parametrize("B, D", [(1, 1), (7, 5), (4, 64), (3, 300)])  # partial and whole blocks
 def test_embed_add_kernel(sampling_emulator, dtype, B, D):
     """-1 adds a zero row (pre unchanged, -0 to +0); other ids are clamped to the
-    table's rows, from below (-2, -7) and above (rows, rows + 5)."""
+    table's rows, from below (-2, -7, INT32_MIN) and above (rows, rows + 5, 5000,
+    INT32_MAX: ids a crafted voice could carry; row * D must not overflow either)."""
     rng = np.random.default_rng(hash((str(dtype), B, D)) % 2**32)
     rows = 9
     pre = mx.array(rng.standard_normal((B, D)).astype(np.float32)).astype(dtype)
     pre = mx.where(mx.array(rng.random((B, D)) < 0.1), mx.array(-0.0, dtype), pre)
     table = mx.array(rng.standard_normal((rows, D)).astype(np.float32)).astype(dtype)
-    choices = [-1, 0, 3, rows - 1, rows, rows + 5, -2, -7]
+    choices = [-1, 0, 3, rows - 1, rows, rows + 5, -2, -7, 5000, 2**31 - 1, -(2**31)]
     for seed in (1, 2):
         tokens = mx.array(rng.choice(choices, size=B), mx.int32)
         got = emulated_embed_add(sampling_emulator["depformer_frame"], pre, table, tokens, seed)

@@ -29,15 +29,21 @@ _SHORT_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILI
 _UNKNOWN_SIZES = {0, 0x7FFFFFFF, 0xFFFFFFFF}
 
 
-def _decode(path: Path) -> tuple[np.ndarray, int]:
-    """-> samples [T, C] float32 and the file's rate."""
+def _decode(path: Path, max_seconds: float | None, limit: str) -> tuple[np.ndarray, int]:
+    """-> samples [T, C] float32 and the file's rate; at most max_seconds + one sample
+    are decoded (the caller refuses a longer file)."""
     try:
         info = sf.info(str(path))
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        # A header may announce hours; refuse before decoding rather than after.
+        _check_length(path, info.frames, info.samplerate, max_seconds, limit)
+        limit = -1 if max_seconds is None else int(max_seconds * info.samplerate) + 1
+        with sf.SoundFile(str(path)) as f:
+            data = f.read(frames=limit, dtype="float32", always_2d=True)
+        rate = info.samplerate
     except sf.LibsndfileError as e:
         if path.suffix.lower() != ".mp3" or "mp3" in str(sf.available_formats()).lower():
             raise AudioError(f"cannot decode audio file {path}: {e.error_string}") from None
-        return _decode_with_sphn(path)
+        return _decode_with_sphn(path, max_seconds)
     match = _SHORT_CHUNK.search(info.extra_info or "")
     if match and int(match.group(1)) not in _UNKNOWN_SIZES and int(match.group(1)) > int(match.group(2)):
         raise AudioError(f"audio file {path} is truncated: its header announces "
@@ -50,24 +56,34 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
     return data, rate
 
 
-def _decode_with_sphn(path: Path) -> tuple[np.ndarray, int]:
+def _check_length(path: Path, frames: int, rate: int, max_seconds: float | None, limit: str) -> None:
+    if max_seconds is not None and rate > 0 and frames > max_seconds * rate:
+        raise AudioError(f"audio file {path} is {frames / rate:.1f} s long; the limit is "
+                         f"{max_seconds:g} s{limit}")
+
+
+def _decode_with_sphn(path: Path, max_seconds: float | None) -> tuple[np.ndarray, int]:
     import sphn  # only for libsndfile builds without mp3
 
     try:
-        data, rate = sphn.read(str(path))
+        data, rate = sphn.read(str(path), duration_sec=None if max_seconds is None else max_seconds + 1)
     except Exception as e:
         raise AudioError(f"cannot decode audio file {path}: {e}") from None
     return np.ascontiguousarray(np.asarray(data, dtype=np.float32).T), int(rate)
 
 
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read an audio file as float32 mono [T] at `sample_rate`, downmixing and resampling."""
+def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None,
+               limit: str = "") -> np.ndarray:
+    """Read an audio file as float32 mono [T] at `sample_rate`, downmixing and resampling.
+    A file longer than `max_seconds` is refused (AudioError, ending with `limit`: what
+    sets it) without being decoded past that length."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"audio file {path} does not exist or is not a regular file")
-    data, rate = _decode(path)
+    data, rate = _decode(path, max_seconds, limit)
     if data.size == 0:
         raise AudioError(f"audio file {path} contains no samples")
+    _check_length(path, len(data), rate, max_seconds, limit)
     mono = data.mean(axis=1, dtype=np.float32)
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate, quality="VHQ").astype(np.float32)

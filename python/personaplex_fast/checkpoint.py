@@ -151,6 +151,32 @@ def check_keys(model: nn.Module, weights: dict[str, mx.array], file: Path) -> No
                 f"{file}: {key} has shape {tuple(w.shape)}, expected {tuple(expected[key].shape)}")
 
 
+def device_memory() -> int:
+    """Bytes of memory the default device has (the GPU's own, or this machine's RAM)."""
+    import os
+
+    info = mx.device_info()
+    if "memory_size" in info:
+        return int(info["memory_size"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(cfg: LMConfig, file: Path, config: Path, sessions: int = 1) -> None:
+    """Refuse, before anything is built, a config.json that the weights file cannot hold
+    (num_layers 1e6 would otherwise build a million layers) or whose weights and KV
+    cache for `sessions` sessions exceed the device's memory. Lower bounds: 4-bit
+    weights (convert --q-bits 4), a bfloat16 cache."""
+    params = cfg.parameter_count()
+    if config.exists() and file.exists() and params // 2 > file.stat().st_size:
+        raise CheckpointError(f"{config}: describes {params:,} parameters, more than {file.name} "
+                              f"({file.stat().st_size:,} bytes) can hold; the config belongs to another model")
+    need, have = params // 2 + cfg.kv_bytes(sessions), device_memory()
+    if need > have:
+        raise CheckpointError(f"{config}: needs at least {need / 2**30:.1f} GiB (weights and the "
+                              f"{cfg.context}-frame KV cache of {sessions} session(s)); this device has "
+                              f"{have / 2**30:.1f} GiB")
+
+
 def quantizable(group_size: int):
     """Which layers `convert` quantizes: linears whose input width the group divides."""
 
@@ -166,6 +192,7 @@ def load_lm(source: str | Path, dtype: mx.Dtype | None = None) -> LM:
     path = Path(source).expanduser()
     file = _weights_file(path if path.is_file() else directory)
     cfg, raw = read_config(directory)
+    check_fits(cfg, file, directory / CONFIG)
     model = LM(cfg)
     weights = load_weights(file)
     converted = raw.get(CONVERTED_KEY)

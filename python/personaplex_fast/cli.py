@@ -76,7 +76,7 @@ def _offline(args) -> None:
     engine = model.engine(slots=1, sampling=sampling, seed=args.seed)
     prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
     offline(engine, args.input_wav, args.output_wav, args.output_text, decode=model.decode_text,
-            prompt=prompt)
+            prompt=prompt, max_seconds=args.max_input_seconds)
     print(f"wrote {args.output_wav} and {args.output_text}")
     _report_check(args)
 
@@ -97,15 +97,26 @@ def _chat(args) -> None:
 
 
 def _serve(args) -> None:
+    from .admission import Limits
     from .loading import load_model
     from .server import serve
 
     _set_ops_mode(args)
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_connections=args.max_connections,
+                    max_handshakes=args.max_handshakes, handshake_timeout_s=args.handshake_timeout,
+                    idle_timeout_s=args.idle_timeout)
+    for name, value in vars(args).items():
+        if name.startswith(("max_", "handshake_", "idle_")) and value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be positive")
     serve(load_model(args.model), args.host, args.port, args.max_sessions, sampling=_sampling(args),
-          seed=args.seed)
+          seed=args.seed, limits=limits, allow_origins=tuple(args.allow_origin), token=args.token,
+          ssl_cert=args.ssl_cert, ssl_key=args.ssl_key)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .admission import Limits
+    from .offline import MAX_INPUT_SECONDS
+
     p = argparse.ArgumentParser(prog="personaplex-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -131,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--voice-prompt", default=None,
                    help="packaged voice (NATF0-3, NATM0-3, VARF0-4, VARM0-4) or a wav/.pt file")
     s.add_argument("--text-prompt", default=None, help="role prompt, wrapped in <system> tags")
+    s.add_argument("--max-input-seconds", type=float, default=MAX_INPUT_SECONDS,
+                   help="refuse a longer input (default: %(default)g)")
     s.set_defaults(func=_offline)
 
     s = sub.add_parser("lm-run", help="step the language model on silence and time it")
@@ -162,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8998, help="0: any free port (printed at start)")
     s.add_argument("--max-sessions", type=int, default=4, help="engine slots: concurrent conversations")
+    s.add_argument("--allow-origin", action="append", default=[], metavar="URL",
+                   help="a page origin (https://host:port) allowed to open sessions besides the server's own; "
+                        "repeatable")
+    s.add_argument("--token", default=None,
+                   help="require ?token=TOKEN on websockets and /api/ (open the page as /?token=TOKEN)")
+    s.add_argument("--ssl-cert", default=None, help="serve HTTPS/WSS with this certificate (PEM)")
+    s.add_argument("--ssl-key", default=None, help="the certificate's private key (PEM)")
+    d = Limits()
+    s.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
+                   help="longest role prompt in tokens (default: %(default)s; frames: the model's context)")
+    s.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open sockets at most (default: %(default)s)")
+    s.add_argument("--max-handshakes", type=int, default=d.max_handshakes,
+                   help="sockets not yet in a session at most (default: %(default)s)")
+    s.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout_s,
+                   help="seconds for TLS, an HTTP request, a START (default: %(default)g)")
+    s.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                   help="seconds a session may send no audio (default: %(default)g)")
     s.set_defaults(func=_serve)
     return p
 

@@ -3,8 +3,9 @@
 The LM's are read from a checkpoint's config.json. Their field names follow the
 official `lm_config` keys (the flat dict Kyutai's `config.json` files and
 `moshi.models.loaders._lm_kwargs` use), so a config.json from either model repo
-maps onto them without renaming. Keys we do not model are ignored; absent keys take
-the official PersonaPlex / Moshi 7B value.
+maps onto them without renaming. Every key is checked first (config_keys: types,
+ranges, settings not implemented refused by name, keys without math accepted);
+absent keys take the official PersonaPlex / Moshi 7B value.
 
 Mimi's (MimiConfig) defaults are the official codec; a converted codec carries
 its own as JSON in the safetensors metadata (mimi_checkpoint.py).
@@ -17,6 +18,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import config_keys
 
 # The three file names used by both official model repos.
 LM_WEIGHTS = "model.safetensors"
@@ -88,6 +91,20 @@ class LMConfig:
             raise ValueError(
                 f"config: positional_embedding {self.positional_embedding!r} is not supported (rope)"
             )
+        d = self.depformer
+        if min(self.dim, self.num_heads, self.num_layers, self.context, self.card, self.text_card,
+               d.dim, d.num_heads, d.num_layers, d.dim_feedforward) < 1:
+            raise ValueError("config: sizes must be positive")
+        if not 1 <= self.dep_q < self.n_q:
+            raise ValueError(f"config: dep_q {self.dep_q} must be from 1 to n_q - 1 = {self.n_q - 1} "
+                             "(the rest are the user's streams)")
+        if self.head_dim % 2:
+            raise ValueError(f"config: dim / num_heads = {self.head_dim} must be even (RoPE rotates pairs)")
+        if d.dim % d.num_heads or (d.pos_emb == "rope" and d.head_dim % 2):
+            raise ValueError(f"config: depformer_dim {d.dim} must be a multiple of depformer_num_heads "
+                             f"{d.num_heads} (an even one with depformer_pos_emb 'rope')")
+        if d.pos_emb not in ("none", "rope"):
+            raise ValueError(f"config: depformer_pos_emb {d.pos_emb!r} is not supported (none, rope)")
 
     @property
     def head_dim(self) -> int:
@@ -119,6 +136,23 @@ class LMConfig:
     def audio_initial_token(self) -> int:
         return self.card
 
+    def parameter_count(self) -> int:
+        """The LM's weights (norm gains aside), from the layout in models/lm.py."""
+        d = self.depformer
+        ffn, dffn = self.ffn_hidden, d.ffn_hidden
+        temporal = self.num_layers * (4 * self.dim**2 + 3 * self.dim * ffn)
+        tables = (self.text_card + 1) * (self.dim + d.dim) + (self.card + 1) * (self.n_q * self.dim
+                                                                                + (self.dep_q - 1) * d.dim)
+        steps = self.dep_q if d.weights_per_step else 1
+        depformer = steps * d.num_layers * (4 * d.dim**2 + 3 * d.dim * dffn)
+        n_in = self.dep_q if d.multi_linear else 1
+        heads = self.dim * self.text_card + n_in * self.dim * d.dim + self.dep_q * d.dim * self.card
+        return temporal + tables + depformer + heads
+
+    def kv_bytes(self, sessions: int = 1, itemsize: int = 2) -> int:
+        """The temporal transformer's KV cache: keys and values of every layer over the context."""
+        return sessions * 2 * self.num_layers * self.context * self.dim * itemsize
+
     def to_dict(self) -> dict:
         """The flat official layout (depformer fields prefixed), ready for config.json."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "depformer"}
@@ -129,11 +163,15 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LMConfig":
+        """From the flat official layout, every key checked first (config_keys.check)."""
+        config_keys.check(raw)
         dep = {}
         for f in dataclasses.fields(DepformerConfig):
             key = _DEP_KEYS.get(f.name, "depformer_" + f.name)
             if key in raw:
                 dep[f.name] = raw[key]
+        if "dim_feedforward" in dep and dep["dim_feedforward"] is None:  # as moshi reads null
+            dep["dim_feedforward"] = int(raw.get("hidden_scale", cls.hidden_scale) * dep.get("dim", 1024))
         top = {}
         for f in dataclasses.fields(cls):
             if f.name in raw and f.name != "depformer":

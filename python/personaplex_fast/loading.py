@@ -37,7 +37,7 @@ class Model:
             from .hub import download
 
             download(self.source, (VOICES_ARCHIVE,))
-        return load_voice(spec, self.directory)
+        return load_voice(spec, self.directory, self.lm.cfg)
 
     def prompt(self, voice: str | None = None, text: str | None = None, seed: int = 0,
                sampling: SamplingConfig = SamplingConfig()):

@@ -43,9 +43,14 @@ def run_offline(engine: Engine, pcm: np.ndarray, progress: bool = True,
     return out[: len(pcm)], tokens
 
 
+# The default cap on the input's length: an hour of conversation is ~350 MB of samples
+# in and as much out; a longer file is refused before it is decoded.
+MAX_INPUT_SECONDS = 3600.0
+
+
 def offline(engine: Engine, input_wav: str | Path, output_wav: str | Path, output_text: str | Path,
-            decode=None, prompt=None) -> None:
-    pcm = read_audio(input_wav)
+            decode=None, prompt=None, max_seconds: float = MAX_INPUT_SECONDS) -> None:
+    pcm = read_audio(input_wav, max_seconds=max_seconds, limit=" (--max-input-seconds)")
     out, tokens = run_offline(engine, pcm, prompt=prompt)
     if decode is not None:
         for t in tokens:

@@ -18,7 +18,8 @@ embeddings recorded from the same phase, plus the token ring at its end.
 Only the temporal transformer's state matters after the prompt, and every token
 it reads during the prompt is known in advance, so `prefill` runs the prompt as
 a few long chunks through the temporal transformer (no depformer, no sampling)
-and then one ordinary step, instead of ~200 sequential steps.
+and then one ordinary step, instead of ~200 sequential steps; `Prefill` does the
+same in slices of the caller's choosing (`serve` runs them between ticks).
 
 Timing: PersonaPlex's LMGen spends its first call without running the model
 (its step reads the ring one position behind ours); our step t corresponds to
@@ -107,47 +108,80 @@ def input_tokens(lm: LM, frames: list[PromptFrame], sine: tuple[int, ...], posit
     return out
 
 
+class Prefill:
+    """A batch-of-one LM state going through the prompt frames, a slice at a time.
+
+    Equivalent to stepping the LM once per frame with the frames forced (tested),
+    but the first len(frames) - 1 steps run as chunks of the temporal transformer,
+    and the last as one ordinary step. `advance(n)` runs up to n more frames (the
+    last step counts as one), so a server can interleave a prompt with its ticks;
+    the state (and its KV cache) is only allocated by the first advance.
+    """
+
+    def __init__(self, lm: LM, frames: list[PromptFrame], sine: tuple[int, ...], seed: int = 0,
+                 voice: PackagedVoice | None = None, sampling: SamplingConfig = SamplingConfig()):
+        if len(frames) < 2:
+            raise ValueError("a prompt needs at least two frames")
+        if frames[-1].audio is None:  # a packaged voice shorter than the prompt cannot end it
+            raise ValueError("the prompt's last frame must carry audio codes")
+        self.lm, self.frames, self.sine, self.seed, self.voice, self.sampling = (
+            lm, frames, sine, seed, voice, sampling)
+        self.voice_frames = 0 if voice is None else len(voice.embeddings)
+        self.position = 0  # prompt frames fed so far
+        self.state: LMState | None = None
+        self.done = False
+
+    @property
+    def frames_left(self) -> int:
+        return len(self.frames) - self.position
+
+    def advance(self, max_frames: int = PREFILL_CHUNK) -> bool:
+        """Run up to max_frames (>= 1) more prompt frames; True once the state is ready."""
+        lm, P, E = self.lm, len(self.frames), self.voice_frames
+        if self.state is None:
+            self.state = lm.new_state(1, seed=self.seed)
+        start = self.position
+        if start < E:  # a packaged voice: its recorded embeddings
+            end = min(start + max_frames, E)
+            x = mx.array(self.voice.embeddings[start:end]).astype(lm.dtype)[None]
+        elif start < P - 1:
+            end = min(start + max_frames, P - 1)
+            tokens = np.stack([input_tokens(lm, self.frames, self.sine, p, self.voice) for p in range(start, end)])
+            x = lm.embed_frame_sequence(mx.array(tokens.astype(np.int32)))
+        else:
+            self._last_step()
+            self.position, self.done = P, True
+            return True
+        _run_chunk(lm, self.state, x)
+        self.position = end
+        return False
+
+    def _last_step(self) -> None:
+        # The token rings as the last forced step leaves them: the input of position
+        # P - 1, and the delayed streams of the last frame forced at position P.
+        lm, cfg, state, P = self.lm, self.lm.cfg, self.state, len(self.frames)
+        ring = state.tokens.shape[-1]
+        tokens = np.full((1, cfg.n_q + 1, ring), UNGENERATED, dtype=np.int32)
+        tokens[0, :, (P - 1) % ring] = input_tokens(lm, self.frames, self.sine, P - 1, self.voice)
+        forced = np.full((1, cfg.dep_q + 1, ring), NOT_FORCED, dtype=np.int32)
+        last = self.frames[P - 1].audio
+        for c in range(1, cfg.dep_q + 1):
+            if cfg.delays[c] > 0:
+                forced[0, c, (P - 1 + cfg.delays[c]) % ring] = last[c - 1]
+        state.tokens, state.forced = mx.array(tokens), mx.array(forced)
+        # The last prompt step runs in full: it also generates the first conversation frame.
+        lm.step(state, mx.array([self.sine], dtype=mx.int32), self.sampling)
+        mx.eval(state.offsets, state.tokens, state.forced, state.key, *state.kv.arrays())
+
+
 def prefill(lm: LM, frames: list[PromptFrame], sine: tuple[int, ...], seed: int = 0,
             voice: PackagedVoice | None = None,
             sampling: SamplingConfig = SamplingConfig()) -> LMState:
-    """A batch-of-one LM state that has gone through the prompt frames.
-
-    Equivalent to stepping the LM once per frame with the frames forced (tested),
-    but the first len(frames) - 1 steps run as chunks of the temporal transformer.
-    """
-    cfg = lm.cfg
-    P = len(frames)
-    if P < 2:
-        raise ValueError("a prompt needs at least two frames")
-    state = lm.new_state(1, seed=seed)
-    E = 0 if voice is None else len(voice.embeddings)
-    if voice is not None:
-        emb = mx.array(voice.embeddings).astype(lm.dtype).reshape(E, -1)
-        for start in range(0, E, PREFILL_CHUNK):
-            x = emb[start:start + PREFILL_CHUNK][None]
-            _run_chunk(lm, state, x)
-    for start in range(E, P - 1, PREFILL_CHUNK):
-        positions = range(start, min(start + PREFILL_CHUNK, P - 1))
-        tokens = np.stack([input_tokens(lm, frames, sine, p, voice) for p in positions])
-        _run_chunk(lm, state, lm.embed_frame_sequence(mx.array(tokens.astype(np.int32))))
-
-    # The token rings as the last forced step leaves them: the input of position
-    # P - 1, and the delayed streams of the last frame forced at position P.
-    ring = state.tokens.shape[-1]
-    tokens = np.full((1, cfg.n_q + 1, ring), UNGENERATED, dtype=np.int32)
-    tokens[0, :, (P - 1) % ring] = input_tokens(lm, frames, sine, P - 1, voice)
-    forced = np.full((1, cfg.dep_q + 1, ring), NOT_FORCED, dtype=np.int32)
-    last = frames[P - 1].audio
-    if last is None:  # a packaged voice shorter than the prompt cannot end it
-        raise ValueError("the prompt's last frame must carry audio codes")
-    for c in range(1, cfg.dep_q + 1):
-        if cfg.delays[c] > 0:
-            forced[0, c, (P - 1 + cfg.delays[c]) % ring] = last[c - 1]
-    state.tokens, state.forced = mx.array(tokens), mx.array(forced)
-    # The last prompt step runs in full: it also generates the first conversation frame.
-    lm.step(state, mx.array([sine], dtype=mx.int32), sampling)
-    mx.eval(state.offsets, state.tokens, state.forced, state.key, *state.kv.arrays())
-    return state
+    """A batch-of-one LM state that has gone through the prompt frames (see Prefill)."""
+    run = Prefill(lm, frames, sine, seed, voice, sampling)
+    while not run.advance(PREFILL_CHUNK):
+        pass
+    return run.state
 
 
 def _run_chunk(lm: LM, state: LMState, x: mx.array) -> None:

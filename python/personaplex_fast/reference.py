@@ -187,8 +187,10 @@ def rvq_encode(x, codebooks):
 
 
 def rvq_decode(codes, codebooks):
-    """Sum over q of codebooks[q, codes[..., q]]: [..., D] float32."""
+    """Sum over q of codebooks[q, codes[..., q]]: [..., D] float32; codes are clamped
+    to the codebook (as the kernels do: an unchecked take would read past it)."""
     codebooks = codebooks.astype(mx.float32)
+    codes = mx.clip(codes, 0, codebooks.shape[1] - 1)
     total = codebooks[0][codes[..., 0]]
     for q in range(1, codebooks.shape[0]):
         total = total + codebooks[q][codes[..., q]]

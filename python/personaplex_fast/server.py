@@ -8,12 +8,15 @@ kind, then the payload. Audio is 24 kHz mono float32 little-endian, one 80 ms fr
       0x00 START  UTF-8 JSON {"voice": "" or a name from /api/info, "prompt": "" or role text};
                   the first message, once
       0x01 AUDIO  one frame of microphone audio, sent in real time after READY
+                  (frames sent before READY are dropped)
     server -> client
       0x00 READY  UTF-8 JSON {"sample_rate", "frame_size", "voice", "prompt"}
       0x01 AUDIO  one frame of model audio per tick
       0x02 TEXT   UTF-8 JSON {"frame": tick index, "token": id, "text": piece}; only for
                   tokens that print (not padding)
-      0x03 ERROR  UTF-8 JSON {"error": one line}; the server closes the socket after it
+      0x03 ERROR  UTF-8 JSON {"error": one line}; the server closes the socket after it,
+                  and sends one for every message it cannot take (malformed, too large,
+                  out of place), for a full server ("try again later"), and for timeouts
 
 GET / is the page (web/), GET /api/info lists the voices and the session limit.
 
@@ -22,9 +25,10 @@ frame from each session's jitter queue (silence when the client is late, oldest 
 dropped when it runs ahead), runs in a worker thread so the event loop keeps serving
 sockets, and queues each session's frame and token for its sender task. A client that
 stops reading fills its bounded output queue and is disconnected; it never holds up the
-tick. Joins (with their prompt prefill), leaves and ticks all go through the one worker
-thread, so sessions come and go between ticks and MLX is only ever driven from one thread;
-the price is that a voice/role prompt's prefill delays everyone's next tick by its length.
+tick. Who may connect is gate.py's; who gets a session, and when, admission.py's: a
+slot is reserved before any work, and a prompt's prefill runs in slices between ticks.
+Joins, prefill slices, leaves and ticks all go through the one worker thread, so MLX is
+only ever driven from one thread.
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
+from .admission import Admission, Limits, ServerFull
 from .audio import SAMPLE_RATE
-from .engine import Engine, SessionsFull, is_text
+from .engine import Engine, is_text
 from .errors import UserError
+from .gate import Gate, GatedSite, tls_context
 
 START, AUDIO, TEXT, ERROR = 0, 1, 2, 3
 READY = START
@@ -58,14 +64,14 @@ OUTPUT_MESSAGES = 30
 # Kernel and transport send buffers per socket: without a cap Linux grows them to
 # megabytes, a minute of audio, before a client that stopped reading shows as one.
 SEND_BUFFER = 32 * 1024
-# Larger messages are cut off by aiohttp itself (close code 1009); smaller wrong-sized
-# ones get our ERROR message.
-MAX_MESSAGE = 1 << 20
-MAX_PROMPT_CHARS = 4000
-START_TIMEOUT_S = 10.0
+# The largest message: a START with a 4000-character prompt in JSON escapes (12 bytes
+# for an emoji) fits; larger ones are refused from their header by aiohttp.
+MAX_MESSAGE = 64 * 1024
+HEARTBEAT_S = 20.0
 # Behind by more than this, the clock restarts instead of bursting ticks to catch up.
 MAX_LAG_S = 4 * FRAME_S
 WEB = Path(__file__).parent / "web"
+_CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
 class ProtocolError(Exception):
@@ -97,18 +103,18 @@ def message(kind: int, payload: bytes | dict) -> bytes:
     return bytes([kind]) + payload
 
 
-def parse_start(msg, voices: list[str]) -> tuple[str, str]:
+def parse_start(msg) -> tuple[str, str]:
     if msg.type != WSMsgType.BINARY or not msg.data or msg.data[0] != START:
         raise ProtocolError("the first message must be START (0x00 + JSON)")
     try:
         start = json.loads(msg.data[1:].decode())
-        voice, prompt = str(start.get("voice") or ""), str(start.get("prompt") or "")
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError):
         raise ProtocolError("START payload is not a JSON object") from None
-    if voice and voice not in voices:
-        raise ProtocolError(f"unknown voice {voice!r}; this server has: {', '.join(voices) or 'none'}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise ProtocolError(f"the prompt has {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if not isinstance(start, dict):
+        raise ProtocolError("START payload is not a JSON object")
+    voice, prompt = start.get("voice") or "", start.get("prompt") or ""
+    if not isinstance(voice, str) or not isinstance(prompt, str):
+        raise ProtocolError("START's voice and prompt must be strings")
     return voice, prompt
 
 
@@ -127,6 +133,25 @@ def parse_audio(msg, frame_size: int) -> np.ndarray:
     return frame
 
 
+class Socket(web.WebSocketResponse):
+    """A websocket that tells its client why before aiohttp closes it for a frame it
+    cannot take (too large, bad opcode or UTF-8): an ERROR message, then the close."""
+
+    _WHY = {WSCloseCode.MESSAGE_TOO_BIG: f"message larger than {MAX_MESSAGE} bytes",
+            WSCloseCode.PROTOCOL_ERROR: "malformed websocket frame",
+            WSCloseCode.INVALID_TEXT: "text message is not UTF-8"}
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code in self._WHY and not self.closed:
+            log(f"closing a websocket: {self._WHY[code]}")
+            try:
+                await asyncio.wait_for(self.send_bytes(bytes([ERROR]) + json.dumps(
+                    {"error": self._WHY[code]}).encode()), 2.0)
+            except (ConnectionError, RuntimeError, asyncio.TimeoutError):
+                pass
+        return await super().close(code=code, message=message, drain=drain)
+
+
 def available_voices(model) -> list[str]:
     """The packaged voices next to the model, fetched now for a Hugging Face model (not
     in the worker thread at a session's start, where the download would stall the tick)."""
@@ -142,18 +167,21 @@ def available_voices(model) -> list[str]:
 
 
 class Server:
-    def __init__(self, model, engine: Engine, sampling, seed: int = 0):
-        self.model, self.engine, self.sampling, self.seed = model, engine, sampling, seed
-        self.voices = available_voices(model)
+    def __init__(self, model, engine: Engine, sampling, seed: int = 0, limits: Limits = Limits(),
+                 gate: Gate | None = None):
+        self.model, self.engine, self.limits = model, engine, limits
+        self.gate = gate or Gate(limits, "127.0.0.1")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.sessions: dict[int, Session] = {}
         self.wake = asyncio.Event()
+        self.admission = Admission(model, engine, self.in_worker, self.wake, limits, seed, sampling)
+        self.admission.load_voices(available_voices(model), log)
 
     async def in_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.gate.middleware(log)], client_max_size=MAX_MESSAGE)
         app.router.add_get("/", lambda _: web.FileResponse(WEB / "index.html"))
         app.router.add_get("/api/info", self.info)
         app.router.add_get("/ws", self.handle)
@@ -161,7 +189,7 @@ class Server:
         return app
 
     async def info(self, _request) -> web.Response:
-        return web.json_response({"voices": self.voices, "max_sessions": self.engine.slots,
+        return web.json_response({"voices": list(self.admission.voices), "max_sessions": self.engine.slots,
                                   "sessions": len(self.sessions), "frame_size": self.engine.frame_size,
                                   "sample_rate": SAMPLE_RATE})
 
@@ -173,9 +201,14 @@ class Server:
         deadline = loop.time()
         while True:
             if not self.sessions:
-                self.wake.clear()
-                await self.wake.wait()
+                # Nobody to delay: prompts run in whole slices, one at a time, so a
+                # session that joins starts ticking after at most one slice.
+                if not self.admission.pending():
+                    self.wake.clear()
+                    await self.wake.wait()
+                await self.admission.work(None)
                 deadline = loop.time()
+                continue
             live = list(self.sessions.values())
             batch[:] = 0.0
             for s in live:
@@ -190,6 +223,8 @@ class Server:
             deadline += FRAME_S
             if deadline < loop.time() - MAX_LAG_S:
                 deadline = loop.time()
+            if self.admission.pending():
+                await self.admission.work(deadline)
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
     def deliver(self, s: Session, pcm: np.ndarray, token: int) -> None:
@@ -220,35 +255,50 @@ class Server:
     # -- one connection
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=20.0)
+        ws = Socket(max_msg_size=MAX_MESSAGE, heartbeat=HEARTBEAT_S, compress=False)
         await ws.prepare(request)
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             request.transport.set_write_buffer_limits(high=SEND_BUFFER)
-        session = None
+        ticket = session = recv = None
+        lim = self.limits
         try:
-            voice, prompt = parse_start(await ws.receive(timeout=START_TIMEOUT_S), self.voices)
-            session = await self.join(ws, request, voice, prompt)
-            await ws.send_bytes(message(READY, {"sample_rate": SAMPLE_RATE,
-                                                "frame_size": self.engine.frame_size,
+            voice, prompt = parse_start(await ws.receive(timeout=lim.handshake_timeout_s))
+            prefill = self.admission.plan(voice, prompt)  # measured, not run
+            ticket = self.admission.reserve()
+            self.gate.admitted(request)
+            slot, recv = await self.admit(ws, ticket, prefill)
+            if slot is None:
+                return ws  # the client left while its prompt waited
+            session = self.sessions[slot] = Session(ws, request, slot)
+            self.wake.set()
+            log(f"session {slot}: joined from {request.remote} voice={voice or '-'} "
+                f"prompt={len(prompt)} chars ({len(self.sessions)}/{self.engine.slots})")
+            await ws.send_bytes(message(READY, {"sample_rate": SAMPLE_RATE, "frame_size": self.engine.frame_size,
                                                 "voice": voice, "prompt": prompt}))
             session.sender = asyncio.create_task(self.send_loop(session))
-            async for msg in ws:
-                if session.closed:
+            while not session.closed:
+                msg = await asyncio.wait_for(recv, lim.idle_timeout_s)
+                if msg.type in _CLOSED:
                     break
-                if msg.type == WSMsgType.ERROR:
-                    raise ProtocolError(f"connection error: {ws.exception()}")
                 session.push(parse_audio(msg, self.engine.frame_size))
-        except (ProtocolError, UserError, SessionsFull) as e:
+                recv = asyncio.ensure_future(ws.receive())
+        except (ProtocolError, UserError) as e:
             await self.fail(ws, session, str(e))
         except asyncio.TimeoutError:
-            await self.fail(ws, session, f"no START message within {START_TIMEOUT_S:.0f} s")
+            what = "no START message" if ticket is None else "no audio"
+            wait = lim.handshake_timeout_s if ticket is None else lim.idle_timeout_s
+            await self.fail(ws, session, f"{what} within {wait:.0f} s; closing")
         except ConnectionError:
             pass  # the client went away mid-send; nothing to tell it
         finally:
+            if recv is not None and not recv.done():
+                recv.cancel()
             if session is not None:
                 await self.leave(session)
+            if ticket is not None:
+                await self.admission.leave(ticket)
             if not ws.closed:
                 try:
                     await asyncio.wait_for(ws.close(), 2.0)
@@ -256,26 +306,34 @@ class Server:
                     pass
         return ws
 
-    async def join(self, ws, request, voice: str, prompt: str) -> Session:
-        if len(self.sessions) >= self.engine.slots:
-            raise SessionsFull(f"all {self.engine.slots} session slots are in use; try again later")
-        state = None
-        if voice or prompt:
-            state = await self.in_worker(self.model.prompt, voice or None, prompt or None,
-                                         self.seed, self.sampling)
-        slot = await self.in_worker(self.engine.join, state)
-        s = self.sessions[slot] = Session(ws, request, slot)
-        self.wake.set()
-        log(f"session {slot}: joined from {request.remote} voice={voice or '-'} "
-            f"prompt={len(prompt)} chars ({len(self.sessions)}/{self.engine.slots})")
-        return s
+    async def admit(self, ws, ticket, prefill) -> tuple[int | None, asyncio.Future]:
+        """Wait for the ticket's join while watching the socket: a client that leaves
+        first gets slot None (the caller releases its ticket, which drops its prompt).
+        -> (slot, the socket's pending receive, for the session to go on with)."""
+        joined = asyncio.ensure_future(self.admission.join(ticket, prefill))
+        recv = asyncio.ensure_future(ws.receive())
+        try:
+            while True:
+                await asyncio.wait({joined, recv}, return_when=asyncio.FIRST_COMPLETED)
+                if recv.done():
+                    msg = recv.result()
+                    if msg.type in _CLOSED:
+                        return None, recv
+                    parse_audio(msg, self.engine.frame_size)  # well-formed, but too early: dropped
+                    recv = asyncio.ensure_future(ws.receive())
+                elif joined.done():
+                    return joined.result(), recv
+        except BaseException:
+            recv.cancel()
+            raise
+        finally:
+            joined.cancel()
 
     async def leave(self, s: Session) -> None:
         s.closed = True
         if s.sender is not None:
             s.sender.cancel()
-        del self.sessions[s.slot]
-        await self.in_worker(self.engine.leave, s.slot)
+        self.sessions.pop(s.slot, None)
         log(f"session {s.slot}: left after {s.ticks} ticks, late={s.late} dropped={s.dropped}")
 
     async def fail(self, ws, s: Session | None, error: str) -> None:
@@ -293,11 +351,11 @@ def log(line: str) -> None:
     print(f"serve: {line}", file=sys.stderr, flush=True)
 
 
-async def _serve(server: Server, host: str, port: int) -> None:
+async def _serve(server: Server, host: str, port: int, tls) -> None:
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await GatedSite(runner, host, port, server.gate, tls).start()
     except OSError as e:
         await runner.cleanup()
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --host/--port") from None
@@ -306,7 +364,8 @@ async def _serve(server: Server, host: str, port: int) -> None:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     ticker, stopper = asyncio.create_task(server.tick_loop()), asyncio.create_task(stop.wait())
     bound = runner.addresses[0]
-    print(f"serving http://{bound[0]}:{bound[1]}/ ({server.engine.slots} sessions)", flush=True)
+    print(f"serving {'https' if tls else 'http'}://{bound[0]}:{bound[1]}/ ({server.engine.slots} sessions)",
+          flush=True)
     try:
         await asyncio.wait({ticker, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -321,10 +380,24 @@ async def _serve(server: Server, host: str, port: int) -> None:
         ticker.result()  # the tick loop only ends by a bug: raise its traceback
 
 
-def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0) -> None:
+def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0, limits: Limits = Limits(),
+          allow_origins: tuple[str, ...] = (), token: str | None = None, ssl_cert: str | None = None,
+          ssl_key: str | None = None) -> None:
+    from .checkpoint import device_memory
+
     if max_sessions < 1:
         raise UserError(f"--max-sessions {max_sessions}: needs at least 1")
+    need, have = model.lm.cfg.kv_bytes(max_sessions, model.lm.dtype.size), device_memory()
+    if need > have:
+        raise UserError(f"--max-sessions {max_sessions}: their KV caches need {need / 2**30:.1f} GiB; "
+                        f"this device has {have / 2**30:.1f} GiB")
+    tls = tls_context(ssl_cert, ssl_key)
     engine = model.engine(slots=max_sessions, sampling=sampling, seed=seed)
     # The first tick compiles and allocates; pay for it before anyone is listening.
     engine.tick(np.zeros((engine.slots, engine.frame_size), dtype=np.float32))
-    asyncio.run(_serve(Server(model, engine, sampling, seed), host, port))
+
+    async def main():
+        gate = Gate(limits, host, allow_origins, token)
+        await _serve(Server(model, engine, sampling, seed, limits, gate), host, port, tls)
+
+    asyncio.run(main())

@@ -43,23 +43,47 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_):
-    data, bf16 = storage
+    data, bf16, budget = storage
     item = data.itemsize
+    size, stride = tuple(size), tuple(stride)
     # as_strided does not check bounds: a crafted file could otherwise read memory.
     if (len(size) != len(stride) or min(size, default=1) < 0 or min(stride, default=0) < 0
             or offset < 0 or (0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride))
                               >= len(data))):
-        raise ValueError(f"tensor view {tuple(size)}/{tuple(stride)}+{offset} outside its storage")
-    view = np.lib.stride_tricks.as_strided(data[offset:], shape=tuple(size),
+        raise ValueError(f"tensor view {size}/{stride}+{offset} outside its storage")
+    # Nor does it stop a view from repeating its storage (stride 0, overlapping rows):
+    # 497 bytes on disk would become gigabytes. A view may not hold more elements than
+    # its storage has past its offset.
+    count = int(np.prod(size, dtype=np.int64)) if size else 1
+    if count > len(data) - offset:
+        raise ValueError(f"tensor view {size}/{stride}+{offset} holds {count} elements, more than "
+                         f"the {len(data) - offset} of its storage (a repeating view)")
+    budget.spend(count * (4 if bf16 else item))
+    view = np.lib.stride_tricks.as_strided(data[offset:], shape=size,
                                            strides=tuple(s * item for s in stride))
     out = np.array(view)  # own the memory: the storage may be shared by other views
     return _bf16_to_f32(out) if bf16 else out
 
 
+class _Budget:
+    """Bytes a file may make its tensors and storages occupy, all together: one storage
+    referenced by many views must not multiply."""
+
+    def __init__(self, file: Path, limit: int):
+        self.file, self.left, self.limit = file, limit, limit
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise UserError(f"{self.file}: holds more than {self.limit >> 20} MB of tensors; "
+                            "a voice file is far smaller")
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, file: Path):
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, budget: _Budget):
         super().__init__(io.BytesIO(data))
-        self.archive, self.root, self.file = archive, root, file
+        self.archive, self.root, self.budget, self.file = archive, root, budget, budget.file
+        self.storages: dict[str, np.ndarray] = {}
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
@@ -75,14 +99,29 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _Storage)):
             raise UserError(f"{self.file}: unexpected storage reference {pid!r:.80}")
-        storage, key = pid[1], pid[2]
-        raw = self.archive.read(f"{self.root}/data/{key}")
-        return np.frombuffer(raw, dtype=storage.dtype), storage.bf16
+        storage, key = pid[1], str(pid[2])
+        if key not in self.storages:
+            raw = _read(self.archive, f"{self.root}/data/{key}", self.budget)
+            self.storages[key] = np.frombuffer(raw, dtype=storage.dtype)
+        return self.storages[key], storage.bf16, self.budget
 
 
-def load(path: str | Path) -> object:
+def _read(archive: zipfile.ZipFile, name: str, budget: _Budget) -> bytes:
+    # The size in the zip's directory is checked before inflating (a deflated member
+    # could be a bomb); the read stops at that size whatever the stream holds.
+    budget.spend(archive.getinfo(name).file_size)
+    with archive.open(name) as f:
+        return f.read(archive.getinfo(name).file_size)
+
+
+# A voice is at most ~750 frames x 4096 float32 (12 MB); the limit leaves room for
+# larger models' widths while keeping what a crafted file can cost bounded.
+MAX_BYTES = 64 << 20
+
+
+def load(path: str | Path, max_bytes: int = MAX_BYTES) -> object:
     """The pickled object of a tensor-only `.pt` file, tensors as numpy arrays
-    (bfloat16 widened to float32)."""
+    (bfloat16 widened to float32); at most `max_bytes` of storages and tensors."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -90,12 +129,15 @@ def load(path: str | Path) -> object:
             if len(pkl) != 1:
                 raise UserError(f"{path}: not a PyTorch zip checkpoint (no data.pkl)")
             root = pkl[0][: -len("/data.pkl")]
+            budget = _Budget(path, max_bytes)
             if f"{root}/byteorder" in archive.namelist() and \
-                    archive.read(f"{root}/byteorder").strip() != b"little":
+                    _read(archive, f"{root}/byteorder", budget).strip() != b"little":
                 raise UserError(f"{path}: big-endian PyTorch file; re-save it on a little-endian machine")
-            return _Unpickler(archive.read(pkl[0]), archive, root, path).load()
+            return _Unpickler(_read(archive, pkl[0], budget), archive, root, budget).load()
+    except RecursionError:
+        raise UserError(f"{path}: cannot read PyTorch file (nested too deeply)") from None
     except (zipfile.BadZipFile, OSError, EOFError, KeyError, pickle.UnpicklingError, TypeError,
-            ValueError, AttributeError, IndexError) as e:
+            ValueError, AttributeError, IndexError, OverflowError, MemoryError) as e:
         raise UserError(f"{path}: cannot read PyTorch file ({e})") from None
 
 

@@ -9,9 +9,14 @@ is read with the torch-free restricted reader and cached as safetensors.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import os
+import shutil
 import tarfile
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import numpy as np
 
 from . import torchfile
 from .audio import SAMPLE_RATE, read_audio
+from .config import LMConfig
 from .errors import UserError
 from .prompts import PackagedVoice
 
@@ -29,6 +35,16 @@ VOICES_ARCHIVE = "voices.tgz"
 VOICE_LOUDNESS_LUFS = -24.0
 # The recorded ring of a .pt voice is PersonaPlex's: max_delay + 3 positions.
 _PT_RING = 4
+# The longest voice prompt, audio or recorded: 60 s, 750 frames of 80 ms (the packaged
+# voices are a few seconds; every frame is prefilled before the session starts).
+MAX_VOICE_SECONDS = 60.0
+MAX_VOICE_FRAMES = int(MAX_VOICE_SECONDS * SAMPLE_RATE) // 1920
+# voices.tgz as unpacked: members, bytes per member and in all (the official archive
+# holds 18 voices of a few MB each). Checked as the archive streams, before the bytes
+# are inflated, so a gzip bomb costs at most this much time and no memory.
+MAX_ARCHIVE_MEMBERS = 256
+MAX_MEMBER_BYTES = 32 << 20
+MAX_ARCHIVE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -45,28 +61,84 @@ def cache_root() -> Path:
 
 
 def unpack(archive: Path) -> Path:
-    """Extract voices.tgz into the cache (once per archive content); returns the folder."""
-    digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:16]
+    """Extract voices.tgz into the cache (once per archive content); returns the folder.
+
+    The archive is checked whole (member names, types, sizes, count) into a temporary
+    folder, which is then renamed into place: a refused archive leaves nothing behind."""
+    digest = _digest(archive)
     dest = cache_root() / digest
     if (dest / ".complete").exists():
         return dest
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=dest.parent))
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():
+        _extract(archive, tmp)
+        (tmp / ".complete").write_text("")
+        if dest.exists():  # left half-written by an older version, or unpacked meanwhile
+            if (dest / ".complete").exists():
+                return dest
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    except OSError as e:
+        raise UserError(f"{archive}: cannot unpack voices into {dest.parent} ({e.strerror or e})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _digest(archive: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(archive, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError as e:
+        raise UserError(f"{archive}: cannot read ({e.strerror})") from None
+    return h.hexdigest()[:16]
+
+
+class _Bounded(io.RawIOBase):
+    """The inflated archive stream, refused past MAX_ARCHIVE_BYTES (tar headers included:
+    tarfile reads long-name records into memory whole)."""
+
+    def __init__(self, f, archive: Path):
+        self.f, self.archive, self.left = f, archive, MAX_ARCHIVE_BYTES + 1024 * MAX_ARCHIVE_MEMBERS
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.left -= n
+        if self.left < 0:
+            raise UserError(f"{self.archive}: unpacks to more than {MAX_ARCHIVE_BYTES >> 20} MB; "
+                            "not a voices archive")
+        return n
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    total = 0
+    try:
+        with gzip.open(archive) as gz, tarfile.open(fileobj=_Bounded(gz, archive), mode="r|") as tar:
+            for count, member in enumerate(tar, 1):
                 name = Path(member.name)
+                total += member.size
+                if count > MAX_ARCHIVE_MEMBERS or total > MAX_ARCHIVE_BYTES:
+                    raise UserError(f"{archive}: more than {MAX_ARCHIVE_MEMBERS} members or "
+                                    f"{MAX_ARCHIVE_BYTES >> 20} MB; not a voices archive")
                 if member.isdir():
                     continue
                 if not member.isfile() or name.is_absolute() or ".." in name.parts:
                     raise UserError(f"{archive}: refusing unsafe archive member {member.name!r}")
                 if name.suffix not in (".pt", ".wav") or name.name.startswith("._"):
                     continue  # "._x" are macOS resource forks, not voices
-                data = tar.extractfile(member).read()
-                (dest / name.name).write_bytes(data)
-    except (tarfile.TarError, OSError, EOFError) as e:
+                if member.size > MAX_MEMBER_BYTES:
+                    raise UserError(f"{archive}: member {member.name!r} has {member.size >> 20} MB; "
+                                    f"a voice is at most {MAX_MEMBER_BYTES >> 20} MB")
+                with tar.extractfile(member) as src, open(dest / name.name, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise UserError(f"{archive}: cannot unpack voices ({e})") from None
-    (dest / ".complete").write_text("")
-    return dest
 
 
 def list_voices(folder: Path) -> list[str]:
@@ -74,42 +146,85 @@ def list_voices(folder: Path) -> list[str]:
 
 
 def read_pt_voice(path: Path) -> PackagedVoice:
-    """A PersonaPlex `.pt` voice: {"embeddings": [E, 1, 1, dim], "cache": [1, 17, 4]}."""
+    """A PersonaPlex `.pt` voice: {"embeddings": [E, 1, 1, dim], "cache": [1, 17, 4]}
+    (its shape only; check_voice compares it with the model)."""
     obj = torchfile.load(path)
     if not isinstance(obj, dict) or "embeddings" not in obj or "cache" not in obj:
         raise UserError(f"{path}: not a PersonaPlex voice (needs 'embeddings' and 'cache')")
-    emb = np.asarray(obj["embeddings"], dtype=np.float32)
-    ring = np.asarray(obj["cache"])
+    emb, ring = np.asarray(obj["embeddings"]), np.asarray(obj["cache"])
+    if emb.ndim < 2 or emb.shape[0] < 1 or emb.size == 0 or not np.issubdtype(emb.dtype, np.floating):
+        raise UserError(f"{path}: voice embeddings must be floats of shape [frames, 1, 1, dim], "
+                        f"got {emb.dtype} {emb.shape}")
     E = emb.shape[0]
-    emb = emb.reshape(E, -1)
-    if ring.ndim != 3 or ring.shape[0] != 1 or ring.shape[2] != _PT_RING:
-        raise UserError(f"{path}: voice token cache has shape {ring.shape}, expected (1, 17, 4)")
+    if ring.ndim != 3 or ring.shape[0] != 1 or ring.shape[2] != _PT_RING or not np.issubdtype(ring.dtype, np.integer):
+        raise UserError(f"{path}: voice token cache has shape {ring.shape} ({ring.dtype}), "
+                        "expected integers of shape (1, 17, 4)")
+    if E + 1 > MAX_VOICE_FRAMES:
+        raise UserError(f"{path}: the voice has {E + 1} frames; the limit is {MAX_VOICE_FRAMES} "
+                        f"({MAX_VOICE_SECONDS:g} s)")
     # PersonaPlex saved it at offset E + 1: positions E and E + 1 are the ones we need.
     tokens = np.stack([ring[0, :, (E + j) % _PT_RING] for j in (0, 1)]).astype(np.int64)
-    return PackagedVoice(emb, tokens)
+    return PackagedVoice(emb.reshape(E, -1).astype(np.float32), tokens)
 
 
-def _cached_pt(path: Path) -> PackagedVoice:
+def check_voice(voice: PackagedVoice, cfg: LMConfig, path: Path) -> None:
+    """A recorded voice fits the model: its width, its stream count, every token id
+    inside its embedding table (an id past a table once crashed `serve`), finite
+    embeddings and at most MAX_VOICE_FRAMES frames."""
+    emb, tokens = voice.embeddings, voice.ring_tokens
+    if emb.ndim != 2 or emb.shape[1] != cfg.dim:
+        raise UserError(f"{path}: voice embeddings have width {emb.shape[-1]}, the model needs "
+                        f"{cfg.dim}: the voice belongs to another model")
+    if not 1 <= len(emb) < MAX_VOICE_FRAMES:
+        raise UserError(f"{path}: the voice has {len(emb) + 1} frames; the limit is {MAX_VOICE_FRAMES} "
+                        f"({MAX_VOICE_SECONDS:g} s)")
+    if tokens.shape != (2, 1 + cfg.n_q):
+        raise UserError(f"{path}: the voice's token cache has {tokens.shape[-1]} streams, the model "
+                        f"has {1 + cfg.n_q}: the voice belongs to another model")
+    # Input ids: the table's rows (the last is the initial token) or -1, "no input".
+    rows = np.array([cfg.text_card] + [cfg.card] * cfg.n_q)
+    bad = (tokens < -1) | (tokens > rows)
+    if bad.any():
+        j, c = np.argwhere(bad)[0]
+        raise UserError(f"{path}: token {int(tokens[j, c])} of stream {c} is outside its table "
+                        f"(-1..{rows[c]}): not a voice for this model")
+    if not np.isfinite(emb).all():
+        raise UserError(f"{path}: the voice embeddings hold NaN or infinite values")
+
+
+def _cached_pt(path: Path, cfg: LMConfig) -> PackagedVoice:
+    """A .pt voice, checked against the model; converted once to safetensors next to
+    it when it lies in the cache, and only after every check passed."""
     from safetensors.numpy import load_file, save_file
 
     cached = path.with_suffix(".safetensors")
     in_cache = path.resolve().parent.is_relative_to(cache_root().resolve())
     if in_cache and cached.exists():
-        d = load_file(str(cached))
-        return PackagedVoice(d["embeddings"], d["ring_tokens"])
+        try:
+            d = load_file(str(cached))
+            voice = PackagedVoice(d["embeddings"], d["ring_tokens"])
+        except Exception:  # damaged: made again from the .pt below
+            voice = None
+        if voice is not None:
+            check_voice(voice, cfg, path)
+            return voice
     voice = read_pt_voice(path)
+    check_voice(voice, cfg, path)
     if in_cache:
         # Written aside and renamed: an interrupted write must not leave a bad cache.
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        save_file({"embeddings": voice.embeddings, "ring_tokens": voice.ring_tokens}, str(tmp))
-        os.replace(tmp, cached)
+        try:
+            save_file({"embeddings": voice.embeddings, "ring_tokens": voice.ring_tokens}, str(tmp))
+            os.replace(tmp, cached)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a read-only cache: the voice still works
     return voice
 
 
 def audio_voice(path: Path) -> AudioVoice:
     import pyloudnorm
 
-    pcm = read_audio(path).astype(np.float64)
+    pcm = read_audio(path, max_seconds=MAX_VOICE_SECONDS, limit=" for a voice prompt").astype(np.float64)
     if len(pcm) < SAMPLE_RATE // 2:
         raise UserError(f"{path}: a voice prompt needs at least 0.5 s of audio")
     loudness = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(pcm)
@@ -119,18 +234,19 @@ def audio_voice(path: Path) -> AudioVoice:
     return AudioVoice(pcm.astype(np.float32))
 
 
-def load_voice(spec: str, model_dir: Path | None) -> Voice:
+def load_voice(spec: str, model_dir: Path | None, cfg: LMConfig) -> Voice:
     """`spec`: a packaged voice name (NATF2) from the model's voices.tgz, or a path
-    to a .wav/.flac/.mp3 (custom voice) or a PersonaPlex .pt voice file."""
+    to a .wav/.flac/.mp3 (custom voice) or a PersonaPlex .pt voice file; a recorded
+    voice is checked against the model `cfg` before use."""
     path = Path(spec).expanduser()
     if path.exists():
-        return _cached_pt(path) if path.suffix == ".pt" else audio_voice(path)
+        return _cached_pt(path, cfg) if path.suffix == ".pt" else audio_voice(path)
     if Path(spec).suffix:
         raise UserError(f"{spec}: voice file not found")
     archive = _archive(model_dir, spec)
     folder = unpack(archive)
     if (folder / f"{spec}.pt").exists():
-        return _cached_pt(folder / f"{spec}.pt")
+        return _cached_pt(folder / f"{spec}.pt", cfg)
     if (folder / f"{spec}.wav").exists():
         return audio_voice(folder / f"{spec}.wav")
     raise UserError(f"voice {spec!r} is not in {archive} (it has: {', '.join(list_voices(folder))})")

@@ -35,7 +35,10 @@ NOT_FORCED = -1  # in force_text / force_audio: sample this token
 
 
 def embed(table: nn.Embedding, ids: mx.array) -> mx.array:
-    out = table(mx.maximum(ids, 0))
+    # MLX's take does no bounds check: an id past the table reads other memory, so ids
+    # are clamped to the table here as in reference.embed_rows (they are validated
+    # where they come from; this is the lookup that cannot be fooled).
+    out = table(mx.clip(ids, 0, table.weight.shape[0] - 1))
     return mx.where((ids == ZERO_TOKEN)[..., None], mx.zeros((), out.dtype), out)
 
 

@@ -1,6 +1,7 @@
 // The page's half of a conversation: the session-start message, microphone frames out,
 // model frames and transcript in. The wire format is documented at the top of server.py.
-// URL parameters ?voice=NAME&prompt=TEXT preselect the pickers; ?autostart starts at load.
+// URL parameters ?voice=NAME&prompt=TEXT preselect the pickers; ?autostart starts at load;
+// ?token=T is passed on to the server (serve --token).
 //
 // Without headphones the microphone hears the model: the page asks the browser for its echo
 // cancellation (with noise suppression and auto gain) and shows what the browser applied, and
@@ -19,7 +20,14 @@ const stats = { state: "idle", rate: 0, captured: 0, heard: 0, sent: 0, received
 window.personaplex = stats;
 
 const $ = (id) => document.getElementById(id);
+const TOKEN = new URLSearchParams(location.search).get("token");
 let conn = null;
+
+function withToken(path) {
+  const url = new URL(path, location.href);
+  if (TOKEN) url.searchParams.set("token", TOKEN);
+  return url;
+}
 
 function setStatus(state, detail) {
   stats.state = state;
@@ -118,7 +126,7 @@ async function start() {
   // The worklet's playback queue, asked for twice a second (it answers only when asked).
   c.poll = setInterval(() => { c.node.port.postMessage("queue"); measureLatency(c); renderStats(); }, 500);
   c.node.onprocessorerror = () => { stop(); fail("the audio worklet stopped (see the console)"); };
-  const url = new URL("ws", location.href);
+  const url = withToken("ws");
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   c.ws = new WebSocket(url);
   c.ws.binaryType = "arraybuffer";
@@ -199,7 +207,9 @@ function stop() {
 async function init() {
   const params = new URLSearchParams(location.search);
   try {
-    const info = await (await fetch("api/info")).json();
+    const reply = await fetch(withToken("api/info"));
+    if (!reply.ok) throw new Error((await reply.text()).trim());
+    const info = await reply.json();
     for (const v of info.voices) $("voice").add(new Option(v, v));
   } catch (e) {
     fail(`cannot reach the server: ${e.message}`);
