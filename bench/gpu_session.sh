@@ -2,23 +2,31 @@
 # The whole GPU routine on the lent machine, in as few device calls as it allows
 # (each call may run 10 minutes; MLX's CUDA build arrives in two parts, see
 # ../shared/device/mlx-cuda-parts.sh). Here, once: ../shared/device/mlx-cuda-parts.sh,
-# bench/pack_torch_deps.sh, bench/pack_gpu_test_deps.sh. Then on the GPU machine:
-#   call 1  carry [".dev-mlx1"]                 bash .dev-mlx1/stage.sh
-#   call 2  carry [".dev-mlx2", ".dev-pydeps"]  bash bench/gpu_session.sh build test
-#   call 3  carry [".dev-mlx2", ".dev-torch"]   bash bench/gpu_session.sh build bench
-# (call 3 right after call 2, while the machine is warm: it is given back after 30 s
-# idle; `build` is a no-op then). GPU_TESTS="tests/gpu/test_x.py ..." runs a subset.
-# Logs and the table go to $OUT (the device tool's return folder), else ./gpu-out.
+# bench/pack_torch_deps.sh, bench/pack_gpu_test_deps.sh. Then on the GPU machine,
+# back to back (it is given back after 30 s idle):
+#   call 1  carry [".dev-mlx1"]                              bash .dev-mlx1/stage.sh
+#   call 2  carry [".dev-mlx2", ".dev-pydeps"]               bash bench/gpu_session.sh build test
+#   call 3  carry [".dev-mlx2", ".dev-torch"]                bash bench/gpu_session.sh official
+#   call 4  carry [".dev-mlx2"]                              bash bench/gpu_session.sh build ours report
+# `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
+# runs a subset. Logs, JSON and the report (tables.md) go to $OUT (the device tool's
+# return folder), else ./gpu-out; `report` reads the official loop's JSON from
+# OFFICIAL_DIR (default: $out), so copy it back there when the calls' $OUT differ.
+#   official   bench/official_loop.py (moshi's loop, its own process): full 7B and --structure
+#   ours       bench/tick_bench.py: full (bf16, q4, per-op at B=1, codec, profiles) and --structure
+#   bench      the older per-level tables of bench/gpu_bench.py with torch_bench.py (H100 history)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu-out}
 mkdir -p "$out"
 here=$PWD
+batches=${BATCHES:-1,8,32,64}
 
 mlx_env() {
   # shellcheck disable=SC1091
   source .dev-mlx2/env.sh || exit 2
   [ -d .dev-pydeps ] && export PYTHONPATH="$PYTHONPATH:$here/.dev-pydeps"
+  export PYTHONUNBUFFERED=1
 }
 
 for step in "$@"; do
@@ -36,18 +44,34 @@ for step in "$@"; do
         echo "build: ok" ) || exit 1 ;;
     test)
       ( mlx_env
-        # GPU_TESTS: a subset (files or -k expressions) when the device time is short.
         # shellcheck disable=SC2086
-        timeout 540 python3 -m pytest -q ${GPU_TESTS:-tests/gpu} > "$out/gpu_tests.log" 2>&1
+        timeout 480 python3 -m pytest -q ${GPU_TESTS:-tests/gpu} > "$out/gpu_tests.log" 2>&1
         grep -E "^(FAILED|ERROR)|passed|failed|Segmentation" "$out/gpu_tests.log" | tail -25 ) ;;
+    official)
+      ( export PYTHONUNBUFFERED=1
+        timeout 330 python3 bench/official_loop.py --batches "$batches" --json "$out/official.json" > "$out/official.log" 2>&1
+        timeout 200 python3 bench/official_loop.py --batches 1,8 --structure --json "$out/official_structure.json" \
+          >> "$out/official.log" 2>&1
+        grep "official loop" "$out/official.log" ) ;;
+    ours)
+      ( mlx_env
+        timeout 380 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 --codec --profile \
+          --json "$out/ours.json" > "$out/ours.log" 2>&1
+        timeout 150 python3 bench/tick_bench.py --batches 1,8 --formats 0 --structure --profile --per-op-ticks 0 \
+          --json "$out/ours_structure.json" >> "$out/ours.log" 2>&1
+        grep -v '"profile"' "$out/ours.log" | tail -5; tail -c 600 "$out/ours.log" ) ;;
+    report)
+      dir=${OFFICIAL_DIR:-$out}
+      python3 bench/perf_report.py --ours "$out/ours.json" --ours-structure "$out/ours_structure.json" \
+        --official "$dir/official.json" --official-structure "$dir/official_structure.json" > "$out/tables.md"
+      tail -30 "$out/tables.md" ;;
     bench)
-      # PyTorch in its own process first (the two frameworks never share the GPU's memory).
       ( PYTHONUNBUFFERED=1 timeout 150 python3 bench/torch_bench.py --json "$out/torch.json" \
           > "$out/torch.log" 2>&1; tail -1 "$out/torch.log" )
       ( mlx_env
-        PYTHONUNBUFFERED=1 timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
+        timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, report, bench)" >&2; exit 2 ;;
   esac
 done

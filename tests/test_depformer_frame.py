@@ -146,8 +146,9 @@ def test_ids_past_the_tables_are_clamped_in_every_path(monkeypatch):
     np.testing.assert_array_equal(np.array(codes)[hit], np.array(forced)[hit])
     assert np.isfinite(np32(logits)).all()
     np.testing.assert_allclose(np32(logits), np32(ref_logits), atol=TOL[mx.float32] * 10, rtol=0)
-    clamped = [mx.minimum(forced[k], f["tables"][k + 1].shape[0] - 1) for k in range(Q - 1)]
-    f["text"] = mx.clip(f["text"], 0, f["tables"][0].shape[0] - 1)
+    tables = f["weights"].tables
+    clamped = [mx.minimum(forced[k], tables[k + 1].shape[0] - 1) for k in range(Q - 1)]
+    f["text"] = mx.clip(f["text"], 0, tables[0].shape[0] - 1)
     _, in_range = run(reference.depformer_frame, f, mx.stack([*clamped, forced[-1]]), None, temp=0.8,
                       top_k=10)
     np.testing.assert_array_equal(np32(ref_logits), np32(in_range))

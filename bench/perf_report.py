@@ -1,0 +1,117 @@
+"""The whole-tick tables of docs/PERF.md from one lease's JSON files: ours
+(bench/tick_bench.py, full and --structure) beside the official loop
+(bench/official_loop.py, full and --structure), medians and p99 of consecutive
+ticks, and the targets of the tick-cost issue met or missed.
+
+    python bench/perf_report.py --ours ours.json --ours-structure ours_s.json \
+        --official official.json --official-structure official_s.json > tables.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load(path, empty):
+    return json.loads(Path(path).read_text()) if path else {"rows": empty, "meta": {}}
+
+
+def ours_rows(data):
+    """{(what, B): row} of tick_bench's records."""
+    return {(r["what"], r["B"]): r for r in data["rows"]}
+
+
+def official_rows(data):
+    return {int(B): r for B, r in data.get("rows", {}).items()}
+
+
+def cell(r, key="median"):
+    if not r:
+        return "-"
+    if "error" in r:
+        return "error: " + r["error"][:40]
+    return f"{r[key]:.1f}" if key != "median" else f"{r['median']:.2f} / {r['p99']:.2f}"
+
+
+def ratio(a, b):
+    if not a or not b or "median" not in a or "median" not in b:
+        return "-"
+    return f"{b['median'] / a['median']:.2f}x"
+
+
+def tick_table(ours, official, title):
+    batches = sorted({B for (w, B) in ours if w.startswith("tick")} | set(official))
+    lines = [f"### {title}", "",
+             "| sessions | ours bf16 (median / p99 ms) | ours q4 | official loop bf16 | official / ours bf16 "
+             "| p99 / median (bf16) | host ms / tick (bf16) |",
+             "|---|---|---|---|---|---|---|"]
+    for B in batches:
+        bf, q4, off = ours.get(("tick bf16", B)), ours.get(("tick q4", B)), official.get(B)
+        jitter = f"{bf['p99'] / bf['median']:.2f}" if bf and "median" in bf else "-"
+        host = f"{bf['host']:.2f}" if bf and "host" in bf else "-"
+        lines.append(f"| {B} | {cell(bf)} | {cell(q4)} | {cell(off)} | {ratio(bf, off)} | {jitter} | {host} |")
+    return lines
+
+
+def targets(ours, ours_s, official, official_s):
+    def med(rows, key):
+        r = rows.get(key)
+        return r["median"] if r and "median" in r else None
+
+    def p99r(rows, key):
+        r = rows.get(key)
+        return r["p99"] / r["median"] if r and "median" in r else None
+
+    checks = [
+        ("structure-only tick, B=1", med(ours_s, ("tick bf16", 1)), 2.0, official_s.get(1)),
+        ("structure-only tick, B=8", med(ours_s, ("tick bf16", 8)), 3.0, official_s.get(8)),
+        ("Mimi encode + decode, B=1", med(ours, ("codec", 1)), 1.5, None),
+        ("Mimi encode + decode, B=64", med(ours, ("codec", 64)), 4.0, None),
+        ("whole tick bf16, B=1", med(ours, ("tick bf16", 1)), 7.0, official.get(1)),
+        ("whole tick q4, B=1", med(ours, ("tick q4", 1)), 5.0, None),
+    ]
+    lines = ["| what | ours (ms) | target | met | official loop (ms) |", "|---|---|---|---|---|"]
+    for what, got, target, off in checks:
+        met = "-" if got is None else ("yes" if got <= target else f"no, +{got - target:.2f} ms")
+        off_ms = f"{off['median']:.2f}" if off and "median" in off else "-"
+        lines.append(f"| {what} | {'-' if got is None else f'{got:.2f}'} | <= {target} | {met} | {off_ms} |")
+    worst = max((p99r(ours, k) or 0 for k in ours if k[0].startswith("tick")), default=None)
+    if worst:
+        lines.append(f"| p99 / median of consecutive ticks (worst row) | {worst:.2f} | <= 1.2 | "
+                     f"{'yes' if worst <= 1.2 else 'no'} | |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name in ("ours", "ours-structure", "official", "official-structure"):
+        p.add_argument(f"--{name}")
+    a = p.parse_args(argv)
+    ours, ours_s = load(a.ours, []), load(a.ours_structure, [])
+    official, official_s = load(a.official, {}), load(a.official_structure, {})
+    o, os_ = ours_rows(ours), ours_rows(ours_s)
+    f, fs = official_rows(official), official_rows(official_s)
+    out = [f"Ours: {ours['meta'].get('versions', '?')}. Official loop: moshi {official['meta'].get('moshi', '?')}, "
+           f"torch {official['meta'].get('torch', '?')}, {official['meta'].get('device', '?')}, "
+           f"{official['meta'].get('date', '?')}.", ""]
+    out += tick_table(o, f, "Whole tick, official 7B config, every session at a full window") + [""]
+    if os_ or fs:
+        out += tick_table(os_, fs, "Structure only (the 7B's layers and the full Mimi, negligible widths)") + [""]
+    per_op = [r for (w, B), r in o.items() if w.startswith("per-op")]
+    for (w, B), r in o.items():
+        if w.startswith("per-op"):
+            out.append(f"Op-by-op engine (program=False), {w.split()[-1]}, B={B}: {cell(r)} ms.")
+    codec = sorted((B, r) for (w, B), r in o.items() if w == "codec")
+    if codec:
+        out.append("Mimi alone (encode + decode of one frame, tick.CodecRunner): " +
+                   ", ".join(f"B={B} {cell(r)} ms" for B, r in codec) + ".")
+    if per_op or codec:
+        out.append("")
+    out += ["### Targets", ""] + targets(o, os_, f, fs)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
