@@ -55,7 +55,7 @@ for step in "$@"; do
         grep "official loop" "$out/official.log" ) ;;
     ours)
       ( mlx_env
-        timeout 380 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 --codec --profile \
+        timeout 380 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 --codec --profile --matvec-small 4,8 \
           --json "$out/ours.json" > "$out/ours.log" 2>&1
         timeout 150 python3 bench/tick_bench.py --batches 1,8 --formats 0 --structure --profile --per-op-ticks 0 \
           --json "$out/ours_structure.json" >> "$out/ours.log" 2>&1

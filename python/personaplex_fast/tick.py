@@ -49,6 +49,9 @@ CONTROL_COLS = 2  # reset bits, seed
 # Both forms compute the same function (tests/gpu/test_tick_gpu.py); docs/PERF.md has
 # the measurements behind the numbers.
 GEMM_MIN_ROWS = 4
+# ... unless the weights are smaller than this and the rows at most 8 (matvec's tile):
+# the depformer's and the codec's small weights (0: always the GEMM at GEMM_MIN_ROWS).
+GEMM_MIN_BYTES = 0
 CONV_GEMM_MIN_MACS = 4_000_000
 
 
@@ -155,7 +158,7 @@ class Builder:
         proj = _proj(layer)
         w, scales, biases, bits = proj.w, proj.scales, proj.biases, proj.bits
         dt = self.p_dtype(x)
-        if self.gpu and bits == 0 and M >= GEMM_MIN_ROWS:
+        if self.gpu and bits == 0 and M >= GEMM_MIN_ROWS and (M > 8 or w.nbytes >= GEMM_MIN_BYTES):
             src = x
             if norm is not None:
                 src = self.shared("normed", (M, K), dt)
