@@ -15,6 +15,7 @@ memory). moshi comes from .dev-torch/ as for bench/torch_bench.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -64,9 +65,10 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=3000)
     p.add_argument("--structure", action="store_true", help="the 7B's structure at negligible widths")
     p.add_argument("--json", help="write the results here (rewritten after every batch)")
+    p.add_argument("--tiny", action="store_true", help="tiny widths on the CPU, no graphs (a smoke test)")
     a = p.parse_args(argv)
     m, _ = import_moshi()
-    device = torch.device("cuda")
+    device = torch.device("cpu" if a.tiny else "cuda")
     from torch import _dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):  # one compiled entry per B, as torch_bench
@@ -74,21 +76,26 @@ def main(argv=None):
             setattr(_dynamo.config, name, 64)
             break
     torch.manual_seed(0)
-    b = Bench(m, device, torch.bfloat16, torch.float32, a.context, a.ticks, False, True, True)
+    b = Bench(m, device, torch.float32 if a.tiny else torch.bfloat16, torch.float32,
+              min(a.context, 16) if a.tiny else a.context, a.ticks, a.tiny, not a.tiny, not a.tiny)
     if a.structure:
         b.lm_kwargs.update(STRUCTURE_LM)
-    meta = dict(torch=torch.__version__, moshi=m.version, device=torch.cuda.get_device_name(device),
+    meta = dict(torch=torch.__version__, moshi=m.version,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 date=time.strftime("%Y-%m-%d"), structure=a.structure, context=a.context, ticks=a.ticks,
                 warmup=a.warmup, lm=b.lm_kwargs)
     rows = {}
-    with torch.no_grad():
+    if a.tiny:
+        torch.set_num_threads(1)  # at tiny widths, threads only wait on each other
+    with torch.no_grad(), (m.compile.no_compile() if a.tiny else contextlib.nullcontext()):
         for B in (int(x) for x in a.batches.split(",")):
             try:
                 t = loop_ticks(b, B, a.ticks, a.warmup)
                 rows[B] = dict(median=statistics.median(t), p99=percentile(t, 99), min=min(t))
             except torch.cuda.OutOfMemoryError as e:
                 rows[B] = dict(error=f"out of memory: {str(e).splitlines()[0]}")
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             print(f"official loop{' (structure)' if a.structure else ''} B={B}: {rows[B]}", flush=True)
             if a.json:
                 Path(a.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

@@ -32,3 +32,32 @@ def test_gpu_table_script_runs_tiny(tmp_path):
     # Every row of every table has a positive time in the "ours" column.
     rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| what")]
     assert rows and all(float(l.split("|")[3]) > 0 for l in rows)
+
+
+def test_tick_bench_and_report_run_tiny(tmp_path):
+    """bench/tick_bench.py at tiny sizes on the CPU, and bench/perf_report.py over its JSON."""
+    ours = tmp_path / "ours.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "tick_bench.py"), "--tiny", "--batches", "1,2", "--formats", "0,4",
+         "--ticks", "2", "--warmup", "1", "--per-op-ticks", "2", "--codec", "--profile", "--json", str(ours)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = __import__("json").loads(ours.read_text())["rows"]
+    whats = {(r["what"], r["B"]) for r in rows}
+    assert {("codec", 1), ("tick bf16", 2), ("tick q4", 1), ("per-op engine bf16", 1)} <= whats
+    assert all(r["median"] > 0 and r["p99"] >= r["median"] and r["profile"] for r in rows if r["what"] == "tick bf16")
+    report = subprocess.run([sys.executable, str(ROOT / "bench" / "perf_report.py"), "--ours", str(ours)],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| 2 |" in report.stdout and "whole tick bf16, B=1" in report.stdout
+
+
+def test_official_loop_runs_tiny(tmp_path):
+    """bench/official_loop.py (moshi's loop, tick by tick) at tiny widths on the CPU."""
+    out = tmp_path / "official.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "official_loop.py"), "--tiny", "--batches", "1,2",
+                           "--ticks", "3", "--warmup", "1", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = __import__("json").loads(out.read_text())["rows"]
+    assert set(rows) == {"1", "2"} and all(r["median"] > 0 for r in rows.values())
