@@ -186,7 +186,7 @@ void TickProgram::check_handle(int h, const char* what) const {
 int TickProgram::buffer(long bytes, mx::Dtype dtype) {
   check(!sealed_, "buffers must be made before the first tick");
   check(bytes >= 0, "a buffer needs bytes >= 0");
-  mems_.push_back({-1, arena_bytes_, bytes, dtype});
+  mems_.push_back({.weight = -1, .offset = arena_bytes_, .bytes = bytes, .dtype = dtype});
   arena_bytes_ += (bytes + kAlign - 1) / kAlign * kAlign;
   return static_cast<int>(mems_.size()) - 1;
 }
@@ -210,7 +210,8 @@ int TickProgram::weight(const mx::array& a) {
   check(a.is_available() && a.flags().row_contiguous,
         "weights must be evaluated and row-contiguous (mx.eval them, mx.contiguous if needed)");
   weights_.push_back(a);
-  mems_.push_back({static_cast<int>(weights_.size()) - 1, 0, static_cast<long>(a.nbytes()), a.dtype()});
+  mems_.push_back({.weight = static_cast<int>(weights_.size()) - 1, .offset = 0, .bytes = static_cast<long>(a.nbytes()),
+                   .dtype = a.dtype()});
   return static_cast<int>(mems_.size()) - 1;
 }
 
@@ -229,13 +230,14 @@ void TickProgram::reset_region(int h, long row_bytes, int mask, uint32_t pattern
   check_handle(h, "reset_region");
   check(mems_[h].weight < 0, "reset_region: only arena regions are session state");
   check(mems_[h].bytes >= row_bytes * B_ && B_ > 0, "reset_region: the region must hold B rows (set_io first)");
-  regions_.push_back({mems_[h].offset, row_bytes, pattern, control_col, mask, 0});
+  regions_.push_back({.offset = mems_[h].offset, .row_bytes = row_bytes, .pattern = pattern, .control_col = control_col,
+                      .mask = mask, .pad = 0});
 }
 
 void TickProgram::update_region(int h, int count, int mode, int value) {
   check_handle(h, "update_region");
   check(mems_[h].weight < 0 && (mode == 0 || mode == 1), "update_region: an arena region, mode 0 or 1");
-  updates_.push_back({mems_[h].offset, count, mode, value, 0});
+  updates_.push_back({.offset = mems_[h].offset, .count = count, .mode = mode, .value = value, .pad = 0});
 }
 
 void TickProgram::set_io(int pcm_in, int control, int pcm_out, int tokens, int B, int F, int C, int G) {
@@ -286,14 +288,15 @@ void TickProgram::materialize() {
   };
   if (!regions_.empty()) {
     const int h = table(regions_.data(), static_cast<long>(regions_.size() * sizeof(FillRegion)));
-    ops_.insert(ops_.begin(), prog::FillRows{h, control_, static_cast<int>(regions_.size()), B_, C_});
+    ops_.insert(ops_.begin(), prog::FillRows{.regions = h, .control = control_, .n = static_cast<int>(regions_.size()),
+                                             .B = B_, .control_cols = C_});
     fill_op_ = 0;
   }
   if (!updates_.empty()) {
     const int h = table(updates_.data(), static_cast<long>(updates_.size() * sizeof(UpdateEntry)));
     int count = 0;
     for (const auto& u : updates_) count = std::max(count, u.count);
-    ops_.push_back(prog::Update{h, static_cast<int>(updates_.size()), count});
+    ops_.push_back(prog::Update{.entries = h, .n = static_cast<int>(updates_.size()), .count = count});
   }
   sealed_ = true;
   if (!gpu_) {

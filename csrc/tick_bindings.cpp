@@ -85,7 +85,8 @@ void bind_tick(nb::module_& m) {
             need(p, residual, residual >= 0 ? M * static_cast<long>(n_out) * e : 0, op, "residual");
             need(p, out, M * static_cast<long>(n_out) * e, op, "out");
             same_dtype(p, op, {x, alpha, residual, out, bits ? scales : -1});
-            p.add(prog::Matvec{x, w, scales, biases, alpha, residual, out, bits,
+            p.add(prog::Matvec{.x = x, .w = w, .scales = scales, .biases = biases, .alpha = alpha, .residual = residual,
+                               .out = out, .bits = bits, .args =
                                MatvecArgs{.M = M, .K = K, .n_out = n_out, .norm = alpha >= 0, .gate = gate,
                                           .residual = residual >= 0, .eps = eps}});
           },
@@ -117,7 +118,8 @@ void bind_tick(nb::module_& m) {
             if (!out_strides.empty()) {
               a.out_b = out_strides[0], a.out_h = out_strides[1], a.out_t = out_strides[2];
             }
-            p.add(prog::Attention{q, k, v, kc, vc, pos, out, rope_max_period, a});
+            p.add(prog::Attention{.q = q, .k = k, .v = v, .kc = kc, .vc = vc, .pos = pos, .out = out,
+                                  .rope_max_period = rope_max_period, .args = a});
           },
           "q"_a, "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "pos"_a, "out"_a, "B"_a, "H"_a, "T"_a, "D"_a, "W"_a,
           "new_strides"_a, "out_strides"_a = std::vector<long>{}, "rope_max_period"_a = 0.f,
@@ -150,10 +152,11 @@ void bind_tick(nb::module_& m) {
                             .stride = stride, .dilation = dilation, .groups = groups, .lanes = 0,
                             .has_bias = bias >= 0};
             conv.lanes = conv1d_lanes(conv);
-            p.add(prog::Conv1d{x, state, first, w, bias, y, buf, next, gemm, cols,
-                               GatherArgs{.B = B, .T = T, .C = C_in, .context = context, .elu = elu,
-                                          .has_first = first >= 0},
-                               conv});
+            p.add(prog::Conv1d{.x = x, .state = state, .first = first, .w = w, .bias = bias, .y = y, .buf = buf,
+                               .next = next, .gemm = gemm, .cols = cols,
+                               .gather = GatherArgs{.B = B, .T = T, .C = C_in, .context = context, .elu = elu,
+                                                    .has_first = first >= 0},
+                               .conv = conv});
           },
           "x"_a, "state"_a, "w"_a, "y"_a, "B"_a, "T"_a, "C_in"_a, "C_out"_a, "K"_a, "stride"_a = 1,
           "dilation"_a = 1, "groups"_a = 1, "elu"_a = false, "bias"_a = -1, "first"_a = -1, "gemm"_a = false,
@@ -183,7 +186,8 @@ void bind_tick(nb::module_& m) {
             ConvTrArgs conv{.B = B, .T = T, .C_in = C_in, .C_out = C_out, .K = K, .stride = stride,
                             .groups = groups, .lanes = 0, .has_bias = bias >= 0};
             conv.lanes = convtr_lanes(conv);
-            p.add(prog::ConvTranspose1d{x, partial, w, bias, y, xe, next, w_t, z, elu, conv});
+            p.add(prog::ConvTranspose1d{.x = x, .partial = partial, .w = w, .bias = bias, .y = y, .xe = xe, .next = next,
+                                        .w_t = w_t, .z = z, .elu = elu, .conv = conv});
           },
           "x"_a, "partial"_a, "w"_a, "y"_a, "B"_a, "T"_a, "C_in"_a, "C_out"_a, "K"_a, "stride"_a, "groups"_a = 1,
           "elu"_a = false, "bias"_a = -1, "w_t"_a = -1,
@@ -196,7 +200,8 @@ void bind_tick(nb::module_& m) {
             need(p, x, 4L * n * D, op, "x");
             need(p, books, 4L * n_q * bins * D, op, "books");
             need(p, codes, 4L * n * n_q, op, "codes");
-            p.add(prog::RvqEncode{x, books, codes, -1, RvqArgs{.n = n, .n_q = n_q, .bins = bins, .D = D}});
+            p.add(prog::RvqEncode{.x = x, .books = books, .codes = codes, .part = -1,
+                                  .args = RvqArgs{.n = n, .n_q = n_q, .bins = bins, .D = D}});
           },
           "x"_a, "books"_a, "codes"_a, "n"_a, "n_q"_a, "bins"_a, "D"_a)
       .def(
@@ -207,7 +212,8 @@ void bind_tick(nb::module_& m) {
             need(p, codes, 4L * n * n_q, op, "codes");
             need(p, books, 4L * n_q * bins * D, op, "books");
             need(p, out, 4L * n * D, op, "out");
-            p.add(prog::RvqDecode{codes, books, out, RvqArgs{.n = n, .n_q = n_q, .bins = bins, .D = D}});
+            p.add(prog::RvqDecode{.codes = codes, .books = books, .out = out,
+                                  .args = RvqArgs{.n = n, .n_q = n_q, .bins = bins, .D = D}});
           },
           "codes"_a, "books"_a, "out"_a, "n"_a, "n_q"_a, "bins"_a, "D"_a)
       .def(
@@ -217,7 +223,7 @@ void bind_tick(nb::module_& m) {
             need(p, seeds, 4L * B, op, "seeds");
             need(p, offsets, 4L * B, op, "offsets");
             need(p, out, 4L * streams * B * V, op, "out");
-            p.add(prog::Gumbel{seeds, offsets, out,
+            p.add(prog::Gumbel{.seeds = seeds, .offsets = offsets, .out = out, .args =
                                GumbelArgs{.B = B, .V = V, .streams = streams, .stream0 = stream0}});
           },
           "seeds"_a, "offsets"_a, "out"_a, "B"_a, "V"_a, "streams"_a, "stream0"_a)
@@ -232,7 +238,8 @@ void bind_tick(nb::module_& m) {
             need(p, forced, forced >= 0 ? 4L * rows : 0, op, "forced");
             need(p, out, 4L * rows, op, "out");
             const bool use_noise = !greedy && noise >= 0;
-            p.add(prog::Sample{logits, use_noise ? noise : -1, forced, out, rows,
+            p.add(prog::Sample{.logits = logits, .noise = use_noise ? noise : -1, .forced = forced, .out = out, .rows = rows,
+                               .args =
                                SampleArgs{.V = V, .temp = greedy ? 0.f : temp, .top_k = greedy ? 0 : top_k,
                                           .greedy = greedy, .has_noise = use_noise, .has_forced = forced >= 0}});
           },
@@ -248,7 +255,8 @@ void bind_tick(nb::module_& m) {
             need(p, tokens, 4L * B, op, "tokens");
             need(p, out, static_cast<long>(B) * D * e, op, "out");
             same_dtype(p, op, {pre, table, out});
-            p.add(prog::EmbedAdd{pre, table, tokens, out, EmbedArgs{.B = B, .D = D, .rows = rows}});
+            p.add(prog::EmbedAdd{.pre = pre, .table = table, .tokens = tokens, .out = out,
+                                 .args = EmbedArgs{.B = B, .D = D, .rows = rows}});
           },
           "pre"_a, "table"_a, "tokens"_a, "out"_a, "B"_a, "D"_a, "rows"_a)
       .def(
@@ -261,7 +269,8 @@ void bind_tick(nb::module_& m) {
             need(p, b, b >= 0 ? dim * e : 0, op, "b");
             need(p, out, static_cast<long>(rows) * dim * e, op, "out");
             same_dtype(p, op, {x, w, b, out});
-            p.add(prog::Norm{x, w, b, out, NormArgs{.rows = rows, .dim = dim, .eps = eps, .layer = b >= 0}});
+            p.add(prog::Norm{.x = x, .w = w, .b = b, .out = out,
+                             .args = NormArgs{.rows = rows, .dim = dim, .eps = eps, .layer = b >= 0}});
           },
           "x"_a, "w"_a, "out"_a, "rows"_a, "dim"_a, "eps"_a, "b"_a = -1,
           "RMSNorm of rows (b = -1) or LayerNorm with bias b.")
@@ -270,7 +279,7 @@ void bind_tick(nb::module_& m) {
           [](P& p, int x, int out, int rows, int cols) {
             need(p, x, static_cast<long>(rows) * cols * es(p, x), "tick gelu", "x");
             need(p, out, static_cast<long>(rows) * cols * es(p, x), "tick gelu", "out");
-            p.add(prog::Gelu{x, out, RowsArgs{.rows = rows, .cols = cols}});
+            p.add(prog::Gelu{.x = x, .out = out, .args = RowsArgs{.rows = rows, .cols = cols}});
           },
           "x"_a, "out"_a, "rows"_a, "cols"_a)
       .def(
@@ -283,7 +292,7 @@ void bind_tick(nb::module_& m) {
             need(p, out, n, op, "out");
             need(p, scale, scale >= 0 ? cols * es(p, x) : 0, op, "scale");
             same_dtype(p, op, {x, y, out, scale});
-            p.add(prog::ScaleAdd{x, scale, y, out, RowsArgs{.rows = rows, .cols = cols}});
+            p.add(prog::ScaleAdd{.x = x, .scale = scale, .y = y, .out = out, .args = RowsArgs{.rows = rows, .cols = cols}});
           },
           "x"_a, "y"_a, "out"_a, "rows"_a, "cols"_a, "scale"_a = -1, "out = x + scale * y (per column), or x + y.")
       .def(
@@ -302,7 +311,8 @@ void bind_tick(nb::module_& m) {
             need(p, ac, 4L * B * n_ac, op, "ac");
             need(p, cur, 4L * B * (1 + n_q), op, "cur");
             need(p, now, 4L * B * (1 + dep_q), op, "now");
-            p.add(prog::FrameIn{tokens, forced, offsets, delays, sem, ac, cur, now, n_ac,
+            p.add(prog::FrameIn{.tokens = tokens, .forced = forced, .offsets = offsets, .delays = delays, .sem = sem,
+                                .ac = ac, .cur = cur, .now = now, .n_ac = n_ac, .args =
                                 FrameArgs{.B = B, .n_q = n_q, .dep_q = dep_q, .user_q = user_q, .n_sem = n_sem,
                                           .R = R, .max_delay = max_delay, .text_initial = text_initial,
                                           .audio_initial = audio_initial, .card = card}});
@@ -323,7 +333,8 @@ void bind_tick(nb::module_& m) {
             need(p, sem, 4L * B * n_sem, op, "sem");
             need(p, ac, 4L * B * (dep_q - n_sem), op, "ac");
             need(p, valid, 4L * B, op, "valid");
-            p.add(prog::FrameOut{tokens, offsets, delays, gen, out, sem, ac, valid,
+            p.add(prog::FrameOut{.tokens = tokens, .offsets = offsets, .delays = delays, .gen = gen, .out = out,
+                                 .sem = sem, .ac = ac, .valid = valid, .args =
                                  FrameArgs{.B = B, .n_q = n_q, .dep_q = dep_q, .user_q = n_q - dep_q,
                                            .n_sem = n_sem, .R = R, .max_delay = max_delay, .card = card}});
           },
@@ -338,7 +349,7 @@ void bind_tick(nb::module_& m) {
             need(p, w, static_cast<long>(N) * K * e, op, "w");
             need(p, y, static_cast<long>(M) * N * e, op, "y");
             same_dtype(p, op, {x, w, y});
-            p.add(prog::Gemm{x, w, y, M, N, K, accumulate});
+            p.add(prog::Gemm{.x = x, .w = w, .y = y, .M = M, .N = N, .K = K, .accumulate = accumulate});
           },
           "x"_a, "w"_a, "y"_a, "M"_a, "N"_a, "K"_a, "accumulate"_a = false,
           "y [M, N] = x [M, K] W [N, K]^T (+ y): a cuBLAS GEMM on CUDA.")
@@ -348,7 +359,7 @@ void bind_tick(nb::module_& m) {
             need(p, x, 2L * rows * cols * es(p, x), "tick gate", "x");
             need(p, out, static_cast<long>(rows) * cols * es(p, x), "tick gate", "out");
             same_dtype(p, "tick gate", {x, out});
-            p.add(prog::Gate{x, out, RowsArgs{.rows = rows, .cols = cols}});
+            p.add(prog::Gate{.x = x, .out = out, .args = RowsArgs{.rows = rows, .cols = cols}});
           },
           "x"_a, "out"_a, "rows"_a, "cols"_a, "out = silu(first half of x) * second half, as matvec's gate.")
       .def("profile", &P::profile, "Each op's time (ms), the ops run once outside the graph.")
@@ -358,7 +369,7 @@ void bind_tick(nb::module_& m) {
             need(p, x, 4L * rows * cols, "tick mute", "x");
             need(p, out, 4L * rows * cols, "tick mute", "out");
             need(p, valid, 4L * rows, "tick mute", "valid");
-            p.add(prog::Mute{x, valid, out, RowsArgs{.rows = rows, .cols = cols}});
+            p.add(prog::Mute{.x = x, .valid = valid, .out = out, .args = RowsArgs{.rows = rows, .cols = cols}});
           },
           "x"_a, "valid"_a, "out"_a, "rows"_a, "cols"_a)
       .def(
@@ -366,7 +377,7 @@ void bind_tick(nb::module_& m) {
           [](P& p, int dst, int src, long bytes) {
             need(p, dst, bytes, "tick copy", "dst");
             need(p, src, bytes, "tick copy", "src");
-            p.add(prog::Copy{dst, src, bytes});
+            p.add(prog::Copy{.dst = dst, .src = src, .bytes = bytes});
           },
           "dst"_a, "src"_a, "bytes"_a);
 
