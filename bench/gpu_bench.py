@@ -21,32 +21,15 @@ import statistics
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 import gpu_primitives
-from gpu_common import Table, copy_bandwidth, median_ms, param_bytes, show, sizes, use_tiny_sizes, versions
+from gpu_common import (Table, build_lm, build_mimi, copy_bandwidth, median_ms, param_bytes, show, sizes,
+                        use_tiny_sizes, versions)
 from personaplex_fast import ops
 
 
 # -- model levels -----------------------------------------------------------------
-
-
-def build_lm(bits):
-    from personaplex_fast.checkpoint import quantizable
-    from personaplex_fast.config import LMConfig
-    from personaplex_fast.models.lm import LM
-
-    if sizes.TINY:
-        from personaplex_fast.tiny import TINY as cfg
-    else:
-        cfg = LMConfig()
-    lm = LM(cfg)
-    lm.set_dtype(mx.bfloat16)
-    if bits:
-        nn.quantize(lm, group_size=64, bits=bits, class_predicate=quantizable(64))
-    mx.eval(lm.parameters())
-    return lm
 
 
 def lm_times(lm, B, sampling, iters):
@@ -159,18 +142,6 @@ def tick_time(lm, mimi, B, iters):
     engine.seek(sizes.CONTEXT_FRAME)
     pcm = (0.1 * np.random.default_rng(B).standard_normal((B, mimi.cfg.frame_size))).astype(np.float32)
     return median_ms(lambda: engine.tick(pcm), iters=iters)
-
-
-def build_mimi():
-    from personaplex_fast.models.mimi import Mimi
-
-    if sizes.TINY:
-        from personaplex_fast.mimi_checkpoint import tiny_mimi_config
-        mimi = Mimi(tiny_mimi_config())
-    else:
-        mimi = Mimi()
-    mx.eval(mimi.parameters())
-    return mimi
 
 
 def mimi_rows(table, mimi, batches, ref_batches, iters):

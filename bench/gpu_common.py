@@ -92,3 +92,39 @@ def versions():
 def show(table):
     """Print a finished table at once (a run cut short keeps what it measured)."""
     print("\n".join(table.lines()), flush=True)
+
+
+def build_lm(bits, structure=False):
+    """The 7B LM with random weights in bf16 (bits: 4 or 8 quantizes it as `convert`
+    does); structure: the 7B's layers at negligible widths; the tiny model with --tiny."""
+    import mlx.nn as nn
+
+    from personaplex_fast.checkpoint import quantizable
+    from personaplex_fast.config import DepformerConfig, LMConfig
+    from personaplex_fast.models.lm import LM
+
+    if sizes.TINY:
+        from personaplex_fast.tiny import TINY as cfg
+    elif structure:
+        cfg = LMConfig(dim=256, num_heads=2, depformer=DepformerConfig(dim=128, num_heads=2,
+                                                                      dim_feedforward=int(4.125 * 128)))
+    else:
+        cfg = LMConfig()
+    lm = LM(cfg)
+    lm.set_dtype(mx.bfloat16)
+    if bits:
+        nn.quantize(lm, group_size=64, bits=bits, class_predicate=quantizable(64))
+    mx.eval(lm.parameters())
+    return lm
+
+
+def build_mimi():
+    from personaplex_fast.models.mimi import Mimi
+
+    if sizes.TINY:
+        from personaplex_fast.mimi_checkpoint import tiny_mimi_config
+        mimi = Mimi(tiny_mimi_config())
+    else:
+        mimi = Mimi()
+    mx.eval(mimi.parameters())
+    return mimi

@@ -26,10 +26,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpu_common import sizes, use_tiny_sizes, versions  # noqa: E402
+from gpu_common import build_lm, build_mimi, sizes, use_tiny_sizes, versions  # noqa: E402
 
 CONTEXT_FRAME = 3100
 
@@ -44,38 +43,6 @@ def summary(total, host=None):
     if host:
         out["host"] = statistics.median(host)
     return out
-
-
-def build_lm(bits, structure):
-    from personaplex_fast.checkpoint import quantizable
-    from personaplex_fast.config import DepformerConfig, LMConfig
-    from personaplex_fast.models.lm import LM
-
-    if sizes.TINY:
-        from personaplex_fast.tiny import TINY as cfg
-    elif structure:
-        cfg = LMConfig(dim=256, num_heads=2, depformer=DepformerConfig(dim=128, num_heads=2,
-                                                                      dim_feedforward=int(4.125 * 128)))
-    else:
-        cfg = LMConfig()
-    lm = LM(cfg)
-    lm.set_dtype(mx.bfloat16)
-    if bits:
-        nn.quantize(lm, group_size=64, bits=bits, class_predicate=quantizable(64))
-    mx.eval(lm.parameters())
-    return lm
-
-
-def build_mimi():
-    from personaplex_fast.models.mimi import Mimi
-
-    if sizes.TINY:
-        from personaplex_fast.mimi_checkpoint import tiny_mimi_config
-        mimi = Mimi(tiny_mimi_config())
-    else:
-        mimi = Mimi()
-    mx.eval(mimi.parameters())
-    return mimi
 
 
 def op_profile(program):
@@ -179,7 +146,7 @@ def main(argv=None):
         for B in batches:
             record(dict(what="codec", B=B, **codec_ticks(mimi, B, a.ticks, a.warmup, a.profile)))
     for bits in (int(x) for x in a.formats.split(",")):
-        lm = build_lm(bits, a.structure)
+        lm = build_lm(bits, structure=a.structure)
         fmt = "bf16" if bits == 0 else f"q{bits}"
         if a.per_op_ticks:
             record(dict(what=f"per-op engine {fmt}", B=batches[0],

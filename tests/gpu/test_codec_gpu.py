@@ -34,11 +34,7 @@ TOL = {mx.float32: 1e-5, mx.bfloat16: 1.6e-2, mx.float16: 2e-3}
 DTYPES = [mx.float32, mx.bfloat16, mx.float16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def poisoned_outputs():
-    _ext.set_gpu_poison(True)
-    yield
-    _ext.set_gpu_poison(False)
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 

@@ -12,15 +12,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from personaplex_fast import _ext, ops
+from personaplex_fast import ops
 from tests.test_decoder_layers import caches, make_stack, np32, per_op_chain
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    _ext.set_gpu_poison(True)
-    yield
-    _ext.set_gpu_poison(False)
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 SHAPES = [  # B, C, H, hidden, W, L, rope

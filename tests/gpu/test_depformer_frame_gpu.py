@@ -13,16 +13,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from personaplex_fast import _ext, ops, reference
+from personaplex_fast import ops, reference
 from tests.test_decoder_layers import np32
 from tests.test_depformer_frame import frame_and_per_op_loop, make_frame, run
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    _ext.set_gpu_poison(True)
-    yield
-    _ext.set_gpu_poison(False)
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def close(a, b, dtype):

@@ -12,11 +12,7 @@ from personaplex_fast import _ext, ops
 from tests.test_matvec import EPS, assert_matches, emulate, operands, to_np
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    _ext.set_gpu_poison(True)
-    yield
-    _ext.set_gpu_poison(False)
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def gpu_and_cpu(x, w, scales, biases, alpha, res, bits, gate):

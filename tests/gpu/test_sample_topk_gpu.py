@@ -7,14 +7,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from personaplex_fast import _ext, ops, reference
+from personaplex_fast import ops, reference
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    _ext.set_gpu_poison(True)
-    yield
-    _ext.set_gpu_poison(False)
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])

@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from personaplex_fast import _ext, tick
+from personaplex_fast import tick
 from personaplex_fast.engine import Engine
 from personaplex_fast.loading import load_model
 from personaplex_fast.sampling import SamplingConfig
@@ -26,11 +26,7 @@ def tiny(tmp_path_factory):
     return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    _ext.set_gpu_poison(True)
-    yield
-    _ext.set_gpu_poison(False)
+pytestmark = pytest.mark.usefixtures("poison")
 
 
 def frames(n, B, seed):
