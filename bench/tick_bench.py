@@ -125,7 +125,7 @@ def main(argv=None):
     p.add_argument("--codec", action="store_true", help="also time the codec alone")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (a CPU smoke test)")
     p.add_argument("--profile", action="store_true", help="also each op kind's GPU time (one tick, op by op)")
-    p.add_argument("--matvec-small", default="", help="batches also timed with tick.GEMM_MIN_BYTES = 32 MB "
+    p.add_argument("--matvec-small", default="", help="batches also timed with tick.builder.GEMM_MIN_BYTES = 32 MB "
                    "(small weights by matvec up to 8 rows), e.g. 4,8")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     a = p.parse_args(argv)
@@ -160,10 +160,10 @@ def main(argv=None):
             if str(B) in a.matvec_small.split(",") and bits == 0:
                 from personaplex_fast import tick
 
-                tick.GEMM_MIN_BYTES = 32 << 20
+                tick.builder.GEMM_MIN_BYTES = 32 << 20
                 record(dict(what=f"tick {fmt} (small weights by matvec)", B=B,
                             **engine_ticks(lm, mimi, B, a.ticks, a.warmup, profile=a.profile)))
-                tick.GEMM_MIN_BYTES = 0
+                tick.builder.GEMM_MIN_BYTES = 0
         del lm
         gc.collect()
         mx.clear_cache()

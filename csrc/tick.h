@@ -5,7 +5,7 @@
 // Why: built op by op, a frame is ~1,700 MLX graph nodes, and building,
 // recording and launching them costs ~14 ms of host time per tick on an H200,
 // more than the bytes the frame must move (docs/PERF.md). Here the frame is
-// described once (python/personaplex_fast/tick.py walks the models and adds the
+// described once (python/personaplex_fast/tick/ walks the models and adds the
 // ops), the sessions' streaming state (KV rings, token rings, codec conv and
 // transformer states, seeds) lives in the program's arena and is updated in
 // place, and MLX sees one node per tick:
@@ -20,7 +20,7 @@
 // initial bytes), weights (evaluated, row-contiguous MLX arrays the program
 // holds), and views (a handle plus a byte offset). Control column 0 resets a
 // session: a bit set of state classes whose rows (every region registered with
-// that bit) are refilled before the tick; the builder (tick.py) names them.
+// that bit) are refilled before the tick; the builder (python/personaplex_fast/tick/builder.py) names them.
 
 #pragma once
 
@@ -225,7 +225,6 @@ class TickProgram {
   std::vector<double> profile_cuda();
   void read_cuda(int h, long offset, void* dst, long bytes);
   void check_handle(int h, const char* what) const;
-  void check_op(const prog::Op& op) const;
   void run_cpu_op(const prog::Op& op);
 
   bool gpu_;

@@ -1,7 +1,7 @@
 // Python bindings of the tick program (see tick.h): personaplex_fast._ext.TickProgram,
 // whose methods add one op each, with named arguments, and _ext.tick. Every
 // op checks that its operands' regions hold what it will read or write, so a
-// mistake in the builder (python/personaplex_fast/tick.py) is a ValueError
+// mistake in the builder (python/personaplex_fast/tick/) is a ValueError
 // here, not a write past a region.
 
 #include <nanobind/nanobind.h>

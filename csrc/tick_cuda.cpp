@@ -13,14 +13,10 @@
 // (the work producing pcm and control), then queues ours on the same stream;
 // MLX's later work, and its completion event for this evaluation, come after.
 //
-// GEMMs (large batches, the codec's large convs) go to cuBLAS, found in the
-// process (libmlx loads it) or opened by name, and declared here: nothing else
-// of the toolkit's cuBLAS is needed to build. Its workspace is ours, set before
-// the capture, and every GEMM runs once eagerly in the dry pass, so that the
-// capture records kernels only (no allocation, no heuristics).
-
-#include <dlfcn.h>
-#include <library_types.h>
+// GEMMs (large batches, the codec's large convs) go to cuBLAS (cublas_shim.h). Its
+// workspace is ours, set before the capture, and every GEMM runs once eagerly in
+// the dry pass, so that the capture records kernels only (no allocation, no
+// heuristics).
 
 #include <algorithm>
 #include <cmath>
@@ -28,6 +24,7 @@
 #include <string>
 
 #include "common.h"
+#include "cublas_shim.h"
 #include "cuda_common.h"
 #include "tick.h"
 
@@ -58,52 +55,6 @@ struct Ctx {
   }
 };
 
-// The few cuBLAS entry points used (cublas_api.h, CUDA 12 and 13 alike).
-struct Cublas {
-  using Handle = void*;
-  int (*create)(Handle*) = nullptr;
-  int (*set_stream)(Handle, CUstream) = nullptr;
-  int (*set_workspace)(Handle, void*, size_t) = nullptr;
-  int (*gemm_ex)(Handle, int, int, int, int, int, const void*, const void*, cudaDataType_t, int, const void*,
-                 cudaDataType_t, int, const void*, void*, cudaDataType_t, int, int, int) = nullptr;
-  static constexpr int kOpN = 0, kOpT = 1, kCompute32F = 68, kGemmDefault = -1;
-
-  static const Cublas& get() {
-    static const Cublas c = [] {
-      Cublas c;
-      void* lib = dlopen(nullptr, RTLD_NOW);
-      if (!dlsym(lib, "cublasGemmEx")) {
-        for (const char* name : {"libcublas.so.13", "libcublas.so.12", "libcublas.so"}) {
-          if ((lib = dlopen(name, RTLD_NOW | RTLD_GLOBAL))) break;
-        }
-      }
-      if (!lib) throw std::runtime_error("tick (CUDA): cuBLAS (libcublas.so.13) is not loadable");
-      auto sym = [&](auto& f, const char* name) {
-        f = reinterpret_cast<std::remove_reference_t<decltype(f)>>(dlsym(lib, name));
-        if (!f) throw std::runtime_error(std::string("tick (CUDA): cuBLAS has no ") + name);
-      };
-      sym(c.create, "cublasCreate_v2");
-      sym(c.set_stream, "cublasSetStream_v2");
-      sym(c.set_workspace, "cublasSetWorkspace_v2");
-      sym(c.gemm_ex, "cublasGemmEx");
-      return c;
-    }();
-    return c;
-  }
-};
-
-void cublas_check(int status, const char* what) {
-  if (status != 0) throw std::runtime_error(std::string("tick (CUDA): ") + what + ": cuBLAS status " + std::to_string(status));
-}
-
-cudaDataType_t cuda_type(mx::Dtype dt) {
-  if (dt == mx::float32) return CUDA_R_32F;
-  if (dt == mx::bfloat16) return CUDA_R_16BF;
-  if (dt == mx::float16) return CUDA_R_16F;
-  throw std::invalid_argument("tick (CUDA): GEMMs take float32, bfloat16 or float16");
-}
-
-constexpr size_t kCublasWorkspace = 32u << 20;
 
 }  // namespace
 

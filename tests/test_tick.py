@@ -1,4 +1,4 @@
-"""The tick program (csrc/tick.h, python/personaplex_fast/tick.py) on the CPU against
+"""The tick program (csrc/tick.h, python/personaplex_fast/tick/) on the CPU against
 the per-op engine it replaces.
 
 Greedy picks make the two comparable token for token: the program runs the same

@@ -35,7 +35,7 @@ class SessionsFull(RuntimeError):
 
 
 class Engine:
-    """program: run each tick as one tick program (tick.py) — the default where the
+    """program: run each tick as one tick program (tick/) — the default where the
     fused kernels run and the models fit it — or op by op (False; the only way in
     "reference" and "check" modes, where every primitive is compared or replaced)."""
 

@@ -1,0 +1,137 @@
+"""The whole frame as one program: Mimi encode, the LM step and Mimi decode of
+every session, described once as a list of our kernels (csrc/tick.h) and run by
+one primitive per tick.
+
+codec.py and lm.py walk the models and add the ops (builder.py: handles, weights,
+state, the projection rule), in the order the per-op path
+(engine.Engine without a program: Mimi.encode_step, LM.step, Mimi.decode_step)
+computes them, with the same kernels and the same rounding, so that on the CPU a
+program tick equals a per-op tick given the same tokens (tests/test_tick.py). The
+sessions' streaming state lives in the program's arena:
+
+    LM      KV rings, token and forced-token rings, frame offsets, seeds
+    codec   every conv's left context and every transposed conv's overlap, the
+            downsampler's first-sample flags, both transformers' KV rings and
+            step offsets
+
+A reset (control column 0, a bit set of RESET_*) refills a session's rows before
+the tick; a prompted session's LM rows are written in between ticks instead
+(TickRunner.load_lm_row). Sampling noise comes from the program itself (Philox,
+per session seed and frame), so sampled tokens differ from the per-op path's
+(mx.random); greedy picks are the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+
+from ..models.lm import LM, LMState
+from ..models.mimi import Mimi
+from ..sampling import SamplingConfig
+from .builder import (CONTROL_COLS, RESET_ALL, RESET_CODEC, RESET_LM, RESET_SEED, Builder, Unsupported,
+                      supported)
+from .codec import emit_decoder, emit_encoder
+from .lm import emit_lm
+
+class TickRunner:
+    """A built program and what the engine needs to drive it."""
+
+    def __init__(self, lm: LM, mimi: Mimi, slots: int, sampling: SamplingConfig, gpu: bool,
+                 gemm_forms: bool | None = None):
+        why = supported(lm, mimi, gpu)
+        if why is not None:
+            raise Unsupported(why)
+        if lm.cfg.card != mimi.cfg.quantizer.bins or lm.cfg.dep_q != mimi.cfg.num_codebooks:
+            raise Unsupported("the LM's codebooks do not match Mimi's")
+        b = Builder(slots, gpu, gemm_forms)
+        F = mimi.cfg.frame_size
+        self.lm_cfg, self.gpu = lm.cfg, gpu
+        self.slots, self.frame_size = slots, F
+        pcm_in = b.buf((slots, F), mx.float32)
+        control = b.buf((slots, CONTROL_COLS), mx.int32)
+        pcm_out = b.buf((slots, F), mx.float32)
+        G = 1 + lm.cfg.dep_q
+        n_sem = mimi.cfg.quantizer.n_q_semantic
+        n_ac = mimi.cfg.num_codebooks - n_sem
+        # The tick's operands come first: set_io lets reset regions check their rows.
+        tokens_out = b.buf((slots, G), mx.int32)
+        b.p.set_io(pcm_in=pcm_in, control=control, pcm_out=pcm_out, tokens=tokens_out, B=slots, F=F,
+                   C=CONTROL_COLS, G=G)
+        sem, ac = emit_encoder(b, mimi, pcm_in)
+        self.lm, out, dec_sem, dec_ac, valid, _ = emit_lm(b, lm, sampling, sem, ac, n_sem, n_ac)
+        b.p.copy(dst=tokens_out, src=out, bytes=slots * G * 4)
+        emit_decoder(b, mimi, dec_sem, dec_ac, valid, pcm_out)
+        b.finish()
+        self.program = b.p
+        self._builder = b  # holds the weights' source arrays
+
+    def __call__(self, pcm: mx.array, control: mx.array) -> tuple[mx.array, mx.array]:
+        from .. import _ext
+
+        out = _ext.tick(self.program, pcm, control, stream=mx.gpu if self.gpu else mx.cpu)
+        return out[0], out[1]
+
+    def load_lm_row(self, slot: int, state: LMState) -> None:
+        """Copies a batch-of-one LM state (a prompted session) into slot's rows."""
+        h = self.lm
+        pairs = [*zip(h.keys, state.kv.keys), *zip(h.values, state.kv.values),
+                 (h.offsets, state.offsets), (h.tokens, state.tokens), (h.forced, state.forced)]
+        rows = [mx.contiguous(a[0].astype(mx.int32) if a.dtype != mx.int32 and handle in
+                              (h.offsets, h.tokens, h.forced) else a[0]) for handle, a in pairs]
+        mx.eval(rows)
+        for (handle, _), row in zip(pairs, rows):
+            self.program.write(handle, slot * row.nbytes, row)
+
+    def set_offsets(self, offsets: np.ndarray) -> None:
+        """Puts every session at the given frame (benchmarks: a full attention window)."""
+        a = mx.array(np.asarray(offsets, np.int32).reshape(self.slots))
+        mx.eval(a)
+        self.program.write(self.lm.offsets, 0, a)
+
+    def read_lm(self) -> dict[str, np.ndarray]:
+        """The LM's offsets, token rings and forced rings (tests)."""
+        cfg, B, R = self.lm_cfg, self.slots, self.lm_cfg.max_delay + 2
+
+        def read(h, shape):
+            n = math.prod(shape) * 4
+            return np.array(self.program.read(h, 0, n)).view(np.int32).reshape(shape)
+
+        return {"offsets": read(self.lm.offsets, (B,)), "tokens": read(self.lm.tokens, (B, 1 + cfg.n_q, R)),
+                "forced": read(self.lm.forced, (B, 1 + cfg.dep_q, R))}
+
+
+class CodecRunner:
+    """Mimi alone as a program: each tick encodes B frames and decodes the codes it just
+    made (benchmarks of the codec's fixed cost; tests against Mimi's own streaming)."""
+
+    def __init__(self, mimi: Mimi, slots: int, gpu: bool, gemm_forms: bool | None = None):
+        b = Builder(slots, gpu, gemm_forms)
+        F = mimi.cfg.frame_size
+        self.slots, self.gpu = slots, gpu
+        pcm_in = b.buf((slots, F), mx.float32)
+        control = b.buf((slots, 1), mx.int32)
+        pcm_out = b.buf((slots, F), mx.float32)
+        n_sem = mimi.cfg.quantizer.n_q_semantic
+        codes = b.buf((slots, n_sem), mx.int32)
+        b.p.set_io(pcm_in=pcm_in, control=control, pcm_out=pcm_out, tokens=codes, B=slots, F=F, C=1, G=n_sem)
+        sem, ac = emit_encoder(b, mimi, pcm_in)
+        b.p.copy(dst=codes, src=sem, bytes=slots * n_sem * 4)
+        emit_decoder(b, mimi, sem, ac, b.const(np.ones(slots, np.int32)), pcm_out)
+        b.finish()
+        self.program, self._builder = b.p, b
+
+    def __call__(self, pcm: mx.array, reset: mx.array) -> tuple[mx.array, mx.array]:
+        """pcm [B, frame]; reset [B, 1] int32 (RESET_CODEC restarts a session) ->
+        (the decoded pcm, the semantic codes)."""
+        from .. import _ext
+
+        out = _ext.tick(self.program, pcm, reset, stream=mx.gpu if self.gpu else mx.cpu)
+        return out[0], out[1]
+
+
+# What the engine and the tests drive a program with.
+__all__ = ["CONTROL_COLS", "RESET_ALL", "RESET_CODEC", "RESET_LM", "RESET_SEED", "CodecRunner", "TickRunner",
+           "Unsupported", "supported"]
