@@ -1,11 +1,16 @@
-"""The benchmark suite runs: its pytest-benchmark files once each (no timing), and
-the GPU table script at tiny sizes on the CPU, so neither rots between GPU runs.
-Timings themselves are never asserted."""
+"""The benchmark suite runs: its pytest-benchmark files once each (no timing), the GPU
+table script and the tick script at tiny sizes on the CPU, so none rots between GPU
+runs; and `personaplex-fast bench` (personaplex_fast.benchmark, the tick script's code
+too) prints the fused and the reference tick side by side with their real-time factors,
+the device and the versions. Timings themselves are never asserted."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from personaplex_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,3 +37,29 @@ def test_gpu_table_script_runs_tiny(tmp_path):
     # Every row of every table has a positive time in the "ours" column.
     rows = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("| what")]
     assert rows and all(float(l.split("|")[3]) > 0 for l in rows)
+
+
+def test_bench_prints_fused_and_reference_ticks(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    main(["bench", "--tiny", "--q-bits", "4", "--batch", "2", "--ticks", "3", "--warmup", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "random weights, tiny model, 4-bit LM; 2 session(s); 3 consecutive ticks" in text
+    assert "MLX " in text and "personaplex_fast " in text and "cpu: " in text
+    fused, ref = (next(line for line in text.splitlines() if line.startswith(p)) for p in ("fused ", "reference "))
+    assert "the tick program" in fused and "op by op" in ref
+    r = json.loads(out.read_text())
+    for path in ("fused", "reference"):
+        row = r["rows"][path]
+        assert 0 < row["median"] <= row["p99"]
+        assert f"{row['median'] / 80:.3f}" in (fused if path == "fused" else ref)  # the real-time factor
+
+
+def test_tick_bench_script_runs_tiny(tmp_path):
+    out = tmp_path / "ticks.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/tick_bench.py"), "--tiny", "--batches", "1",
+                           "--formats", "0", "--ticks", "2", "--warmup", "1", "--per-op-ticks", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"] for r in rows] == ["per-op engine bf16", "tick bf16"]
+    assert rows[1]["program"] and not rows[0]["program"]

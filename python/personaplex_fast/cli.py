@@ -43,6 +43,17 @@ def _selftest(args) -> None:
         raise SystemExit(1)
 
 
+def _bench(args) -> None:
+    from . import ops
+    from .benchmark import bench
+
+    if args.batch < 1 or args.ticks < 1 or args.warmup < 0:
+        raise UserError("--batch and --ticks must be positive, --warmup not negative")
+    ops.set_kernels(args.kernels)
+    bench(args.model, q_bits=args.q_bits, batch=args.batch, ticks=args.ticks, warmup=args.warmup, tiny=args.tiny,
+          json_path=args.json)
+
+
 def _sampling(args):
     from .sampling import SamplingConfig
 
@@ -181,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tiny", action="store_true", help="the tiny model's shapes (quick; CI runs it on the CPU)")
     s.add_argument("--batch", type=int, default=1, help="sessions per step (default: %(default)s)")
     s.set_defaults(func=_selftest)
+
+    s = sub.add_parser("bench", help="time the whole tick on this machine, fused and pure MLX side by side")
+    s.add_argument("--model", default=None,
+                   help="HF repo name, checkpoint or converted directory (default: random weights of the "
+                        "official 7B shape)")
+    s.add_argument("--q-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize the LM's linears (group 64) as convert does (4: the advice for <= 32 GB)")
+    s.add_argument("--batch", type=int, default=1, help="sessions per tick (default: %(default)s)")
+    s.add_argument("--ticks", type=int, default=60, help="consecutive ticks timed (default: %(default)s)")
+    s.add_argument("--warmup", type=int, default=10, help="ticks run first, untimed (default: %(default)s)")
+    s.add_argument("--tiny", action="store_true", help="random weights of the tiny model (quick; CI runs it)")
+    s.add_argument("--json", default=None, help="also write the results here")
+    s.add_argument("--kernels", choices=("auto", "fused"), default="auto",
+                   help="the fused column: auto (where the self-test passed) or all fused (default: %(default)s)")
+    s.set_defaults(func=_bench)
 
     s = sub.add_parser("chat", help="a live conversation through the microphone and speaker")
     _add_model_args(s)
