@@ -6,9 +6,9 @@
 // MLX's library cache (Device::get_library with a builder), in MLX's safe math
 // mode. Why not a .metallib built at install: `xcrun metal` needs Xcode's Metal
 // toolchain, which the Command Line Tools lack (and recent Xcodes download
-// separately), so `pip install .` would fail on many Macs; every Mac compiles
-// Metal source at run time. The cost is one compile per library and process
-// (about a second each, then Metal's own shader cache).
+// separately; ml-explore/mlx#103), so `pip install .` would fail on many Macs;
+// every Mac compiles Metal source at run time. The cost is one compile per library
+// and process.
 //
 // Launches use the kernels' launch plans (kernels/*.cuh, as CUDA does): a plan's
 // grid is Metal's grid of threadgroups, its threads a threadgroup. Buffers are
