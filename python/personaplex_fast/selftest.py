@@ -386,6 +386,7 @@ class Result:
 
 
 def run(shapes: Shapes, names=PRIMITIVES, seed: int = 0) -> list[Result]:
+    mx.synchronize()  # work queued before: a GPU fault there is not a primitive's
     results = []
     for i, name in enumerate(names):
         t0, n, top, top_case, error = time.perf_counter(), 0, 0.0, "", None
@@ -394,6 +395,7 @@ def run(shapes: Shapes, names=PRIMITIVES, seed: int = 0) -> list[Result]:
                 n += 1
                 if not ratio <= top:  # NaN counts as worse than anything
                     top, top_case = ratio, case
+            mx.synchronize()  # a failed command buffer raises here, on its primitive
         except Exception as e:  # a kernel that does not compile or launch here: a verdict, not a crash
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
         results.append(Result(name, n, top, top_case, error, time.perf_counter() - t0))
