@@ -97,11 +97,8 @@ def show(table):
 def build_lm(bits, structure=False):
     """The 7B LM with random weights in bf16 (bits: 4 or 8 quantizes it as `convert`
     does); structure: the 7B's layers at negligible widths; the tiny model with --tiny."""
-    import mlx.nn as nn
-
-    from personaplex_fast.checkpoint import quantizable
+    from personaplex_fast.benchmark import random_lm
     from personaplex_fast.config import DepformerConfig, LMConfig
-    from personaplex_fast.models.lm import LM
 
     if sizes.TINY:
         from personaplex_fast.tiny import TINY as cfg
@@ -110,21 +107,13 @@ def build_lm(bits, structure=False):
                                                                       dim_feedforward=int(4.125 * 128)))
     else:
         cfg = LMConfig()
-    lm = LM(cfg)
-    lm.set_dtype(mx.bfloat16)
-    if bits:
-        nn.quantize(lm, group_size=64, bits=bits, class_predicate=quantizable(64))
-    mx.eval(lm.parameters())
-    return lm
+    return random_lm(cfg, bits)
 
 
 def build_mimi():
-    from personaplex_fast.models.mimi import Mimi
+    from personaplex_fast.benchmark import random_mimi
 
     if sizes.TINY:
         from personaplex_fast.mimi_checkpoint import tiny_mimi_config
-        mimi = Mimi(tiny_mimi_config())
-    else:
-        mimi = Mimi()
-    mx.eval(mimi.parameters())
-    return mimi
+        return random_mimi(tiny_mimi_config())
+    return random_mimi()

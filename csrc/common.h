@@ -57,6 +57,16 @@ inline void alloc_outputs(std::vector<mx::array>& outputs) {
   for (auto& a : outputs) a.set_data(mx::allocator::malloc(a.nbytes()));
 }
 
+// Suffix of a GPU kernel's name for the storage dtype (kernels/cuda/*.cu and
+// kernels/metal/*.metal instantiate f32, bf16 and f16); throws
+// std::invalid_argument naming `op` for any other.
+inline const char* kernel_dtype(const char* op, mx::Dtype dtype) {
+  if (dtype == mx::float32) return "f32";
+  if (dtype == mx::bfloat16) return "bf16";
+  if (dtype == mx::float16) return "f16";
+  throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
+}
+
 // Calls f with a zero of the C++ type of a float32, bfloat16 or float16 dtype.
 template <typename F>
 void dispatch_float(const char* op, mx::Dtype dtype, F&& f) {

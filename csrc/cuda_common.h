@@ -19,6 +19,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.h"     // kernel_dtype
 #include "launch.cuh"  // PpLaunch, pp_blocks_for
 #include "mlx/array.h"
 #include "mlx/backend/cuda/device.h"
@@ -59,14 +60,7 @@ inline void set_input_if_any(mx::cu::CommandEncoder& enc, const mx::array& a) {
   if (a.size()) enc.set_input_array(a);
 }
 
-// Suffix of a kernel's name for the storage dtype (kernels/cuda/*.cu instantiate
-// f32, bf16 and f16); throws std::invalid_argument naming `op` for any other.
-inline const char* kernel_dtype(const char* op, mx::Dtype dtype) {
-  if (dtype == mx::float32) return "f32";
-  if (dtype == mx::bfloat16) return "bf16";
-  if (dtype == mx::float16) return "f16";
-  throw std::invalid_argument(std::string(op) + ": dtype must be float32, bfloat16 or float16");
-}
+using personaplex::kernel_dtype;  // common.h
 
 // Blocks of `per_block` items for `items` items; throws (naming `op`) past one launch's grid.
 inline unsigned int blocks_for(const char* op, long items, long per_block) {

@@ -75,6 +75,13 @@ NB_MODULE(_ext, m) {
     return false;
 #endif
   }, "Whether this build has the CUDA kernels.");
+  m.def("metal_build", []() {
+#ifdef PERSONAPLEX_METAL_BUILD
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build has the Metal kernels (macOS; compiled at first use).");
   m.def("set_gpu_poison", [](bool on) {
 #ifdef PERSONAPLEX_CUDA_BUILD
     personaplex::cuda::set_poison(on);

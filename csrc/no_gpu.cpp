@@ -1,7 +1,8 @@
-// eval_gpu of every primitive in a build without our GPU kernels (CPU only; on
-// macOS until the Metal kernels are wired in), one line each as in MLX's
-// backend/no_gpu. A build with CUDA compiles csrc/*_cuda.cpp instead of this
-// file (CMakeLists.txt); a new primitive adds its line here.
+// eval_gpu of every primitive in a build without our GPU kernels, one line each as
+// in MLX's backend/no_gpu. A build with CUDA compiles csrc/*_cuda.cpp instead of
+// this file (CMakeLists.txt); a build with Metal (macOS) compiles csrc/*_metal.cpp
+// and this file for what has no Metal path yet: the tick program. A new primitive
+// adds its line here.
 
 #include <stdexcept>
 
@@ -17,11 +18,12 @@
 
 #define PERSONAPLEX_NO_GPU(Primitive, op)                                                     \
   void Primitive::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {          \
-    throw std::runtime_error(op ": no GPU kernel in this build (CPU only)");                   \
+    throw std::runtime_error(op ": no GPU kernel for this device in this build");              \
   }
 
 namespace personaplex {
 
+#ifndef PERSONAPLEX_METAL_BUILD
 PERSONAPLEX_NO_GPU(RingAttention, "ring_attention")
 PERSONAPLEX_NO_GPU(Conv1dStream, "conv1d_stream")
 PERSONAPLEX_NO_GPU(ConvTranspose1dStream, "conv_transpose1d_stream")
@@ -31,6 +33,8 @@ PERSONAPLEX_NO_GPU(Matvec, "matvec")
 PERSONAPLEX_NO_GPU(DecoderLayers, "decoder_layers")
 PERSONAPLEX_NO_GPU(SampleTopK, "sample_topk")
 PERSONAPLEX_NO_GPU(DepformerFrame, "depformer_frame")
+#endif
+// No Metal tick program: on a Mac the engine runs op by op (tick.supported).
 PERSONAPLEX_NO_GPU(Tick, "tick")
 
 // The tick program's device side (tick_cuda.cpp): a GPU program cannot be made here
@@ -46,6 +50,6 @@ std::vector<double> TickProgram::profile_cuda() {
   return {};
 }
 
-int64_t ring_cache_waits() { return 0; }  // no GPU: the CUDA path's waits never happen
+int64_t ring_cache_waits() { return 0; }  // no CUDA: its waits never happen (Metal copies instead)
 
 }  // namespace personaplex

@@ -1,9 +1,10 @@
 // A kernel launch as a plan: the grid in blocks and the threads per block. Each
 // kernel's .cuh computes its launches from its args struct, beside the body
-// (matvec_launch, ring_attend_launch, ...), and both the host (csrc/*_cuda.cpp)
-// and the CPU emulator (tests/emulator) launch from that plan, so the two cannot
-// drift apart. Host C++ only (the CUDA hosts, nvcc's host pass, the emulator),
-// never Metal.
+// (matvec_launch, ring_attend_launch, ...), and the hosts (csrc/*_cuda.cpp,
+// csrc/*_metal.cpp: a plan's grid is Metal's grid of threadgroups) and the CPU
+// emulator (tests/emulator) launch from that plan, so they cannot drift apart.
+// Host C++ only (the CUDA and Metal hosts, nvcc's host pass, the emulator), never
+// a Metal shader.
 
 #pragma once
 
@@ -21,7 +22,7 @@ struct PpLaunch {
 inline unsigned int pp_blocks_for(const char* op, long items, long per_block) {
   const long blocks = (items + per_block - 1) / per_block;
   if (blocks > INT_MAX) {
-    throw std::invalid_argument(std::string(op) + " on CUDA: " + std::to_string(items) +
+    throw std::invalid_argument(std::string(op) + " on the GPU: " + std::to_string(items) +
                                 " outputs are more than one launch takes; split the batch");
   }
   return static_cast<unsigned int>(blocks);

@@ -91,9 +91,12 @@ PP_DEVICE float pp_erf(float x) {
 }
 PP_DEVICE pp_u32 pp_mul_hi(pp_u32 a, pp_u32 b) { return mulhi(a, b); }
 PP_DEVICE float pp_max(float a, float b) { return fmax(a, b); }
-// Unfused only when the .metal is compiled with -fno-fast-math -ffp-contract=off.
-PP_DEVICE float pp_mul_rn(float a, float b) { return a * b; }
-PP_DEVICE float pp_add_rn(float a, float b) { return a + b; }
+// One correctly rounded fma each (Metal's fma is, per the MSL specification), so
+// nothing can contract them: the kernels are compiled from source at run time
+// (csrc/metal_common.cpp), where no -ffp-contract=off can be passed. a * b - 0 and
+// a * 1 + b are exactly round(a * b) and round(a + b), signed zeros included.
+PP_DEVICE float pp_mul_rn(float a, float b) { return fma(a, b, -0.f); }
+PP_DEVICE float pp_add_rn(float a, float b) { return fma(a, 1.f, b); }
 PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) { return *(const device uint4*)p; }
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *(device uint4*)p = v; }
 PP_DEVICE pp_u32x4 pp_zero16() { return uint4(0u); }

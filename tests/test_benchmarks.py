@@ -1,11 +1,16 @@
-"""The benchmark suite runs: its pytest-benchmark files once each (no timing), and
-the GPU table script at tiny sizes on the CPU, so neither rots between GPU runs.
-Timings themselves are never asserted."""
+"""The benchmark suite runs: its pytest-benchmark files once each (no timing), the GPU
+table script and the tick script at tiny sizes on the CPU, so none rots between GPU
+runs; and `personaplex-fast bench` (personaplex_fast.benchmark, the tick script's code
+too) prints the fused and the reference tick side by side with their real-time factors,
+the device and the versions. Timings themselves are never asserted."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from personaplex_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +66,18 @@ def test_official_loop_runs_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = __import__("json").loads(out.read_text())["rows"]
     assert set(rows) == {"1", "2"} and all(r["median"] > 0 for r in rows.values())
+
+
+def test_bench_prints_fused_and_reference_ticks(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    main(["bench", "--tiny", "--q-bits", "4", "--batch", "2", "--ticks", "3", "--warmup", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "random weights, tiny model, 4-bit LM; 2 session(s); 3 consecutive ticks" in text
+    assert "MLX " in text and "personaplex_fast " in text and "cpu: " in text
+    fused, ref = (next(line for line in text.splitlines() if line.startswith(p)) for p in ("fused ", "reference "))
+    assert "the tick program" in fused and "op by op" in ref
+    r = json.loads(out.read_text())
+    for path in ("fused", "reference"):
+        row = r["rows"][path]
+        assert 0 < row["median"] <= row["p99"]
+        assert f"{row['median'] / 80:.3f}" in (fused if path == "fused" else ref)  # the real-time factor

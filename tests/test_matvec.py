@@ -157,8 +157,8 @@ def test_bad_operands_raise(bad, message):
 
 
 def test_ops_without_gpu_kernels_take_the_reference(monkeypatch):
-    """A GPU without kernels in this build (Apple's Metal today): every op runs its
-    pure-MLX reference, fused and check modes alike, and nothing is recorded."""
+    """A GPU this build has no kernels for: every op runs its pure-MLX reference, fused
+    and check modes alike, and nothing is recorded."""
     monkeypatch.setattr(ops, "kernels_here", lambda: False)
     rng = np.random.default_rng(9)
     x, w, *_ = operands(rng, 2, 64, 16, mx.bfloat16, 0, False, False, False)

@@ -11,6 +11,8 @@ the emulator audit runs either way). About 3 s of CPU for the whole file on this
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,25 @@ def clang():
 @pytest.mark.parametrize("metal", METAL, ids=lambda p: p.name)
 def test_metal_file_type_checks(clang, metal):
     assert check.check(metal, clang) == []
+
+
+# What a Mac compiles at run time: each .metal that a csrc/NAME_metal.cpp dispatches,
+# flattened into one text by cmake/metal_source.py as the build embeds it.
+RUNTIME = [m for m in METAL if (ROOT / "csrc" / f"{m.stem}_metal.cpp").exists()]
+
+
+@pytest.mark.parametrize("metal", RUNTIME, ids=lambda p: p.name)
+def test_runtime_source_type_checks(clang, metal, tmp_path):
+    flat = tmp_path / metal.name
+    subprocess.run([sys.executable, str(ROOT / "cmake/metal_source.py"), str(metal), str(flat)], check=True)
+    assert '#include "' not in flat.read_text()
+    assert check.check(flat, clang) == []
+
+
+def test_runtime_sources_cover_every_host():
+    """Every Metal host's kernels are a .metal file (decoder_layers only chains others')."""
+    hosts = {p.stem[:-len("_metal")] for p in (ROOT / "csrc").glob("*_metal.cpp")} - {"decoder_layers"}
+    assert hosts == {m.stem for m in RUNTIME}
 
 
 # (what is broken, file under kernels/, text, its broken form, the .metal that shows it,

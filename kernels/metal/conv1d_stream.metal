@@ -1,9 +1,9 @@
 // Metal instantiations of kernels/conv1d_stream.cuh, the twin of
-// kernels/cuda/conv1d_stream.cu. NOT YET COMPILED: no Metal toolchain on this
-// project's Linux machines, and no eval_gpu for Metal is wired up. Needs MSL 3.0+
-// (32-wide SIMD groups, simd_shuffle_xor). Dispatch the gather with kGatherThreads
-// and the conv with kConvThreads threads per threadgroup, on the 1-D grids of the
-// CUDA path.
+// kernels/cuda/conv1d_stream.cu, dispatched by csrc/conv1d_stream_metal.cpp with the
+// .cuh's launch plans (the gather with kGatherThreads, the conv with kConvThreads
+// threads per threadgroup) and compiled at first use on a Mac (csrc/metal_common.h).
+// Here on Linux: type-checked (tests/test_metal_check.py), never compiled by Apple's
+// compiler nor run. Needs MSL 3.0+ (32-wide SIMD groups, simd_shuffle_xor).
 
 #include "../conv1d_stream.cuh"
 

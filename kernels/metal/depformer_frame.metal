@@ -1,7 +1,8 @@
 // Metal instantiations of kernels/depformer_frame.cuh, the twin of
-// kernels/cuda/depformer_frame.cu. NOT COMPILED: no Metal toolchain on this
-// project's Linux machines, and no Metal eval_gpu is wired up. Dispatch
-// kEmbedThreads threads per threadgroup over B * D elements.
+// kernels/cuda/depformer_frame.cu, dispatched by csrc/depformer_frame_metal.cpp
+// (embed_add_launch: kEmbedThreads threads per threadgroup over B * D elements) and
+// compiled at first use on a Mac (csrc/metal_common.h). Here on Linux: type-checked
+// (tests/test_metal_check.py), never compiled by Apple's compiler nor run.
 
 #include "../depformer_frame.cuh"
 

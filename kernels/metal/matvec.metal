@@ -1,7 +1,8 @@
-// Metal instantiations of kernels/matvec.cuh, the twin of kernels/cuda/matvec.cu.
-// NOT COMPILED: no Metal toolchain on this project's Linux machines, and no Metal
-// eval_gpu is wired up. Needs MSL 3.0+ (32-wide SIMD groups); dispatch 128 threads
-// per threadgroup on the grid of csrc/matvec_cuda.cpp.
+// Metal instantiations of kernels/matvec.cuh, the twin of kernels/cuda/matvec.cu,
+// dispatched by csrc/matvec_metal.cpp with matvec_launch (128 threads per
+// threadgroup) and compiled at first use on a Mac (csrc/metal_common.h). Here on
+// Linux: type-checked (tests/test_metal_check.py), never compiled by Apple's compiler
+// nor run. Needs MSL 3.0+ (32-wide SIMD groups).
 
 #include "../matvec.cuh"
 

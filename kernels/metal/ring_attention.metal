@@ -1,8 +1,9 @@
 // Metal instantiations of kernels/ring_attention.cuh, the twin of
-// kernels/cuda/ring_attention.cu. NOT YET COMPILED: no Metal toolchain on this
-// project's Linux machines, and no eval_gpu for Metal is wired up. Needs MSL
-// 3.0+ (32-wide SIMD groups, simd_shuffle_xor); dispatch with 128 threads per
-// threadgroup and the grids of the CUDA path.
+// kernels/cuda/ring_attention.cu, dispatched by csrc/ring_attention_metal.cpp with the
+// .cuh's launch plans (128 threads per threadgroup) and compiled at first use on a
+// Mac (csrc/metal_common.h). Here on Linux: type-checked (tests/test_metal_check.py),
+// never compiled by Apple's compiler nor run. Needs MSL 3.0+ (32-wide SIMD groups,
+// simd_shuffle_xor).
 
 #include "../ring_attention.cuh"
 

@@ -1,8 +1,9 @@
-// Metal instantiations of kernels/rvq.cuh, the twin of kernels/cuda/rvq.cu.
-// NOT YET COMPILED: no Metal toolchain on this project's Linux machines, and no
-// eval_gpu for Metal is wired up. Needs MSL 3.0+ (32-wide SIMD groups) and
-// -fno-fast-math -ffp-contract=off, or the codes may differ from the CPU path's
-// (portable.h, pp_mul_rn).
+// Metal instantiations of kernels/rvq.cuh, the twin of kernels/cuda/rvq.cu,
+// dispatched by csrc/rvq_metal.cpp and compiled at first use on a Mac in MLX's safe
+// math mode (csrc/metal_common.h; the unfused products and sums of portable.h's
+// pp_mul_rn / pp_add_rn keep the codes equal to the CPU path's). Here on Linux:
+// type-checked (tests/test_metal_check.py), never compiled by Apple's compiler nor
+// run. Needs MSL 3.0+ (32-wide SIMD groups).
 // Dispatch as csrc/rvq_cuda.cpp launches: rvq_encode_v<V> (V = rvq_encode_vectors
 // (n, S, n_q, D, GPU cores)) n_q + 1 times in order on one command buffer (each
 // dispatch reads the workspace `part` that the earlier ones wrote, so they must

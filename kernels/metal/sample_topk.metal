@@ -1,9 +1,10 @@
 // Metal instantiations of kernels/sample_topk.cuh, the twin of
-// kernels/cuda/sample_topk.cu. NOT COMPILED: no Metal toolchain on this
-// project's Linux machines, and no Metal eval_gpu is wired up. Needs MSL 3.0+
-// (32-wide SIMD groups) and -fno-fast-math (the division by the temperature must
-// round as the CPU path's); dispatch kSampleThreads threads per threadgroup, one
-// threadgroup per row of logits.
+// kernels/cuda/sample_topk.cu, dispatched by csrc/sample_topk_metal.cpp
+// (kSampleThreads threads per threadgroup, one threadgroup per row of logits) and
+// compiled at first use on a Mac in MLX's safe math mode (csrc/metal_common.h: the
+// division by the temperature must round as the CPU path's). Here on Linux:
+// type-checked (tests/test_metal_check.py), never compiled by Apple's compiler nor
+// run. Needs MSL 3.0+ (32-wide SIMD groups).
 
 #include "../sample_topk.cuh"
 

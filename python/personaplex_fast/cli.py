@@ -26,9 +26,32 @@ def _convert(args) -> None:
 
 
 def _lm_run(args) -> None:
+    from . import ops
     from .lmrun import run
 
+    ops.set_kernels(args.kernels)
     run(args.model, frames=args.frames, seed=args.seed, greedy=args.greedy, batch=args.batch)
+
+
+def _selftest(args) -> None:
+    from . import selftest
+
+    shapes = selftest.tiny_shapes(args.batch) if args.tiny else selftest.default_shapes(args.batch)
+    results = selftest.run(shapes)
+    print(selftest.table(results, shapes))
+    if not all(r.ok for r in results):
+        raise SystemExit(1)
+
+
+def _bench(args) -> None:
+    from . import ops
+    from .benchmark import bench
+
+    if args.batch < 1 or args.ticks < 1 or args.warmup < 0:
+        raise UserError("--batch and --ticks must be positive, --warmup not negative")
+    ops.set_kernels(args.kernels)
+    bench(args.model, q_bits=args.q_bits, batch=args.batch, ticks=args.ticks, warmup=args.warmup, tiny=args.tiny,
+          json_path=args.json)
 
 
 def _sampling(args):
@@ -50,12 +73,21 @@ def _add_model_args(s) -> None:
     s.add_argument("--reference", action="store_true", help="run every op through its pure-MLX reference")
     s.add_argument("--check", action="store_true",
                    help="run fused and reference ops on the same inputs and report the largest difference")
+    _add_kernels_arg(s)
+
+
+def _add_kernels_arg(s) -> None:
+    s.add_argument("--kernels", choices=("auto", "fused", "reference"), default="auto",
+                   help="auto: each fused primitive where it passed the self-test on this device (GPUs: run "
+                        "once, cached), else its pure-MLX reference; fused: all fused, untested; reference: "
+                        "all pure MLX (default: %(default)s)")
 
 
 def _set_ops_mode(args) -> None:
     from . import ops
 
     ops.set_mode("check" if args.check else "reference" if args.reference else "fused")
+    ops.set_kernels(args.kernels)
 
 
 def _report_check(args) -> None:
@@ -152,7 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--greedy", action="store_true")
+    _add_kernels_arg(s)
     s.set_defaults(func=_lm_run)
+
+    s = sub.add_parser("selftest", help="each fused primitive against its pure-MLX reference on this device, "
+                                        "at the model's shapes on random inputs: prints a table, exits 1 on a failure")
+    s.add_argument("--tiny", action="store_true", help="the tiny model's shapes (quick; CI runs it on the CPU)")
+    s.add_argument("--batch", type=int, default=1, help="sessions per step (default: %(default)s)")
+    s.set_defaults(func=_selftest)
+
+    s = sub.add_parser("bench", help="time the whole tick on this machine, fused and pure MLX side by side")
+    s.add_argument("--model", default=None,
+                   help="HF repo name, checkpoint or converted directory (default: random weights of the "
+                        "official 7B shape)")
+    s.add_argument("--q-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize the LM's linears (group 64) as convert does (4: the advice for <= 32 GB)")
+    s.add_argument("--batch", type=int, default=1, help="sessions per tick (default: %(default)s)")
+    s.add_argument("--ticks", type=int, default=60, help="consecutive ticks timed (default: %(default)s)")
+    s.add_argument("--warmup", type=int, default=10, help="ticks run first, untimed (default: %(default)s)")
+    s.add_argument("--tiny", action="store_true", help="random weights of the tiny model (quick; CI runs it)")
+    s.add_argument("--json", default=None, help="also write the results here")
+    s.add_argument("--kernels", choices=("auto", "fused"), default="auto",
+                   help="the fused column: auto (where the self-test passed) or all fused (default: %(default)s)")
+    s.set_defaults(func=_bench)
 
     s = sub.add_parser("chat", help="a live conversation through the microphone and speaker")
     _add_model_args(s)

@@ -50,7 +50,9 @@ class Engine:
         self.seed = seed
         self._joins = 0
         self.program: tick.TickRunner | None = None
-        if program is not False and ops.mode() == "fused" and ops.kernels_here():
+        # A primitive whose self-test failed here runs its reference (ops.fallbacks); the
+        # program would run its kernel regardless, so the engine goes op by op then.
+        if program is not False and ops.mode() == "fused" and ops.kernels_here() and not ops.fallbacks():
             gpu = mx.default_device().type == mx.gpu
             why = tick.supported(lm, mimi, gpu)
             if why is None:

@@ -4,6 +4,12 @@ Modes: "fused" (default: the C++ extension), "reference" (pure MLX, reference.py
 and "check" (both on the same inputs; the fused result is used and the largest
 absolute difference per op is recorded in `check_report()`).
 
+Kernels (`set_kernels`, the CLI's --kernels): in fused mode, "auto" (default) takes
+each fused primitive only where it passed the self-test on this device
+(selftest.py; consulted on GPUs, whose kernels CI cannot run) and its reference
+elsewhere, with one warning naming it; "fused" takes every fused primitive
+untested; "reference" is the reference mode.
+
 Every rule for whether a fused primitive applies lives here (`*_fusable`,
 `projection`), and so does the flattening of the named weight structures of
 reference.py into the extension's array lists (`stack_arrays`, ...).
@@ -23,8 +29,11 @@ from . import reference
 from .reference import DepformerWeights, LayerStack, Projection
 
 MODES = ("fused", "reference", "check")
+KERNELS = ("auto", "fused", "reference")
 _mode = "fused"
+_kernels = "auto"
 _diffs: dict[str, float] = {}
+_verdicts: dict[str, dict[str, str]] = {}  # per device: failing primitive -> why
 
 
 def set_mode(mode: str) -> None:
@@ -46,6 +55,20 @@ def use_mode(new: str):
         yield
     finally:
         set_mode(old)
+
+
+def set_kernels(choice: str) -> None:
+    """auto, fused or reference (see the module's docstring); reference sets that mode."""
+    global _kernels
+    if choice not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {choice!r}")
+    _kernels = choice
+    if choice == "reference":
+        set_mode("reference")
+
+
+def kernels() -> str:
+    return _kernels
 
 
 def set_reference_mode(flag: bool) -> None:
@@ -80,12 +103,17 @@ def _cuda_build() -> bool:
     return _ext().cuda_build()
 
 
+@functools.cache
+def _gpu_build() -> bool:
+    return _cuda_build() or _ext().metal_build()
+
+
 def kernels_here() -> bool:
     """Whether the fused primitives can run on the default device: always on the CPU;
-    on a GPU only in a build with its kernels (CUDA). Metal kernels are not wired up
-    yet, so on Apple GPUs every op takes its pure-MLX reference, with one warning."""
+    on a GPU in a build with its kernels (CUDA on Linux, Metal on macOS). Elsewhere
+    every op takes its pure-MLX reference, with one warning."""
     global _warned_no_kernels
-    if mx.default_device().type == mx.cpu or _cuda_build():
+    if mx.default_device().type == mx.cpu or _gpu_build():
         return True
     if not _warned_no_kernels:
         import warnings
@@ -100,6 +128,33 @@ def _reference() -> bool:
     return _mode == "reference" or not kernels_here()
 
 
+def validates_here() -> bool:
+    """Whether "auto" kernels consult the self-test on the default device: a GPU with
+    our kernels (the CPU paths are what CI tests)."""
+    return mx.default_device().type == mx.gpu and kernels_here()
+
+
+def fallbacks() -> dict[str, str]:
+    """The fused primitives that run their reference here under "auto" kernels, each with
+    why: the self-test's verdict for this device (cached; run on first use), warned
+    about once per process. Empty with other kernels and where nothing is validated."""
+    if _kernels != "auto" or not validates_here():
+        return {}
+    device = str(mx.default_device())
+    found = _verdicts.get(device)
+    if found is None:
+        import warnings
+
+        from . import selftest
+
+        found = _verdicts[device] = selftest.verdict()
+        for name, why in sorted(found.items()):
+            warnings.warn(f"personaplex_fast: {name} failed its self-test on {selftest.device_name()} ({why}); "
+                          "it runs its pure-MLX reference here (`personaplex-fast selftest` prints the table)",
+                          RuntimeWarning, stacklevel=4)
+    return found
+
+
 def _leaves(out) -> list:
     return [out] if isinstance(out, mx.array) else [a for o in out for a in _leaves(o)]
 
@@ -111,11 +166,11 @@ def _record(name: str, fused, ref) -> None:
 
 
 def _pick(name: str, fusable: bool, fused, ref, compare=None):
-    """ref() in reference mode or where the fused primitive does not apply; else
-    fused(), and in check mode the largest difference from ref() is recorded under
+    """ref() in reference mode, where the fused primitive does not apply, or (fused
+    mode) where it failed the self-test here (fallbacks); else fused(), and in check mode the largest difference from ref() is recorded under
     `name` (compare(result) -> (fused arrays, reference arrays) when the two are not
     compared as they are)."""
-    if _reference() or not fusable:
+    if _reference() or not fusable or (_mode == "fused" and name in fallbacks()):
         return ref()
     out = fused()
     if _mode == "check":

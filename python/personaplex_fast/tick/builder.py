@@ -40,6 +40,11 @@ class Unsupported(ValueError):
 
 def supported(lm: LM, mimi: Mimi, gpu: bool) -> str | None:
     """Why the program cannot run these models, or None when it can."""
+    if gpu:
+        from .. import _ext
+
+        if not _ext.cuda_build():
+            return "no tick program on this GPU backend (Metal): the engine runs op by op"
     cfg = lm.cfg
     if cfg.norm != "rms_norm_f32":
         return f"norm {cfg.norm!r} (the program fuses rms_norm_f32 only)"
