@@ -143,10 +143,14 @@ def fallbacks() -> dict[str, str]:
     device = str(mx.default_device())
     found = _verdicts.get(device)
     if found is None:
+        import sys
         import warnings
 
         from . import selftest
 
+        if not selftest.cached():
+            print(f"personaplex_fast: checking the kernels on {selftest.device_name()} against their references, "
+                  "once for this device and version (about a minute)...", file=sys.stderr, flush=True)
         found = _verdicts[device] = selftest.verdict()
         for name, why in sorted(found.items()):
             warnings.warn(f"personaplex_fast: {name} failed its self-test on {selftest.device_name()} ({why}); "

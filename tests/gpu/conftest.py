@@ -19,3 +19,14 @@ def poison():
     _ext.set_gpu_poison(True)
     yield
     _ext.set_gpu_poison(False)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def fused_kernels():
+    """The tests test our kernels: never the self-test's fallbacks (ops' "auto" kernels),
+    which a cached verdict could otherwise put in their place."""
+    from personaplex_fast import ops
+
+    ops.set_kernels("fused")
+    yield
+    ops.set_kernels("auto")
