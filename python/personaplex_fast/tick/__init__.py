@@ -61,9 +61,9 @@ class TickRunner:
         b.p.set_io(pcm_in=pcm_in, control=control, pcm_out=pcm_out, tokens=tokens_out, B=slots, F=F,
                    C=CONTROL_COLS, G=G)
         sem, ac = emit_encoder(b, mimi, pcm_in)
-        self.lm, out, dec_sem, dec_ac, valid, _ = emit_lm(b, lm, sampling, sem, ac, n_sem, n_ac)
-        b.p.copy(dst=tokens_out, src=out, bytes=slots * G * 4)
-        emit_decoder(b, mimi, dec_sem, dec_ac, valid, pcm_out)
+        self.lm, out = emit_lm(b, lm, sampling, sem, ac, n_sem, n_ac)
+        b.p.copy(dst=tokens_out, src=out.tokens, bytes=slots * G * 4)
+        emit_decoder(b, mimi, out.codes_sem, out.codes_ac, out.valid, pcm_out)
         b.finish()
         self.program = b.p
         self._builder = b  # holds the weights' source arrays

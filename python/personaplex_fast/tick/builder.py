@@ -56,8 +56,8 @@ def supported(lm: LM, mimi: Mimi, gpu: bool) -> str | None:
         if not (layer.norm1.f32 and layer.norm2.f32):
             return "a layer norm not in float32"
     heads = {cfg.head_dim, cfg.depformer.head_dim, mimi.cfg.transformer.d_model // mimi.cfg.transformer.num_heads}
-    if gpu and not heads <= {16, 32, 64, 128}:
-        return f"head dims {sorted(heads)} (16, 32, 64 or 128)"
+    if gpu and not heads <= set(ops.ATTENTION_HEAD_DIMS):
+        return f"head dims {sorted(heads)} (the GPU kernels take {ops.ATTENTION_HEAD_DIMS})"
     return None
 
 
@@ -82,7 +82,7 @@ class Builder:
 
         self.p = _ext.TickProgram(gpu)
         self.B = slots
-        self.gpu = gpu if gemm_forms is None else gemm_forms
+        self.gemm_forms = gpu if gemm_forms is None else gemm_forms
         self._scratch: dict[tuple, int] = {}
         self._dtypes: dict[int, mx.Dtype] = {}
         self._weights: dict[int, int] = {}
@@ -141,8 +141,8 @@ class Builder:
         norm: an RMSNorm module (float32, as matvec's prologue); residual: in place into out."""
         proj = _proj(layer)
         w, scales, biases, bits = proj.w, proj.scales, proj.biases, proj.bits
-        dt = self.p_dtype(x)
-        if self.gpu and bits == 0 and M >= GEMM_MIN_ROWS and (M > 8 or w.nbytes >= GEMM_MIN_BYTES):
+        dt = self.dtype_of(x)
+        if self.gemm_forms and bits == 0 and M >= GEMM_MIN_ROWS and (M > 8 or w.nbytes >= GEMM_MIN_BYTES):
             src = x
             if norm is not None:
                 src = self.shared("normed", (M, K), dt)
@@ -159,7 +159,7 @@ class Builder:
                       alpha=-1 if norm is None else self.w(_cast(norm.alpha, dt)),
                       eps=1e-8 if norm is None else norm.eps)
 
-    def p_dtype(self, h: int):
+    def dtype_of(self, h: int) -> mx.Dtype:
         return self._dtypes[h]
 
     def finish(self) -> None:

@@ -21,7 +21,7 @@ def _conv(b: Builder, conv: CausalConv1d, x: int, T: int, elu: bool, dtype) -> t
         first = b.buf((B,), mx.uint8, reset=RESET_CODEC, pattern=0x01010101)
         b.updates.append((first, B, 1, 0))
     y = b.buf((B, T // stride, C_out), dtype)
-    gemm = b.gpu and B * (T // stride) * C_out * K * C_in > builder.CONV_GEMM_MIN_MACS
+    gemm = b.gemm_forms and B * (T // stride) * C_out * K * C_in > builder.CONV_GEMM_MIN_MACS
     b.p.conv1d(x=x, state=state, w=b.w(conv.weight), y=y, B=B, T=T, C_in=C_in, C_out=C_out, K=K,
                stride=stride, dilation=conv.dilation, elu=elu,
                bias=b.w(conv.bias) if "bias" in conv else -1, first=first, gemm=gemm)
@@ -35,7 +35,7 @@ def _convtr(b: Builder, conv: CausalConvTranspose1d, x: int, T: int, elu: bool, 
     y = b.buf((B, T * conv.stride, C_out), dtype)
     C_in = cin_g * conv.groups
     w_t = -1
-    if b.gpu and conv.groups == 1 and B * T * K * C_out * C_in > builder.CONV_GEMM_MIN_MACS:
+    if b.gemm_forms and conv.groups == 1 and B * T * K * C_out * C_in > builder.CONV_GEMM_MIN_MACS:
         w_t = b.w(mx.contiguous(conv.weight.transpose(1, 0, 2)))  # [K, C_out, C_in]: one GEMM over the taps
     b.p.conv_transpose1d(x=x, partial=partial, w=b.w(conv.weight), y=y, B=B, T=T, C_in=C_in,
                          C_out=C_out, K=K, stride=conv.stride, groups=conv.groups, elu=elu,

@@ -26,6 +26,16 @@ class LMHandles:
     forced: int
 
 
+@dataclass
+class LMOutputs:
+    """What the LM step leaves for the rest of the tick (handles of int32 regions)."""
+
+    tokens: int  # [B, 1 + dep_q]: text, then the model's codes (-2 while not valid)
+    codes_sem: int  # [B, n_sem]: the decoder's codes (0 while not valid)
+    codes_ac: int  # [B, dep_q - n_sem]
+    valid: int  # [B]
+
+
 def _table(layer: nn.Module, dtype) -> mx.array:
     """A dense embedding table (a quantized one is dequantized once, here)."""
     if isinstance(layer, nn.QuantizedEmbedding):
@@ -56,9 +66,9 @@ def _decoder_layer(b: Builder, layer, step: int, x: int, pos: int, kc: int, vc: 
 
 
 def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac: int, n_sem: int,
-            n_ac: int) -> tuple[LMHandles, int, int, int, int, int]:
-    """The LM step of B sessions from the user's codes; returns (state handles,
-    tokens out [B, 1 + dep_q], decoder codes sem, ac, valid [B], seeds)."""
+            n_ac: int) -> tuple[LMHandles, LMOutputs]:
+    """The LM step of B sessions from the user's codes (semantic [B, n_sem], acoustic
+    [B, n_ac])."""
     cfg, dt, B = lm.cfg, lm.dtype, b.B
     C, Q, R = cfg.dim, cfg.dep_q, cfg.max_delay + 2
     offsets = b.buf((B,), mx.int32, reset=RESET_LM)
@@ -138,4 +148,4 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
     b.p.frame_out(tokens=tokens, offsets=offsets, delays=delays, gen=gen, out=out, sem=dec_sem, ac=dec_ac,
                   valid=valid, B=B, n_q=cfg.n_q, dep_q=Q, n_sem=n_sem, R=R, max_delay=cfg.max_delay,
                   card=cfg.card)
-    return LMHandles(keys, values, offsets, tokens, forced), out, dec_sem, dec_ac, valid, seeds
+    return LMHandles(keys, values, offsets, tokens, forced), LMOutputs(out, dec_sem, dec_ac, valid)
