@@ -148,7 +148,8 @@ def logit_error(p_logits, q_logits):
     lq = q_logits - np.logaddexp.reduce(q_logits, axis=-1, keepdims=True)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
     rel = np.linalg.norm(q_logits - p_logits, axis=-1) / np.linalg.norm(p_logits, axis=-1)
-    return float(kl.mean()), float(kl.max()), float(rel.mean()), float((p_logits.argmax(-1) == q_logits.argmax(-1)).mean())
+    agree = (p_logits.argmax(-1) == q_logits.argmax(-1)).mean()
+    return float(kl.mean()), float(kl.max()), float(rel.mean()), float(agree)
 
 
 def kv8_error(directory: Path, seed: int) -> dict[str, tuple[float, float, float, float]]:
