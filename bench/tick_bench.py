@@ -10,6 +10,7 @@ process, the op-by-op engine (program=False) at the smallest batch.
 Also: the codec alone (tick.CodecRunner, Mimi encode + decode of one frame).
 
     python bench/tick_bench.py --batches 1,8,32,64 --formats 0,4 --json ours.json [--structure]
+    python bench/tick_bench.py --batches 64,128 --kv-bits 16,8    # the 8-bit KV cache too
 
 The official loop runs in its own process: bench/official_loop.py.
 """
@@ -36,6 +37,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--formats", default="0,4", help="weight bits: 0 (bf16), 8, 4")
+    p.add_argument("--kv-bits", default="16", help="KV cache formats, each timed: 16 (the model's dtype), 8")
     p.add_argument("--ticks", type=int, default=120)
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--per-op-ticks", type=int, default=30, help="op-by-op engine ticks (0: skip)")
@@ -70,11 +72,14 @@ def main(argv=None):
             record(dict(what=f"per-op engine {fmt}", B=batches[0],
                         **engine_ticks(lm, mimi, batches[0], a.per_op_ticks, 5, program=False)))
         for B in batches:
-            try:
-                row = engine_ticks(lm, mimi, B, a.ticks, a.warmup, program=True, profile=a.profile)
-            except Exception as e:  # out of memory at the largest batches: say so, go on
-                row = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            record(dict(what=f"tick {fmt}", B=B, **row))
+            for kv in (int(x) for x in a.kv_bits.split(",")):
+                kv_bits, name = (8, f"tick {fmt} kv8") if kv == 8 else (None, f"tick {fmt}")
+                try:
+                    row = engine_ticks(lm, mimi, B, a.ticks, a.warmup, program=True, profile=a.profile,
+                                       kv_bits=kv_bits)
+                except Exception as e:  # out of memory at the largest batches: say so, go on
+                    row = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                record(dict(what=name, B=B, **row))
             if str(B) in a.matvec_small.split(",") and bits == 0:
                 from personaplex_fast import tick
 

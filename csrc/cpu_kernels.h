@@ -32,6 +32,16 @@ void ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, c
 void ring_write(mx::Dtype dtype, void* cache, const void* nw, const int32_t* pos, int B, int H, int T,
                 int D, int W);
 
+// The same over an 8-bit ring (the tick program's kv_bits 8): int8 codes [B, H, W, D] and
+// float32 scales [B, H, W], a row read as code * scale; ring_write8 quantizes each new row
+// (scale = absmax / 127, code = round(x / scale), ties to even; nw as the plain ring stores it).
+void ring_attend8(mx::Dtype dtype, const void* q, const void* k, const void* v, const int8_t* kc,
+                  const int8_t* vc, const float* ks, const float* vs, const int32_t* pos, void* out,
+                  void* k_rot, int B, int H, int T, int D, int W, float scale, float rope_max_period,
+                  bool chunk_window = false);
+void ring_write8(mx::Dtype dtype, int8_t* codes, float* scales, const void* nw, const int32_t* pos, int B,
+                 int H, int T, int D, int W);
+
 // See decoder_layers.h: x [B, C] through L layers into y [B, C]. Layer l attends
 // over kc[l] / vc[l] [B, H, W, D] and writes its new key and value into
 // kc_out[l] / vc_out[l], which are the same buffers, or (copy[l], copy[L + l])

@@ -6,9 +6,11 @@
 #include "common.h"
 #include "cpu_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "mlx/backend/cpu/encoder.h"
@@ -55,17 +57,32 @@ void rope_row(const T* x, T* y, int D, float position, float max_period) {
   }
 }
 
-template <typename T>
-void attend_cpu(const T* q, const T* k, const T* v, const T* kc, const T* vc, const int32_t* pos,
-                T* out, T* krot, int B, int H, int T_, int D, int W, float scale,
+// Row `slot` of a ring as float32: the stored values, or (an 8-bit ring, C = int8_t)
+// code * the row's scale.
+template <typename C>
+void cached_row(const C* ring, const float* scales, size_t slot, int D, float* out) {
+  const C* row = ring + slot * D;
+  for (int d = 0; d < D; ++d) {
+    if constexpr (std::is_same_v<C, int8_t>) {
+      out[d] = static_cast<float>(row[d]) * scales[slot];
+    } else {
+      out[d] = static_cast<float>(row[d]);
+    }
+  }
+}
+
+// C: the ring's storage, T or int8_t (then ks, vs hold the rows' scales).
+template <typename T, typename C>
+void attend_cpu(const T* q, const T* k, const T* v, const C* kc, const C* vc, const float* ks, const float* vs,
+                const int32_t* pos, T* out, T* krot, int B, int H, int T_, int D, int W, float scale,
                 float max_period, bool chunk_window) {
   std::vector<T> qrot(D);
-  std::vector<float> acc(D);
+  std::vector<float> acc(D), key(D), val(D);
   for (int b = 0; b < B; ++b) {
     const int p0 = pos[b];
     for (int h = 0; h < H; ++h) {
       const size_t new_base = (static_cast<size_t>(b) * H + h) * T_ * D;
-      const size_t cache_base = (static_cast<size_t>(b) * H + h) * W * D;
+      const size_t cache_row = (static_cast<size_t>(b) * H + h) * W;
       for (int t = 0; t < T_; ++t) {
         rope_row(k + new_base + t * D, krot + new_base + t * D, D,
                  static_cast<float>(p0 + t), max_period);
@@ -79,18 +96,23 @@ void attend_cpu(const T* q, const T* k, const T* v, const T* kc, const T* vc, co
         std::fill(acc.begin(), acc.end(), 0.f);
         const int end = chunk_window ? p0 + T_ - 1 : p;  // see RingArgs::chunk_window
         for (int j = std::max(0, end - W + 1); j <= p; ++j) {
-          const T* key = j < p0 ? kc + cache_base + static_cast<size_t>(j % W) * D
-                                : krot + new_base + static_cast<size_t>(j - p0) * D;
-          const T* val = j < p0 ? vc + cache_base + static_cast<size_t>(j % W) * D
-                                : v + new_base + static_cast<size_t>(j - p0) * D;
+          if (j < p0) {
+            cached_row(kc, ks, cache_row + j % W, D, key.data());
+            cached_row(vc, vs, cache_row + j % W, D, val.data());
+          } else {
+            for (int d = 0; d < D; ++d) {
+              key[d] = static_cast<float>(krot[new_base + static_cast<size_t>(j - p0) * D + d]);
+              val[d] = static_cast<float>(v[new_base + static_cast<size_t>(j - p0) * D + d]);
+            }
+          }
           float s = 0.f;
-          for (int d = 0; d < D; ++d) s += static_cast<float>(qrot[d]) * static_cast<float>(key[d]);
+          for (int d = 0; d < D; ++d) s += static_cast<float>(qrot[d]) * key[d];
           s *= scale;
           float m_new = std::max(m, s);
           float correction = std::exp(m - m_new);
           float w = std::exp(s - m_new);
           l = l * correction + w;
-          for (int d = 0; d < D; ++d) acc[d] = acc[d] * correction + w * static_cast<float>(val[d]);
+          for (int d = 0; d < D; ++d) acc[d] = acc[d] * correction + w * val[d];
           m = m_new;
         }
         T* o = out + new_base + t * D;
@@ -115,6 +137,30 @@ void write_cpu(T* cache, const T* nw, const int32_t* pos, int B, int H, int T_, 
   }
 }
 
+// The new rows nw [B, H, T, D] into an 8-bit ring: per row scale = absmax / 127 and
+// code = round(x / scale), ties to even (kernels/ring_attention.cuh's Int8Rows).
+template <typename T>
+void write8_cpu(int8_t* codes, float* scales, const T* nw, const int32_t* pos, int B, int H, int T_, int D,
+                int W) {
+  const int first = std::max(0, T_ - W);
+  for (int b = 0; b < B; ++b) {
+    for (int h = 0; h < H; ++h) {
+      for (int t = first; t < T_; ++t) {
+        const size_t row = (static_cast<size_t>(b) * H + h) * W + (pos[b] + t) % W;
+        const T* x = nw + ((static_cast<size_t>(b) * H + h) * T_ + t) * D;
+        float amax = 0.f;
+        for (int d = 0; d < D; ++d) amax = std::fmax(amax, std::fabs(static_cast<float>(x[d])));
+        const float s = amax / 127.f;
+        scales[row] = s;
+        for (int d = 0; d < D; ++d) {
+          const float c = s > 0.f ? std::nearbyint(static_cast<float>(x[d]) / s) : 0.f;
+          codes[row * D + d] = static_cast<int8_t>(std::clamp(c, -127.f, 127.f));
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void cpu::ring_attend(mx::Dtype dtype, const void* q, const void* k, const void* v, const void* kc,
@@ -122,9 +168,30 @@ void cpu::ring_attend(mx::Dtype dtype, const void* q, const void* k, const void*
                       int D, int W, float scale, float rope_max_period, bool chunk_window) {
   dispatch_float("ring_attention", dtype, [&](auto zero) {
     using T_ = decltype(zero);
-    attend_cpu<T_>(static_cast<const T_*>(q), static_cast<const T_*>(k), static_cast<const T_*>(v),
-                   static_cast<const T_*>(kc), static_cast<const T_*>(vc), pos, static_cast<T_*>(out),
-                   static_cast<T_*>(k_rot), B, H, T, D, W, scale, rope_max_period, chunk_window);
+    attend_cpu<T_, T_>(static_cast<const T_*>(q), static_cast<const T_*>(k), static_cast<const T_*>(v),
+                       static_cast<const T_*>(kc), static_cast<const T_*>(vc), nullptr, nullptr, pos,
+                       static_cast<T_*>(out), static_cast<T_*>(k_rot), B, H, T, D, W, scale, rope_max_period,
+                       chunk_window);
+  });
+}
+
+void cpu::ring_attend8(mx::Dtype dtype, const void* q, const void* k, const void* v, const int8_t* kc,
+                       const int8_t* vc, const float* ks, const float* vs, const int32_t* pos, void* out,
+                       void* k_rot, int B, int H, int T, int D, int W, float scale, float rope_max_period,
+                       bool chunk_window) {
+  dispatch_float("ring_attention", dtype, [&](auto zero) {
+    using T_ = decltype(zero);
+    attend_cpu<T_, int8_t>(static_cast<const T_*>(q), static_cast<const T_*>(k), static_cast<const T_*>(v), kc, vc,
+                           ks, vs, pos, static_cast<T_*>(out), static_cast<T_*>(k_rot), B, H, T, D, W, scale,
+                           rope_max_period, chunk_window);
+  });
+}
+
+void cpu::ring_write8(mx::Dtype dtype, int8_t* codes, float* scales, const void* nw, const int32_t* pos, int B,
+                      int H, int T, int D, int W) {
+  dispatch_float("ring_attention", dtype, [&](auto zero) {
+    using T_ = decltype(zero);
+    write8_cpu<T_>(codes, scales, static_cast<const T_*>(nw), pos, B, H, T, D, W);
   });
 }
 
@@ -216,7 +283,7 @@ void RingAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
                   kc_out = outputs[1].data<T_>(), vc_out = outputs[2].data<T_>(),
                   bytes = outputs[1].nbytes(), k_donated, v_donated, B, H, T, D, W,
                   scale = scale_, mp = rope_max_period_]() {
-      attend_cpu<T_>(q, k, v, kc, vc, pos, o, kr, B, H, T, D, W, scale, mp, false);
+      attend_cpu<T_, T_>(q, k, v, kc, vc, nullptr, nullptr, pos, o, kr, B, H, T, D, W, scale, mp, false);
       // Writes last: the attention above read the old slots.
       if (!k_donated) std::memcpy(kc_out, kc, bytes);
       if (!v_donated) std::memcpy(vc_out, vc, bytes);

@@ -58,6 +58,7 @@ struct Matvec {
 };
 struct Attention {
   int q, k, v, kc, vc, pos, out;
+  int ks, vs;  // >= 0: an 8-bit ring, kc / vc int8 codes and these float32 row scales [B, H, W]
   float rope_max_period;  // <= 0: no RoPE (the args carry the step)
   RingArgs args;
 };

@@ -95,7 +95,8 @@ void bind_tick(nb::module_& m) {
       .def(
           "attention",
           [](P& p, int q, int k, int v, int kc, int vc, int pos, int out, int B, int H, int T, int D, int W,
-             std::vector<long> new_strides, std::vector<long> out_strides, float rope_max_period, bool chunk_window) {
+             std::vector<long> new_strides, std::vector<long> out_strides, float rope_max_period, bool chunk_window,
+             int k_scales, int v_scales) {
             const char* op = "tick attention";
             check(new_strides.size() == 3 && (out_strides.empty() || out_strides.size() == 3), op,
                   "strides are (session, head, position)");
@@ -106,11 +107,21 @@ void bind_tick(nb::module_& m) {
               return ((B - 1) * s[0] + (H - 1) * s[1] + (T - 1) * s[2] + D) * e;
             };
             for (int h : {q, k, v}) need(p, h, span(new_strides), op, "q, k, v");
-            need(p, kc, static_cast<long>(B) * H * W * D * e, op, "k_cache");
-            need(p, vc, static_cast<long>(B) * H * W * D * e, op, "v_cache");
+            // An 8-bit ring: int8 codes and float32 scales per row (see RingArgs' kernels).
+            const bool int8 = k_scales >= 0 || v_scales >= 0;
+            const long rows = static_cast<long>(B) * H * W;
+            need(p, kc, rows * D * (int8 ? 1 : e), op, "k_cache");
+            need(p, vc, rows * D * (int8 ? 1 : e), op, "v_cache");
+            if (int8) {
+              need(p, k_scales, 4 * rows, op, "k_scales");
+              need(p, v_scales, 4 * rows, op, "v_scales");
+              for (int h : {kc, vc}) check(p.mem(h).dtype == mx::int8, op, "an 8-bit ring's caches hold int8 codes");
+              for (int h : {k_scales, v_scales}) check(p.mem(h).dtype == mx::float32, op, "scales are float32");
+              check(!p.gpu() || D <= 128, op, "an 8-bit ring takes head dims up to 128");
+            }
             need(p, pos, 4L * B, op, "pos");
             need(p, out, out_strides.empty() ? static_cast<long>(B) * H * T * D * e : span(out_strides), op, "out");
-            same_dtype(p, op, {q, k, v, kc, vc, out});
+            same_dtype(p, op, {q, k, v, int8 ? -1 : kc, int8 ? -1 : vc, out});
             RingArgs a{.B = B, .H = H, .T = T, .D = D, .W = W, .S = 0, .copy_k = 0, .copy_v = 0,
                        .rope = rope_max_period > 0.f, .rope_step = rope_step(rope_max_period, D),
                        .scale = 1.f / std::sqrt(static_cast<float>(D)), .new_b = new_strides[0],
@@ -119,11 +130,13 @@ void bind_tick(nb::module_& m) {
               a.out_b = out_strides[0], a.out_h = out_strides[1], a.out_t = out_strides[2];
             }
             p.add(prog::Attention{.q = q, .k = k, .v = v, .kc = kc, .vc = vc, .pos = pos, .out = out,
+                                  .ks = int8 ? k_scales : -1, .vs = int8 ? v_scales : -1,
                                   .rope_max_period = rope_max_period, .args = a});
           },
           "q"_a, "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "pos"_a, "out"_a, "B"_a, "H"_a, "T"_a, "D"_a, "W"_a,
           "new_strides"_a, "out_strides"_a = std::vector<long>{}, "rope_max_period"_a = 0.f,
-          "chunk_window"_a = false)
+          "chunk_window"_a = false, "k_scales"_a = -1, "v_scales"_a = -1,
+          "k_scales, v_scales: an 8-bit ring (int8 codes in k_cache, v_cache, a float32 scale per row [B, H, W]).")
       .def(
           "conv1d",
           [](P& p, int x, int state, int w, int y, int B, int T, int C_in, int C_out, int K, int stride,

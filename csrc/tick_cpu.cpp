@@ -184,10 +184,21 @@ void TickProgram::run_cpu_op(const prog::Op& op) {
             gather(p(o.k), k.data());
             gather(p(o.v), v.data());
             const int32_t* pos = ip(o.pos);
-            cpu::ring_attend(dt, q.data(), k.data(), v.data(), p(o.kc), p(o.vc), pos, out.data(), krot.data(), a.B,
-                             a.H, a.T, a.D, a.W, a.scale, o.rope_max_period, a.chunk_window != 0);
-            cpu::ring_write(dt, p(o.kc), krot.data(), pos, a.B, a.H, a.T, a.D, a.W);
-            cpu::ring_write(dt, p(o.vc), v.data(), pos, a.B, a.H, a.T, a.D, a.W);
+            if (o.ks >= 0) {
+              auto* kc = static_cast<int8_t*>(p(o.kc));
+              auto* vc = static_cast<int8_t*>(p(o.vc));
+              auto* ks = static_cast<float*>(p(o.ks));
+              auto* vs = static_cast<float*>(p(o.vs));
+              cpu::ring_attend8(dt, q.data(), k.data(), v.data(), kc, vc, ks, vs, pos, out.data(), krot.data(), a.B,
+                                a.H, a.T, a.D, a.W, a.scale, o.rope_max_period, a.chunk_window != 0);
+              cpu::ring_write8(dt, kc, ks, krot.data(), pos, a.B, a.H, a.T, a.D, a.W);
+              cpu::ring_write8(dt, vc, vs, v.data(), pos, a.B, a.H, a.T, a.D, a.W);
+            } else {
+              cpu::ring_attend(dt, q.data(), k.data(), v.data(), p(o.kc), p(o.vc), pos, out.data(), krot.data(),
+                               a.B, a.H, a.T, a.D, a.W, a.scale, o.rope_max_period, a.chunk_window != 0);
+              cpu::ring_write(dt, p(o.kc), krot.data(), pos, a.B, a.H, a.T, a.D, a.W);
+              cpu::ring_write(dt, p(o.vc), v.data(), pos, a.B, a.H, a.T, a.D, a.W);
+            }
             char* dst = static_cast<char*>(p(o.out));
             for (int b = 0; b < a.B; ++b)
               for (int h = 0; h < a.H; ++h)

@@ -156,12 +156,21 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
           void *q = at(o.q), *k = at(o.k), *v = at(o.v), *kc = at(o.kc), *vc = at(o.vc), *pos = at(o.pos),
                *out = at(o.out);
           const std::string dt = dts(o.q);
-          void* attend[] = {&q, &k, &v, &kc, &vc, &pos, &ws, &a};
-          s.kernel(ring_attention_fatbin,
-                   "ring_attend_" + dt + "_d" + std::to_string(a.D) + (ring_queries_per_block(a.T) == 4 ? "_q4" : "_q1"),
-                   ring_attend_launch(a), attend);
-          void* finish[] = {&ws, &k, &v, &pos, &kc, &vc, &out, &kc, &vc, &a};
-          s.kernel(ring_attention_fatbin, "ring_finish_" + dt, ring_finish_launch(a), finish);
+          const std::string q_per = ring_queries_per_block(a.T) == 4 ? "_q4" : "_q1";
+          if (o.ks >= 0) {  // an 8-bit ring: codes and scales, updated in place
+            void *ks = at(o.ks), *vs = at(o.vs);
+            void* attend[] = {&q, &k, &v, &kc, &vc, &ks, &vs, &pos, &ws, &a};
+            s.kernel(ring_attention_fatbin, "ring_attend_" + dt + "_i8_d" + std::to_string(a.D) + q_per,
+                     ring_attend_launch(a), attend);
+            void* finish[] = {&ws, &k, &v, &pos, &kc, &vc, &ks, &vs, &out, &kc, &vc, &ks, &vs, &a};
+            s.kernel(ring_attention_fatbin, "ring_finish_" + dt + "_i8", ring_finish_launch(a), finish);
+          } else {
+            void* attend[] = {&q, &k, &v, &kc, &vc, &pos, &ws, &a};
+            s.kernel(ring_attention_fatbin, "ring_attend_" + dt + "_d" + std::to_string(a.D) + q_per,
+                     ring_attend_launch(a), attend);
+            void* finish[] = {&ws, &k, &v, &pos, &kc, &vc, &out, &kc, &vc, &a};
+            s.kernel(ring_attention_fatbin, "ring_finish_" + dt, ring_finish_launch(a), finish);
+          }
         } else if constexpr (std::is_same_v<O, prog::Conv1d>) {
           const Conv1dArgs& c = o.conv;
           const std::string dt = dts(o.x);

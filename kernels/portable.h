@@ -33,6 +33,7 @@
 
 typedef unsigned int pp_u32;
 typedef unsigned short pp_u16;
+typedef unsigned char pp_u8;
 typedef uint4 pp_u32x4;
 
 PP_DEVICE float pp_shfl_xor(float x, int mask) { return __shfl_xor_sync(0xffffffffu, x, mask); }
@@ -46,6 +47,7 @@ PP_DEVICE float pp_cos(float x) { return cosf(x); }
 PP_DEVICE float pp_sin(float x) { return sinf(x); }
 PP_DEVICE float pp_log(float x) { return logf(x); }
 PP_DEVICE float pp_erf(float x) { return erff(x); }
+PP_DEVICE float pp_rint(float x) { return rintf(x); }  // to nearest, ties to even
 PP_DEVICE pp_u32 pp_mul_hi(pp_u32 a, pp_u32 b) { return __umulhi(a, b); }
 PP_DEVICE float pp_max(float a, float b) { return fmaxf(a, b); }
 // A product and a sum never fused into an FMA: where a kernel must round as a
@@ -53,6 +55,7 @@ PP_DEVICE float pp_max(float a, float b) { return fmaxf(a, b); }
 PP_DEVICE float pp_mul_rn(float a, float b) { return __fmul_rn(a, b); }
 PP_DEVICE float pp_add_rn(float a, float b) { return __fadd_rn(a, b); }
 PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) { return *static_cast<const uint4*>(p); }
+PP_DEVICE pp_u32 pp_load4(const PP_GLOBAL void* p) { return *static_cast<const unsigned int*>(p); }
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *static_cast<uint4*>(p) = v; }
 PP_DEVICE pp_u32x4 pp_zero16() { return make_uint4(0u, 0u, 0u, 0u); }
 #define PP_NEG_INF (-__int_as_float(0x7f800000))
@@ -71,6 +74,7 @@ using namespace metal;
 
 typedef uint pp_u32;
 typedef ushort pp_u16;
+typedef uchar pp_u8;
 typedef uint4 pp_u32x4;
 
 PP_DEVICE float pp_shfl_xor(float x, int mask) { return simd_shuffle_xor(x, ushort(mask)); }
@@ -82,6 +86,7 @@ PP_DEVICE float pp_exp(float x) { return precise::exp(x); }
 PP_DEVICE float pp_cos(float x) { return precise::cos(x); }
 PP_DEVICE float pp_sin(float x) { return precise::sin(x); }
 PP_DEVICE float pp_log(float x) { return precise::log(x); }
+PP_DEVICE float pp_rint(float x) { return rint(x); }  // to nearest, ties to even
 // Metal has no erf: Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7).
 PP_DEVICE float pp_erf(float x) {
   const float t = 1.f / (1.f + 0.3275911f * fabs(x));
@@ -98,6 +103,7 @@ PP_DEVICE float pp_max(float a, float b) { return fmax(a, b); }
 PP_DEVICE float pp_mul_rn(float a, float b) { return fma(a, b, -0.f); }
 PP_DEVICE float pp_add_rn(float a, float b) { return fma(a, 1.f, b); }
 PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) { return *(const device uint4*)p; }
+PP_DEVICE pp_u32 pp_load4(const PP_GLOBAL void* p) { return *(const device uint*)p; }
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *(device uint4*)p = v; }
 PP_DEVICE pp_u32x4 pp_zero16() { return uint4(0u); }
 #define PP_NEG_INF (-INFINITY)

@@ -16,6 +16,15 @@
 // lanes (VEC elements each), so a warp covers 32 / G keys per step. New keys are
 // rotated on the fly; q and k are rounded to the storage type after RoPE, where
 // the reference rounds, and everything else is float32.
+//
+// The ring's format C is a template parameter of both bodies: the activations' own
+// (Plain), or 8 bits (Int8Rows: Engine(kv_bits=8), half the bytes a step reads and
+// holds). An 8-bit row is int8 codes and one float32 scale per (session, head,
+// position): scale = absmax / 127, code = round(x / scale), ties to even, from the
+// value as the plain ring would store it (keys after RoPE). A lane reads its VEC
+// codes with 4-byte loads; `finish` quantizes a new row in one warp, its absmax
+// reduced by shuffles. The new positions of a chunk attend to each other unquantized
+// (from k, v, as the reference does); they are quantized as they enter the ring.
 
 #pragma once
 
@@ -51,6 +60,7 @@ namespace ring {
 PP_CONSTANT constexpr int kWarps = 4;
 PP_CONSTANT constexpr int kThreads = 32 * kWarps;
 PP_CONSTANT constexpr int kUnroll = 4;  // key steps in flight per warp before the first use
+PP_CONSTANT constexpr int kMaxHeadDim = 128;  // Int8Rows' writes: two pairs of a row per lane
 
 using pp::BF16;
 using pp::F16;
@@ -81,11 +91,137 @@ PP_DEVICE void merge(PP_THREAD float& m, PP_THREAD float& l, PP_THREAD float* a,
   m = mn;
 }
 
+// The ring in the activations' format F. `attend` reads a lane's chunk of key j
+// (from the ring when `cached`, else from the new keys) through load, scale and
+// unpack; `finish` writes the new rows through write_new. Scales are not used.
+template <class F>
+struct Plain {
+  typedef typename F::Elem Code;
+  static PP_DEVICE pp_u32x4 load(bool cached, const PP_GLOBAL Code* c, const PP_GLOBAL typename F::Elem* n,
+                                 long at) {
+    return pp_load16((cached ? c : n) + at);
+  }
+  static PP_DEVICE float scale(bool, const PP_GLOBAL float*, long) { return 1.f; }
+  static PP_DEVICE void unpack(bool, pp_u32x4 r, float, PP_THREAD float* out) { pp::unpack<F>(r, out); }
+
+  // Thread tid of the (session b, head h) block: the rotated new keys and the values
+  // into their slots; only the last W new positions survive a chunk longer than the ring.
+  static PP_DEVICE void write_new(const PP_GLOBAL typename F::Elem* k, const PP_GLOBAL typename F::Elem* v,
+                                  int p0, PP_GLOBAL Code* kc_out, PP_GLOBAL Code* vc_out, PP_GLOBAL float*,
+                                  PP_GLOBAL float*, RingArgs a, int h, int b, int tid) {
+    const int D = a.D;
+    const long cache_row = (long(b) * a.H + h) * a.W, new_base = b * a.new_b + h * a.new_h;
+    const int first = a.T > a.W ? a.T - a.W : 0;
+    for (int i = tid; i < (a.T - first) * (D / 2); i += kThreads) {
+      const int t = first + i / (D / 2), pair = i % (D / 2);
+      const long src = new_base + t * a.new_t + 2 * pair;
+      const long dst = (cache_row + (p0 + t) % a.W) * D + 2 * pair;
+      float re = F::load(k[src]), im = F::load(k[src + 1]);
+      if (a.rope) rope_pair(re, im, pair, float(p0 + t), a.rope_step);
+      kc_out[dst] = F::store(re);
+      kc_out[dst + 1] = F::store(im);
+      vc_out[dst] = v[src];
+      vc_out[dst + 1] = v[src + 1];
+    }
+  }
+};
+
+// int8 code of x at a row's scale s (absmax / 127): round(x / s), ties to even.
+PP_DEVICE pp_u8 int8_code(float x, float s) {
+  float c = s > 0.f ? pp_rint(x / s) : 0.f;
+  c = c > 127.f ? 127.f : c < -127.f ? -127.f : c;
+  return pp_u8(int(c) & 0xff);
+}
+
+// The ring in 8 bits: int8 codes [B, H, W, D] and float32 scales [B, H, W].
+template <class F>
+struct Int8Rows {
+  typedef pp_u8 Code;
+  static PP_DEVICE pp_u32x4 load(bool cached, const PP_GLOBAL Code* c, const PP_GLOBAL typename F::Elem* n,
+                                 long at) {
+    if (!cached) return pp_load16(n + at);
+    pp_u32x4 r = pp_zero16();  // the lane's VEC codes: 4 or 8 bytes
+    r.x = pp_load4(c + at);
+    if (F::kPerVec == 8) r.y = pp_load4(c + at + 4);
+    return r;
+  }
+  static PP_DEVICE float scale(bool cached, const PP_GLOBAL float* s, long row) { return cached ? s[row] : 1.f; }
+  static PP_DEVICE void unpack(bool cached, pp_u32x4 r, float scale, PP_THREAD float* out) {
+    if (!cached) {
+      pp::unpack<F>(r, out);
+      return;
+    }
+    #pragma unroll
+    for (int e = 0; e < F::kPerVec; ++e) {
+      const int byte = int(((e < 4 ? r.x : r.y) >> (8 * (e & 3))) & 0xffu);
+      out[e] = float(byte - ((byte & 0x80) << 1)) * scale;
+    }
+  }
+
+  // One warp per new row (D <= kMaxHeadDim: two pairs a lane): the rotated key rounded
+  // as the plain ring stores it, and the value; each one's absmax over the row by
+  // shuffles; then the codes, and lane 0 writes the scales.
+  static PP_DEVICE void write_new(const PP_GLOBAL typename F::Elem* k, const PP_GLOBAL typename F::Elem* v,
+                                  int p0, PP_GLOBAL Code* kc_out, PP_GLOBAL Code* vc_out, PP_GLOBAL float* ks_out,
+                                  PP_GLOBAL float* vs_out, RingArgs a, int h, int b, int tid) {
+    constexpr int kPairs = kMaxHeadDim / 64;
+    const int D = a.D, lane = tid & 31, warp = tid >> 5;
+    const long cache_row = (long(b) * a.H + h) * a.W, new_base = b * a.new_b + h * a.new_h;
+    const int first = a.T > a.W ? a.T - a.W : 0;
+    for (int t = first + warp; t < a.T; t += kWarps) {  // warp-uniform: the shuffles need every lane
+      float kx[kPairs][2], vx[kPairs][2], km = 0.f, vm = 0.f;
+      #pragma unroll
+      for (int i = 0; i < kPairs; ++i) {
+        const int pair = lane + 32 * i;
+        kx[i][0] = kx[i][1] = vx[i][0] = vx[i][1] = 0.f;
+        if (pair < D / 2) {
+          const long src = new_base + t * a.new_t + 2 * pair;
+          float re = F::load(k[src]), im = F::load(k[src + 1]);
+          if (a.rope) rope_pair(re, im, pair, float(p0 + t), a.rope_step);
+          kx[i][0] = round_trip<F>(re);
+          kx[i][1] = round_trip<F>(im);
+          vx[i][0] = F::load(v[src]);
+          vx[i][1] = F::load(v[src + 1]);
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            km = pp_max(km, pp_max(kx[i][e], -kx[i][e]));
+            vm = pp_max(vm, pp_max(vx[i][e], -vx[i][e]));
+          }
+        }
+      }
+      #pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        km = pp_max(km, pp_shfl_xor(km, off));
+        vm = pp_max(vm, pp_shfl_xor(vm, off));
+      }
+      const float kscale = km / 127.f, vscale = vm / 127.f;
+      const long row = cache_row + (p0 + t) % a.W;
+      #pragma unroll
+      for (int i = 0; i < kPairs; ++i) {
+        const int pair = lane + 32 * i;
+        if (pair < D / 2) {
+          #pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            kc_out[row * D + 2 * pair + e] = int8_code(kx[i][e], kscale);
+            vc_out[row * D + 2 * pair + e] = int8_code(vx[i][e], vscale);
+          }
+        }
+      }
+      if (lane == 0) {
+        ks_out[row] = kscale;
+        vs_out[row] = vscale;
+      }
+    }
+  }
+};
+
 // smem: kWarps * TQ * (D + 2) floats. ws: [B, H, T, S, D + 2] (values, max, sum).
-template <class F, int D, int TQ>
+// C: the ring's format (Plain<F> or Int8Rows<F>); ks, vs: Int8Rows' scales (else unused).
+template <class F, class C, int D, int TQ>
 PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typename F::Elem* k,
-                      const PP_GLOBAL typename F::Elem* v, const PP_GLOBAL typename F::Elem* kc,
-                      const PP_GLOBAL typename F::Elem* vc, const PP_GLOBAL int* pos,
+                      const PP_GLOBAL typename F::Elem* v, const PP_GLOBAL typename C::Code* kc,
+                      const PP_GLOBAL typename C::Code* vc, const PP_GLOBAL float* ks,
+                      const PP_GLOBAL float* vs, const PP_GLOBAL int* pos,
                       PP_GLOBAL float* ws, RingArgs a, PP_SHARED_PTR float* smem, int split,
                       int h, int bz, int tid) {
   constexpr int VEC = F::kPerVec, G = D / VEC, KPW = 32 / G, STEP = kWarps * KPW;
@@ -127,25 +263,31 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
   // the end loads nothing and scores -inf.
   for (int rw = r_begin + warp * KPW; rw < r_end; rw += kUnroll * STEP) {
     pp_u32x4 kr[kUnroll], vr[kUnroll];
+    float ksc[kUnroll], vsc[kUnroll];
     int jj[kUnroll];
     #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int r = rw + u * STEP + sub;
       jj[u] = r < r_end ? lo + r : -1;
       kr[u] = vr[u] = pp_zero16();
+      ksc[u] = vsc[u] = 1.f;
       if (jj[u] >= 0) {
         const int j = jj[u];
-        const long at = j < p0 ? (cache_row + j % a.W) * D : new_base + (j - p0) * a.new_t;
-        kr[u] = pp_load16((j < p0 ? kc : k) + at + gl * VEC);
-        vr[u] = pp_load16((j < p0 ? vc : v) + at + gl * VEC);
+        const bool cached = j < p0;
+        const long row = cache_row + j % a.W;
+        const long at = cached ? row * D : new_base + (j - p0) * a.new_t;
+        kr[u] = C::load(cached, kc, k, at + gl * VEC);
+        vr[u] = C::load(cached, vc, v, at + gl * VEC);
+        ksc[u] = C::scale(cached, ks, row);
+        vsc[u] = C::scale(cached, vs, row);
       }
     }
     #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int j = jj[u];
       float kf[VEC], vf[VEC];
-      unpack<F>(kr[u], kf);
-      unpack<F>(vr[u], vf);
+      C::unpack(j >= 0 && j < p0, kr[u], ksc[u], kf);
+      C::unpack(j >= 0 && j < p0, vr[u], vsc[u], vf);
       if (j >= p0 && a.rope) {  // a new key: rotate at its position, round as stored
         #pragma unroll
         for (int e = 0; e < VEC; e += 2) {
@@ -215,17 +357,19 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
   }
 }
 
-// One block per (session, head): out = combined partials; then the ring write.
-template <class F>
+// One block per (session, head): out = combined partials; then the ring write
+// (C: the ring's format, as in attend; ks..vs_out: Int8Rows' scales, else unused).
+template <class F, class C>
 PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Elem* k,
                       const PP_GLOBAL typename F::Elem* v, const PP_GLOBAL int* pos,
-                      const PP_GLOBAL typename F::Elem* kc, const PP_GLOBAL typename F::Elem* vc,
-                      PP_GLOBAL typename F::Elem* out, PP_GLOBAL typename F::Elem* kc_out,
-                      PP_GLOBAL typename F::Elem* vc_out, RingArgs a, int h, int b, int tid) {
-  const int D = a.D, VEC = F::kPerVec;
+                      const PP_GLOBAL typename C::Code* kc, const PP_GLOBAL typename C::Code* vc,
+                      const PP_GLOBAL float* ks, const PP_GLOBAL float* vs,
+                      PP_GLOBAL typename F::Elem* out, PP_GLOBAL typename C::Code* kc_out,
+                      PP_GLOBAL typename C::Code* vc_out, PP_GLOBAL float* ks_out, PP_GLOBAL float* vs_out,
+                      RingArgs a, int h, int b, int tid) {
+  const int D = a.D, VEC = 16 / int(sizeof(typename C::Code));  // elements of a 16-byte copy
   const long bh = long(b) * a.H + h;
   const long new_row = bh * a.T, cache_row = bh * a.W;
-  const long new_base = b * a.new_b + h * a.new_h;
   const int p0 = pos[b];
 
   for (int i = tid; i < a.T * D; i += kThreads) {
@@ -250,21 +394,11 @@ PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Ele
     pp_store16(kc_out + cache_row * D + i * VEC, pp_load16(kc + cache_row * D + i * VEC));
   for (long i = tid; a.copy_v && i < n_vec; i += kThreads)
     pp_store16(vc_out + cache_row * D + i * VEC, pp_load16(vc + cache_row * D + i * VEC));
+  for (int i = tid; ks_out && a.copy_k && i < a.W; i += kThreads) ks_out[cache_row + i] = ks[cache_row + i];
+  for (int i = tid; vs_out && a.copy_v && i < a.W; i += kThreads) vs_out[cache_row + i] = vs[cache_row + i];
   PP_BARRIER();
 
-  // Only the last W new positions survive when a chunk is longer than the ring.
-  const int first = a.T > a.W ? a.T - a.W : 0;
-  for (int i = tid; i < (a.T - first) * (D / 2); i += kThreads) {
-    const int t = first + i / (D / 2), pair = i % (D / 2);
-    const long src = new_base + t * a.new_t + 2 * pair;
-    const long dst = (cache_row + (p0 + t) % a.W) * D + 2 * pair;
-    float re = F::load(k[src]), im = F::load(k[src + 1]);
-    if (a.rope) rope_pair(re, im, pair, float(p0 + t), a.rope_step);
-    kc_out[dst] = F::store(re);
-    kc_out[dst + 1] = F::store(im);
-    vc_out[dst] = v[src];
-    vc_out[dst + 1] = v[src + 1];
-  }
+  C::write_new(k, v, p0, kc_out, vc_out, ks_out, vs_out, a, h, b, tid);
 }
 
 }  // namespace ring
@@ -278,7 +412,7 @@ PP_DEVICE void finish(const PP_GLOBAL float* ws, const PP_GLOBAL typename F::Ele
 
 constexpr int kRingThreads = 128;
 
-// The head dims `attend` is instantiated for (ring_attend_<dtype>_d<D>_q<TQ>).
+// The head dims `attend` is instantiated for (ring_attend_<dtype>[_i8]_d<D>_q<TQ>).
 inline bool ring_head_dim_supported(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
 
 // New queries per block, TQ: 1 for a decode step, else 4 (ring_attend_..._q1 / _q4).

@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from personaplex_fast import _ext
+from personaplex_fast import _ext, reference
 from test_kernel_emulator import DTYPE_CODE, RingArgs, build_drivers, check, from_raw, nan_raw, ptr, raw
 from test_ring_attention import assert_close
 
@@ -273,6 +273,52 @@ def test_attention_chunk_window_and_out_strides(drivers, dtype):
         ctypes.byref(args), 11))
     for name, got in (("out", out), ("kc", kcr), ("vc", vcr)):
         assert_close(from_raw(got, dtype), want[name], dtype, f"chunk-window attention {name}", 40)
+
+
+def quantized(rng, shape, dtype):
+    """An 8-bit ring [B, H, W, D] of random rows: (int8 codes, float32 scales)."""
+    return reference.quantize_rows(mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [16, 128])  # 128: two pairs a lane in finish's quantizing warp
+def test_attention_8bit_ring(drivers, dtype, D):
+    """The 8-bit ring's kernels (ring::Int8Rows: int8 codes, a float32 scale per row)
+    against the program's CPU path: a decode step from fused QKV rows in place (as the
+    LM runs it), chunks of a partial query group and longer than the ring, with and
+    without RoPE, window splits swept, and once with the caches copied first. The codes
+    and scales must be the CPU path's bit for bit (the same rounding), out to the dtype."""
+    rng = np.random.default_rng(D)
+    B, H, W = 3, 2, 20
+    emu = drivers["ring_attention"]
+    for i, (T, S, rope, in_place) in enumerate([(1, 1, 10000.0, True), (1, 3, None, True), (6, 2, 10000.0, True),
+                                                (23, 1, 10000.0, True), (1, 7, 10000.0, False)]):
+        qkv = mx.array(rng.standard_normal((B, T, 3, H, D)).astype(np.float32)).astype(dtype)
+        (kc, ks), (vc, vs) = quantized(rng, (B, H, W, D), dtype), quantized(rng, (B, H, W, D), dtype)
+        pos = mx.array(rng.choice([0, 1, W - 1, W, 3 * W + 2, 1000], size=B, replace=False).astype(np.int32))
+        es = dtype.size
+        strides = [T * 3 * H * D, D, 3 * H * D]
+        want = program_op({"qkv": qkv, "pos": pos}, {"kc": kc, "vc": vc, "ks": ks, "vs": vs,
+                                                     "out": ((B, H, T, D), dtype)},
+                          lambda p, h: p.attention(q=h["qkv"], k=p.view(h["qkv"], H * D * es, dtype),
+                                                   v=p.view(h["qkv"], 2 * H * D * es, dtype), k_cache=h["kc"],
+                                                   v_cache=h["vc"], pos=h["pos"], out=h["out"], B=B, H=H, T=T, D=D,
+                                                   W=W, new_strides=strides, rope_max_period=rope or 0.0,
+                                                   k_scales=h["ks"], v_scales=h["vs"]))
+        qr, posr = raw(qkv), np.array(pos)
+        ins = [np.array(a) for a in (kc, vc, ks, vs)]
+        outs = ins if in_place else [np.full_like(a, -99 if a.dtype == np.int8 else np.nan) for a in ins]
+        out = nan_raw((B, H, T, D), dtype)
+        step = H * D * es
+        qp, kp, vp = (ctypes.c_void_p(qr.ctypes.data + j * step) for j in range(3))
+        args = RingArgs(B, H, T, D, W, S, not in_place, not in_place, bool(rope),
+                        -math.log(rope) * 2.0 / D if rope else 0.0, 1.0 / math.sqrt(D), *strides)
+        check(emu, emu.emu_ring_attention_i8(DTYPE_CODE[dtype], qp, kp, vp, *map(ptr, ins), ptr(posr), ptr(out),
+                                             *map(ptr, outs), ctypes.byref(args), 20 + i))
+        what = f"8-bit ring T={T} S={S} rope={rope} in_place={in_place}"
+        assert_close(from_raw(out, dtype), want["out"], dtype, f"{what}: out", int(posr.max()) + T)
+        for name, got in zip(("kc", "vc", "ks", "vs"), outs):
+            np.testing.assert_array_equal(got, np.array(want[name]), err_msg=f"{what}: {name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -74,14 +74,14 @@ def op_profile(program) -> dict:
     return {k: [round(v[0], 4), v[1]] for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
 
 
-def engine_ticks(lm, mimi, B, ticks, warmup, program=None, profile=False) -> dict:
+def engine_ticks(lm, mimi, B, ticks, warmup, program=None, profile=False, kv_bits=None) -> dict:
     """Times `ticks` consecutive ticks (after `warmup`) of an Engine of B sessions, each at
     frame context + PAST_WINDOW: per tick the whole time and, with the tick program, the
-    host's part (until its work is queued). program: as Engine takes it (None: the
-    engine's choice)."""
+    host's part (until its work is queued). program, kv_bits: as Engine takes them (None:
+    the engine's choice, the cache in the model's dtype)."""
     from .engine import Engine
 
-    engine = Engine(lm, mimi, slots=B, program=program)
+    engine = Engine(lm, mimi, slots=B, program=program, kv_bits=kv_bits)
     for _ in range(B):
         engine.join()
     engine.tick(np.zeros((B, engine.frame_size), np.float32))  # the joins' resets

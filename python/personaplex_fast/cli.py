@@ -30,7 +30,7 @@ def _lm_run(args) -> None:
     from .lmrun import run
 
     ops.set_kernels(args.kernels)
-    run(args.model, frames=args.frames, seed=args.seed, greedy=args.greedy, batch=args.batch)
+    run(args.model, frames=args.frames, seed=args.seed, greedy=args.greedy, batch=args.batch, kv_bits=args.kv_bits)
 
 
 def _selftest(args) -> None:
@@ -74,6 +74,13 @@ def _add_model_args(s) -> None:
     s.add_argument("--check", action="store_true",
                    help="run fused and reference ops on the same inputs and report the largest difference")
     _add_kernels_arg(s)
+    _add_kv_bits_arg(s)
+
+
+def _add_kv_bits_arg(s) -> None:
+    s.add_argument("--kv-bits", type=int, choices=(8,), default=None,
+                   help="8: keep the temporal transformer's KV cache in 8 bits (int8, a scale per row): half "
+                        "the memory a session holds, twice the sessions (default: the model's dtype)")
 
 
 def _add_kernels_arg(s) -> None:
@@ -105,7 +112,7 @@ def _offline(args) -> None:
     _set_ops_mode(args)
     model = load_model(args.model)
     sampling = _sampling(args)
-    engine = model.engine(slots=1, sampling=sampling, seed=args.seed)
+    engine = model.engine(slots=1, sampling=sampling, seed=args.seed, kv_bits=args.kv_bits)
     prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
     offline(engine, args.input_wav, args.output_wav, args.output_text, decode=model.decode_text,
             prompt=prompt, max_seconds=args.max_input_seconds)
@@ -120,7 +127,7 @@ def _chat(args) -> None:
     _set_ops_mode(args)
     model = load_model(args.model)
     sampling = _sampling(args)
-    engine = model.engine(slots=1, sampling=sampling, seed=args.seed)
+    engine = model.engine(slots=1, sampling=sampling, seed=args.seed, kv_bits=args.kv_bits)
     prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
     chat(engine, model.decode_text, input_device=args.input_device, output_device=args.output_device,
          seconds=args.seconds, prompt=prompt, aec=args.aec, noise_suppression=args.noise_suppression,
@@ -142,7 +149,7 @@ def _serve(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be positive")
     serve(load_model(args.model), args.host, args.port, args.max_sessions, sampling=_sampling(args),
           seed=args.seed, limits=limits, allow_origins=tuple(args.allow_origin), token=args.token,
-          ssl_cert=args.ssl_cert, ssl_key=args.ssl_key)
+          ssl_cert=args.ssl_cert, ssl_key=args.ssl_key, kv_bits=args.kv_bits)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--greedy", action="store_true")
     _add_kernels_arg(s)
+    _add_kv_bits_arg(s)
     s.set_defaults(func=_lm_run)
 
     s = sub.add_parser("selftest", help="each fused primitive against its pure-MLX reference on this device, "

@@ -149,9 +149,12 @@ class LMConfig:
         heads = self.dim * self.text_card + n_in * self.dim * d.dim + self.dep_q * d.dim * self.card
         return temporal + tables + depformer + heads
 
-    def kv_bytes(self, sessions: int = 1, itemsize: int = 2) -> int:
-        """The temporal transformer's KV cache: keys and values of every layer over the context."""
-        return sessions * 2 * self.num_layers * self.context * self.dim * itemsize
+    def kv_bytes(self, sessions: int = 1, itemsize: int = 2, kv_bits: int | None = None) -> int:
+        """The temporal transformer's KV cache: keys and values of every layer over the context,
+        in the activations' dtype (itemsize bytes), or kv_bits 8: a byte per value and a float32
+        scale per (head, position) row (models/cache.py)."""
+        row = self.head_dim + 4 if kv_bits == 8 else self.head_dim * itemsize
+        return sessions * 2 * self.num_layers * self.context * self.num_heads * row
 
     def to_dict(self) -> dict:
         """The flat official layout (depformer fields prefixed), ready for config.json."""

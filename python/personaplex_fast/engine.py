@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import ops, tick
+from .models.cache import KV_BITS
 from .models.lm import LM, UNGENERATED, LMState
 from .models.mimi import Mimi, MimiState
 from .sampling import SamplingConfig
@@ -37,13 +38,19 @@ class SessionsFull(RuntimeError):
 class Engine:
     """program: run each tick as one tick program (tick/) — the default where the
     fused kernels run and the models fit it — or op by op (False; the only way in
-    "reference" and "check" modes, where every primitive is compared or replaced)."""
+    "reference" and "check" modes, where every primitive is compared or replaced).
+    kv_bits 8: the temporal transformer's KV cache in 8 bits (models/cache.py), on
+    either path; None: in the LM's dtype."""
 
     def __init__(self, lm: LM, mimi: Mimi, slots: int = 1,
-                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, program: bool | None = None):
+                 sampling: SamplingConfig = SamplingConfig(), seed: int = 0, program: bool | None = None,
+                 kv_bits: int | None = None):
         if lm.cfg.card != mimi.cfg.quantizer.bins:
             raise ValueError(f"LM audio card {lm.cfg.card} != Mimi codebook size {mimi.cfg.quantizer.bins}")
+        if kv_bits not in (None, *KV_BITS):
+            raise ValueError(f"kv_bits must be one of {KV_BITS} or None, got {kv_bits}")
         self.lm, self.mimi, self.sampling = lm, mimi, sampling
+        self.kv_bits = kv_bits
         self.slots = slots
         self.frame_size = mimi.cfg.frame_size
         self.active = [False] * slots
@@ -56,7 +63,7 @@ class Engine:
             gpu = mx.default_device().type == mx.gpu
             why = tick.supported(lm, mimi, gpu)
             if why is None:
-                self.program = tick.TickRunner(lm, mimi, slots, sampling, gpu)
+                self.program = tick.TickRunner(lm, mimi, slots, sampling, gpu, kv_bits=kv_bits)
             elif program:
                 raise tick.Unsupported(why)
         if self.program is not None:
@@ -64,7 +71,7 @@ class Engine:
             self._control = np.zeros((slots, tick.CONTROL_COLS), np.int32)
             self._control[:, 0] = tick.RESET_ALL
         else:
-            self.lm_state: LMState = lm.new_state(slots, seed=seed)
+            self.lm_state: LMState = lm.new_state(slots, seed=seed, kv_bits=kv_bits)
             self.encoder: MimiState = mimi.new_encoder_state(slots)
             self.decoder: MimiState = mimi.new_decoder_state(slots)
 
@@ -91,9 +98,7 @@ class Engine:
             self._control[slot, 0] &= ~tick.RESET_LM
             return
         dst = self.lm_state
-        for arrays, rows in ((dst.kv.keys, src.kv.keys), (dst.kv.values, src.kv.values)):
-            for i, row in enumerate(rows):
-                arrays[i][slot] = row[0]
+        dst.kv.load(slot, *src.kv.rows(0, self.kv_bits))
         dst.offsets[slot] = src.offsets[0]
         dst.tokens[slot] = src.tokens[0]
         dst.forced[slot] = src.forced[0]

@@ -14,9 +14,11 @@ from .checkpoint import load_lm
 from .sampling import SamplingConfig
 
 
-def run(model: str, frames: int = 100, seed: int = 0, greedy: bool = False, batch: int = 1) -> None:
+def run(model: str, frames: int = 100, seed: int = 0, greedy: bool = False, batch: int = 1,
+        kv_bits: int | None = None) -> None:
+    """kv_bits 8: the KV cache in 8 bits (op by op, its attention runs the pure-MLX reference)."""
     lm = load_lm(model)
-    state = lm.new_state(batch, seed=seed)
+    state = lm.new_state(batch, seed=seed, kv_bits=kv_bits)
     # The user's stream is the initial (silence-free) token on every codebook:
     # enough to exercise every layer without a codec.
     user = mx.full((batch, lm.cfg.user_q), lm.cfg.audio_initial_token - 1, dtype=mx.int32)

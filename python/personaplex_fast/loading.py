@@ -65,8 +65,9 @@ class Model:
                 self._tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
         return self._tokenizer
 
-    def engine(self, slots: int = 1, sampling: SamplingConfig = SamplingConfig(), seed: int = 0) -> Engine:
-        return Engine(self.lm, self.mimi, slots=slots, sampling=sampling, seed=seed)
+    def engine(self, slots: int = 1, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+               kv_bits: int | None = None) -> Engine:
+        return Engine(self.lm, self.mimi, slots=slots, sampling=sampling, seed=seed, kv_bits=kv_bits)
 
 
 def load_model(source: str | Path, dtype: mx.Dtype | None = None) -> Model:

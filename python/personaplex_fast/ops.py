@@ -189,16 +189,27 @@ def _rope_arg(rope_max_period: float | None) -> float:
     return 0.0 if rope_max_period is None else float(rope_max_period)
 
 
+def cache_fusable(k_cache) -> bool:
+    """Whether the fused primitives attend over this ring cache: an array in the
+    activations' dtype. An 8-bit ring ((codes, scales): Engine(kv_bits=8)) is the tick
+    program's format; op by op, ring_attention and the stacks that attend over it
+    (decoder_layers) run their references there. The depformer's per-frame caches stay
+    in the activations' dtype, so depformer_frame is unaffected."""
+    return not isinstance(k_cache, tuple)
+
+
 def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | None = 10000.0,
                    scale: float | None = None):
     """See reference.ring_attention; returns (out, k_cache', v_cache')."""
     # The C++ signature takes mx.array only (no implicit conversion of ints/numpy).
-    q, k, v, k_cache, v_cache = (x if isinstance(x, mx.array) else mx.array(x)
-                                 for x in (q, k, v, k_cache, v_cache))
+    fusable = cache_fusable(k_cache)
+    q, k, v = (x if isinstance(x, mx.array) else mx.array(x) for x in (q, k, v))
+    if fusable:
+        k_cache, v_cache = (x if isinstance(x, mx.array) else mx.array(x) for x in (k_cache, v_cache))
     pos = reference.positions(pos, q.shape[0])
     scale_ = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _pick(
-        "ring_attention", True,
+        "ring_attention", fusable,
         lambda: tuple(_ext().ring_attention(q, k, v, k_cache, v_cache, pos, scale_,
                                             _rope_arg(rope_max_period))),
         lambda: reference.ring_attention(q, k, v, k_cache, v_cache, pos, rope_max_period=rope_max_period,
@@ -355,13 +366,15 @@ def depformer_arrays(weights: DepformerWeights) -> tuple[list, list, list, list]
     return _derive(weights)[1]
 
 
-def decoder_layers_fusable(x, stack: LayerStack | None, heads: int) -> bool:
+def decoder_layers_fusable(x, stack: LayerStack | None, heads: int, k_cache=None) -> bool:
     """Whether ops.decoder_layers takes the fused primitive: one decode step (x [B, C],
     or [B, 1, C]) of at most MATVEC_MAX_ROWS sessions in a float dtype, head dims the
-    attention kernels take, and one bit width through the stack."""
+    attention kernels take, one bit width through the stack, and caches it attends over
+    (cache_fusable; k_cache: a layer's, None: in x's dtype)."""
     return (stack is not None and not _reference() and (x.ndim == 2 or (x.ndim == 3 and x.shape[1] == 1))
             and 0 < x.shape[0] <= MATVEC_MAX_ROWS and x.dtype in FLOAT_DTYPES
-            and x.shape[-1] // heads in ATTENTION_HEAD_DIMS and bits_of(stack) is not None)
+            and x.shape[-1] // heads in ATTENTION_HEAD_DIMS and bits_of(stack) is not None
+            and (k_cache is None or cache_fusable(k_cache)))
 
 
 def decoder_layers(x, pos, stack: LayerStack, k_caches, v_caches, *, heads: int,
@@ -375,7 +388,7 @@ def decoder_layers(x, pos, stack: LayerStack, k_caches, v_caches, *, heads: int,
         L = len(k_caches)
         return out[0], out[1:1 + L], out[1 + L:]
 
-    return _pick("decoder_layers", decoder_layers_fusable(x, stack, heads), fused,
+    return _pick("decoder_layers", decoder_layers_fusable(x, stack, heads, k_caches[0]), fused,
                  lambda: reference.decoder_layers(x, pos, stack, k_caches, v_caches, heads=heads,
                                                   rope_max_period=rope_max_period))
 

@@ -87,16 +87,36 @@ def positions(pos, batch: int) -> mx.array:
     return mx.broadcast_to(pos, (batch,)) if pos.ndim == 0 else pos
 
 
+def quantize_rows(x):
+    """x [..., D] -> (int8 codes [..., D], float32 scales [...]): per row scale = max |x| / 127
+    and code = round(x / scale), ties to even (a zero row: scale 0, codes 0). The 8-bit
+    ring's format (Engine(kv_bits=8)), as kernels/ring_attention.cuh's Int8Rows writes it."""
+    xf = x.astype(mx.float32)
+    scales = mx.max(mx.abs(xf), axis=-1) / 127.0
+    s = scales[..., None]
+    codes = mx.where(s > 0, mx.round(xf / mx.where(s > 0, s, 1.0)), 0.0)
+    return mx.clip(codes, -127, 127).astype(mx.int8), scales
+
+
+def dequantize_rows(codes, scales):
+    """The rows of an 8-bit ring in float32: code * the row's scale."""
+    return codes.astype(mx.float32) * scales[..., None]
+
+
 def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | None = 10000.0,
                    scale: float | None = None):
     """One streaming attention step over a ring KV cache (see csrc/ring_attention.h).
 
-    q, k, v [B, H, T, D]; caches [B, H, W, D] with position p in slot p % W;
+    q, k, v [B, H, T, D]; caches [B, H, W, D] with position p in slot p % W, or 8-bit
+    rings: (codes [B, H, W, D] int8, scales [B, H, W] float32) pairs (quantize_rows);
     pos [B] int: position of each session's first new token. Each new position
-    p attends to [max(0, p - W + 1), p]. Returns (out, k_cache', v_cache').
+    p attends to [max(0, p - W + 1), p]: the new positions among themselves as
+    computed, older ones as the ring holds them. Returns (out, k_cache', v_cache'),
+    the caches in the form they came in.
     """
     B, H, T, D = q.shape
-    W = k_cache.shape[2]
+    quantized = isinstance(k_cache, tuple)
+    W = k_cache[0].shape[2] if quantized else k_cache.shape[2]
     pos = positions(pos, B)
     if rope_max_period is not None:
         at = pos[:, None] + mx.arange(T, dtype=mx.int32)
@@ -109,8 +129,9 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     old = pos[:, None] - 1 - ((pos[:, None] - 1 - slots[None]) % W)
     new = pos[:, None] + mx.arange(T)[None]
     key_pos = mx.concatenate([old, new], axis=1)  # [B, W + T]
-    keys = mx.concatenate([k_cache, k], axis=2).astype(mx.float32)
-    values = mx.concatenate([v_cache, v], axis=2).astype(mx.float32)
+    old_k, old_v = (dequantize_rows(*k_cache), dequantize_rows(*v_cache)) if quantized else (k_cache, v_cache)
+    keys = mx.concatenate([old_k.astype(mx.float32), k.astype(mx.float32)], axis=2)
+    values = mx.concatenate([old_v.astype(mx.float32), v.astype(mx.float32)], axis=2)
     delta = new[:, :, None] - key_pos[:, None, :]
     visible = (key_pos[:, None, :] >= 0) & (delta >= 0) & (delta < W)
     scores = (q.astype(mx.float32) @ keys.transpose(0, 1, 3, 2)) * scale
@@ -121,10 +142,18 @@ def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | N
     hit = ((new[:, :, None] % W) == slots[None, None, :]) & (new[:, :, None] >= (pos + T - W)[:, None, None])
     written = hit.any(axis=1)  # [B, W]
     src = mx.argmax(hit.astype(mx.int32), axis=1)  # [B, W]
-    k_new = mx.take_along_axis(k, src[:, None, :, None], axis=2)
-    v_new = mx.take_along_axis(v, src[:, None, :, None], axis=2)
-    mask = written[:, None, :, None]
-    return out, mx.where(mask, k_new, k_cache), mx.where(mask, v_new, v_cache)
+
+    def take(cache, rows):  # rows [B, H, T, ...] into the slots they hit
+        tail = (None,) * (rows.ndim - 3)
+        return mx.where(written[(slice(None), None, slice(None)) + tail],
+                        mx.take_along_axis(rows, src[(slice(None), None, slice(None)) + tail], axis=2), cache)
+
+    def write(cache, rows):
+        if quantized:
+            return tuple(take(c, r) for c, r in zip(cache, quantize_rows(rows)))
+        return take(cache, rows)
+
+    return out, write(k_cache, k), write(v_cache, v)
 
 
 # ------------------------------------------------------------------------ Mimi codec

@@ -382,17 +382,17 @@ async def _serve(server: Server, host: str, port: int, tls) -> None:
 
 def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0, limits: Limits = Limits(),
           allow_origins: tuple[str, ...] = (), token: str | None = None, ssl_cert: str | None = None,
-          ssl_key: str | None = None) -> None:
+          ssl_key: str | None = None, kv_bits: int | None = None) -> None:
     from .checkpoint import device_memory
 
     if max_sessions < 1:
         raise UserError(f"--max-sessions {max_sessions}: needs at least 1")
-    need, have = model.lm.cfg.kv_bytes(max_sessions, model.lm.dtype.size), device_memory()
+    need, have = model.lm.cfg.kv_bytes(max_sessions, model.lm.dtype.size, kv_bits), device_memory()
     if need > have:
         raise UserError(f"--max-sessions {max_sessions}: their KV caches need {need / 2**30:.1f} GiB; "
                         f"this device has {have / 2**30:.1f} GiB")
     tls = tls_context(ssl_cert, ssl_key)
-    engine = model.engine(slots=max_sessions, sampling=sampling, seed=seed)
+    engine = model.engine(slots=max_sessions, sampling=sampling, seed=seed, kv_bits=kv_bits)
     # The first tick compiles and allocates; pay for it before anyone is listening.
     engine.tick(np.zeros((engine.slots, engine.frame_size), dtype=np.float32))
 

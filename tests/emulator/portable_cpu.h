@@ -18,7 +18,7 @@
 // as a wrong result rather than being hidden by a fixed thread order; a
 // barrier that some thread never reaches (divergent __syncthreads, a shuffle
 // in a divergent branch) is reported as a deadlock. Shared memory and the
-// workspaces start as NaN, and 16-byte loads and stores check their alignment.
+// workspaces start as NaN, and 16- and 4-byte loads and stores check their alignment.
 
 #pragma once
 
@@ -49,6 +49,7 @@
 
 typedef uint32_t pp_u32;
 typedef uint16_t pp_u16;
+typedef uint8_t pp_u8;
 struct pp_u32x4 {
   pp_u32 x, y, z, w;
 };
@@ -229,9 +230,9 @@ void launch(const PpLaunch& plan, std::vector<float>& smem, Body body, unsigned 
          static_cast<int>(plan.threads), smem, body, seed, poison);
 }
 
-inline void check_aligned(const void* p) {
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-    fail("emulator: 16-byte load or store at a misaligned address");
+inline void check_aligned(const void* p, int bytes = 16) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    fail("emulator: " + std::to_string(bytes) + "-byte load or store at a misaligned address");
   }
 }
 
@@ -289,6 +290,7 @@ PP_DEVICE float pp_exp(float x) { return std::exp(x); }
 PP_DEVICE float pp_cos(float x) { return std::cos(x); }
 PP_DEVICE float pp_log(float x) { return std::log(x); }
 PP_DEVICE float pp_erf(float x) { return std::erf(x); }
+PP_DEVICE float pp_rint(float x) { return std::nearbyint(x); }  // default mode: ties to even
 PP_DEVICE pp_u32 pp_mul_hi(pp_u32 a, pp_u32 b) { return pp_u32((uint64_t(a) * b) >> 32); }
 PP_DEVICE float pp_sin(float x) { return std::sin(x); }
 PP_DEVICE float pp_max(float a, float b) { return std::fmax(a, b); }
@@ -299,6 +301,12 @@ PP_DEVICE pp_u32x4 pp_load16(const PP_GLOBAL void* p) {
   pp_emu::check_aligned(p);
   pp_u32x4 v;
   std::memcpy(&v, p, 16);
+  return v;
+}
+PP_DEVICE pp_u32 pp_load4(const PP_GLOBAL void* p) {
+  pp_emu::check_aligned(p, 4);
+  pp_u32 v;
+  std::memcpy(&v, p, 4);
   return v;
 }
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) {

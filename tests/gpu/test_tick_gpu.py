@@ -6,13 +6,19 @@ Greedy ticks are compared until the first frame whose text tokens differ (summat
 order differs between the devices, so a near-tie may flip a token, after which the
 conversations diverge); at least the first 8 frames must agree, with the audio of the
 agreeing frames equal to 1e-3 of its scale (float32 models).
+
+The 8-bit KV cache (kv_bits 8, kernels/ring_attention.cuh's Int8Rows): its attention op
+alone against the CPU path (out as tests/gpu/test_ring_attention_gpu.py; codes equal but
+where CUDA's float32 sin / cos / exp differ from the CPU's in the last bit and a value
+crossed a rounding midpoint: one step, in at most 1% of the codes; scales to 1e-5), and
+the whole program with it against the CPU program and the op-by-op engine.
 """
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from personaplex_fast import tick
+from personaplex_fast import _ext, reference, tick
 from personaplex_fast.engine import Engine
 from personaplex_fast.loading import load_model
 from personaplex_fast.sampling import SamplingConfig
@@ -128,3 +134,97 @@ def test_gpu_program_bf16_and_q4_run(tiny):
         for audio, tokens in out:
             assert np.isfinite(audio).all()
             assert ((tokens[:, 1:] >= -2) & (tokens[:, 1:] < model.lm.cfg.card)).all()
+
+
+# --- the 8-bit KV cache --------------------------------------------------------------
+
+
+def attention_op(gpu, B, H, T, D, W, dtype, qkv, rings, pos, rope):
+    """One attention op over an 8-bit ring as a program on the GPU or the CPU (q, k, v
+    read from fused QKV rows [B, T, 3, H, D], as the LM's layers do; the rings updated in
+    place): returns out [B, H, T, D] (NaN before the op) and the rings (codes, scales)."""
+    p = _ext.TickProgram(gpu)
+    es = dtype.size
+
+    def region(a):
+        a = mx.contiguous(a)
+        mx.eval(a)
+        h = p.buffer(a.nbytes, a.dtype)
+        p.init(h, a)
+        return h
+
+    hq, hpos = region(qkv), region(pos)
+    hk, hks, hv, hvs = (region(a) for ring in rings for a in ring)
+    hout = region(mx.full((B, H, T, D), float("nan"), dtype))
+    io = [p.buffer(16, mx.float32) for _ in range(2)] + [p.buffer(4, mx.int32) for _ in range(2)]
+    p.set_io(pcm_in=io[0], control=io[2], pcm_out=io[1], tokens=io[3], B=1, F=4, C=1, G=1)
+    p.attention(q=hq, k=p.view(hq, H * D * es, dtype), v=p.view(hq, 2 * H * D * es, dtype), k_cache=hk,
+                v_cache=hv, pos=hpos, out=hout, B=B, H=H, T=T, D=D, W=W,
+                new_strides=[T * 3 * H * D, D, 3 * H * D], rope_max_period=rope, k_scales=hks, v_scales=hvs)
+    outs = _ext.tick(p, mx.zeros((1, 4)), mx.zeros((1, 1), mx.int32), stream=mx.gpu if gpu else mx.cpu)
+    mx.eval(outs)
+
+    def read(h, shape, dt):
+        return mx.array(np.array(p.read(h, 0, int(np.prod(shape)) * dt.size))).view(dt).reshape(shape)
+
+    ring = (B, H, W, D)
+    return (read(hout, (B, H, T, D), dtype),
+            [(read(c, ring, mx.int8), read(s, ring[:3], mx.float32)) for c, s in ((hk, hks), (hv, hvs))])
+
+
+def assert_rings_close(got, want, what):
+    for name, (gc, gs), (wc, ws) in zip(("k", "v"), got, want):
+        np.testing.assert_allclose(np.array(gs), np.array(ws), rtol=1e-5, atol=0, err_msg=f"{what}: {name} scales")
+        diff = np.abs(np.array(gc).astype(np.int32) - np.array(wc).astype(np.int32))
+        assert diff.max() <= 1 and diff.mean() <= 0.01, f"{what}: {name} codes differ at {int((diff > 0).sum())}"
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("B,H,T,D,W", [(3, 4, 1, 64, 40), (2, 2, 5, 128, 16), (3, 2, 1, 16, 9), (2, 3, 20, 32, 8),
+                                       (8, 32, 1, 128, 3000)])  # the last: the 7B's decode step
+def test_gpu_8bit_attention_equals_cpu(B, H, T, D, W, dtype):
+    rng = np.random.default_rng(hash((B, H, T, D, W, str(dtype))) % 2**32)
+    qkv = mx.array(rng.standard_normal((B, T, 3, H, D)).astype(np.float32)).astype(dtype)
+    rings = [reference.quantize_rows(mx.random.normal((B, H, W, D), key=mx.random.key(i)).astype(dtype))
+             for i in range(2)]
+    pos = mx.array(rng.choice([0, 1, W - 1, W, 2 * W + 3, 7 * W + 5, 9000], size=B, replace=B > 7).astype(np.int32))
+    got_out, got_rings = attention_op(True, B, H, T, D, W, dtype, qkv, rings, pos, 10000.0)
+    want_out, want_rings = attention_op(False, B, H, T, D, W, dtype, qkv, rings, pos, 10000.0)
+    a, b = np.array(got_out.astype(mx.float32)), np.array(want_out.astype(mx.float32))
+    assert np.isfinite(a).all(), "unwritten output"
+    tol = {mx.float32: 5e-5, mx.bfloat16: 3e-2, mx.float16: 4e-3}[dtype] + 3e-7 * (int(np.array(pos).max()) + T)
+    assert np.abs(a - b).max() <= tol, f"out: {np.abs(a - b).max():.3g} > {tol:.3g}"
+    assert_rings_close(got_rings, want_rings, f"B={B} T={T} D={D} W={W}")
+
+
+def test_gpu_program_with_8bit_cache_equals_cpu_program(tiny):
+    model = load_model(tiny)
+    pcms = frames(16, 3, seed=7)
+    gpu = tick.TickRunner(model.lm, model.mimi, 3, GREEDY, gpu=True, kv_bits=8)
+    cpu = tick.TickRunner(model.lm, model.mimi, 3, GREEDY, gpu=False, kv_bits=8)
+    got, want = run(gpu, pcms, 3), run(cpu, pcms, 3)
+    for audio, tokens in got:
+        assert np.isfinite(audio).all() and (tokens >= -2).all()
+    if agree(got, want, "8-bit cache: GPU vs CPU program") == len(pcms):  # the same conversation: the same rings
+        (gk, gv), (ck, cv) = gpu.read_kv(), cpu.read_kv()
+        for layer in range(len(gk)):
+            assert_rings_close([gk[layer], gv[layer]], [ck[layer], cv[layer]], f"layer {layer} after 16 frames")
+
+
+def test_engine_on_gpu_with_8bit_cache_matches_op_by_op(tiny):
+    """Engine(kv_bits=8): the program against op by op on the GPU (its attention the
+    pure-MLX reference there), one session joining with a prompt."""
+    model = load_model(tiny)
+    prog = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY, kv_bits=8)
+    per_op = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY, program=False, kv_bits=8)
+    assert prog.program is not None and prog.program.gpu
+    prompt = model.prompt(voice="NATF0", text="Hello there.", seed=1, sampling=GREEDY)
+    for engine in (prog, per_op):
+        engine.join()
+        engine.join(prompt)
+    a, b = [], []
+    for pcm in frames(14, 2, seed=5):
+        x, y = prog.tick(pcm), per_op.tick(pcm)
+        a.append((x.pcm, x.text[:, None]))
+        b.append((y.pcm, y.text[:, None]))
+    agree(a, b, "8-bit cache: program vs op by op on the GPU")

@@ -128,9 +128,10 @@ class LM(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.text_emb.weight.dtype
 
-    def new_state(self, batch: int, seed: int = 0) -> LMState:
+    def new_state(self, batch: int, seed: int = 0, kv_bits: int | None = None) -> LMState:
+        """kv_bits 8: the temporal transformer's KV cache in 8 bits (models/cache.py)."""
         cfg = self.cfg
-        kv = RingKVCache(cfg.num_layers, batch, cfg.num_heads, cfg.context, cfg.head_dim, self.dtype)
+        kv = RingKVCache(cfg.num_layers, batch, cfg.num_heads, cfg.context, cfg.head_dim, self.dtype, kv_bits)
         ring = cfg.max_delay + 2
         tokens = mx.full((batch, cfg.n_q + 1, ring), UNGENERATED, dtype=mx.int32)
         forced = mx.full((batch, cfg.dep_q + 1, ring), NOT_FORCED, dtype=mx.int32)

@@ -136,7 +136,7 @@ class Transformer(nn.Module):
                  rope_max_period: float | None = None, stack: LayerStack | None = None) -> mx.array:
         """stack: stack_weights(step), kept by the caller; where ops.decoder_layers_fusable
         says so, one decode step runs the whole stack as that one primitive."""
-        if ops.decoder_layers_fusable(x, stack, self.num_heads):
+        if ops.decoder_layers_fusable(x, stack, self.num_heads, cache.keys[0]):
             y, cache.keys, cache.values = ops.decoder_layers(
                 x[:, 0], pos, stack, cache.keys, cache.values, heads=self.num_heads,
                 rope_max_period=rope_max_period)

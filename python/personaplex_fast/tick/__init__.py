@@ -40,7 +40,8 @@ class TickRunner:
     """A built program and what the engine needs to drive it."""
 
     def __init__(self, lm: LM, mimi: Mimi, slots: int, sampling: SamplingConfig, gpu: bool,
-                 gemm_forms: bool | None = None):
+                 gemm_forms: bool | None = None, kv_bits: int | None = None):
+        """kv_bits 8: the temporal transformer's KV rings in 8 bits (models/cache.py)."""
         why = supported(lm, mimi, gpu)
         if why is not None:
             raise Unsupported(why)
@@ -48,7 +49,7 @@ class TickRunner:
             raise Unsupported("the LM's codebooks do not match Mimi's")
         b = Builder(slots, gpu, gemm_forms)
         F = mimi.cfg.frame_size
-        self.lm_cfg, self.gpu = lm.cfg, gpu
+        self.lm_cfg, self.lm_dtype, self.gpu = lm.cfg, lm.dtype, gpu
         self.slots, self.frame_size = slots, F
         pcm_in = b.buf((slots, F), mx.float32)
         control = b.buf((slots, CONTROL_COLS), mx.int32)
@@ -61,7 +62,7 @@ class TickRunner:
         b.p.set_io(pcm_in=pcm_in, control=control, pcm_out=pcm_out, tokens=tokens_out, B=slots, F=F,
                    C=CONTROL_COLS, G=G)
         sem, ac = emit_encoder(b, mimi, pcm_in)
-        self.lm, out = emit_lm(b, lm, sampling, sem, ac, n_sem, n_ac)
+        self.lm, out = emit_lm(b, lm, sampling, sem, ac, n_sem, n_ac, kv_bits)
         b.p.copy(dst=tokens_out, src=out.tokens, bytes=slots * G * 4)
         emit_decoder(b, mimi, out.codes_sem, out.codes_ac, out.valid, pcm_out)
         b.finish()
@@ -75,12 +76,18 @@ class TickRunner:
         return out[0], out[1]
 
     def load_lm_row(self, slot: int, state: LMState) -> None:
-        """Copies a batch-of-one LM state (a prompted session) into slot's rows."""
+        """Copies a batch-of-one LM state (a prompted session) into slot's rows; its KV
+        rows are quantized here where the program's rings are 8-bit and the state's not."""
         h = self.lm
-        pairs = [*zip(h.keys, state.kv.keys), *zip(h.values, state.kv.values),
-                 (h.offsets, state.offsets), (h.tokens, state.tokens), (h.forced, state.forced)]
-        rows = [mx.contiguous(a[0].astype(mx.int32) if a.dtype != mx.int32 and handle in
-                              (h.offsets, h.tokens, h.forced) else a[0]) for handle, a in pairs]
+        keys, values = state.kv.rows(0, h.kv_bits)
+        if h.kv_bits == 8:
+            rings = [*zip(h.keys, (c for c, _ in keys)), *zip(h.key_scales, (s for _, s in keys)),
+                     *zip(h.values, (c for c, _ in values)), *zip(h.value_scales, (s for _, s in values))]
+        else:
+            rings = [*zip(h.keys, keys), *zip(h.values, values)]
+        pairs = [*rings, *((handle, a[0].astype(mx.int32)) for handle, a in
+                           ((h.offsets, state.offsets), (h.tokens, state.tokens), (h.forced, state.forced)))]
+        rows = [mx.contiguous(row) for _, row in pairs]
         mx.eval(rows)
         for (handle, _), row in zip(pairs, rows):
             self.program.write(handle, slot * row.nbytes, row)
@@ -101,6 +108,21 @@ class TickRunner:
 
         return {"offsets": read(self.lm.offsets, (B,)), "tokens": read(self.lm.tokens, (B, 1 + cfg.n_q, R)),
                 "forced": read(self.lm.forced, (B, 1 + cfg.dep_q, R))}
+
+    def read_kv(self) -> tuple[list, list]:
+        """The temporal transformer's rings, keys and values per layer, as models/cache.py
+        holds them: arrays [B, H, W, D], or (codes, scales) pairs where kv_bits is 8 (tests)."""
+        cfg, h = self.lm_cfg, self.lm
+        shape = (self.slots, cfg.num_heads, cfg.context, cfg.head_dim)
+
+        def read(handle, shape, dtype):
+            n = math.prod(shape) * dtype.size
+            return mx.array(np.array(self.program.read(handle, 0, n))).view(dtype).reshape(shape)
+
+        if h.kv_bits == 8:
+            return tuple([(read(c, shape, mx.int8), read(s, shape[:3], mx.float32)) for c, s in zip(codes, scales)]
+                         for codes, scales in ((h.keys, h.key_scales), (h.values, h.value_scales)))
+        return tuple([read(r, shape, self.lm_dtype) for r in rings] for rings in (h.keys, h.values))
 
 
 class CodecRunner:

@@ -19,11 +19,14 @@ from .builder import RESET_LM, RESET_SEED, Builder
 class LMHandles:
     """The program's LM state, for loading a prompted session's rows."""
 
-    keys: list[int]
+    keys: list[int]  # per layer; int8 codes where kv_bits is 8
     values: list[int]
     offsets: int
     tokens: int
     forced: int
+    key_scales: list[int]  # kv_bits 8: per layer, float32 [B, H, W]; else empty
+    value_scales: list[int]
+    kv_bits: int | None = None
 
 
 @dataclass
@@ -45,8 +48,9 @@ def _table(layer: nn.Module, dtype) -> mx.array:
 
 
 def _decoder_layer(b: Builder, layer, step: int, x: int, pos: int, kc: int, vc: int, W: int, rope: float,
-                   dtype) -> None:
-    """One layer of the temporal transformer or the depformer, x [B, C] in place."""
+                   dtype, scales: tuple[int, int] = (-1, -1)) -> None:
+    """One layer of the temporal transformer or the depformer, x [B, C] in place;
+    scales: an 8-bit ring's (keys, values) scale regions (kc, vc then hold int8 codes)."""
     B = b.B
     C = layer.norm1.alpha.size
     H = layer.self_attn.num_heads
@@ -59,16 +63,16 @@ def _decoder_layer(b: Builder, layer, step: int, x: int, pos: int, kc: int, vc: 
     b.project(layer.self_attn.in_projs[step], x, qkv, B, C, 3 * C, norm=layer.norm1)
     b.p.attention(q=qkv, k=b.view(qkv, C * es, dtype), v=b.view(qkv, 2 * C * es, dtype), k_cache=kc, v_cache=vc,
                   pos=pos, out=attn, B=B, H=H, T=1, D=D, W=W, new_strides=[3 * C, D, 3 * C],
-                  rope_max_period=rope)
+                  rope_max_period=rope, k_scales=scales[0], v_scales=scales[1])
     b.project(layer.self_attn.out_projs[step], attn, x, B, C, C, residual=True)
     b.project(ffn.linear_in, x, h, B, C, hidden, norm=layer.norm2, gate=True)
     b.project(out, h, x, B, hidden, C, residual=True)
 
 
 def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac: int, n_sem: int,
-            n_ac: int) -> tuple[LMHandles, LMOutputs]:
+            n_ac: int, kv_bits: int | None = None) -> tuple[LMHandles, LMOutputs]:
     """The LM step of B sessions from the user's codes (semantic [B, n_sem], acoustic
-    [B, n_ac])."""
+    [B, n_ac]). kv_bits 8: the temporal transformer's rings in 8 bits (models/cache.py)."""
     cfg, dt, B = lm.cfg, lm.dtype, b.B
     C, Q, R = cfg.dim, cfg.dep_q, cfg.max_delay + 2
     offsets = b.buf((B,), mx.int32, reset=RESET_LM)
@@ -91,11 +95,17 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
                       B=B, D=C, rows=t.shape[0])
 
     # Temporal transformer.
-    keys, values = [], []
+    keys, values, key_scales, value_scales = [], [], [], []
+    ring = (B, cfg.num_heads, cfg.context, cfg.head_dim)
     for layer in lm.transformer.layers:
-        keys.append(b.buf((B, cfg.num_heads, cfg.context, cfg.head_dim), dt))
-        values.append(b.buf((B, cfg.num_heads, cfg.context, cfg.head_dim), dt))
-        _decoder_layer(b, layer, 0, x, offsets, keys[-1], values[-1], cfg.context, cfg.max_period, dt)
+        keys.append(b.buf(ring, mx.int8 if kv_bits == 8 else dt))
+        values.append(b.buf(ring, mx.int8 if kv_bits == 8 else dt))
+        scales = (-1, -1)
+        if kv_bits == 8:
+            key_scales.append(b.buf(ring[:3], mx.float32))
+            value_scales.append(b.buf(ring[:3], mx.float32))
+            scales = (key_scales[-1], value_scales[-1])
+        _decoder_layer(b, layer, 0, x, offsets, keys[-1], values[-1], cfg.context, cfg.max_period, dt, scales)
     h = b.buf((B, C), dt)
     b.p.norm(x=x, w=b.w(lm.out_norm.alpha), out=h, rows=B, dim=C, eps=lm.out_norm.eps)
 
@@ -148,4 +158,5 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
     b.p.frame_out(tokens=tokens, offsets=offsets, delays=delays, gen=gen, out=out, sem=dec_sem, ac=dec_ac,
                   valid=valid, B=B, n_q=cfg.n_q, dep_q=Q, n_sem=n_sem, R=R, max_delay=cfg.max_delay,
                   card=cfg.card)
-    return LMHandles(keys, values, offsets, tokens, forced), LMOutputs(out, dec_sem, dec_ac, valid)
+    handles = LMHandles(keys, values, offsets, tokens, forced, key_scales, value_scales, kv_bits)
+    return handles, LMOutputs(out, dec_sem, dec_ac, valid)
