@@ -61,3 +61,21 @@ def test_official_loop_runs_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = __import__("json").loads(out.read_text())["rows"]
     assert set(rows) == {"1", "2"} and all(r["median"] > 0 for r in rows.values())
+
+
+def test_serve_sessions_runs_tiny(tmp_path):
+    """bench/serve_sessions.py (real-time sessions held by `serve` and `serve --replicas 1`)
+    on a tiny checkpoint: every session streams and is measured (held or not is timing)."""
+    import importlib.util
+
+    modes = "serve,replicas" if importlib.util.find_spec("ray") else "serve"
+    out = tmp_path / "sessions.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_sessions.py"), "--tiny", "--modes", modes,
+                           "--counts", "2", "--seconds", "2", "--warmup", "1", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = __import__("json").loads(out.read_text())["modes"]
+    assert set(report) == set(modes.split(","))
+    for mode in report.values():
+        (row,) = mode["rows"]
+        assert len(row["results"]) == 2 and all(r.get("rate", 0) > 0 for r in row["results"]), row
