@@ -269,8 +269,12 @@ class Replica:
     async def ws(self, websocket: WebSocket) -> None:
         sock = Socket(websocket)
         peer = Peer(websocket, sock)
-        if self._refused(peer) is not None:
-            await websocket.close(WSCloseCode.POLICY_VIOLATION)  # before accept: HTTP 403
+        refused = self._refused(peer)
+        if refused is not None:
+            try:
+                await websocket.send_denial_response(refused)  # the status and line of `serve`
+            except RuntimeError:
+                await websocket.close(WSCloseCode.POLICY_VIOLATION)  # no such ASGI extension: a 403
             return
         await websocket.accept(headers=[(b"x-replica", self.id.encode())])
         await self.server.converse(sock, peer)
