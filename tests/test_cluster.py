@@ -265,3 +265,27 @@ def test_two_replicas_spread_survive_a_kill_and_stop(cluster):
     cluster["log"].seek(0)
     ours = [line for line in cluster["log"].read().splitlines() if "(ProxyActor pid=" not in line]
     assert not [line for line in ours if "Traceback" in line], "\n".join(ours)
+
+
+@pytest.mark.parametrize("extra, error", [
+    (["--replicas", "0", "--port", "8998"], "--replicas 0: needs at least 1"),
+    (["--replicas", "2", "--port", "0"], "--port 0 with --replicas: Ray Serve's proxies need a fixed port"),
+    (["--replicas", "2", "--port", "8998", "--model", "/nonexistent/model"], "/nonexistent/model: no such file"),
+])
+def test_refused_before_ray_starts(tmp_path, extra, error):
+    model = ["--model", str(tmp_path)] if "--model" not in extra else []
+    proc = subprocess.run([sys.executable, "-m", "personaplex_fast.cli", "serve", *model, *extra],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"personaplex-fast: error: {error}"), \
+        proc.stderr
+
+
+def test_without_ray_the_distributed_mode_names_the_extra(tmp_path):
+    """As on a plain install: `import ray` fails, and the one line says what to install."""
+    code = ("import sys; sys.modules['ray'] = None; from personaplex_fast.cli import main; "
+            f"sys.exit(main(['serve', '--model', {str(tmp_path)!r}, '--replicas', '2']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("personaplex-fast: error: --replicas needs Ray Serve (ray is missing): "
+                                   "pip install 'personaplex-fast[cluster]'"), proc.stderr

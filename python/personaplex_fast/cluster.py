@@ -45,6 +45,7 @@ from aiohttp import WSCloseCode, WSMessage, WSMsgType
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import FileResponse, PlainTextResponse
 from ray import serve
+from ray.serve import metrics
 from ray.serve.config import RequestRouterConfig
 
 from .admission import Limits
@@ -165,8 +166,6 @@ class TimedEngine:
 
 class Metrics:
     def __init__(self, slots: int):
-        from ray.serve import metrics
-
         self.sessions = metrics.Gauge("personaplex_sessions", description="conversations on this replica")
         self.slots = metrics.Gauge("personaplex_slots", description="engine slots of this replica")
         self.tick_ms = metrics.Gauge("personaplex_tick_ms", tag_keys=("quantile",),
@@ -305,8 +304,13 @@ class Replica:
 
 def application(args):
     """The Serve application for `serve`'s parsed arguments (cli.py)."""
+    from .checkpoint import is_hf_name, resolve
     from .cli import serve_limits, sampling_from
 
+    if args.replicas < 1:
+        raise UserError(f"--replicas {args.replicas}: needs at least 1")
+    if not is_hf_name(str(args.model)):
+        resolve(args.model)  # a missing folder is told here, not by every replica's log
     limits = serve_limits(args)
     gpus = args.num_gpus if args.num_gpus is not None else int(mx.cuda.is_available())
     resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
@@ -344,8 +348,6 @@ def run(args) -> None:
 
     if args.port == 0:
         raise UserError("--port 0 with --replicas: Ray Serve's proxies need a fixed port; pick one")
-    if args.replicas < 1:
-        raise UserError(f"--replicas {args.replicas}: needs at least 1")
     built = application(args)
     if args.address:
         ray.init(address=args.address, log_to_driver=True)
