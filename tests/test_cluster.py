@@ -60,6 +60,13 @@ def cluster_pids(marker: str) -> list[int]:
     return pids
 
 
+def assert_gone(marker: str) -> None:
+    deadline = time.monotonic() + 10
+    while cluster_pids(marker):
+        assert time.monotonic() < deadline, f"left running: {cluster_pids(marker)}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     model = make_tiny(tmp_path_factory.mktemp("tiny"))
@@ -255,10 +262,7 @@ def test_two_replicas_spread_survive_a_kill_and_stop(cluster):
     proc = cluster["proc"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
-    deadline = time.monotonic() + 10
-    while cluster_pids(cluster["marker"]):
-        assert time.monotonic() < deadline, f"left running: {cluster_pids(cluster['marker'])}"
-        time.sleep(0.5)
+    assert_gone(cluster["marker"])
     # Ours (the driver's lines and the replicas') only: Ray 2.60's proxy logs a traceback of
     # its own ("async generator ignored GeneratorExit") when a client closes a websocket
     # while messages for it are still on their way.
@@ -289,3 +293,24 @@ def test_without_ray_the_distributed_mode_names_the_extra(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == ("personaplex-fast: error: --replicas needs Ray Serve (ray is missing): "
                                    "pip install 'personaplex-fast[cluster]'"), proc.stderr
+
+
+def test_a_replica_that_cannot_start_is_told_in_one_line(tmp_path):
+    """The replicas' own refusal (here warm_engine's: KV caches past the memory) ends the
+    command with status 2 and that line, and takes the local cluster down with it."""
+    model = make_tiny(tmp_path / "tiny")
+    ray_tmp = tempfile.mkdtemp(prefix="ppx", dir="/tmp")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "personaplex_fast.cli", "serve", "--model", str(model), "--replicas", "1",
+             "--max-sessions", "100000000", "--port", str(free_port())],
+            capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_TMPDIR": ray_tmp})
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(
+            "personaplex-fast: error: the replicas did not start: --max-sessions 100000000: their KV caches need"), \
+            proc.stderr[-3000:]
+        assert_gone(f"RAY_TMPDIR={ray_tmp}")
+    finally:
+        for pid in cluster_pids(f"RAY_TMPDIR={ray_tmp}"):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -33,6 +33,7 @@ Ray is imported here and in cluster_routing.py only: the plain install and `serv
 import asyncio
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -360,7 +361,10 @@ def run(args) -> None:
         try:
             serve.run(built, name=APP, route_prefix="/")
         except RuntimeError as e:
-            raise UserError(f"the replicas did not start: {str(e).strip().splitlines()[-1]:.300}") from None
+            # The replicas' own error (a UserError of warm_engine, say) ends Serve's message.
+            why = serve.status().applications[APP].deployments["Replica"].message or str(e)
+            why = re.sub(r"^[\w.]*(Error|Exception): ", "", why.strip().splitlines()[-1])
+            raise UserError(f"the replicas did not start: {why:.300}") from None
         scheme = "https" if args.ssl_cert else "http"
         print(f"serving {scheme}://{args.host}:{args.port}/ ({args.replicas} replicas of {args.max_sessions} sessions)",
               flush=True)
