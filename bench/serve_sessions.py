@@ -21,6 +21,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -175,6 +176,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    shutil.rmtree(work)  # the servers' logs stay only when one did not start
 
 
 if __name__ == "__main__":
