@@ -82,3 +82,21 @@ def test_bench_prints_fused_and_reference_ticks(capsys, tmp_path):
         row = r["rows"][path]
         assert 0 < row["median"] <= row["p99"]
         assert f"{row['median'] / 80:.3f}" in (fused if path == "fused" else ref)  # the real-time factor
+
+
+def test_serve_sessions_runs_tiny(tmp_path):
+    """bench/serve_sessions.py (real-time sessions held by `serve` and `serve --replicas 1`)
+    on a tiny checkpoint: every session streams and is measured (held or not is timing)."""
+    import importlib.util
+
+    modes = "serve,replicas" if importlib.util.find_spec("ray") else "serve"
+    out = tmp_path / "sessions.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_sessions.py"), "--tiny", "--modes", modes,
+                           "--counts", "2", "--seconds", "2", "--warmup", "1", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = __import__("json").loads(out.read_text())["modes"]
+    assert set(report) == set(modes.split(","))
+    for mode in report.values():
+        (row,) = mode["rows"]
+        assert len(row["results"]) == 2 and all(r.get("rate", 0) > 0 for r in row["results"]), row

@@ -54,7 +54,7 @@ def _bench(args) -> None:
           json_path=args.json)
 
 
-def _sampling(args):
+def sampling_from(args):
     from .sampling import SamplingConfig
 
     return SamplingConfig(temp_text=args.temp_text, topk_text=args.topk_text,
@@ -111,7 +111,7 @@ def _offline(args) -> None:
 
     _set_ops_mode(args)
     model = load_model(args.model)
-    sampling = _sampling(args)
+    sampling = sampling_from(args)
     engine = model.engine(slots=1, sampling=sampling, seed=args.seed, kv_bits=args.kv_bits)
     prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
     offline(engine, args.input_wav, args.output_wav, args.output_text, decode=model.decode_text,
@@ -126,7 +126,7 @@ def _chat(args) -> None:
 
     _set_ops_mode(args)
     model = load_model(args.model)
-    sampling = _sampling(args)
+    sampling = sampling_from(args)
     engine = model.engine(slots=1, sampling=sampling, seed=args.seed, kv_bits=args.kv_bits)
     prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
     chat(engine, model.decode_text, input_device=args.input_device, output_device=args.output_device,
@@ -135,21 +135,46 @@ def _chat(args) -> None:
     _report_check(args)
 
 
-def _serve(args) -> None:
+def serve_limits(args):
     from .admission import Limits
-    from .loading import load_model
-    from .server import serve
 
-    _set_ops_mode(args)
-    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_connections=args.max_connections,
-                    max_handshakes=args.max_handshakes, handshake_timeout_s=args.handshake_timeout,
-                    idle_timeout_s=args.idle_timeout)
     for name, value in vars(args).items():
         if name.startswith(("max_", "handshake_", "idle_")) and value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be positive")
-    serve(load_model(args.model), args.host, args.port, args.max_sessions, sampling=_sampling(args),
+    return Limits(max_prompt_tokens=args.max_prompt_tokens, max_connections=args.max_connections,
+                  max_handshakes=args.max_handshakes, handshake_timeout_s=args.handshake_timeout,
+                  idle_timeout_s=args.idle_timeout)
+
+
+def _serve(args) -> None:
+    from .loading import load_model
+    from .server import serve
+
+    if args.replicas is not None:
+        return _serve_cluster(args)
+    _set_ops_mode(args)
+    limits = serve_limits(args)
+    serve(load_model(args.model), args.host, args.port, args.max_sessions, sampling=sampling_from(args),
           seed=args.seed, limits=limits, allow_origins=tuple(args.allow_origin), token=args.token,
           ssl_cert=args.ssl_cert, ssl_key=args.ssl_key, kv_bits=args.kv_bits)
+
+
+def _serve_cluster(args) -> None:
+    import os
+
+    # Ray reads these as it starts: no usage report leaves the machine, and the replicas'
+    # log lines reach this terminal as they are written, not deduplicated.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if args.address is None:
+        # A cluster of this host alone: Ray's single-machine mode keeps it on 127.0.0.1.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        from . import cluster
+    except ImportError as e:
+        raise UserError(f"--replicas needs Ray Serve ({e.name} is missing): "
+                        "pip install 'personaplex-fast[cluster]'") from None
+    cluster.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for TLS, an HTTP request, a START (default: %(default)g)")
     s.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
                    help="seconds a session may send no audio (default: %(default)g)")
+    c = s.add_argument_group("distributed mode (Ray Serve; pip install 'personaplex-fast[cluster]')")
+    c.add_argument("--replicas", type=int, default=None,
+                   help="serve through Ray Serve: N replicas, each one GPU (or the CPU) and --max-sessions slots")
+    c.add_argument("--address", default=None,
+                   help="a running Ray cluster to deploy onto ('auto': this host's); default: start one here")
+    c.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus port of the Ray cluster started here (default: Ray picks one)")
+    c.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per replica (default: 1 where MLX has CUDA, else 0: one CPU each)")
     s.set_defaults(func=_serve)
     return p
 

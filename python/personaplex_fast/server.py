@@ -261,6 +261,13 @@ class Server:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             request.transport.set_write_buffer_limits(high=SEND_BUFFER)
+        await self.converse(ws, request)
+        return ws
+
+    async def converse(self, ws, request) -> None:
+        """One conversation on an open websocket: aiohttp's, or one that acts like it
+        (cluster.py's, behind Ray Serve's proxy). Of `request` it takes .remote,
+        .transport.abort() and what the gate knows of the socket."""
         ticket = session = recv = None
         lim = self.limits
         try:
@@ -304,7 +311,6 @@ class Server:
                     await asyncio.wait_for(ws.close(), 2.0)
                 except (ConnectionError, RuntimeError, asyncio.TimeoutError):
                     pass
-        return ws
 
     async def admit(self, ws, ticket, prefill) -> tuple[int | None, asyncio.Future]:
         """Wait for the ticket's join while watching the socket: a client that leaves
@@ -380,9 +386,8 @@ async def _serve(server: Server, host: str, port: int, tls) -> None:
         ticker.result()  # the tick loop only ends by a bug: raise its traceback
 
 
-def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0, limits: Limits = Limits(),
-          allow_origins: tuple[str, ...] = (), token: str | None = None, ssl_cert: str | None = None,
-          ssl_key: str | None = None, kv_bits: int | None = None) -> None:
+def warm_engine(model, max_sessions: int, sampling, seed: int = 0, kv_bits: int | None = None) -> Engine:
+    """The engine of one server (or cluster replica), its first tick already run."""
     from .checkpoint import device_memory
 
     if max_sessions < 1:
@@ -391,10 +396,17 @@ def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 
     if need > have:
         raise UserError(f"--max-sessions {max_sessions}: their KV caches need {need / 2**30:.1f} GiB; "
                         f"this device has {have / 2**30:.1f} GiB")
-    tls = tls_context(ssl_cert, ssl_key)
     engine = model.engine(slots=max_sessions, sampling=sampling, seed=seed, kv_bits=kv_bits)
     # The first tick compiles and allocates; pay for it before anyone is listening.
     engine.tick(np.zeros((engine.slots, engine.frame_size), dtype=np.float32))
+    return engine
+
+
+def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0, limits: Limits = Limits(),
+          allow_origins: tuple[str, ...] = (), token: str | None = None, ssl_cert: str | None = None,
+          ssl_key: str | None = None, kv_bits: int | None = None) -> None:
+    tls = tls_context(ssl_cert, ssl_key)
+    engine = warm_engine(model, max_sessions, sampling, seed, kv_bits)
 
     async def main():
         gate = Gate(limits, host, allow_origins, token)
