@@ -47,7 +47,7 @@ import mlx.core as mx
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from .admission import Admission, Limits, ServerFull
+from .admission import Admission, Limits
 from .audio import SAMPLE_RATE
 from .engine import Engine, is_text
 from .errors import UserError
