@@ -83,6 +83,7 @@ class Session:
     ws: web.WebSocketResponse
     request: web.Request
     slot: int
+    wire: object  # PcmWire or api_chat.OpusWire: the session's message format
     inbox: deque = field(default_factory=lambda: deque(maxlen=JITTER_FRAMES))
     outbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(OUTPUT_MESSAGES))
     sender: asyncio.Task | None = None
@@ -133,20 +134,47 @@ def parse_audio(msg, frame_size: int) -> np.ndarray:
     return frame
 
 
+class PcmWire:
+    """Our protocol at /ws (this module's docstring): raw float32 frames, JSON control."""
+
+    def __init__(self, frame_size: int):
+        self.frame_size = frame_size
+
+    def ready(self, voice: str, prompt: str) -> bytes:
+        return message(READY, {"sample_rate": SAMPLE_RATE, "frame_size": self.frame_size,
+                               "voice": voice, "prompt": prompt})
+
+    @staticmethod
+    def error(line: str) -> bytes:
+        return message(ERROR, {"error": line})
+
+    def frames(self, msg) -> list[np.ndarray]:
+        """The frames of one client message (every message must be one AUDIO frame)."""
+        return [parse_audio(msg, self.frame_size)]
+
+    @staticmethod
+    def output(pcm: np.ndarray, token: int, text: str, tick: int) -> list[bytes]:
+        msgs = [message(AUDIO, pcm.astype("<f4").tobytes())]
+        if text:
+            msgs.append(message(TEXT, {"frame": tick, "token": token, "text": text}))
+        return msgs
+
+
 class Socket(web.WebSocketResponse):
     """A websocket that tells its client why before aiohttp closes it for a frame it
-    cannot take (too large, bad opcode or UTF-8): an ERROR message, then the close."""
+    cannot take (too large, bad opcode or UTF-8): an error message in the session's
+    format (`wire`), then the close."""
 
     _WHY = {WSCloseCode.MESSAGE_TOO_BIG: f"message larger than {MAX_MESSAGE} bytes",
             WSCloseCode.PROTOCOL_ERROR: "malformed websocket frame",
             WSCloseCode.INVALID_TEXT: "text message is not UTF-8"}
+    wire = PcmWire
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         if code in self._WHY and not self.closed:
             log(f"closing a websocket: {self._WHY[code]}")
             try:
-                await asyncio.wait_for(self.send_bytes(bytes([ERROR]) + json.dumps(
-                    {"error": self._WHY[code]}).encode()), 2.0)
+                await asyncio.wait_for(self.send_bytes(self.wire.error(self._WHY[code])), 2.0)
             except (ConnectionError, RuntimeError, asyncio.TimeoutError):
                 pass
         return await super().close(code=code, message=message, drain=drain)
@@ -185,6 +213,7 @@ class Server:
         app.router.add_get("/", lambda _: web.FileResponse(WEB / "index.html"))
         app.router.add_get("/api/info", self.info)
         app.router.add_get("/ws", self.handle)
+        app.router.add_get("/api/chat", self.handle_chat)
         app.router.add_static("/", WEB)
         return app
 
@@ -228,10 +257,8 @@ class Server:
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
     def deliver(self, s: Session, pcm: np.ndarray, token: int) -> None:
-        msgs = [message(AUDIO, pcm.astype("<f4").tobytes())]
         text = self.model.decode_text(token) if is_text(token) else ""
-        if text:
-            msgs.append(message(TEXT, {"frame": s.ticks, "token": token, "text": text}))
+        msgs = s.wire.output(pcm, token, text, s.ticks)
         s.ticks += 1
         for m in msgs:
             try:
@@ -255,41 +282,76 @@ class Server:
     # -- one connection
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        """/ws, our protocol: START names the voice and prompt."""
+        wire = PcmWire(self.engine.frame_size)
+        ws = await self.open_socket(request, wire)
+
+        async def start():
+            return (*parse_start(await ws.receive(timeout=self.limits.handshake_timeout_s)), None)
+
+        return await self.converse(ws, request, wire, start)
+
+    async def handle_chat(self, request: web.Request) -> web.WebSocketResponse:
+        """/api/chat, PersonaPlex's protocol (api_chat.py): the query names them."""
+        from .api_chat import OpusWire, chat_params
+
+        wire = OpusWire(self.engine.frame_size, SAMPLE_RATE)
+        ws = await self.open_socket(request, wire)
+
+        async def start():
+            return chat_params(request.query)
+
+        return await self.converse(ws, request, wire, start)
+
+    @staticmethod
+    async def open_socket(request: web.Request, wire) -> Socket:
         ws = Socket(max_msg_size=MAX_MESSAGE, heartbeat=HEARTBEAT_S, compress=False)
+        ws.wire = wire
         await ws.prepare(request)
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             request.transport.set_write_buffer_limits(high=SEND_BUFFER)
+        return ws
+
+    async def converse(self, ws: Socket, request: web.Request, wire, start) -> Socket:
+        """One session from its parameters (`start`: -> voice, prompt, seed) to its end:
+        measured and checked, a slot reserved, its prompt run, then frames both ways."""
         ticket = session = recv = None
         lim = self.limits
+        loop = asyncio.get_running_loop()
         try:
-            voice, prompt = parse_start(await ws.receive(timeout=lim.handshake_timeout_s))
-            prefill = self.admission.plan(voice, prompt)  # measured, not run
-            ticket = self.admission.reserve()
+            voice, prompt, seed = await start()
+            prefill = self.admission.plan(voice, prompt, seed)  # measured, not run
+            ticket = self.admission.reserve(seed)
             self.gate.admitted(request)
-            slot, recv = await self.admit(ws, ticket, prefill)
+            slot, recv = await self.admit(ws, wire, ticket, prefill)
             if slot is None:
                 return ws  # the client left while its prompt waited
-            session = self.sessions[slot] = Session(ws, request, slot)
+            session = self.sessions[slot] = Session(ws, request, slot, wire)
             self.wake.set()
-            log(f"session {slot}: joined from {request.remote} voice={voice or '-'} "
-                f"prompt={len(prompt)} chars ({len(self.sessions)}/{self.engine.slots})")
-            await ws.send_bytes(message(READY, {"sample_rate": SAMPLE_RATE, "frame_size": self.engine.frame_size,
-                                                "voice": voice, "prompt": prompt}))
+            log(f"session {slot}: joined from {request.remote} at {request.path}, prompts ran: voice="
+                f"{voice or '-'} prompt={len(prompt)} chars, {len(prefill.frames) if prefill else 0} frames "
+                f"({len(self.sessions)}/{self.engine.slots})")
+            await ws.send_bytes(wire.ready(voice, prompt))
             session.sender = asyncio.create_task(self.send_loop(session))
+            idle_until = loop.time() + lim.idle_timeout_s
             while not session.closed:
-                msg = await asyncio.wait_for(recv, lim.idle_timeout_s)
+                msg = await asyncio.wait_for(recv, max(0.0, idle_until - loop.time()))
                 if msg.type in _CLOSED:
                     break
-                session.push(parse_audio(msg, self.engine.frame_size))
+                frames = wire.frames(msg)
+                if frames is not None:  # an audio message (None: one the protocol ignores)
+                    idle_until = loop.time() + lim.idle_timeout_s
+                    for frame in frames:
+                        session.push(frame)
                 recv = asyncio.ensure_future(ws.receive())
         except (ProtocolError, UserError) as e:
-            await self.fail(ws, session, str(e))
+            await self.fail(ws, wire, session, str(e))
         except asyncio.TimeoutError:
             what = "no START message" if ticket is None else "no audio"
             wait = lim.handshake_timeout_s if ticket is None else lim.idle_timeout_s
-            await self.fail(ws, session, f"{what} within {wait:.0f} s; closing")
+            await self.fail(ws, wire, session, f"{what} within {wait:.0f} s; closing")
         except ConnectionError:
             pass  # the client went away mid-send; nothing to tell it
         finally:
@@ -306,7 +368,7 @@ class Server:
                     pass
         return ws
 
-    async def admit(self, ws, ticket, prefill) -> tuple[int | None, asyncio.Future]:
+    async def admit(self, ws, wire, ticket, prefill) -> tuple[int | None, asyncio.Future]:
         """Wait for the ticket's join while watching the socket: a client that leaves
         first gets slot None (the caller releases its ticket, which drops its prompt).
         -> (slot, the socket's pending receive, for the session to go on with)."""
@@ -319,7 +381,7 @@ class Server:
                     msg = recv.result()
                     if msg.type in _CLOSED:
                         return None, recv
-                    parse_audio(msg, self.engine.frame_size)  # well-formed, but too early: dropped
+                    wire.frames(msg)  # checked, but too early: its frames are dropped
                     recv = asyncio.ensure_future(ws.receive())
                 elif joined.done():
                     return joined.result(), recv
@@ -336,13 +398,13 @@ class Server:
         self.sessions.pop(s.slot, None)
         log(f"session {s.slot}: left after {s.ticks} ticks, late={s.late} dropped={s.dropped}")
 
-    async def fail(self, ws, s: Session | None, error: str) -> None:
+    async def fail(self, ws, wire, s: Session | None, error: str) -> None:
         log(f"session {s.slot if s else '-'}: error: {error}")
         if s is not None and s.sender is not None:
             s.sender.cancel()
         if not ws.closed:
             try:
-                await asyncio.wait_for(ws.send_bytes(message(ERROR, {"error": error})), 2.0)
+                await asyncio.wait_for(ws.send_bytes(wire.error(error)), 2.0)
             except (ConnectionError, RuntimeError, asyncio.TimeoutError):
                 pass
 
