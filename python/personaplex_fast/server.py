@@ -1,8 +1,10 @@
 """`serve`: live conversations from web pages, all sessions batched into one engine tick.
 
-Protocol: one websocket per conversation at /ws. Every message is binary: one byte of
-kind, then the payload. Audio is 24 kHz mono float32 little-endian, one 80 ms frame
-(1920 samples, 7680 bytes) per message.
+Two protocols, one websocket per conversation: PersonaPlex's own at /api/chat (Ogg-Opus,
+the official web client's and our page's; api_chat.py), and ours at /ws, raw PCM for
+programs on a fast link. Every /ws message is binary: one byte of kind, then the
+payload. Audio is 24 kHz mono float32 little-endian, one 80 ms frame (1920 samples,
+7680 bytes) per message.
 
     client -> server
       0x00 START  UTF-8 JSON {"voice": "" or a name from /api/info, "prompt": "" or role text};
@@ -18,7 +20,8 @@ kind, then the payload. Audio is 24 kHz mono float32 little-endian, one 80 ms fr
                   and sends one for every message it cannot take (malformed, too large,
                   out of place), for a full server ("try again later"), and for timeouts
 
-GET / is the page (web/), GET /api/info lists the voices and the session limit.
+GET / is the page (web/, or a client bundle: --static, the model's dist.tgz), GET
+/api/info lists the voices and the session limit.
 
 One engine has --max-sessions slots and one task ticks it every 80 ms. A tick takes one
 frame from each session's jitter queue (silence when the client is late, oldest frames
