@@ -110,7 +110,7 @@ def _serve(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be positive")
     serve(load_model(args.model), args.host, args.port, args.max_sessions, sampling=_sampling(args),
           seed=args.seed, limits=limits, allow_origins=tuple(args.allow_origin), token=args.token,
-          ssl_cert=args.ssl_cert, ssl_key=args.ssl_key)
+          ssl_cert=args.ssl_cert, ssl_key=args.ssl_key, static=args.static)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require ?token=TOKEN on websockets and /api/ (open the page as /?token=TOKEN)")
     s.add_argument("--ssl-cert", default=None, help="serve HTTPS/WSS with this certificate (PEM)")
     s.add_argument("--ssl-key", default=None, help="the certificate's private key (PEM)")
+    s.add_argument("--static", metavar="DIR", default=None,
+                   help="serve this folder at / (a client bundle, such as the unpacked official dist; 'ours': "
+                        "this package's page); default: the model's dist.tgz when it has one, else ours")
     d = Limits()
     s.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
                    help="longest role prompt in tokens (default: %(default)s; frames: the model's context)")

@@ -199,8 +199,8 @@ def available_voices(model) -> list[str]:
 
 class Server:
     def __init__(self, model, engine: Engine, sampling, seed: int = 0, limits: Limits = Limits(),
-                 gate: Gate | None = None):
-        self.model, self.engine, self.limits = model, engine, limits
+                 gate: Gate | None = None, page: Path = WEB):
+        self.model, self.engine, self.limits, self.page = model, engine, limits, page
         self.gate = gate or Gate(limits, "127.0.0.1")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.sessions: dict[int, Session] = {}
@@ -213,11 +213,11 @@ class Server:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.gate.middleware(log)], client_max_size=MAX_MESSAGE)
-        app.router.add_get("/", lambda _: web.FileResponse(WEB / "index.html"))
+        app.router.add_get("/", lambda _: web.FileResponse(self.page / "index.html"))
         app.router.add_get("/api/info", self.info)
         app.router.add_get("/ws", self.handle)
         app.router.add_get("/api/chat", self.handle_chat)
-        app.router.add_static("/", WEB)
+        app.router.add_static("/", self.page)
         return app
 
     async def info(self, _request) -> web.Response:
@@ -447,7 +447,8 @@ async def _serve(server: Server, host: str, port: int, tls) -> None:
 
 def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0, limits: Limits = Limits(),
           allow_origins: tuple[str, ...] = (), token: str | None = None, ssl_cert: str | None = None,
-          ssl_key: str | None = None) -> None:
+          ssl_key: str | None = None, static: str | None = None) -> None:
+    from .bundle import page_folder
     from .checkpoint import device_memory
 
     if max_sessions < 1:
@@ -457,12 +458,14 @@ def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 
         raise UserError(f"--max-sessions {max_sessions}: their KV caches need {need / 2**30:.1f} GiB; "
                         f"this device has {have / 2**30:.1f} GiB")
     tls = tls_context(ssl_cert, ssl_key)
+    page, what = page_folder(model, static)
+    log(f"page: {what}")
     engine = model.engine(slots=max_sessions, sampling=sampling, seed=seed)
     # The first tick compiles and allocates; pay for it before anyone is listening.
     engine.tick(np.zeros((engine.slots, engine.frame_size), dtype=np.float32))
 
     async def main():
         gate = Gate(limits, host, allow_origins, token)
-        await _serve(Server(model, engine, sampling, seed, limits, gate), host, port, tls)
+        await _serve(Server(model, engine, sampling, seed, limits, gate, page), host, port, tls)
 
     asyncio.run(main())
