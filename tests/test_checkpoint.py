@@ -64,7 +64,7 @@ def test_default_config_is_the_official_7b():
     assert (cfg.text_card, cfg.card, cfg.n_q, cfg.dep_q) == (32000, 2048, 16, 8)
     # PersonaPlex's generator config says dep_q = n_q = 16 (its depformer also predicts
     # the user's codebooks); the model's own streams are still the first 8.
-    assert LMConfig.from_dict({"n_q": 16, "dep_q": 16}).dep_q == 8
+    assert LMConfig.from_dict({"model_type": "personaplex", "n_q": 16, "dep_q": 16}).dep_q == 8
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -17,11 +17,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .checkpoint import CONVERTED_KEY, load_lm, quantizable, resolve
+from .checkpoint import CONVERTED_KEY, load_lm, model_files, quantizable, resolve
 from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, TEXT_TOKENIZER
 from .errors import CheckpointError
 
-CARRIED = (MIMI_WEIGHTS, TEXT_TOKENIZER, "voices.tgz", "mimi_config.json", "tokenizer.model")
+# Carried along, under the official names (the converted config.json names no others).
+CARRIED = ("voices.tgz", "dist.tgz", "mimi_config.json", "tokenizer.model")
 
 
 def convert(source: str | Path, dest: str | Path, q_bits: int | None = None,
@@ -29,7 +30,8 @@ def convert(source: str | Path, dest: str | Path, q_bits: int | None = None,
     if q_bits not in (None, 4, 8):
         raise CheckpointError(f"--q-bits must be 4 or 8, got {q_bits}")
     dest = Path(dest)
-    src_dir = resolve(source, optional=(CONFIG, MIMI_WEIGHTS, TEXT_TOKENIZER, "voices.tgz"))
+    src_dir = resolve(source, optional=(CONFIG, "mimi", "tokenizer", *CARRIED))
+    files = model_files(src_dir)
     if dest.exists() and any(dest.iterdir()):
         raise CheckpointError(f"{dest}: destination exists and is not empty; remove it or choose another")
     model = load_lm(source, dtype=dtype)  # fails on bad input before any output is made
@@ -51,9 +53,9 @@ def convert(source: str | Path, dest: str | Path, q_bits: int | None = None,
     }
     (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     steps.update()
-    for name in CARRIED:
-        if (src_dir / name).exists():
-            shutil.copy2(src_dir / name, tmp / name)
+    for src, dst in ((files.mimi, MIMI_WEIGHTS), (files.tokenizer, TEXT_TOKENIZER), *((n, n) for n in CARRIED)):
+        if (src_dir / src).exists():
+            shutil.copy2(src_dir / src, tmp / dst)
     # Written aside and moved into place last, so an interrupted run never leaves
     # a directory that looks complete.
     if dest.exists():
