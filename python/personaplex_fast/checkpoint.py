@@ -229,5 +229,18 @@ def load_lm(source: str | Path, dtype: mx.Dtype | None = None) -> LM:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    _materialize(model, file)
     return model
+
+
+def _materialize(model: nn.Module, file: Path) -> None:
+    """Read the weights in (mx.load maps them lazily), a tensor at a time, with a bar on
+    a terminal (disable=None: nothing in a log or a pipe): 16 GB take a while."""
+    from tqdm import tqdm
+
+    params = [w for _, w in tree_flatten(model.parameters())]
+    with tqdm(total=sum(w.nbytes for w in params), desc=f"load {file.name}", unit="B", unit_scale=True,
+              disable=None, leave=False) as bar:
+        for w in params:
+            mx.eval(w)
+            bar.update(w.nbytes)
