@@ -108,15 +108,11 @@ def test_help_shows_the_defaults(capsys, command, option, default):
     assert f"(default: {default})" in help_of(capsys, command, option)
 
 
-def test_progress_on_a_terminal(tiny, question, tmp_path):
-    """On a terminal: bars while the weights load, the prompt runs and the frames run;
-    then the real-time factor. (In a pipe or a log only the last line is printed.)"""
+def on_a_terminal(*args) -> str:
+    """What the command shows on a terminal (a pty of 120 columns; a new one has 0)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty has 0 columns
-    proc = subprocess.Popen([sys.executable, "-m", "personaplex_fast.cli", "offline", "--model", str(tiny),
-                             "--input-wav", str(question), "--output-wav", str(tmp_path / "r.wav"),
-                             "--output-text", str(tmp_path / "r.json"), "--voice-prompt", "NATF2",
-                             "--text-prompt", "You are a wise and friendly teacher."],
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "personaplex_fast.cli", *map(str, args)],
                             stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     out = b""
@@ -129,11 +125,23 @@ def test_progress_on_a_terminal(tiny, question, tmp_path):
             break
         out += chunk
     os.close(master)
-    assert proc.wait(60) == 0, out.decode(errors="replace")
     text = out.decode(errors="replace")
+    assert proc.wait(60) == 0, text[-2000:]
+    return text
+
+
+def test_progress_on_a_terminal(tiny, question, tmp_path):
+    """On a terminal: bars while the weights load, the prompt runs, the frames run and a
+    conversion goes; offline then tells its real-time factor. (In a pipe or a log only
+    offline's frames and last line are printed.)"""
+    text = on_a_terminal("offline", "--model", tiny, "--input-wav", question, "--output-wav", tmp_path / "r.wav",
+                         "--output-text", tmp_path / "r.json", "--voice-prompt", "NATF2",
+                         "--text-prompt", "You are a wise and friendly teacher.")
     for bar in ("load model.safetensors", "prompt", "frames"):
         assert re.search(rf"{bar}: +\d+%", text), (bar, text[-2000:])
     assert re.search(r"2\.0 s of audio in \d+\.\d s, real-time factor \d+\.\d\d", text), text[-500:]
+    text = on_a_terminal("convert", tiny, tmp_path / "q8", "--q-bits", "8")
+    assert re.search(r"convert: +\d+%", text) and re.search(r"load model.safetensors: +\d+%", text), text[-2000:]
 
 
 def test_mlx_without_a_backend_is_one_line_naming_the_extra(tmp_path):
