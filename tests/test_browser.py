@@ -66,6 +66,12 @@ def open_tab(devtools_port: int, url: str) -> str:
         return json.load(r)["webSocketDebuggerUrl"]
 
 
+def close_tab(devtools_port: int, tab: str) -> None:
+    """Close a tab (its session with it): the next test starts with the server's slots free."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/close/{tab.rsplit('/', 1)[1]}"):
+        pass
+
+
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory):
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
@@ -90,6 +96,8 @@ def test_two_pages_talk_at_once(tiny_server, chromium, tmp_path):
     urls = [open_tab(chromium, f"{tiny_server}/?autostart"),
             open_tab(chromium, f"{tiny_server}/?autostart&voice=NATM1&prompt=You+enjoy+a+good+chat.")]
     results, shot = asyncio.run(watch(urls, want_frames=40, timeout=30))
+    for url in urls:
+        close_tab(chromium, url)
     (tmp_path / "page.png").write_bytes(shot)
     if os.environ.get("PERSONAPLEX_SCREENSHOT"):
         shutil.copy(tmp_path / "page.png", os.environ["PERSONAPLEX_SCREENSHOT"])
@@ -128,11 +136,13 @@ def test_the_official_protocol_beside_the_page(tiny_server, chromium, speech_10s
     it sends the byte), then Opus audio at the tick rate and text pieces, while a page
     talks in the same batch."""
     log = lambda: open(tiny_server.log).read()  # noqa: E731
-    url = chat_url(tiny_server, voice="NATM1.pt", prompt="You are a wise and friendly teacher.", seed=7)
+    prompt = "You are a wise and friendly teacher."
+    url = chat_url(tiny_server, voice="NATM1.pt", prompt=prompt, seed=7)
 
     async def both():
         async with aiohttp.ClientSession() as http:
-            page = await http.ws_connect(open_tab(chromium, f"{tiny_server}/?autostart&voice=VARF2"))
+            page_url = open_tab(chromium, f"{tiny_server}/?autostart&voice=VARF2")
+            page = await http.ws_connect(page_url)
             tab = Tab(page)
             deadline = time.monotonic() + 30
             while (await tab.evaluate("(window.personaplex || {}).state")) != "live":
@@ -141,15 +151,17 @@ def test_the_official_protocol_beside_the_page(tiny_server, chromium, speech_10s
             got = await converse(url, speech_10s, on_handshake=log)
             page_stats = json.loads(await tab.evaluate("JSON.stringify(window.personaplex)"))
             await page.close()
+            close_tab(chromium, page_url)
             return got, page_stats
 
     got, page = asyncio.run(both())
     assert got.error is None and got.handshake_at is not None, got.error
     # The log line the server writes before the handshake byte: both prompts ran (the
     # voice's frames, spacers, 11 text tokens), and the page's session was in the batch.
-    joined = [line for line in got.log_at_handshake.splitlines() if "voice=NATM1" in line]
-    assert len(joined) == 1 and "at /api/chat, prompts ran" in joined[0] and "(2/3)" in joined[0], joined
-    frames = int(joined[0].split(" frames")[0].rsplit(" ", 1)[1])
+    joined = [line for line in got.log_at_handshake.splitlines() if "joined" in line][-1]  # the latest join
+    assert f"at /api/chat, prompts ran: voice=NATM1 prompt={len(prompt)} chars" in joined, joined
+    assert "(2/3)" in joined, joined  # with the page's session
+    frames = int(joined.split(" frames")[0].rsplit(" ", 1)[1])
     assert frames > 20, joined  # the voice's recorded frames, the spacers and the text's tokens
     # Opus audio at the tick rate (a 1920-sample frame per message) for the 10 s and the tail.
     times = np.array([t for t, _ in got.audio])

@@ -163,5 +163,5 @@ def test_convert_checks_its_destination_first(capsys, tiny, tmp_path):
     line = one_line_error(in_process(capsys, "convert", tiny, tmp_path / "a file" / "q4", "--q-bits", "4"))
     assert "is not a writable folder" in line
     line = one_line_error(in_process(capsys, "convert", tiny, tmp_path / "a file"))
-    assert "destination exists and is not an empty folder" in line
+    assert "destination exists and is not empty (or not a folder)" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]

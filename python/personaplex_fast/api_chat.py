@@ -32,6 +32,8 @@ import time
 import numpy as np
 from aiohttp import WSMsgType
 
+from .errors import ProtocolError
+
 HANDSHAKE, AUDIO, TEXT, ERROR = 0, 1, 2, 5
 # sphn decodes every page a slice completes in one call: 1 KB holds at most a few
 # seconds of audio, a few ms of work.
@@ -67,8 +69,6 @@ class OpusWire:
     def frames(self, msg) -> list[np.ndarray] | None:
         """The whole frames an AUDIO message completes; None for a message this
         protocol ignores. Raises ProtocolError for Opus it cannot decode."""
-        from .server import ProtocolError
-
         if msg.type != WSMsgType.BINARY or not msg.data or msg.data[0] != AUDIO:
             return None
         now = self.clock()

@@ -47,7 +47,7 @@ def convert(source: str | Path, dest: str | Path, q_bits: int | None = None,
     src_dir = resolve(source, optional=(CONFIG, "mimi", "tokenizer", *CARRIED))
     files = model_files(src_dir)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise CheckpointError(f"{dest}: destination exists and is not an empty folder; remove it or choose another")
+        raise CheckpointError(f"{dest}: destination exists and is not empty (or not a folder); remove it or choose another")
     parent = next(p for p in dest.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise CheckpointError(f"{dest}: cannot create it ({parent} is not a writable folder)")

@@ -1,24 +1,8 @@
 """`serve`: live conversations from web pages, all sessions batched into one engine tick.
 
 Two protocols, one websocket per conversation: PersonaPlex's own at /api/chat (Ogg-Opus,
-the official web client's and our page's; api_chat.py), and ours at /ws, raw PCM for
-programs on a fast link. Every /ws message is binary: one byte of kind, then the
-payload. Audio is 24 kHz mono float32 little-endian, one 80 ms frame (1920 samples,
-7680 bytes) per message.
-
-    client -> server
-      0x00 START  UTF-8 JSON {"voice": "" or a name from /api/info, "prompt": "" or role text};
-                  the first message, once
-      0x01 AUDIO  one frame of microphone audio, sent in real time after READY
-                  (frames sent before READY are dropped)
-    server -> client
-      0x00 READY  UTF-8 JSON {"sample_rate", "frame_size", "voice", "prompt"}
-      0x01 AUDIO  one frame of model audio per tick
-      0x02 TEXT   UTF-8 JSON {"frame": tick index, "token": id, "text": piece}; only for
-                  tokens that print (not padding)
-      0x03 ERROR  UTF-8 JSON {"error": one line}; the server closes the socket after it,
-                  and sends one for every message it cannot take (malformed, too large,
-                  out of place), for a full server ("try again later"), and for timeouts
+the official web client's and our page's; api_chat.py), and ours at /ws, raw float32 PCM
+for programs on a fast link (pcm_protocol.py).
 
 GET / is the page (web/, or a client bundle: --static, the model's dist.tgz), GET
 /api/info lists the voices and the session limit.
@@ -37,7 +21,6 @@ only ever driven from one thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import socket
 import sys
@@ -53,11 +36,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .admission import Admission, Limits, ServerFull
 from .audio import SAMPLE_RATE
 from .engine import Engine, is_text
-from .errors import UserError
+from .bundle import OURS
+from .errors import ProtocolError, UserError
 from .gate import Gate, GatedSite, tls_context
+from .pcm_protocol import MAX_MESSAGE, PcmWire, parse_start
 
-START, AUDIO, TEXT, ERROR = 0, 1, 2, 3
-READY = START
 FRAME_S = 0.08
 # 640 ms of client audio may wait for a tick (network jitter); more is stale, drop it.
 JITTER_FRAMES = 8
@@ -67,18 +50,10 @@ OUTPUT_MESSAGES = 30
 # Kernel and transport send buffers per socket: without a cap Linux grows them to
 # megabytes, a minute of audio, before a client that stopped reading shows as one.
 SEND_BUFFER = 32 * 1024
-# The largest message: a START with a 4000-character prompt in JSON escapes (12 bytes
-# for an emoji) fits; larger ones are refused from their header by aiohttp.
-MAX_MESSAGE = 64 * 1024
 HEARTBEAT_S = 20.0
 # Behind by more than this, the clock restarts instead of bursting ticks to catch up.
 MAX_LAG_S = 4 * FRAME_S
-WEB = Path(__file__).parent / "web"
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-
-
-class ProtocolError(Exception):
-    pass
 
 
 @dataclass
@@ -99,68 +74,6 @@ class Session:
         if len(self.inbox) == self.inbox.maxlen:
             self.dropped += 1
         self.inbox.append(frame)
-
-
-def message(kind: int, payload: bytes | dict) -> bytes:
-    if isinstance(payload, dict):
-        payload = json.dumps(payload).encode()
-    return bytes([kind]) + payload
-
-
-def parse_start(msg) -> tuple[str, str]:
-    if msg.type != WSMsgType.BINARY or not msg.data or msg.data[0] != START:
-        raise ProtocolError("the first message must be START (0x00 + JSON)")
-    try:
-        start = json.loads(msg.data[1:].decode())
-    except (ValueError, RecursionError):
-        raise ProtocolError("START payload is not a JSON object") from None
-    if not isinstance(start, dict):
-        raise ProtocolError("START payload is not a JSON object")
-    voice, prompt = start.get("voice") or "", start.get("prompt") or ""
-    if not isinstance(voice, str) or not isinstance(prompt, str):
-        raise ProtocolError("START's voice and prompt must be strings")
-    return voice, prompt
-
-
-def parse_audio(msg, frame_size: int) -> np.ndarray:
-    if msg.type != WSMsgType.BINARY:
-        raise ProtocolError(f"expected a binary AUDIO message, got {msg.type.name}")
-    data = msg.data
-    if not data or data[0] != AUDIO:
-        raise ProtocolError(f"unexpected message kind {data[0] if data else None}; only AUDIO (1) after START")
-    if len(data) != 1 + 4 * frame_size:
-        raise ProtocolError(f"AUDIO must be {frame_size} float32 samples ({1 + 4 * frame_size} bytes "
-                            f"with the kind byte), got {len(data)} bytes")
-    frame = np.frombuffer(data, dtype="<f4", offset=1)
-    if not np.isfinite(frame).all():
-        raise ProtocolError("AUDIO has NaN or infinite samples")
-    return frame
-
-
-class PcmWire:
-    """Our protocol at /ws (this module's docstring): raw float32 frames, JSON control."""
-
-    def __init__(self, frame_size: int):
-        self.frame_size = frame_size
-
-    def ready(self, voice: str, prompt: str) -> bytes:
-        return message(READY, {"sample_rate": SAMPLE_RATE, "frame_size": self.frame_size,
-                               "voice": voice, "prompt": prompt})
-
-    @staticmethod
-    def error(line: str) -> bytes:
-        return message(ERROR, {"error": line})
-
-    def frames(self, msg) -> list[np.ndarray]:
-        """The frames of one client message (every message must be one AUDIO frame)."""
-        return [parse_audio(msg, self.frame_size)]
-
-    @staticmethod
-    def output(pcm: np.ndarray, token: int, text: str, tick: int) -> list[bytes]:
-        msgs = [message(AUDIO, pcm.astype("<f4").tobytes())]
-        if text:
-            msgs.append(message(TEXT, {"frame": tick, "token": token, "text": text}))
-        return msgs
 
 
 class Socket(web.WebSocketResponse):
@@ -199,7 +112,7 @@ def available_voices(model) -> list[str]:
 
 class Server:
     def __init__(self, model, engine: Engine, sampling, seed: int = 0, limits: Limits = Limits(),
-                 gate: Gate | None = None, page: Path = WEB):
+                 gate: Gate | None = None, page: Path = OURS):
         self.model, self.engine, self.limits, self.page = model, engine, limits, page
         self.gate = gate or Gate(limits, "127.0.0.1")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
