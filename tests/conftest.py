@@ -9,10 +9,17 @@ import pytest
 from personaplex_fast.tiny import make_tiny
 
 
+class Served(str):
+    """A server's base url; `.log`: the path of its log (stderr), `.model`: its model."""
+
+    log: str
+    model: object
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
     """`personaplex-fast serve` on a tiny checkpoint, a free port and three slots; yields
-    its base url and checks it shuts down cleanly (its log is printed at the end)."""
+    its base url (a Served) and checks it shuts down cleanly (its log is printed at the end)."""
     tiny = make_tiny(tmp_path_factory.mktemp("tiny"))
     log = open(tmp_path_factory.mktemp("log") / "serve.err", "w+")
     proc = subprocess.Popen(
@@ -22,7 +29,9 @@ def tiny_server(tmp_path_factory):
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving http://"), (line, open(log.name).read())
-        yield line.split()[1].rstrip("/")
+        served = Served(line.split()[1].rstrip("/"))
+        served.log, served.model = log.name, tiny
+        yield served
     finally:
         proc.terminate()
         rc = proc.wait(10)

@@ -91,3 +91,32 @@ def test_the_queue_runs_in_slices_and_drops_clients_that_left(model):
         assert np.isfinite(out.pcm).all()
 
     run(model, body)
+
+
+def test_a_session_seed_decides_its_sampling(model):
+    """Sessions joined with seeds (serve's /api/chat ?seed=): the same seed and input give
+    the same text and audio in any slot, another seed other ones."""
+    async def body(adm):
+        outs = []
+        for seeds in ((7, 7), (7, 8)):
+            tickets = [adm.reserve(seed) for seed in seeds]
+            joins = [asyncio.ensure_future(adm.join(t, adm.plan("NATF0", "Be kind.", t.seed))) for t in tickets]
+            await asyncio.sleep(0)
+            while adm.pending():
+                await adm.work(None)
+            slots = [await j for j in joins]
+            pcm = np.zeros((3, adm.engine.frame_size), np.float32)
+            text, audio = [], []
+            for _ in range(12):
+                out = await adm.in_worker(adm.engine.tick, pcm)
+                text.append(out.text[slots])
+                audio.append(out.pcm[slots])
+            outs.append((np.array(text), np.array(audio)))
+            for t in tickets:
+                await adm.leave(t)
+        (same_text, same_audio), (other_text, other_audio) = outs
+        assert (same_text[:, 0] == same_text[:, 1]).all() and np.array_equal(same_audio[:, 0], same_audio[:, 1])
+        assert (same_text[:, 0] == other_text[:, 0]).all()  # seed 7 again, in the same slot
+        assert not np.array_equal(other_audio[:, 0], other_audio[:, 1])
+
+    run(model, body, slots=3)

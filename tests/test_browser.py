@@ -1,4 +1,5 @@
-"""The web page end to end: two headless Chromium tabs talk to one server at once.
+"""The web page end to end: two headless Chromium tabs talk to one server at once, and a
+client of PersonaPlex's own protocol (official_client.py) talks beside a tab.
 
 Chromium's fake microphone plays an espeak-ng recording; the page reports its counters
 in `window.personaplex`, read through the DevTools protocol (a few CDP calls over a
@@ -16,7 +17,10 @@ import urllib.parse
 import urllib.request
 
 import aiohttp
+import numpy as np
 import pytest
+
+from official_client import chat_url, converse
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -62,6 +66,12 @@ def open_tab(devtools_port: int, url: str) -> str:
         return json.load(r)["webSocketDebuggerUrl"]
 
 
+def close_tab(devtools_port: int, tab: str) -> None:
+    """Close a tab (its session with it): the next test starts with the server's slots free."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/close/{tab.rsplit('/', 1)[1]}"):
+        pass
+
+
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory):
     path = tmp_path_factory.mktemp("speech") / "speech.wav"
@@ -86,6 +96,8 @@ def test_two_pages_talk_at_once(tiny_server, chromium, tmp_path):
     urls = [open_tab(chromium, f"{tiny_server}/?autostart"),
             open_tab(chromium, f"{tiny_server}/?autostart&voice=NATM1&prompt=You+enjoy+a+good+chat.")]
     results, shot = asyncio.run(watch(urls, want_frames=40, timeout=30))
+    for url in urls:
+        close_tab(chromium, url)
     (tmp_path / "page.png").write_bytes(shot)
     if os.environ.get("PERSONAPLEX_SCREENSHOT"):
         shutil.copy(tmp_path / "page.png", os.environ["PERSONAPLEX_SCREENSHOT"])
@@ -95,12 +107,71 @@ def test_two_pages_talk_at_once(tiny_server, chromium, tmp_path):
         assert r["sent"] >= 30 and r["heard"] >= 10, r  # the fake microphone's speech went out
         assert r["received"] >= 40 and r["audible"] >= 10, r  # the model's audio came back
         assert r["tokens"] >= 1 and r["text"].strip(), r  # and so did its transcript
+        # As Ogg-Opus both ways: a few hundred bytes a frame, where float32 PCM is 7680.
+        assert 0 < r["bytesOut"] / r["sent"] < 1000 and 0 < r["bytesIn"] / r["received"] < 1000, r
         # The browser's echo cancellation, noise suppression and auto gain were asked for and
         # applied; the page measured its round trip (parts: see app.js).
         assert r["processing"] == {"echoCancellation": True, "noiseSuppression": True, "autoGainControl": True}, r
         lat = r["latency"]
         assert lat and lat["total"] == lat["frame"] + lat["server"] + lat["playback"] + lat["devices"], r
         assert 0 < lat["server"] < 1000 and 0 <= lat["playback"] < 1000 and lat["total"] > 80, r
+
+
+@pytest.fixture(scope="module")
+def speech_10s(tmp_path_factory):
+    from personaplex_fast.audio import read_audio
+
+    path = tmp_path_factory.mktemp("speech") / "long.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "Good morning! I am planning a trip to the mountains next "
+                    "week and I would love some advice. What should I pack, and which trails would you "
+                    "recommend for a beginner who enjoys long walks and quiet lakes?"], check=True)
+    pcm = read_audio(path)
+    assert len(pcm) >= 10 * 24000
+    return pcm[: 10 * 24000]
+
+
+def test_the_official_protocol_beside_the_page(tiny_server, chromium, speech_10s):
+    """NVIDIA's protocol at /api/chat: 10 s of speech as Ogg-Opus with a voice and a text
+    prompt; the handshake comes once both prompts have run (the server logs that before
+    it sends the byte), then Opus audio at the tick rate and text pieces, while a page
+    talks in the same batch."""
+    log = lambda: open(tiny_server.log).read()  # noqa: E731
+    prompt = "You are a wise and friendly teacher."
+    url = chat_url(tiny_server, voice="NATM1.pt", prompt=prompt, seed=7)
+
+    async def both():
+        async with aiohttp.ClientSession() as http:
+            page_url = open_tab(chromium, f"{tiny_server}/?autostart&voice=VARF2")
+            page = await http.ws_connect(page_url)
+            tab = Tab(page)
+            deadline = time.monotonic() + 30
+            while (await tab.evaluate("(window.personaplex || {}).state")) != "live":
+                assert time.monotonic() < deadline, await tab.evaluate("JSON.stringify(window.personaplex)")
+                await asyncio.sleep(0.2)
+            got = await converse(url, speech_10s, on_handshake=log)
+            page_stats = json.loads(await tab.evaluate("JSON.stringify(window.personaplex)"))
+            await page.close()
+            close_tab(chromium, page_url)
+            return got, page_stats
+
+    got, page = asyncio.run(both())
+    assert got.error is None and got.handshake_at is not None, got.error
+    # The log line the server writes before the handshake byte: both prompts ran (the
+    # voice's frames, spacers, 11 text tokens), and the page's session was in the batch.
+    joined = [line for line in got.log_at_handshake.splitlines() if "joined" in line][-1]  # the latest join
+    assert f"at /api/chat, prompts ran: voice=NATM1 prompt={len(prompt)} chars" in joined, joined
+    assert "(2/3)" in joined, joined  # with the page's session
+    frames = int(joined.split(" frames")[0].rsplit(" ", 1)[1])
+    assert frames > 20, joined  # the voice's recorded frames, the spacers and the text's tokens
+    # Opus audio at the tick rate (a 1920-sample frame per message) for the 10 s and the tail.
+    times = np.array([t for t, _ in got.audio])
+    sizes = {len(pcm) for _, pcm in got.audio}
+    assert sizes == {1920}, sizes
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert len(times) >= 0.9 * 10 / 0.08 and 11.5 < rate < 13.5 and np.diff(times).max() < 0.5, (len(times), rate)
+    assert max(np.abs(pcm).max() for _, pcm in got.audio) > 1e-3  # the model spoke
+    assert got.text and all(t and "\u2581" not in t for t in got.text), got.text
+    assert page["error"] == "" and page["received"] >= 40 and page["audible"] >= 10, page
 
 
 # The worklet in an OfflineAudioContext at 48 and 44.1 kHz: a 1 kHz tone in must come out

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -64,7 +65,21 @@ def test_default_config_is_the_official_7b():
     assert (cfg.text_card, cfg.card, cfg.n_q, cfg.dep_q) == (32000, 2048, 16, 8)
     # PersonaPlex's generator config says dep_q = n_q = 16 (its depformer also predicts
     # the user's codebooks); the model's own streams are still the first 8.
-    assert LMConfig.from_dict({"n_q": 16, "dep_q": 16}).dep_q == 8
+    assert LMConfig.from_dict({"model_type": "personaplex", "n_q": 16, "dep_q": 16}).dep_q == 8
+
+
+def test_convert_says_which_layers_stay_unquantized(tiny, tmp_path):
+    """At group size 128 the tiny depformer's 64-wide inputs cannot be quantized: said, by
+    name pattern, count and width (at 64 only the 352-wide gated outputs are left)."""
+    out = cli("convert", str(tiny), str(tmp_path / "q128"), "--q-bits", "4", "--group-size", "128").stdout
+    line = next(l for l in out.splitlines() if l.startswith("convert: linear layers quantized"))
+    assert "kept at full precision, their input width not a multiple of 128" in line
+    for kept in ("depformer.layers.*.self_attn.in_projs.* (16 of width 64)", "linears.* (8 of width 64)",
+                 "transformer.layers.*.gating.linear_out (2 of width 352)"):
+        assert kept in line, line
+    assert "transformer.layers.*.self_attn" not in line
+    q = load_lm(tmp_path / "q128")
+    assert isinstance(q.linears[0], nn.Linear) and not isinstance(q.linears[0], nn.QuantizedLinear)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

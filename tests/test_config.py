@@ -28,12 +28,12 @@ def test_checkpoint_keys_are_the_ones_moshi_reads():
 
 
 def official(repo: str) -> dict:
-    """The full config.json of kyutai/moshiko-pytorch-bf16 (moshi's _lm_kwargs) or of
-    nvidia/personaplex-7b-v1 (the same, with PersonaPlex's dep_q = 16 and its
-    loader's deprecated depformer_causal)."""
+    """The full config.json of kyutai/moshiko-pytorch-bf16 (moshi's _lm_kwargs), or
+    PersonaPlex's settings written out the same way (its loader's: dep_q = 16 and the
+    deprecated depformer_causal; its model type)."""
     cfg = {**loaders._lm_kwargs, **CHECKPOINT_KEYS}
     if repo == "personaplex":
-        cfg.update(dep_q=16, depformer_causal=True)
+        cfg.update(dep_q=16, depformer_causal=True, model_type="personaplex")
     return json.loads(json.dumps(cfg))
 
 
@@ -94,10 +94,23 @@ def test_null_feedforward_is_read_as_moshi_reads_it(tmp_path):
 
 
 def test_settings_without_math_take_any_value(tmp_path):
-    cfg = official("personaplex") | dict(depformer_context=3, model_type="hibiki", lora_rank=8,
+    cfg = official("moshiko") | dict(depformer_context=3, model_type="hibiki", lora_rank=8,
                                          lm_gen_config={"temp": 0.1}, text_card_out=None)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert read_config(tmp_path)[0] == LMConfig()
+
+
+def test_personaplex_is_known_by_its_model_type(tmp_path):
+    """nvidia/personaplex-7b-v1's own config.json names the model type and a version (the
+    rest is the 7B default); its generator's dep_q = n_q means half of the streams for
+    PersonaPlex only: another model with dep_q = n_q is refused, not misread."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "personaplex", "version": "1.0"}))
+    assert read_config(tmp_path)[0] == LMConfig()
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "personaplex", "dep_q": 16}))
+    assert read_config(tmp_path)[0].dep_q == 8
+    for other in ("moshi", "hibiki", None):
+        error = config_error(tmp_path, dep_q=16, model_type=other)
+        assert "dep_q 16 must be from 1 to n_q - 1 = 15" in error and 'model_type "personaplex"' in error
 
 
 def test_configs_beyond_the_weights_or_the_memory_are_refused_before_building(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """`personaplex-fast offline` end to end on a tiny checkpoint, as a user runs it."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,10 +59,23 @@ def test_offline_keeps_duration_and_writes_a_transcript(tiny, speech, tmp_path, 
     assert info_out.frames == round(info_in.frames * 24000 / 44100)
     out, _ = sf.read(tmp_path / "o.wav")
     assert np.abs(out).max() > 1e-3  # the model spoke
+    # After a prompt the first 80 ms frame is already the model's audio: the prompt's last
+    # step produced its codes (README: the output wav keeps the input's timeline).
+    assert np.abs(out[:1920]).max() > 1e-3
+    assert re.search(r"real-time factor \d+\.\d\d \(\d+\.\dx real time\)", proc.stdout), proc.stdout
     doc = json.loads((tmp_path / "o.json").read_text())
     frames = [t["frame"] for t in doc["tokens"]]
     assert frames == sorted(frames) and len(frames) > 10
     assert all(abs(t["time_s"] - t["frame"] * 0.08) < 1e-6 for t in doc["tokens"])
+
+
+def test_without_a_prompt_the_first_frame_is_silence(tiny, speech, tmp_path):
+    """The model's first frame comes before any of its audio exists: silence, kept so the
+    output has the input's timeline; the next frames are its voice."""
+    proc = offline(tiny, speech, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out, _ = sf.read(tmp_path / "o.wav")
+    assert np.abs(out[:1920]).max() == 0 and np.abs(out[1920:3840]).max() > 1e-3
 
 
 def test_corrupt_input_exits_with_one_line(tiny, speech, tmp_path):

@@ -31,6 +31,7 @@ import pytest
 from personaplex_fast import torchfile
 from personaplex_fast.tiny import TINY, make_tiny
 from personaplex_fast.tokenizer import load_tokenizer, prompt_tokens
+from personaplex_fast.voices import VOICE_NAMES
 
 START, AUDIO, TEXT, ERROR = 0, 1, 2, 3
 FRAME = 1920
@@ -244,7 +245,7 @@ def http_get(s, path: str, headers=None) -> tuple[int, str]:
 
 
 async def bad_voices(s):
-    assert json.loads(http_get(s, "/api/info")[1])["voices"] == ["NATF0", "NATM1", "VARF2"]
+    assert json.loads(http_get(s, "/api/info")[1])["voices"] == sorted(VOICE_NAMES)
     for name in ("BADIDS", "STRIDE0", "WIDE", "../voices/NATF0", "NATF0.pt", "x" * 3000):
         assert "unknown voice" in await session(s, start(voice=name))
 
@@ -426,7 +427,7 @@ def test_memory_is_back_and_nothing_was_written_outside_the_cache(served, baseli
     assert [p for n in ("work", "home") for p in d[n].rglob("*")] == []
     assert snapshot(served["model"]) == served["before"]
     (folder,) = (d["cache"] / "voices").iterdir()  # voices.tgz unpacked once, no temporary left
-    voices = ["NATF0", "NATM1", "VARF2"]
+    voices = VOICE_NAMES
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [".complete", "BADIDS.pt", "STRIDE0.pt", "WIDE.pt"] + [f"{v}.{x}" for v in voices
                                                             for x in ("pt", "wav", "safetensors")])

@@ -56,6 +56,7 @@ class Limits:
 class Ticket:
     """One reserved slot, from reserve() to leave()."""
 
+    seed: int | None = None  # the session's sampling seed (None: the engine's rule)
     prefill: Prefill | None = None
     joined: asyncio.Future | None = None  # -> the engine slot
     slot: int | None = None  # written in the worker thread only
@@ -90,13 +91,15 @@ class Admission:
 
     # -- before any work
 
-    def reserve(self) -> Ticket:
+    def reserve(self, seed: int | None = None) -> Ticket:
         if self.reserved >= self.engine.slots:
             raise ServerFull(f"the server is full ({self.engine.slots} sessions); try again later")
         self.reserved += 1
-        return Ticket()
+        return Ticket(seed=seed)
 
-    def plan(self, voice: str, prompt: str) -> Prefill | None:
+    def plan(self, voice: str, prompt: str, seed: int | None = None) -> Prefill | None:
+        """The session's prompt, measured and checked, not run (seed: the session's, for
+        the prompt's last step; None: the server's)."""
         lim = self.limits
         if voice and voice not in self.voices:
             raise UserError(f"unknown voice {voice!r:.40}; this server has: {', '.join(self.voices) or 'none'}")
@@ -105,8 +108,8 @@ class Admission:
         tokens = text_prompt_tokens(self.model.tokenizer, prompt)
         if len(tokens) > lim.max_prompt_tokens:
             raise UserError(f"the prompt is {len(tokens)} tokens; the limit is {lim.max_prompt_tokens}")
-        return prompt_prefill(self.model.lm, self.model.mimi, self.voices.get(voice), tokens, self.seed,
-                              self.sampling, self.special)
+        return prompt_prefill(self.model.lm, self.model.mimi, self.voices.get(voice), tokens,
+                              self.seed if seed is None else seed, self.sampling, self.special)
 
     # -- the queue
 
@@ -175,6 +178,6 @@ class Admission:
             before = run.frames_left
             run.advance(frames)
             return before - run.frames_left, False
-        ticket.slot = self.engine.join(None if run is None else run.state)
+        ticket.slot = self.engine.join(None if run is None else run.state, seed=ticket.seed)
         ticket.prefill = None
         return 0, True

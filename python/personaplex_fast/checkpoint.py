@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import CONFIG, LM_WEIGHTS, LMConfig
+from .config import CONFIG, LMConfig, ModelFiles
 from .errors import CheckpointError
 from .models.lm import LM
 
@@ -40,12 +40,12 @@ def is_hf_name(source: str) -> bool:
     return not Path(source).exists() and bool(_HF_NAME.match(source))
 
 
-def resolve(source: str | Path, files: tuple[str, ...] = (LM_WEIGHTS,),
-            optional: tuple[str, ...] = (CONFIG,)) -> Path:
-    """A local directory holding `files` (and `optional` when available).
+def resolve(source: str | Path, roles: tuple[str, ...] = ("lm",), optional: tuple[str, ...] = ()) -> Path:
+    """A local directory holding the files of `roles` (ModelFiles' fields: "lm", "mimi",
+    "tokenizer") and, when available, those of `optional` (roles or plain file names).
 
-    Hugging Face names are downloaded (with progress bars) into the HF cache.
-    """
+    Hugging Face names are downloaded (with progress bars) into the HF cache: config.json
+    first, for the file names it may give."""
     source = str(source)
     path = Path(source).expanduser()
     if path.exists():
@@ -54,7 +54,27 @@ def resolve(source: str | Path, files: tuple[str, ...] = (LM_WEIGHTS,),
         raise CheckpointError(f"{source}: no such file or directory (and not a Hugging Face repo name)")
     from .hub import download
 
-    return download(source, files, optional)
+    snapshot = download(source, (), optional=(CONFIG,))
+    files = model_files(snapshot) if snapshot is not None else ModelFiles()
+    name = lambda r: getattr(files, r, r)  # noqa: E731
+    found = download(source, tuple(map(name, roles)), tuple(map(name, optional)))
+    if found is None and snapshot is None:
+        raise CheckpointError(f"{source}: none of its files are in the local Hugging Face cache")
+    return found or snapshot
+
+
+def model_files(directory: Path) -> ModelFiles:
+    """The model's file names, from its config.json (official names without one)."""
+    file = directory / CONFIG
+    if not file.is_file():
+        return ModelFiles()
+    try:
+        raw = json.loads(file.read_text())
+        return ModelFiles.from_dict(raw if isinstance(raw, dict) else {})
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def read_config(directory: Path) -> tuple[LMConfig, dict]:
@@ -74,9 +94,10 @@ def read_config(directory: Path) -> tuple[LMConfig, dict]:
 def _weights_file(source: Path) -> Path:
     if source.is_file():
         return source
-    file = source / LM_WEIGHTS
+    name = model_files(source).lm
+    file = source / name
     if not file.exists():
-        raise CheckpointError(f"{source}: no {LM_WEIGHTS} in this directory")
+        raise CheckpointError(f"{source}: no {name} in this directory")
     return file
 
 
@@ -208,5 +229,18 @@ def load_lm(source: str | Path, dtype: mx.Dtype | None = None) -> LM:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
+    _materialize(model, file)
     return model
+
+
+def _materialize(model: nn.Module, file: Path) -> None:
+    """Read the weights in (mx.load maps them lazily), a tensor at a time, with a bar on
+    a terminal (disable=None: nothing in a log or a pipe): 16 GB take a while."""
+    from tqdm import tqdm
+
+    params = [w for _, w in tree_flatten(model.parameters())]
+    with tqdm(total=sum(w.nbytes for w in params), desc=f"load {file.name}", unit="B", unit_scale=True,
+              disable=None, leave=False) as bar:
+        for w in params:
+            mx.eval(w)
+            bar.update(w.nbytes)

@@ -3,9 +3,74 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
+
+
+class _Help(argparse.HelpFormatter):
+    """--help shows every option's default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = not (action.default is None or action.default is False or action.default == []
+                     or action.default is argparse.SUPPRESS)
+        if action.option_strings and "%(default)" not in text and shown:
+            text += f"{' ' if text else ''}(default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit status 2, like every other user error."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(kind, low):
+    """An argparse type: a number of `kind` that is at least `low`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not value >= low:  # also NaN
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {noun} of at least {low}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _check_output(path: str, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written."""
+    p = Path(path).expanduser()
+    folder = p.parent
+    if p.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UserError(f"{flag} {path}: cannot write there (permission denied)")
+
+
+def _check_mlx() -> None:
+    """MLX without a backend (plain `pip install .` on Linux) fails at its first import."""
+    try:
+        import mlx.core  # noqa: F401
+    except ImportError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"MLX cannot load its backend ({first}): install the extra for this machine, "
+                        "pip install \".[cpu]\" (Linux, CPU) or \".[cuda]\" (Linux, NVIDIA GPU)") from None
 
 
 def _make_tiny(args) -> None:
@@ -64,12 +129,12 @@ def sampling_from(args):
 def _add_model_args(s) -> None:
     s.add_argument("--model", required=True,
                    help="HF repo name (nvidia/personaplex-7b-v1), checkpoint or converted directory")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
     s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    s.add_argument("--temp-text", type=float, default=0.7)
-    s.add_argument("--topk-text", type=int, default=25)
-    s.add_argument("--temp-audio", type=float, default=0.8)
-    s.add_argument("--topk-audio", type=int, default=250)
+    s.add_argument("--temp-text", type=_at_least(float, 0), default=0.7, help="text temperature (0: argmax)")
+    s.add_argument("--topk-text", type=_at_least(int, 1), default=25, help="text tokens sampled from")
+    s.add_argument("--temp-audio", type=_at_least(float, 0), default=0.8, help="audio temperature (0: argmax)")
+    s.add_argument("--topk-audio", type=_at_least(int, 1), default=250, help="audio codes sampled from")
     s.add_argument("--reference", action="store_true", help="run every op through its pure-MLX reference")
     s.add_argument("--check", action="store_true",
                    help="run fused and reference ops on the same inputs and report the largest difference")
@@ -106,17 +171,22 @@ def _report_check(args) -> None:
 
 
 def _offline(args) -> None:
+    from .audio import read_audio
     from .loading import load_model
     from .offline import offline
 
+    _check_output(args.output_wav, "--output-wav")
+    _check_output(args.output_text, "--output-text")
+    pcm = read_audio(args.input_wav, max_seconds=args.max_input_seconds, limit=" (--max-input-seconds)")
     _set_ops_mode(args)
     model = load_model(args.model)
     sampling = sampling_from(args)
     engine = model.engine(slots=1, sampling=sampling, seed=args.seed, kv_bits=args.kv_bits)
     prompt = model.prompt(args.voice_prompt, args.text_prompt, seed=args.seed, sampling=sampling)
-    offline(engine, args.input_wav, args.output_wav, args.output_text, decode=model.decode_text,
-            prompt=prompt, max_seconds=args.max_input_seconds)
-    print(f"wrote {args.output_wav} and {args.output_text}")
+    took = offline(engine, pcm, args.output_wav, args.output_text, decode=model.decode_text, prompt=prompt)
+    seconds = len(pcm) / engine.mimi.cfg.sample_rate
+    print(f"wrote {args.output_wav} and {args.output_text}: {seconds:.1f} s of audio in {took:.1f} s, "
+          f"real-time factor {took / seconds:.2f} ({seconds / took:.1f}x real time)")
     _report_check(args)
 
 
@@ -124,6 +194,8 @@ def _chat(args) -> None:
     from .chat import chat
     from .loading import load_model
 
+    if args.record:
+        _check_output(args.record, "--record")
     _set_ops_mode(args)
     model = load_model(args.model)
     sampling = sampling_from(args)
@@ -156,7 +228,7 @@ def _serve(args) -> None:
     limits = serve_limits(args)
     serve(load_model(args.model), args.host, args.port, args.max_sessions, sampling=sampling_from(args),
           seed=args.seed, limits=limits, allow_origins=tuple(args.allow_origin), token=args.token,
-          ssl_cert=args.ssl_cert, ssl_key=args.ssl_key, kv_bits=args.kv_bits)
+          ssl_cert=args.ssl_cert, ssl_key=args.ssl_key, static=args.static, kv_bits=args.kv_bits)
 
 
 def _serve_cluster(args) -> None:
@@ -181,19 +253,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .admission import Limits
     from .offline import MAX_INPUT_SECONDS
 
-    p = argparse.ArgumentParser(prog="personaplex-fast", description=__doc__)
+    p = _Parser(prog="personaplex-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official format")
     s.add_argument("dir")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     s.set_defaults(func=_make_tiny)
 
     s = sub.add_parser("convert", help="official checkpoint -> MLX-ready directory")
     s.add_argument("src", help="HF repo name, checkpoint directory or model.safetensors")
     s.add_argument("dst")
-    s.add_argument("--q-bits", type=int, choices=(4, 8), default=None)
-    s.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64)
+    s.add_argument("--q-bits", type=int, choices=(4, 8), default=None,
+                   help="quantize the linear layers to 4 or 8 bits (default: keep the checkpoint's precision)")
+    s.add_argument("--group-size", type=int, choices=(32, 64, 128), default=64,
+                   help="weights per quantization scale")
     s.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="cast unquantized weights (default: keep the checkpoint's)")
     s.set_defaults(func=_convert)
@@ -206,16 +280,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--voice-prompt", default=None,
                    help="packaged voice (NATF0-3, NATM0-3, VARF0-4, VARM0-4) or a wav/.pt file")
     s.add_argument("--text-prompt", default=None, help="role prompt, wrapped in <system> tags")
-    s.add_argument("--max-input-seconds", type=float, default=MAX_INPUT_SECONDS,
+    s.add_argument("--max-input-seconds", type=_at_least(float, 0.08), default=MAX_INPUT_SECONDS,
                    help="refuse a longer input (default: %(default)g)")
     s.set_defaults(func=_offline)
 
     s = sub.add_parser("lm-run", help="step the language model on silence and time it")
     s.add_argument("--model", required=True, help="HF repo name or local checkpoint")
-    s.add_argument("--frames", type=int, default=100)
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--greedy", action="store_true")
+    s.add_argument("--frames", type=_at_least(int, 1), default=100, help="steps to run")
+    s.add_argument("--batch", type=_at_least(int, 1), default=1, help="sessions stepped together")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     _add_kernels_arg(s)
     _add_kv_bits_arg(s)
     s.set_defaults(func=_lm_run)
@@ -269,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require ?token=TOKEN on websockets and /api/ (open the page as /?token=TOKEN)")
     s.add_argument("--ssl-cert", default=None, help="serve HTTPS/WSS with this certificate (PEM)")
     s.add_argument("--ssl-key", default=None, help="the certificate's private key (PEM)")
+    s.add_argument("--static", metavar="DIR", default=None,
+                   help="serve this folder at / (a client bundle, such as the unpacked official dist; 'ours': "
+                        "this package's page); default: the model's dist.tgz when it has one, else ours")
     d = Limits()
     s.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens,
                    help="longest role prompt in tokens (default: %(default)s; frames: the model's context)")
@@ -294,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        _check_mlx()  # first: the parser's defaults come from modules that import MLX
+        args = build_parser().parse_args(argv)
         args.func(args)
     except UserError as e:
         print(f"personaplex-fast: error: {e}", file=sys.stderr)

@@ -52,7 +52,10 @@ from ray.serve.config import RequestRouterConfig
 from .admission import Limits
 from .errors import UserError
 from .gate import Gate
-from .server import ERROR, MAX_MESSAGE, WEB, Server, Socket as AiohttpSocket, log, message, warm_engine
+from .audio import SAMPLE_RATE
+from .bundle import OURS as WEB
+from .pcm_protocol import MAX_MESSAGE, PcmWire, parse_start
+from .server import Server, Socket as AiohttpSocket, log, warm_engine
 
 APP = "personaplex"
 # Ticks in the rolling window of the tick-time quantiles (20 s).
@@ -69,8 +72,8 @@ class Socket:
     """receive() -> aiohttp WSMessage, send_bytes, close, closed; and abort() (for Peer's
     transport: a client that stopped reading), which ends a pending receive at once."""
 
-    def __init__(self, ws: WebSocket):
-        self.ws, self.closed = ws, False
+    def __init__(self, ws: WebSocket, wire):
+        self.ws, self.wire, self.closed = ws, wire, False  # wire: the session's format (errors)
         self._stop = asyncio.Event()
 
     async def receive(self, timeout: float | None = None) -> WSMessage:
@@ -103,7 +106,7 @@ class Socket:
         why = AiohttpSocket._WHY[WSCloseCode.MESSAGE_TOO_BIG]
         log(f"closing a websocket: {why}")
         try:
-            await self.send_bytes(message(ERROR, {"error": why}))
+            await self.send_bytes(self.wire.error(why))
         except (ConnectionError, RuntimeError):
             pass
         await self.close(code=WSCloseCode.MESSAGE_TOO_BIG)
@@ -265,9 +268,10 @@ class Replica:
         log(f"refused {peer.method} {peer.path} from {peer.remote}: {refused[1]}")
         return PlainTextResponse(refused[1] + "\n", status_code=refused[0])
 
-    @api.websocket("/ws")
-    async def ws(self, websocket: WebSocket) -> None:
-        sock = Socket(websocket)
+    async def _converse(self, websocket: WebSocket, wire, start) -> None:
+        """One conversation, as server.Server's handlers run it; start(sock, peer) -> (voice,
+        prompt, seed) as the protocol names them."""
+        sock = Socket(websocket, wire)
         peer = Peer(websocket, sock)
         refused = self._refused(peer)
         if refused is not None:
@@ -277,7 +281,31 @@ class Replica:
                 await websocket.close(WSCloseCode.POLICY_VIOLATION)  # no such ASGI extension: a 403
             return
         await websocket.accept(headers=[(b"x-replica", self.id.encode())])
-        await self.server.converse(sock, peer)
+
+        async def begin():
+            return await start(sock, peer)
+
+        await self.server.converse(sock, peer, wire, begin)
+
+    @api.websocket("/ws")
+    async def ws(self, websocket: WebSocket) -> None:
+        """Our protocol (pcm_protocol.py): START names the voice and prompt."""
+        timeout = self.server.limits.handshake_timeout_s
+
+        async def start(sock, peer):
+            return (*parse_start(await sock.receive(timeout=timeout)), None)
+
+        await self._converse(websocket, PcmWire(self.server.engine.frame_size), start)
+
+    @api.websocket("/api/chat")
+    async def chat(self, websocket: WebSocket) -> None:
+        """PersonaPlex's protocol (api_chat.py, Ogg-Opus): the query names them."""
+        from .api_chat import OpusWire, chat_params
+
+        async def start(sock, peer):
+            return chat_params(peer.query)
+
+        await self._converse(websocket, OpusWire(self.server.engine.frame_size, SAMPLE_RATE), start)
 
     @api.get("/api/info")
     async def info(self, request: Request):

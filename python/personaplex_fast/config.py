@@ -29,6 +29,35 @@ CONFIG = "config.json"
 
 
 @dataclass(frozen=True)
+class ModelFiles:
+    """A model's file names: the official repos' unless config.json gives others, as
+    Kyutai's do (moshi_name, mimi_name, tokenizer_name: moshi's CheckpointInfo)."""
+
+    lm: str = LM_WEIGHTS
+    mimi: str = MIMI_WEIGHTS
+    tokenizer: str = TEXT_TOKENIZER
+
+    KEYS = (("lm", "moshi_name"), ("mimi", "mimi_name"), ("tokenizer", "tokenizer_name"))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelFiles":
+        if isinstance(raw.get("lm_config"), dict):
+            raw = {**raw, **raw["lm_config"]}
+        names = {}
+        for field_name, key in cls.KEYS:
+            name = raw.get(key)
+            if name is None:
+                continue
+            if isinstance(name, str) and name.startswith("hf://"):
+                raise ValueError(f"{key} = {name!r:.80} is a file of another repo, which is not read here: "
+                                 "download it next to the others and name the local copy")
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise ValueError(f"{key} must be a file name in the model's folder, got {json.dumps(name):.60}")
+            names[field_name] = name
+        return cls(**names)
+
+
+@dataclass(frozen=True)
 class DepformerConfig:
     """The small transformer that emits the model's audio codebooks one by one."""
 
@@ -97,7 +126,8 @@ class LMConfig:
             raise ValueError("config: sizes must be positive")
         if not 1 <= self.dep_q < self.n_q:
             raise ValueError(f"config: dep_q {self.dep_q} must be from 1 to n_q - 1 = {self.n_q - 1} "
-                             "(the rest are the user's streams)")
+                             "(the rest are the user's streams; a PersonaPlex config.json says "
+                             "model_type \"personaplex\", whose dep_q = n_q means half)")
         if self.head_dim % 2:
             raise ValueError(f"config: dim / num_heads = {self.head_dim} must be even (RoPE rotates pairs)")
         if d.dim % d.num_heads or (d.pos_emb == "rope" and d.head_dim % 2):
@@ -181,10 +211,12 @@ class LMConfig:
                 top[f.name] = raw[f.name]
         if "delays" in top:
             top["delays"] = tuple(int(d) for d in top["delays"])
-        # PersonaPlex builds its generator with dep_q = n_q = 16: the depformer also
-        # predicts the user's 8 codebooks, which the duplex loop always overwrites
-        # with the user's real codes. The model's own streams are the first half.
-        if top.get("dep_q") is not None and top.get("dep_q") == top.get("n_q", cls.n_q):
+        # PersonaPlex (its config.json says model_type "personaplex") builds its generator
+        # with dep_q = n_q = 16: the depformer also predicts the user's 8 codebooks, which
+        # the duplex loop always overwrites with the user's real codes. The model's own
+        # streams are the first half. Any other model with dep_q = n_q generates every
+        # stream (no user's), which is no duplex model: refused by the range check.
+        if raw.get("model_type") == "personaplex" and top.get("dep_q") == top.get("n_q", cls.n_q):
             top["dep_q"] = top["dep_q"] // 2
         return cls(depformer=DepformerConfig(**dep), **top)
 

@@ -86,7 +86,8 @@ FIXED = {
     "lora": (False,),
 }
 
-# Keys without math here: file names and model type (CheckpointInfo), generation and
+# Keys without math here: file names and model type (CheckpointInfo; file names are read
+# by config.ModelFiles, "personaplex" by LMConfig.from_dict), PersonaPlex's version, generation and
 # TTS/STT defaults, provenance, LoRA sizes (LoRA itself is `lora`), training-only
 # switches, the sinusoidal embedding's scale (no sinusoidal embedding is accepted),
 # moshi's ignored depformer context and deprecated depformer_causal, and our own mark.
@@ -95,7 +96,7 @@ NO_MATH = {
     "lm_gen_config", "tts_config", "stt_config", "model_id", "lora_rank", "lora_scaling",
     "gradient_checkpointing", "checkpointing", "depformer_checkpointing", "betas", "depformer_betas",
     "positional_scale", "depformer_positional_scale", "extra_heads_dim", "depformer_context",
-    "depformer_causal", "lm_config", "personaplex_fast",
+    "depformer_causal", "lm_config", "personaplex_fast", "version",
 }
 
 

@@ -14,3 +14,7 @@ class CheckpointError(UserError, ValueError):
 
 class AudioError(UserError, ValueError):
     """An audio file is missing, unreadable, truncated or empty."""
+
+
+class ProtocolError(Exception):
+    """A client broke its protocol: told in one line, then closed (serve)."""

@@ -14,8 +14,9 @@ from urllib.parse import urlparse
 from .errors import CheckpointError
 
 
-def download(repo: str, files: tuple[str, ...], optional: tuple[str, ...] = ()) -> Path:
-    """Fetch `files` (required) and `optional` files of `repo`; returns the snapshot dir."""
+def download(repo: str, files: tuple[str, ...], optional: tuple[str, ...] = ()) -> Path | None:
+    """Fetch `files` (required) and those `optional` files the repo has (offline: those
+    the local cache holds); returns the snapshot dir, None when nothing was found."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub import errors as hf_errors
@@ -25,8 +26,12 @@ def download(repo: str, files: tuple[str, ...], optional: tuple[str, ...] = ()) 
     token = os.environ.get("HF_TOKEN") or None
     path = None
     for name in (*files, *optional):
+        needed = name not in optional
         try:
-            path = Path(_cached(repo, name) or hf_hub_download(repo, name, token=token))
+            cached = _cached(repo, name, needed)
+            if cached is _ABSENT:
+                continue
+            path = Path(cached or hf_hub_download(repo, name, token=token))
         except hf_errors.GatedRepoError:
             how = ("accept the license on https://huggingface.co/" + repo if token
                    else "set HF_TOKEN (or run `huggingface-cli login`) after accepting its license")
@@ -35,9 +40,11 @@ def download(repo: str, files: tuple[str, ...], optional: tuple[str, ...] = ()) 
             raise CheckpointError(
                 f"{repo}: repository not found on Hugging Face (or private: set HF_TOKEN)") from None
         except hf_errors.LocalEntryNotFoundError:
+            if not needed:
+                continue
             raise CheckpointError(_offline(repo, name)) from None
         except hf_errors.EntryNotFoundError:
-            if name in optional:
+            if not needed:
                 continue
             raise CheckpointError(f"{repo}: the repository has no file {name}") from None
         except hf_errors.HfHubHTTPError as e:
@@ -47,8 +54,7 @@ def download(repo: str, files: tuple[str, ...], optional: tuple[str, ...] = ()) 
             raise CheckpointError(f"{repo}: download of {name} failed (HTTP {status})") from None
         except OSError as e:
             raise CheckpointError(f"{repo}: download of {name} failed ({e.strerror or e})") from None
-    assert path is not None
-    return path.parent
+    return None if path is None else path.parent
 
 
 def _offline(repo: str, name: str) -> str:
@@ -56,8 +62,12 @@ def _offline(repo: str, name: str) -> str:
             "not in the local Hugging Face cache (pass a local checkpoint path instead)")
 
 
-def _cached(repo: str, name: str) -> str | None:
-    """The cached file, or None; raises the offline error early when the Hub is unreachable.
+_ABSENT = object()  # an optional file that is not in the cache, with the Hub out of reach
+
+
+def _cached(repo: str, name: str, needed: bool):
+    """The cached file; else None (download it), or, with the Hub out of reach (offline
+    or unreachable), _ABSENT for an optional file and the offline error for a needed one.
 
     Checking the cache and the host first avoids huggingface_hub's retry loop
     (about 20 s of backoff messages) when there is no network at all.
@@ -70,10 +80,14 @@ def _cached(repo: str, name: str) -> str | None:
     except (hf_errors.LocalEntryNotFoundError, hf_errors.EntryNotFoundError, OSError):
         pass
     if constants.HF_HUB_OFFLINE:
+        if not needed:
+            return _ABSENT
         raise CheckpointError(_offline(repo, name) + " [HF_HUB_OFFLINE is set]")
     host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
         socket.getaddrinfo(host, 443)
     except OSError:
+        if not needed:
+            return _ABSENT
         raise CheckpointError(_offline(repo, name)) from None
     return None

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .checkpoint import is_hf_name, load_lm, resolve
-from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, TEXT_TOKENIZER
+from .checkpoint import is_hf_name, load_lm, model_files, resolve
+from .config import CONFIG, ModelFiles
 from .engine import Engine
 from .errors import CheckpointError
 from .mimi_checkpoint import load_mimi
@@ -27,6 +27,7 @@ class Model:
     mimi: Mimi
     directory: Path
     source: str = ""
+    files: ModelFiles = ModelFiles()
 
     def voice(self, spec: str):
         """A packaged voice name (NATF2) or a voice file (wav/flac/mp3 or .pt)."""
@@ -58,7 +59,7 @@ class Model:
     def tokenizer(self):
         if not hasattr(self, "_tokenizer"):
             self._tokenizer = None
-            path = self.directory / TEXT_TOKENIZER
+            path = self.directory / self.files.tokenizer
             if path.exists():
                 import sentencepiece
 
@@ -71,13 +72,14 @@ class Model:
 
 
 def load_model(source: str | Path, dtype: mx.Dtype | None = None) -> Model:
-    directory = resolve(source, files=(LM_WEIGHTS, MIMI_WEIGHTS), optional=(CONFIG, TEXT_TOKENIZER))
-    if not (directory / MIMI_WEIGHTS).exists():
-        raise CheckpointError(f"{directory}: no {MIMI_WEIGHTS} (the Mimi codec) in this directory")
+    directory = resolve(source, roles=("lm", "mimi"), optional=(CONFIG, "tokenizer"))
+    files = model_files(directory)
+    if not (directory / files.mimi).exists():
+        raise CheckpointError(f"{directory}: no {files.mimi} (the Mimi codec) in this directory")
     lm = load_lm(directory, dtype=dtype)
-    mimi = load_mimi(directory / MIMI_WEIGHTS)
+    mimi = load_mimi(directory / files.mimi)
     if lm.cfg.card != mimi.cfg.quantizer.bins:
         raise CheckpointError(
             f"{directory}: LM audio card {lm.cfg.card} does not match the codec's "
             f"{mimi.cfg.quantizer.bins} codebook entries")
-    return Model(lm, mimi, directory, str(source))
+    return Model(lm, mimi, directory, str(source), files)

@@ -8,13 +8,15 @@ the transcript's frame times are those a live listener would have seen.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .audio import SAMPLE_RATE, read_audio, write_wav
+from .audio import SAMPLE_RATE, write_wav
 from .engine import Engine, is_text
+from .errors import UserError
 from .sampling import SamplingConfig
 
 
@@ -48,17 +50,23 @@ def run_offline(engine: Engine, pcm: np.ndarray, progress: bool = True,
 MAX_INPUT_SECONDS = 3600.0
 
 
-def offline(engine: Engine, input_wav: str | Path, output_wav: str | Path, output_text: str | Path,
-            decode=None, prompt=None, max_seconds: float = MAX_INPUT_SECONDS) -> None:
-    pcm = read_audio(input_wav, max_seconds=max_seconds, limit=" (--max-input-seconds)")
+def offline(engine: Engine, pcm: np.ndarray, output_wav: str | Path, output_text: str | Path,
+            decode=None, prompt=None) -> float:
+    """The conversation of `pcm` (24 kHz) written out; -> the seconds it took."""
+    start = time.perf_counter()
     out, tokens = run_offline(engine, pcm, prompt=prompt)
+    took = time.perf_counter() - start
     if decode is not None:
         for t in tokens:
             t["text"] = decode(t["token"])
     write_wav(output_wav, out, SAMPLE_RATE)
-    Path(output_text).write_text(json.dumps(
-        {"sample_rate": SAMPLE_RATE, "frame_rate": SAMPLE_RATE / engine.frame_size,
-         "duration_s": len(pcm) / SAMPLE_RATE, "tokens": tokens}, indent=1) + "\n")
+    try:
+        Path(output_text).write_text(json.dumps(
+            {"sample_rate": SAMPLE_RATE, "frame_rate": SAMPLE_RATE / engine.frame_size,
+             "duration_s": len(pcm) / SAMPLE_RATE, "tokens": tokens}, indent=1) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {output_text} ({e.strerror or e})") from None
+    return took
 
 
 __all__ = ["offline", "run_offline", "SamplingConfig"]

@@ -1,24 +1,11 @@
 """`serve`: live conversations from web pages, all sessions batched into one engine tick.
 
-Protocol: one websocket per conversation at /ws. Every message is binary: one byte of
-kind, then the payload. Audio is 24 kHz mono float32 little-endian, one 80 ms frame
-(1920 samples, 7680 bytes) per message.
+Two protocols, one websocket per conversation: PersonaPlex's own at /api/chat (Ogg-Opus,
+the official web client's and our page's; api_chat.py), and ours at /ws, raw float32 PCM
+for programs on a fast link (pcm_protocol.py).
 
-    client -> server
-      0x00 START  UTF-8 JSON {"voice": "" or a name from /api/info, "prompt": "" or role text};
-                  the first message, once
-      0x01 AUDIO  one frame of microphone audio, sent in real time after READY
-                  (frames sent before READY are dropped)
-    server -> client
-      0x00 READY  UTF-8 JSON {"sample_rate", "frame_size", "voice", "prompt"}
-      0x01 AUDIO  one frame of model audio per tick
-      0x02 TEXT   UTF-8 JSON {"frame": tick index, "token": id, "text": piece}; only for
-                  tokens that print (not padding)
-      0x03 ERROR  UTF-8 JSON {"error": one line}; the server closes the socket after it,
-                  and sends one for every message it cannot take (malformed, too large,
-                  out of place), for a full server ("try again later"), and for timeouts
-
-GET / is the page (web/), GET /api/info lists the voices and the session limit.
+GET / is the page (web/, or a client bundle: --static, the model's dist.tgz), GET
+/api/info lists the voices and the session limit.
 
 One engine has --max-sessions slots and one task ticks it every 80 ms. A tick takes one
 frame from each session's jitter queue (silence when the client is late, oldest frames
@@ -34,7 +21,6 @@ only ever driven from one thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import socket
 import sys
@@ -50,11 +36,11 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from .admission import Admission, Limits
 from .audio import SAMPLE_RATE
 from .engine import Engine, is_text
-from .errors import UserError
+from .bundle import OURS
+from .errors import ProtocolError, UserError
 from .gate import Gate, GatedSite, tls_context
+from .pcm_protocol import MAX_MESSAGE, PcmWire, parse_start
 
-START, AUDIO, TEXT, ERROR = 0, 1, 2, 3
-READY = START
 FRAME_S = 0.08
 # 640 ms of client audio may wait for a tick (network jitter); more is stale, drop it.
 JITTER_FRAMES = 8
@@ -64,18 +50,10 @@ OUTPUT_MESSAGES = 30
 # Kernel and transport send buffers per socket: without a cap Linux grows them to
 # megabytes, a minute of audio, before a client that stopped reading shows as one.
 SEND_BUFFER = 32 * 1024
-# The largest message: a START with a 4000-character prompt in JSON escapes (12 bytes
-# for an emoji) fits; larger ones are refused from their header by aiohttp.
-MAX_MESSAGE = 64 * 1024
 HEARTBEAT_S = 20.0
 # Behind by more than this, the clock restarts instead of bursting ticks to catch up.
 MAX_LAG_S = 4 * FRAME_S
-WEB = Path(__file__).parent / "web"
 _CLOSED = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
-
-
-class ProtocolError(Exception):
-    pass
 
 
 @dataclass
@@ -83,6 +61,7 @@ class Session:
     ws: web.WebSocketResponse
     request: web.Request
     slot: int
+    wire: object  # PcmWire or api_chat.OpusWire: the session's message format
     inbox: deque = field(default_factory=lambda: deque(maxlen=JITTER_FRAMES))
     outbox: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(OUTPUT_MESSAGES))
     sender: asyncio.Task | None = None
@@ -97,56 +76,21 @@ class Session:
         self.inbox.append(frame)
 
 
-def message(kind: int, payload: bytes | dict) -> bytes:
-    if isinstance(payload, dict):
-        payload = json.dumps(payload).encode()
-    return bytes([kind]) + payload
-
-
-def parse_start(msg) -> tuple[str, str]:
-    if msg.type != WSMsgType.BINARY or not msg.data or msg.data[0] != START:
-        raise ProtocolError("the first message must be START (0x00 + JSON)")
-    try:
-        start = json.loads(msg.data[1:].decode())
-    except (ValueError, RecursionError):
-        raise ProtocolError("START payload is not a JSON object") from None
-    if not isinstance(start, dict):
-        raise ProtocolError("START payload is not a JSON object")
-    voice, prompt = start.get("voice") or "", start.get("prompt") or ""
-    if not isinstance(voice, str) or not isinstance(prompt, str):
-        raise ProtocolError("START's voice and prompt must be strings")
-    return voice, prompt
-
-
-def parse_audio(msg, frame_size: int) -> np.ndarray:
-    if msg.type != WSMsgType.BINARY:
-        raise ProtocolError(f"expected a binary AUDIO message, got {msg.type.name}")
-    data = msg.data
-    if not data or data[0] != AUDIO:
-        raise ProtocolError(f"unexpected message kind {data[0] if data else None}; only AUDIO (1) after START")
-    if len(data) != 1 + 4 * frame_size:
-        raise ProtocolError(f"AUDIO must be {frame_size} float32 samples ({1 + 4 * frame_size} bytes "
-                            f"with the kind byte), got {len(data)} bytes")
-    frame = np.frombuffer(data, dtype="<f4", offset=1)
-    if not np.isfinite(frame).all():
-        raise ProtocolError("AUDIO has NaN or infinite samples")
-    return frame
-
-
 class Socket(web.WebSocketResponse):
     """A websocket that tells its client why before aiohttp closes it for a frame it
-    cannot take (too large, bad opcode or UTF-8): an ERROR message, then the close."""
+    cannot take (too large, bad opcode or UTF-8): an error message in the session's
+    format (`wire`), then the close."""
 
     _WHY = {WSCloseCode.MESSAGE_TOO_BIG: f"message larger than {MAX_MESSAGE} bytes",
             WSCloseCode.PROTOCOL_ERROR: "malformed websocket frame",
             WSCloseCode.INVALID_TEXT: "text message is not UTF-8"}
+    wire = PcmWire
 
     async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
         if code in self._WHY and not self.closed:
             log(f"closing a websocket: {self._WHY[code]}")
             try:
-                await asyncio.wait_for(self.send_bytes(bytes([ERROR]) + json.dumps(
-                    {"error": self._WHY[code]}).encode()), 2.0)
+                await asyncio.wait_for(self.send_bytes(self.wire.error(self._WHY[code])), 2.0)
             except (ConnectionError, RuntimeError, asyncio.TimeoutError):
                 pass
         return await super().close(code=code, message=message, drain=drain)
@@ -168,8 +112,8 @@ def available_voices(model) -> list[str]:
 
 class Server:
     def __init__(self, model, engine: Engine, sampling, seed: int = 0, limits: Limits = Limits(),
-                 gate: Gate | None = None):
-        self.model, self.engine, self.limits = model, engine, limits
+                 gate: Gate | None = None, page: Path = OURS):
+        self.model, self.engine, self.limits, self.page = model, engine, limits, page
         self.gate = gate or Gate(limits, "127.0.0.1")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
         self.sessions: dict[int, Session] = {}
@@ -182,10 +126,11 @@ class Server:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self.gate.middleware(log)], client_max_size=MAX_MESSAGE)
-        app.router.add_get("/", lambda _: web.FileResponse(WEB / "index.html"))
+        app.router.add_get("/", lambda _: web.FileResponse(self.page / "index.html"))
         app.router.add_get("/api/info", self.info)
         app.router.add_get("/ws", self.handle)
-        app.router.add_static("/", WEB)
+        app.router.add_get("/api/chat", self.handle_chat)
+        app.router.add_static("/", self.page)
         return app
 
     async def info(self, _request) -> web.Response:
@@ -228,10 +173,8 @@ class Server:
             await asyncio.sleep(max(0.0, deadline - loop.time()))
 
     def deliver(self, s: Session, pcm: np.ndarray, token: int) -> None:
-        msgs = [message(AUDIO, pcm.astype("<f4").tobytes())]
         text = self.model.decode_text(token) if is_text(token) else ""
-        if text:
-            msgs.append(message(TEXT, {"frame": s.ticks, "token": token, "text": text}))
+        msgs = s.wire.output(pcm, token, text, s.ticks)
         s.ticks += 1
         for m in msgs:
             try:
@@ -255,48 +198,76 @@ class Server:
     # -- one connection
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        """/ws, our protocol: START names the voice and prompt."""
+        wire = PcmWire(self.engine.frame_size)
+        ws = await self.open_socket(request, wire)
+
+        async def start():
+            return (*parse_start(await ws.receive(timeout=self.limits.handshake_timeout_s)), None)
+
+        return await self.converse(ws, request, wire, start)
+
+    async def handle_chat(self, request: web.Request) -> web.WebSocketResponse:
+        """/api/chat, PersonaPlex's protocol (api_chat.py): the query names them."""
+        from .api_chat import OpusWire, chat_params
+
+        wire = OpusWire(self.engine.frame_size, SAMPLE_RATE)
+        ws = await self.open_socket(request, wire)
+
+        async def start():
+            return chat_params(request.query)
+
+        return await self.converse(ws, request, wire, start)
+
+    @staticmethod
+    async def open_socket(request: web.Request, wire) -> Socket:
         ws = Socket(max_msg_size=MAX_MESSAGE, heartbeat=HEARTBEAT_S, compress=False)
+        ws.wire = wire
         await ws.prepare(request)
         sock = request.transport.get_extra_info("socket") if request.transport else None
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
             request.transport.set_write_buffer_limits(high=SEND_BUFFER)
-        await self.converse(ws, request)
         return ws
 
-    async def converse(self, ws, request) -> None:
-        """One conversation on an open websocket: aiohttp's, or one that acts like it
-        (cluster.py's, behind Ray Serve's proxy). Of `request` it takes .remote,
-        .transport.abort() and what the gate knows of the socket."""
+    async def converse(self, ws: Socket, request: web.Request, wire, start) -> Socket:
+        """One session from its parameters (`start`: -> voice, prompt, seed) to its end:
+        measured and checked, a slot reserved, its prompt run, then frames both ways."""
         ticket = session = recv = None
         lim = self.limits
+        loop = asyncio.get_running_loop()
         try:
-            voice, prompt = parse_start(await ws.receive(timeout=lim.handshake_timeout_s))
-            prefill = self.admission.plan(voice, prompt)  # measured, not run
-            ticket = self.admission.reserve()
+            voice, prompt, seed = await start()
+            prefill = self.admission.plan(voice, prompt, seed)  # measured, not run
+            ticket = self.admission.reserve(seed)
             self.gate.admitted(request)
-            slot, recv = await self.admit(ws, ticket, prefill)
+            slot, recv = await self.admit(ws, wire, ticket, prefill)
             if slot is None:
                 return ws  # the client left while its prompt waited
-            session = self.sessions[slot] = Session(ws, request, slot)
+            session = self.sessions[slot] = Session(ws, request, slot, wire)
             self.wake.set()
-            log(f"session {slot}: joined from {request.remote} voice={voice or '-'} "
-                f"prompt={len(prompt)} chars ({len(self.sessions)}/{self.engine.slots})")
-            await ws.send_bytes(message(READY, {"sample_rate": SAMPLE_RATE, "frame_size": self.engine.frame_size,
-                                                "voice": voice, "prompt": prompt}))
+            log(f"session {slot}: joined from {request.remote} at {request.path}, prompts ran: voice="
+                f"{voice or '-'} prompt={len(prompt)} chars, {len(prefill.frames) if prefill else 0} frames "
+                f"({len(self.sessions)}/{self.engine.slots})")
+            await ws.send_bytes(wire.ready(voice, prompt))
             session.sender = asyncio.create_task(self.send_loop(session))
+            idle_until = loop.time() + lim.idle_timeout_s
             while not session.closed:
-                msg = await asyncio.wait_for(recv, lim.idle_timeout_s)
+                msg = await asyncio.wait_for(recv, max(0.0, idle_until - loop.time()))
                 if msg.type in _CLOSED:
                     break
-                session.push(parse_audio(msg, self.engine.frame_size))
+                frames = wire.frames(msg)
+                if frames is not None:  # an audio message (None: one the protocol ignores)
+                    idle_until = loop.time() + lim.idle_timeout_s
+                    for frame in frames:
+                        session.push(frame)
                 recv = asyncio.ensure_future(ws.receive())
         except (ProtocolError, UserError) as e:
-            await self.fail(ws, session, str(e))
+            await self.fail(ws, wire, session, str(e))
         except asyncio.TimeoutError:
             what = "no START message" if ticket is None else "no audio"
             wait = lim.handshake_timeout_s if ticket is None else lim.idle_timeout_s
-            await self.fail(ws, session, f"{what} within {wait:.0f} s; closing")
+            await self.fail(ws, wire, session, f"{what} within {wait:.0f} s; closing")
         except ConnectionError:
             pass  # the client went away mid-send; nothing to tell it
         finally:
@@ -311,8 +282,9 @@ class Server:
                     await asyncio.wait_for(ws.close(), 2.0)
                 except (ConnectionError, RuntimeError, asyncio.TimeoutError):
                     pass
+        return ws
 
-    async def admit(self, ws, ticket, prefill) -> tuple[int | None, asyncio.Future]:
+    async def admit(self, ws, wire, ticket, prefill) -> tuple[int | None, asyncio.Future]:
         """Wait for the ticket's join while watching the socket: a client that leaves
         first gets slot None (the caller releases its ticket, which drops its prompt).
         -> (slot, the socket's pending receive, for the session to go on with)."""
@@ -325,7 +297,7 @@ class Server:
                     msg = recv.result()
                     if msg.type in _CLOSED:
                         return None, recv
-                    parse_audio(msg, self.engine.frame_size)  # well-formed, but too early: dropped
+                    wire.frames(msg)  # checked, but too early: its frames are dropped
                     recv = asyncio.ensure_future(ws.receive())
                 elif joined.done():
                     return joined.result(), recv
@@ -342,13 +314,13 @@ class Server:
         self.sessions.pop(s.slot, None)
         log(f"session {s.slot}: left after {s.ticks} ticks, late={s.late} dropped={s.dropped}")
 
-    async def fail(self, ws, s: Session | None, error: str) -> None:
+    async def fail(self, ws, wire, s: Session | None, error: str) -> None:
         log(f"session {s.slot if s else '-'}: error: {error}")
         if s is not None and s.sender is not None:
             s.sender.cancel()
         if not ws.closed:
             try:
-                await asyncio.wait_for(ws.send_bytes(message(ERROR, {"error": error})), 2.0)
+                await asyncio.wait_for(ws.send_bytes(wire.error(error)), 2.0)
             except (ConnectionError, RuntimeError, asyncio.TimeoutError):
                 pass
 
@@ -404,12 +376,16 @@ def warm_engine(model, max_sessions: int, sampling, seed: int = 0, kv_bits: int 
 
 def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0, limits: Limits = Limits(),
           allow_origins: tuple[str, ...] = (), token: str | None = None, ssl_cert: str | None = None,
-          ssl_key: str | None = None, kv_bits: int | None = None) -> None:
+          ssl_key: str | None = None, static: str | None = None, kv_bits: int | None = None) -> None:
+    from .bundle import page_folder
+
     tls = tls_context(ssl_cert, ssl_key)
+    page, what = page_folder(model, static)
+    log(f"page: {what}")
     engine = warm_engine(model, max_sessions, sampling, seed, kv_bits)
 
     async def main():
         gate = Gate(limits, host, allow_origins, token)
-        await _serve(Server(model, engine, sampling, seed, limits, gate), host, port, tls)
+        await _serve(Server(model, engine, sampling, seed, limits, gate, page), host, port, tls)
 
     asyncio.run(main())

@@ -89,11 +89,15 @@ def prompt_prefill(lm, mimi: Mimi, voice: Voice | EncodedVoice | None, text_toke
 def prompt_state(lm, mimi: Mimi, voice: Voice | None, text_tokens: list[int], seed: int = 0,
                  sampling: SamplingConfig = SamplingConfig()) -> LMState | None:
     """The prompted batch-of-one LM state, or None when there is nothing to prompt."""
+    from tqdm import tqdm
+
     run = prompt_prefill(lm, mimi, voice, text_tokens, seed, sampling)
     if run is None:
         return None
-    while not run.advance(PREFILL_CHUNK):
-        pass
+    # disable=None: a bar on a terminal, nothing in a log or a pipe.
+    with tqdm(total=len(run.frames), desc="prompt", unit="frame", disable=None, leave=False) as bar:
+        while not run.advance(PREFILL_CHUNK):
+            bar.update(len(run.frames) - run.frames_left - bar.n)
     return run.state
 
 

@@ -66,27 +66,26 @@ def make_tiny(directory: str | Path, seed: int = 0, cfg: LMConfig = TINY) -> Pat
 
 
 def write_tiny_voices(directory: Path, seed: int = 0) -> None:
-    """voices.tgz with the official layout: voices/NAME.pt recordings of the voice
-    phase (made as PersonaPlex makes them, from the voice's audio), and wavs."""
+    """voices.tgz with the official layout and names (all 18): voices/NAME.pt recordings
+    of the voice phase (made as PersonaPlex makes them, from the voice's audio), and wavs."""
     import tarfile
     import tempfile
 
     from . import torchfile
     from .loading import load_model
     from .prompts import build_frames, input_tokens
-    from .session_prompt import encode_frames, special_codes
+    from .audio import write_wav
+    from .session_prompt import special_codes
+    from .voices import VOICE_NAMES
 
     model = load_model(directory)
     silence, sine = special_codes(model.mimi)
+    pcms = [_synthetic_voice(seed + i) for i in range(len(VOICE_NAMES))]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "voices"
         folder.mkdir()
-        for i, name in enumerate(("NATF0", "NATM1", "VARF2")):
-            pcm = _synthetic_voice(seed + i)
-            from .audio import write_wav
-
+        for name, pcm, codes in zip(VOICE_NAMES, pcms, _encode_all(model.mimi, pcms)):
             write_wav(folder / f"{name}.wav", pcm)
-            codes = encode_frames(model.mimi, pcm)
             frames = build_frames(codes, len(codes), [], silence)
             E = len(codes) - 1
             tokens = [input_tokens(model.lm, frames, sine, p) for p in range(E + 2)]
@@ -96,8 +95,24 @@ def write_tiny_voices(directory: Path, seed: int = 0) -> None:
                 ring[0, :, (E + j) % 4] = tokens[E + j]
             torchfile.save(folder / f"{name}.pt", {"embeddings": emb.reshape(E, 1, 1, -1), "cache": ring},
                            bf16=("embeddings",))
-        with tarfile.open(directory / "voices.tgz", "w:gz") as tar:
+        with tarfile.open(directory / "voices.tgz", "w:gz", compresslevel=1) as tar:
             tar.add(folder, arcname="voices")
+
+
+def _encode_all(mimi, pcms: list[np.ndarray]) -> np.ndarray:
+    """Mimi codes [voices, frames, codebooks] of equal-length clips, streamed as one batch
+    (session_prompt.encode_frames one at a time, 18 times faster)."""
+    fs = mimi.cfg.frame_size
+    batch = np.stack(pcms)
+    n = -(-batch.shape[1] // fs)
+    batch = np.pad(batch, ((0, 0), (0, n * fs - batch.shape[1])))
+    state = mimi.new_encoder_state(len(pcms))
+    codes = []
+    for i in range(n):
+        c = mimi.encode_step(mx.array(batch[:, i * fs:(i + 1) * fs]), state)
+        mx.eval(c, *state.arrays())
+        codes.append(np.array(c))
+    return np.stack(codes, axis=1)
 
 
 def _synthetic_voice(seed: int, seconds: float = 2.0, sr: int = 24000) -> np.ndarray:

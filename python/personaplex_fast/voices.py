@@ -9,20 +9,13 @@ is read with the torch-free restricted reader and cached as safetensors.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import os
-import shutil
-import tarfile
-import tempfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from . import torchfile
+from . import archive, torchfile
 from .audio import SAMPLE_RATE, read_audio
 from .config import LMConfig
 from .errors import UserError
@@ -56,89 +49,19 @@ Voice = AudioVoice | PackagedVoice
 
 
 def cache_root() -> Path:
-    base = os.environ.get("PERSONAPLEX_FAST_CACHE") or Path.home() / ".cache" / "personaplex_fast"
-    return Path(base) / "voices"
+    return archive.cache_dir("voices")
 
 
-def unpack(archive: Path) -> Path:
-    """Extract voices.tgz into the cache (once per archive content); returns the folder.
-
-    The archive is checked whole (member names, types, sizes, count) into a temporary
-    folder, which is then renamed into place: a refused archive leaves nothing behind."""
-    digest = _digest(archive)
-    dest = cache_root() / digest
-    if (dest / ".complete").exists():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=dest.parent))
-    try:
-        _extract(archive, tmp)
-        (tmp / ".complete").write_text("")
-        if dest.exists():  # left half-written by an older version, or unpacked meanwhile
-            if (dest / ".complete").exists():
-                return dest
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    except OSError as e:
-        raise UserError(f"{archive}: cannot unpack voices into {dest.parent} ({e.strerror or e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+def unpack(path: Path) -> Path:
+    """Extract voices.tgz into the cache (once per archive content, archive.py); returns
+    the folder of its .pt and .wav files."""
+    limits = archive.Limits(MAX_ARCHIVE_MEMBERS, MAX_MEMBER_BYTES, MAX_ARCHIVE_BYTES)
+    return archive.unpack(path, cache_root(), "voices", _voice_file, limits)
 
 
-def _digest(archive: Path) -> str:
-    h = hashlib.sha256()
-    try:
-        with open(archive, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError as e:
-        raise UserError(f"{archive}: cannot read ({e.strerror})") from None
-    return h.hexdigest()[:16]
-
-
-class _Bounded(io.RawIOBase):
-    """The inflated archive stream, refused past MAX_ARCHIVE_BYTES (tar headers included:
-    tarfile reads long-name records into memory whole)."""
-
-    def __init__(self, f, archive: Path):
-        self.f, self.archive, self.left = f, archive, MAX_ARCHIVE_BYTES + 1024 * MAX_ARCHIVE_MEMBERS
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self.f.readinto(b)
-        self.left -= n
-        if self.left < 0:
-            raise UserError(f"{self.archive}: unpacks to more than {MAX_ARCHIVE_BYTES >> 20} MB; "
-                            "not a voices archive")
-        return n
-
-
-def _extract(archive: Path, dest: Path) -> None:
-    total = 0
-    try:
-        with gzip.open(archive) as gz, tarfile.open(fileobj=_Bounded(gz, archive), mode="r|") as tar:
-            for count, member in enumerate(tar, 1):
-                name = Path(member.name)
-                total += member.size
-                if count > MAX_ARCHIVE_MEMBERS or total > MAX_ARCHIVE_BYTES:
-                    raise UserError(f"{archive}: more than {MAX_ARCHIVE_MEMBERS} members or "
-                                    f"{MAX_ARCHIVE_BYTES >> 20} MB; not a voices archive")
-                if member.isdir():
-                    continue
-                if not member.isfile() or name.is_absolute() or ".." in name.parts:
-                    raise UserError(f"{archive}: refusing unsafe archive member {member.name!r}")
-                if name.suffix not in (".pt", ".wav") or name.name.startswith("._"):
-                    continue  # "._x" are macOS resource forks, not voices
-                if member.size > MAX_MEMBER_BYTES:
-                    raise UserError(f"{archive}: member {member.name!r} has {member.size >> 20} MB; "
-                                    f"a voice is at most {MAX_MEMBER_BYTES >> 20} MB")
-                with tar.extractfile(member) as src, open(dest / name.name, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise UserError(f"{archive}: cannot unpack voices ({e})") from None
+def _voice_file(name: PurePosixPath) -> str | None:
+    # "._x" are macOS resource forks, not voices
+    return name.name if name.suffix in (".pt", ".wav") and not name.name.startswith("._") else None
 
 
 def list_voices(folder: Path) -> list[str]:

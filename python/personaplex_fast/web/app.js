@@ -1,5 +1,6 @@
-// The page's half of a conversation: the session-start message, microphone frames out,
-// model frames and transcript in. The wire format is documented at the top of server.py.
+// The page's half of a conversation over /api/chat, PersonaPlex's own protocol (api_chat.py):
+// voice and prompt in the URL, the handshake byte once they have run, then Ogg-Opus both ways
+// and the transcript in. Opus is the browser's (WebCodecs); ogg.js frames its packets.
 // URL parameters ?voice=NAME&prompt=TEXT preselect the pickers; ?autostart starts at load;
 // ?token=T is passed on to the server (serve --token).
 //
@@ -10,13 +11,16 @@
 
 "use strict";
 
-const KIND = { START: 0, AUDIO: 1, TEXT: 2, ERROR: 3 };
+const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, ERROR: 5 };
 const RATE = 24000, FRAME = 1920;
+const PACKET_US = 20000; // Opus frames of 20 ms, four to a page: one page per 80 ms frame
+// Unsent bytes past which a microphone frame is skipped rather than queued (~1 s of Opus).
+const BACKLOG_BYTES = 4096;
 const AUDIBLE = 1e-3; // a frame peaking above this is counted as sound, not silence
 
 // Counters for the stats line, also read by the browser test (window.personaplex).
 const stats = { state: "idle", rate: 0, captured: 0, heard: 0, sent: 0, received: 0, audible: 0, tokens: 0, text: "", error: "",
-  processing: {}, latency: null };
+  bytesOut: 0, bytesIn: 0, processing: {}, latency: null };
 window.personaplex = stats;
 
 const $ = (id) => document.getElementById(id);
@@ -40,9 +44,10 @@ function setStatus(state, detail) {
 function renderStats() {
   const p = stats.processing, on = (x) => (x ? "on" : "off");
   const l = stats.latency;
-  $("stats").textContent = `audio at ${stats.rate} Hz; sent ${stats.sent} frames (${stats.heard} audible), `
-    + `received ${stats.received} `
-    + `(${stats.audible} audible), ${stats.tokens} text tokens`
+  const kbps = (bytes, frames) => (frames ? Math.round(bytes * 8 / (frames * 80)) : 0);
+  $("stats").textContent = `audio at ${stats.rate} Hz; sent ${stats.sent} frames (${stats.heard} audible, Opus `
+    + `${kbps(stats.bytesOut, stats.sent)} kbit/s), received ${stats.received} `
+    + `(${stats.audible} audible, ${kbps(stats.bytesIn, stats.received)} kbit/s), ${stats.tokens} text tokens`
     + (stats.rate ? `; browser echo cancellation ${on(p.echoCancellation)}, noise suppression `
       + `${on(p.noiseSuppression)}, auto gain ${on(p.autoGainControl)}` : "");
   $("latency").textContent = l ? `round trip ${l.total} ms = frame ${l.frame} + network & server ${l.server} `
@@ -84,20 +89,106 @@ function peak(x) {
   return m;
 }
 
-function packet(kind, payload) {
-  const bytes = payload instanceof Float32Array ? new Uint8Array(payload.buffer, payload.byteOffset, payload.byteLength)
-    : new TextEncoder().encode(JSON.stringify(payload));
+function packet(kind, bytes) {
   const out = new Uint8Array(1 + bytes.length);
   out[0] = kind;
   out.set(bytes, 1);
   return out;
 }
 
+// The browser's decoder gives 48 kHz whatever the stream's rate; the worklet plays 24 kHz.
+// Linear interpolation after a moving average, as the worklet's capture does: Opus at
+// 24 kHz keeps nothing above 12 kHz to alias.
+function resample(x, from) {
+  if (from === RATE) return x;
+  const step = from / RATE, taps = Math.max(1, Math.round(step));
+  const y = new Float32Array(Math.floor(x.length / step));
+  for (let j = 0; j < y.length; j++) {
+    const t = j * step, i = Math.floor(t);
+    let sum = 0;
+    for (let k = 0; k < taps; k++) sum += x[Math.min(x.length - 1, i + k)];
+    y[j] = sum / taps;
+  }
+  return y;
+}
+
+function startCodecs(c) {
+  c.encoder = new AudioEncoder({
+    output: (chunk, meta) => onPacket(c, chunk, meta),
+    error: (e) => { stop(); fail(`Opus encoder: ${e.message || e}`); },
+  });
+  c.encoder.configure({ codec: "opus", sampleRate: RATE, numberOfChannels: 1, bitrate: 32000,
+    opus: { frameDuration: PACKET_US } });
+  c.decoder = new AudioDecoder({
+    output: (data) => onDecoded(c, data),
+    error: (e) => { stop(); fail(`Opus decoder: ${e.message || e}`); },
+  });
+  c.oggIn = new OggReader();
+  c.packets = [];
+  c.encoded = 0; // frames handed to the encoder
+  c.capturedAt = []; // their capture times, until their page goes out
+  c.decodedTail = 0; // samples of the current 80 ms frame decoded so far
+  c.decodedPeak = 0;
+}
+
+// The OpusHead the browser's encoder describes, or one of our own (RFC 7845 5.1).
+function opusHead(meta) {
+  const d = meta && meta.decoderConfig && meta.decoderConfig.description;
+  if (d && d.byteLength >= 19) return new Uint8Array(d instanceof ArrayBuffer ? d : d.buffer).slice();
+  const head = new Uint8Array(19);
+  head.set(ascii("OpusHead"));
+  const v = new DataView(head.buffer);
+  head[8] = 1;
+  head[9] = 1;
+  v.setUint16(10, 312, true);
+  v.setUint32(12, RATE, true);
+  return head;
+}
+
+function onPacket(c, chunk, meta) {
+  if (conn !== c) return;
+  if (!c.oggOut) c.oggOut = new OggWriter(opusHead(meta));
+  const data = new Uint8Array(chunk.byteLength);
+  chunk.copyTo(data);
+  c.packets.push({ data, samples48k: Math.round((chunk.duration || PACKET_US) * 48 / 1000) });
+  if (c.packets.reduce((a, p) => a + p.samples48k, 0) < 48 * 80) return;
+  const pages = (c.oggOut.seq === 0 ? c.oggOut.headers() : []).concat([c.oggOut.page(c.packets)]);
+  c.packets = [];
+  const bytes = new Uint8Array(pages.reduce((a, p) => a + p.length, 0));
+  let at = 0;
+  for (const p of pages) { bytes.set(p, at); at += p.length; }
+  if (c.ws.readyState !== WebSocket.OPEN) return;
+  c.ws.send(packet(KIND.AUDIO, bytes));
+  stats.bytesOut += bytes.length;
+  remember(c.sends, [stats.sent, c.capturedAt.shift()], 200);
+  stats.sent++;
+}
+
+function onDecoded(c, data) {
+  if (conn !== c) { data.close(); return; }
+  const raw = new Float32Array(data.numberOfFrames);
+  data.copyTo(raw, { planeIndex: 0, format: "f32-planar" });
+  const rate = data.sampleRate;
+  data.close();
+  const pcm = resample(raw, rate);
+  const p = peak(pcm);
+  $("model-level").value = Math.min(1, p * 2);
+  // Counted per 80 ms of decoded audio, as frames were before Opus.
+  c.decodedPeak = Math.max(c.decodedPeak, p);
+  c.decodedTail += pcm.length;
+  while (c.decodedTail >= FRAME) {
+    c.decodedTail -= FRAME;
+    if (c.decodedPeak > AUDIBLE) stats.audible++;
+    c.decodedPeak = 0;
+  }
+  c.node.port.postMessage(pcm, [pcm.buffer]);
+}
+
 async function start() {
   setStatus("connecting", "starting audio…");
   $("transcript").textContent = "";
   Object.assign(stats, { captured: 0, heard: 0, sent: 0, received: 0, audible: 0, tokens: 0, text: "", error: "",
-    processing: {}, latency: null });
+    bytesOut: 0, bytesIn: 0, processing: {}, latency: null });
   const c = conn = { ready: false, sends: [], replies: [], playback: [] }; // [frame index, performance.now()]
   try {
     // Asked for explicitly: defaults differ between browsers, and without headphones the
@@ -118,6 +209,8 @@ async function start() {
     c.node.connect(c.ctx.destination);
     await c.ctx.resume();
     stats.rate = c.ctx.sampleRate;
+    if (typeof AudioEncoder === "undefined") throw new Error("this browser has no WebCodecs Opus (open the page over https or on localhost)");
+    startCodecs(c);
   } catch (e) {
     stop();
     return fail(`audio: ${e.message || e}`);
@@ -126,14 +219,15 @@ async function start() {
   // The worklet's playback queue, asked for twice a second (it answers only when asked).
   c.poll = setInterval(() => { c.node.port.postMessage("queue"); measureLatency(c); renderStats(); }, 500);
   c.node.onprocessorerror = () => { stop(); fail("the audio worklet stopped (see the console)"); };
-  const url = withToken("ws");
+  const url = withToken("api/chat");
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  c.voice = $("voice").value;
+  c.prompt = $("prompt").value.trim();
+  url.searchParams.set("voice_prompt", c.voice ? c.voice + ".pt" : "");
+  url.searchParams.set("text_prompt", c.prompt);
   c.ws = new WebSocket(url);
   c.ws.binaryType = "arraybuffer";
-  c.ws.onopen = () => {
-    setStatus("connecting", "preparing the session…");
-    c.ws.send(packet(KIND.START, { voice: $("voice").value, prompt: $("prompt").value.trim() }));
-  };
+  c.ws.onopen = () => setStatus("connecting", "preparing the session…");
   c.ws.onmessage = (e) => onMessage(c, new Uint8Array(e.data));
   c.ws.onclose = (e) => {
     if (conn !== c) return;
@@ -147,12 +241,12 @@ function onMicFrame(c, frame) {
   stats.captured++;
   if (p > AUDIBLE) stats.heard++;
   $("mic-level").value = Math.min(1, p * 2);
-  // Before READY the server is not listening yet; with a backed-up socket the frame
-  // would arrive too late to be useful.
-  if (!c.ready || c.ws.readyState !== WebSocket.OPEN || c.ws.bufferedAmount > 8 * 4 * FRAME) return;
-  c.ws.send(packet(KIND.AUDIO, frame));
-  remember(c.sends, [stats.sent, performance.now()], 200);
-  stats.sent++;
+  // Before the handshake the server is not listening yet; with a backed-up socket the
+  // frame would arrive too late to be useful (skipped before encoding: the stream stays whole).
+  if (!c.ready || c.ws.readyState !== WebSocket.OPEN || c.ws.bufferedAmount > BACKLOG_BYTES) return;
+  c.capturedAt.push(performance.now());
+  c.encoder.encode(new AudioData({ format: "f32", sampleRate: RATE, numberOfFrames: FRAME, numberOfChannels: 1,
+    timestamp: c.encoded++ * 80000, data: frame }));
 }
 
 function onPlayback(c, msg) {
@@ -163,27 +257,30 @@ function onMessage(c, data) {
   const kind = data[0], body = data.subarray(1);
   if (kind === KIND.AUDIO) {
     remember(c.replies, [stats.received, performance.now()], 60);
-    const frame = new Float32Array(body.slice().buffer);
-    const p = peak(frame);
     stats.received++;
-    if (p > AUDIBLE) stats.audible++;
-    $("model-level").value = Math.min(1, p * 2);
-    c.node.port.postMessage(frame, [frame.buffer]);
+    stats.bytesIn += body.length;
+    for (const p of c.oggIn.packets(body)) {
+      if (p.head) {
+        c.decoder.configure({ codec: "opus", sampleRate: RATE, numberOfChannels: 1, description: p.data });
+        c.decodedUs = 0;
+      } else if (!p.tags && c.decoder.state === "configured") {
+        c.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: c.decodedUs, data: p.data }));
+        c.decodedUs += PACKET_US; // an order for the decoder only: the packets hold their durations
+      }
+    }
     if (stats.received % 5 === 0) renderStats();
-    return;
-  }
-  const msg = JSON.parse(new TextDecoder().decode(body));
-  if (kind === KIND.START) {
+  } else if (kind === KIND.HANDSHAKE) {
     c.ready = true;
-    setStatus("live", `live${msg.voice ? " · voice " + msg.voice : ""}${msg.prompt ? " · prompted" : ""}`);
+    setStatus("live", `live${c.voice ? " · voice " + c.voice : ""}${c.prompt ? " · prompted" : ""}`);
   } else if (kind === KIND.TEXT) {
+    const text = new TextDecoder().decode(body);
     stats.tokens++;
-    stats.text += msg.text;
+    stats.text += text;
     const t = $("transcript");
-    t.textContent += msg.text;
+    t.textContent += text;
     t.scrollTop = t.scrollHeight;
   } else if (kind === KIND.ERROR) {
-    fail(msg.error);
+    fail(new TextDecoder().decode(body));
   }
 }
 
@@ -198,6 +295,7 @@ function stop() {
   if (!c) return;
   clearInterval(c.poll);
   if (c.ws) { c.ws.onclose = null; c.ws.close(); }
+  for (const codec of [c.encoder, c.decoder]) if (codec && codec.state !== "closed") codec.close();
   if (c.mic) c.mic.getTracks().forEach((t) => t.stop());
   if (c.ctx) c.ctx.close();
   renderStats();
