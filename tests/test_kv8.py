@@ -28,7 +28,7 @@ from personaplex_fast.models.cache import RingKVCache
 from personaplex_fast.sampling import SamplingConfig
 from personaplex_fast.tiny import make_tiny
 from test_ring_attention import assert_close
-from test_tick import frames
+from test_tick import converse_alike
 from test_tick_emulator import program_op
 
 GREEDY = SamplingConfig(greedy=True)
@@ -159,31 +159,15 @@ def test_cache_halves_the_bytes_and_loads_a_bf16_row(tiny):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["f32", "bf16"])
 def test_program_equals_per_op_engine_with_8bit_cache(tiny, dtype):
     """Engine(kv_bits=8) as the tick program and op by op (its attention the pure-MLX
-    reference), greedy: three sessions, one joining late, one leaving and its slot taken
-    by a fresh one, one joining with a prompt prefilled in the model's dtype (quantized as
-    it is loaded)."""
+    reference): test_tick's conversation, its prompt prefilled in the model's dtype
+    (quantized as it is loaded)."""
     model = load_model(tiny, dtype=dtype)
     prompt = model.prompt(voice="NATF0", text="You like to talk.", seed=1, sampling=GREEDY)
     prog = Engine(model.lm, model.mimi, slots=3, sampling=GREEDY, kv_bits=8)
     per_op = Engine(model.lm, model.mimi, slots=3, sampling=GREEDY, program=False, kv_bits=8)
     assert prog.program is not None and prog.program.lm.kv_bits == 8
     assert per_op.lm_state.kv.bits == 8
-    events = {0: [("join", None), ("join", prompt)], 5: [("join", None)], 9: [("leave", 0)], 10: [("join", None)]}
-    texts = 0
-    for i, pcm in enumerate(frames(18, 3, seed=2)):
-        for kind, arg in events.get(i, []):
-            if kind == "join":
-                assert prog.join(arg) == per_op.join(arg)
-            else:
-                prog.leave(arg)
-                per_op.leave(arg)
-        a, b = prog.tick(pcm), per_op.tick(pcm)
-        active = np.array(prog.active)
-        np.testing.assert_array_equal(a.text[active], b.text[active], err_msg=f"tick {i}")
-        np.testing.assert_allclose(a.pcm[active], b.pcm[active], rtol=0, atol=2e-5 * max(1.0, np.abs(b.pcm).max()),
-                                   err_msg=f"tick {i}")
-        texts += int((a.text[active] >= 0).sum())
-    assert texts > 20
+    converse_alike(prog, per_op, prompt)
     # Both hold the same 8-bit rings (the prompted session's quantized as it was loaded).
     for kind, got, want in zip(("keys", "values"), prog.program.read_kv(), (per_op.lm_state.kv.keys,
                                                                            per_op.lm_state.kv.values)):

@@ -50,14 +50,10 @@ def test_engine_takes_the_program_where_it_applies(model):
             assert Engine(model.lm, model.mimi, slots=2).program is None
 
 
-def test_program_equals_per_op_engine(model):
-    """Three sessions, greedy: one joins late, one leaves and a fresh one takes its
-    slot (a reset), one joins with a prompted LM state."""
-    lm, mimi = model.lm, model.mimi
-    prompt = model.prompt(voice="NATF0", text="You like to talk.", seed=1, sampling=GREEDY)
-    prog = Engine(lm, mimi, slots=3, sampling=GREEDY)
-    per_op = Engine(lm, mimi, slots=3, sampling=GREEDY, program=False)
-    assert prog.program is not None
+def converse_alike(prog, per_op, prompt):
+    """Drives two engines through one greedy conversation of three sessions (one joins
+    late, one leaves and a fresh one takes its slot (a reset), one joins with `prompt`)
+    and asserts the same text and the same audio, tick by tick."""
     events = {0: [("join", None), ("join", prompt)], 5: [("join", None)], 9: [("leave", 0)],
               10: [("join", None)]}
     texts = 0
@@ -75,6 +71,15 @@ def test_program_equals_per_op_engine(model):
                                    err_msg=f"tick {i}")
         texts += int((a.text[active] >= 0).sum())
     assert texts > 20  # the sessions did speak
+
+
+def test_program_equals_per_op_engine(model):
+    lm, mimi = model.lm, model.mimi
+    prompt = model.prompt(voice="NATF0", text="You like to talk.", seed=1, sampling=GREEDY)
+    prog = Engine(lm, mimi, slots=3, sampling=GREEDY)
+    per_op = Engine(lm, mimi, slots=3, sampling=GREEDY, program=False)
+    assert prog.program is not None
+    converse_alike(prog, per_op, prompt)
 
 
 def test_codec_reset_keeps_the_lm_rows(model):

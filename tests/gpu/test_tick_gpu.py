@@ -79,10 +79,13 @@ def test_gpu_program_equals_cpu_program(tiny, B):
     assert sum(int((t[:, 0] >= 0).sum()) for _, t in got) > 5
 
 
-def test_engine_on_gpu_takes_the_program_and_matches_op_by_op(tiny):
+@pytest.mark.parametrize("kv_bits", [None, 8], ids=["bf16-cache", "8bit-cache"])
+def test_engine_on_gpu_takes_the_program_and_matches_op_by_op(tiny, kv_bits):
+    """The program against op by op on the GPU (with kv_bits=8 the per-op attention is
+    the pure-MLX reference there), one session joining with a prompt."""
     model = load_model(tiny)
-    prog = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY)
-    per_op = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY, program=False)
+    prog = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY, kv_bits=kv_bits)
+    per_op = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY, program=False, kv_bits=kv_bits)
     assert prog.program is not None and prog.program.gpu
     prompt = model.prompt(voice="NATF0", text="Hello there.", seed=1, sampling=GREEDY)
     for engine in (prog, per_op):
@@ -93,7 +96,7 @@ def test_engine_on_gpu_takes_the_program_and_matches_op_by_op(tiny):
         x, y = prog.tick(pcm), per_op.tick(pcm)
         a.append((x.pcm, x.text[:, None]))
         b.append((y.pcm, y.text[:, None]))
-    agree(a, b, "program vs op by op on the GPU")
+    agree(a, b, f"program vs op by op on the GPU, kv_bits={kv_bits}")
 
 
 def test_gpu_sampling_is_per_session(tiny):
@@ -209,22 +212,3 @@ def test_gpu_program_with_8bit_cache_equals_cpu_program(tiny):
         (gk, gv), (ck, cv) = gpu.read_kv(), cpu.read_kv()
         for layer in range(len(gk)):
             assert_rings_close([gk[layer], gv[layer]], [ck[layer], cv[layer]], f"layer {layer} after 16 frames")
-
-
-def test_engine_on_gpu_with_8bit_cache_matches_op_by_op(tiny):
-    """Engine(kv_bits=8): the program against op by op on the GPU (its attention the
-    pure-MLX reference there), one session joining with a prompt."""
-    model = load_model(tiny)
-    prog = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY, kv_bits=8)
-    per_op = Engine(model.lm, model.mimi, slots=2, sampling=GREEDY, program=False, kv_bits=8)
-    assert prog.program is not None and prog.program.gpu
-    prompt = model.prompt(voice="NATF0", text="Hello there.", seed=1, sampling=GREEDY)
-    for engine in (prog, per_op):
-        engine.join()
-        engine.join(prompt)
-    a, b = [], []
-    for pcm in frames(14, 2, seed=5):
-        x, y = prog.tick(pcm), per_op.tick(pcm)
-        a.append((x.pcm, x.text[:, None]))
-        b.append((y.pcm, y.text[:, None]))
-    agree(a, b, "8-bit cache: program vs op by op on the GPU")
