@@ -102,7 +102,9 @@ def help_of(capsys, command: str, option: str) -> str:
     ("offline", "--temp-audio", "0.8"), ("offline", "--topk-audio", "250"), ("offline", "--max-input-seconds", "3600"),
     ("lm-run", "--frames", "100"), ("lm-run", "--batch", "1"), ("lm-run", "--seed", "0"),
     ("convert", "--q-bits", "keep the checkpoint's precision"), ("convert", "--group-size", "64"),
-    ("serve", "--max-sessions", "4"), ("serve", "--port", "8998"), ("make-tiny", "--seed", "0"),
+    ("serve", "--max-sessions",
+     "as many as the free memory holds, at most 64 on a GPU, 4 on the CPU; printed at start"),
+    ("serve", "--port", "8998"), ("make-tiny", "--seed", "0"),
 ])
 def test_help_shows_the_defaults(capsys, command, option, default):
     assert f"(default: {default})" in help_of(capsys, command, option)

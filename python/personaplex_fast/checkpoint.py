@@ -182,6 +182,19 @@ def device_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def free_device_memory() -> int:
+    """Bytes still free for new buffers: on a GPU its memory less what MLX holds (the
+    loaded weights), on the CPU this machine's available memory (MemAvailable)."""
+    info = mx.device_info()
+    if mx.default_device() == mx.gpu and "memory_size" in info:
+        return max(0, int(info["memory_size"]) - mx.get_active_memory())
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return max(0, device_memory() - mx.get_active_memory())
+
+
 def check_fits(cfg: LMConfig, file: Path, config: Path, sessions: int = 1) -> None:
     """Refuse, before anything is built, a config.json that the weights file cannot hold
     (num_layers 1e6 would otherwise build a million layers) or whose weights and KV

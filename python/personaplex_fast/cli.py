@@ -335,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8998, help="0: any free port (printed at start)")
-    s.add_argument("--max-sessions", type=int, default=4, help="engine slots: concurrent conversations")
+    s.add_argument("--max-sessions", type=int, default=None,
+                   help="engine slots: concurrent conversations (default: as many as the free memory holds, at "
+                        "most 64 on a GPU, 4 on the CPU; printed at start)")
     s.add_argument("--allow-origin", action="append", default=[], metavar="URL",
                    help="a page origin (https://host:port) allowed to open sessions besides the server's own; "
                         "repeatable")

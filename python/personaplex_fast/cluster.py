@@ -55,7 +55,7 @@ from .gate import Gate
 from .audio import SAMPLE_RATE
 from .bundle import OURS as WEB
 from .pcm_protocol import MAX_MESSAGE, PcmWire, parse_start
-from .server import Server, Socket as AiohttpSocket, log, warm_engine
+from .server import DEFAULT_SLOTS, Server, Socket as AiohttpSocket, engine_slots, log, warm_engine
 
 APP = "personaplex"
 # Ticks in the rolling window of the tick-time quantiles (20 s).
@@ -226,7 +226,7 @@ api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
                       request_router_class="personaplex_fast.cluster_routing:FewestFirst"))
 @serve.ingress(api)
 class Replica:
-    def __init__(self, source: str, max_sessions: int, sampling, seed: int, limits: Limits, host: str,
+    def __init__(self, source: str, max_sessions: int | None, sampling, seed: int, limits: Limits, host: str,
                  allow_origins: tuple[str, ...], token: str | None, mode: str, kv_bits: int | None = None):
         from . import ops
         from .loading import load_model
@@ -235,13 +235,14 @@ class Replica:
         self.id = serve.get_replica_context().replica_id.unique_id
         model = load_model(source)
         seed_here = (seed + zlib.crc32(self.id.encode())) & 0x7FFFFFFF  # replicas sample apart
-        self.engine = TimedEngine(warm_engine(model, max_sessions, sampling, seed_here, kv_bits))
+        slots = engine_slots(model, max_sessions, kv_bits)
+        self.engine = TimedEngine(warm_engine(model, slots, sampling, seed_here, kv_bits))
         self.server = MeteredServer(model, self.engine, sampling, seed, limits, Gate(limits, host, allow_origins, token))
-        self.server.metrics = Metrics(max_sessions)
+        self.server.metrics = Metrics(self.engine.slots)
         loop = asyncio.get_running_loop()
         self.ticker = loop.create_task(self.server.tick_loop())
         self.reporter = loop.create_task(self._report())
-        log(f"replica {self.id}: pid {os.getpid()}, {max_sessions} sessions on {mx.default_device()}")
+        log(f"replica {self.id}: pid {os.getpid()}, {self.engine.slots} sessions on {mx.default_device()}")
 
     async def _report(self) -> None:
         while True:
@@ -343,8 +344,11 @@ def application(args):
     limits = serve_limits(args)
     gpus = args.num_gpus if args.num_gpus is not None else int(mx.cuda.is_available())
     resources = {"num_gpus": gpus} if gpus else {"num_cpus": 1}
+    # Without --max-sessions each replica sizes its engine from its own free memory, at
+    # most DEFAULT_SLOTS: the bound Serve routes by.
+    slots = args.max_sessions or DEFAULT_SLOTS["gpu" if gpus else "cpu"]
     replica = Replica.options(num_replicas=args.replicas,
-                              max_ongoing_requests=args.max_sessions + limits.max_handshakes,
+                              max_ongoing_requests=slots + limits.max_handshakes,
                               ray_actor_options=resources)
     mode = "check" if args.check else "reference" if args.reference else "fused"
     return replica.bind(str(args.model), args.max_sessions, sampling_from(args), args.seed, limits, args.host,
@@ -394,7 +398,8 @@ def run(args) -> None:
             why = re.sub(r"^[\w.]*(Error|Exception): ", "", why.strip().splitlines()[-1])
             raise UserError(f"the replicas did not start: {why:.300}") from None
         scheme = "https" if args.ssl_cert else "http"
-        print(f"serving {scheme}://{args.host}:{args.port}/ ({args.replicas} replicas of {args.max_sessions} sessions)",
+        each = args.max_sessions or "their memory's"
+        print(f"serving {scheme}://{args.host}:{args.port}/ ({args.replicas} replicas of {each} sessions)",
               flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -358,31 +358,70 @@ async def _serve(server: Server, host: str, port: int, tls) -> None:
         ticker.result()  # the tick loop only ends by a bug: raise its traceback
 
 
-def warm_engine(model, max_sessions: int, sampling, seed: int = 0, kv_bits: int | None = None) -> Engine:
-    """The engine of one server (or cluster replica), its first tick already run."""
-    from .checkpoint import device_memory
+# What a slot costs besides its LM KV cache (Mimi's state and KV, the tick's activations:
+# a few MB measured; rounded up), what the device keeps free for workspace, and the
+# default number of slots where memory allows more (a GPU: the largest batch measured in
+# real time, docs/PERF.md; the CPU ticks the 7B model far slower than real time).
+SLOT_STATE_BYTES = 64 << 20
+DEVICE_RESERVE_BYTES = 2 << 30
+DEFAULT_SLOTS = {"gpu": 64, "cpu": 4}
 
-    if max_sessions < 1:
+
+@dataclass(frozen=True)
+class Fit:
+    sessions: int  # how many sessions' KV caches and state fit in what is free
+    per_session: int  # bytes
+    free: int  # bytes free after the weights
+
+
+def sessions_fit(cfg, itemsize: int, kv_bits: int | None, free: int) -> Fit:
+    per = cfg.kv_bytes(1, itemsize, kv_bits) + SLOT_STATE_BYTES
+    reserve = DEVICE_RESERVE_BYTES + free // 20
+    return Fit(max(0, (free - reserve) // per), per, free)
+
+
+def engine_slots(model, max_sessions: int | None, kv_bits: int | None) -> int:
+    """--max-sessions, checked against the free memory, or (None) sized from it: the
+    sessions that fit, at most DEFAULT_SLOTS; both said in one line on stderr."""
+    from .checkpoint import free_device_memory
+
+    fit = sessions_fit(model.lm.cfg, model.lm.dtype.size, kv_bits, free_device_memory())
+    gib = 2**30
+    if max_sessions is not None and max_sessions < 1:
         raise UserError(f"--max-sessions {max_sessions}: needs at least 1")
-    need, have = model.lm.cfg.kv_bytes(max_sessions, model.lm.dtype.size, kv_bits), device_memory()
-    if need > have:
-        raise UserError(f"--max-sessions {max_sessions}: their KV caches need {need / 2**30:.1f} GiB; "
-                        f"this device has {have / 2**30:.1f} GiB")
-    engine = model.engine(slots=max_sessions, sampling=sampling, seed=seed, kv_bits=kv_bits)
+    if max_sessions is not None and max_sessions > fit.sessions:
+        raise UserError(f"--max-sessions {max_sessions}: their KV caches need "
+                        f"{max_sessions * fit.per_session / gib:.1f} GiB, {fit.free / gib:.1f} GiB is free: "
+                        f"{fit.sessions} sessions fit")
+    if fit.sessions < 1:
+        raise UserError(f"not one session fits: {fit.per_session / gib:.2f} GiB of KV cache and state each, "
+                        f"{fit.free / gib:.1f} GiB free")
+    kind = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    slots = max_sessions or min(fit.sessions, DEFAULT_SLOTS[kind])
+    why = "--max-sessions" if max_sessions else f"the {kind.upper()} default; --max-sessions to change"
+    log(f"{fit.sessions} sessions fit in {fit.free / gib:.1f} GiB free ({fit.per_session / gib:.2f} GiB of KV "
+        f"cache and state each); {slots} slots ({why})")
+    return slots
+
+
+def warm_engine(model, slots: int, sampling, seed: int = 0, kv_bits: int | None = None) -> Engine:
+    """The engine of one server (or cluster replica), its first tick already run."""
+    engine = model.engine(slots=slots, sampling=sampling, seed=seed, kv_bits=kv_bits)
     # The first tick compiles and allocates; pay for it before anyone is listening.
     engine.tick(np.zeros((engine.slots, engine.frame_size), dtype=np.float32))
     return engine
 
 
-def serve(model, host: str, port: int, max_sessions: int, sampling, seed: int = 0, limits: Limits = Limits(),
+def serve(model, host: str, port: int, max_sessions: int | None, sampling, seed: int = 0, limits: Limits = Limits(),
           allow_origins: tuple[str, ...] = (), token: str | None = None, ssl_cert: str | None = None,
           ssl_key: str | None = None, static: str | None = None, kv_bits: int | None = None) -> None:
     from .bundle import page_folder
 
     tls = tls_context(ssl_cert, ssl_key)
+    slots = engine_slots(model, max_sessions, kv_bits)
     page, what = page_folder(model, static)
     log(f"page: {what}")
-    engine = warm_engine(model, max_sessions, sampling, seed, kv_bits)
+    engine = warm_engine(model, slots, sampling, seed, kv_bits)
 
     async def main():
         gate = Gate(limits, host, allow_origins, token)
