@@ -8,12 +8,16 @@
 #   call 2  carry [".dev-mlx2", ".dev-pydeps"]               bash bench/gpu_session.sh build test
 #   call 3  carry [".dev-mlx2", ".dev-torch"]                bash bench/gpu_session.sh official
 #   call 4  carry [".dev-mlx2"]                              bash bench/gpu_session.sh build ours report
+#   call 5  carry [".dev-mlx2"]                              bash bench/gpu_session.sh build kv8 report
 # `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
 # runs a subset. Logs, JSON and the report (tables.md) go to $OUT (the device tool's
 # return folder), else ./gpu-out; `report` reads the official loop's JSON from
 # OFFICIAL_DIR (default: $out), so copy it back there when the calls' $OUT differ.
 #   official   bench/official_loop.py (moshi's loop, its own process): full 7B and --structure
 #   ours       bench/tick_bench.py: full (bf16, q4, per-op at B=1, codec, profiles) and --structure
+#   kv8        bench/tick_bench.py --kv-bits 8, bf16 and q4, at KV8_BATCHES (default 8,32,64,128)
+#   report     tables.md, and tick.png where matplotlib imports (else: perf_report.py --plot here,
+#              on the JSON brought back)
 #   bench      the older per-level tables of bench/gpu_bench.py with torch_bench.py (H100 history)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,11 +64,20 @@ for step in "$@"; do
         timeout 150 python3 bench/tick_bench.py --batches 1,8 --formats 0 --structure --profile --per-op-ticks 0 \
           --json "$out/ours_structure.json" >> "$out/ours.log" 2>&1
         grep -v '"profile"' "$out/ours.log" | tail -5; tail -c 600 "$out/ours.log" ) ;;
+    kv8)
+      ( mlx_env
+        timeout 420 python3 bench/tick_bench.py --batches "${KV8_BATCHES:-8,32,64,128}" --formats 0,4 --kv-bits 8 \
+          --json "$out/ours_kv8.json" > "$out/ours_kv8.log" 2>&1
+        tail -8 "$out/ours_kv8.log" ) ;;
     report)
-      dir=${OFFICIAL_DIR:-$out}
-      python3 bench/perf_report.py --ours "$out/ours.json" --ours-structure "$out/ours_structure.json" \
-        --official "$dir/official.json" --official-structure "$dir/official_structure.json" > "$out/tables.md"
-      tail -30 "$out/tables.md" ;;
+      ( mlx_env
+        dir=${OFFICIAL_DIR:-$out}
+        extra=()
+        [ -f "$out/ours_kv8.json" ] && extra+=(--ours "$out/ours_kv8.json")
+        python3 -c "import matplotlib" 2>/dev/null && extra+=(--plot "$out/tick.png")
+        python3 bench/perf_report.py --ours "$out/ours.json" "${extra[@]}" --ours-structure "$out/ours_structure.json" \
+          --official "$dir/official.json" --official-structure "$dir/official_structure.json" > "$out/tables.md"
+        tail -30 "$out/tables.md" ) ;;
     bench)
       ( PYTHONUNBUFFERED=1 timeout 150 python3 bench/torch_bench.py --json "$out/torch.json" \
           > "$out/torch.log" 2>&1; tail -1 "$out/torch.log" )
@@ -72,6 +85,6 @@ for step in "$@"; do
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, report, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, kv8, report, bench)" >&2; exit 2 ;;
   esac
 done

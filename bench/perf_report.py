@@ -5,6 +5,11 @@ ticks, and the targets of the tick-cost issue met or missed.
 
     python bench/perf_report.py --ours ours.json --ours-structure ours_s.json \
         --official official.json --official-structure official_s.json > tables.md
+
+--ours may be given more than once (a second tick_bench run, --kv-bits 8 say: its rows
+join the first's). --plot PNG draws tick time against sessions (median, p99 as a band)
+for every format measured, the official loop, the bandwidth floor and the 80 ms line
+(matplotlib, imported only for it).
 """
 
 from __future__ import annotations
@@ -15,7 +20,76 @@ from pathlib import Path
 
 
 def load(path, empty):
+    if isinstance(path, list):  # several --ours files: the first's meta, all their rows
+        runs = [load(x, empty) for x in path] or [load(None, empty)]
+        return {"rows": [r for run in runs for r in run["rows"]], "meta": runs[0]["meta"]}
     return json.loads(Path(path).read_text()) if path else {"rows": empty, "meta": {}}
+
+
+# The floor of a whole tick: the temporal transformer's and depformer's weights read once
+# (Mimi's, ~0.4 GB of float32, left out: under 0.1 ms) and every session's KV cache at a
+# full 3000-frame window, at the H200's measured copy bandwidth (device-to-device, bytes
+# read and written: ../.library/device/KINDS.md, 2026-10-28 and 2026-11-04).
+COPY_BW = 4.3e12
+REAL_TIME_MS = 80.0
+
+
+def floor_ms(B, weight_bits=16, kv_bits=None):
+    from personaplex_fast.config import LMConfig
+
+    cfg = LMConfig()
+    per_weight = 2.0 if weight_bits == 16 else weight_bits / 8 + 4 / 64  # group 64: bf16 scale + bias
+    return 1e3 * (cfg.parameter_count() * per_weight + cfg.kv_bytes(B, 2, kv_bits)) / COPY_BW
+
+
+def plot(ours, official, meta, path):
+    """Tick time against sessions: ours per format, the official loop, the floors, 80 ms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    series = sorted({w for (w, B) in ours if w.startswith("tick") and "(" not in w})
+    styles = {"tick bf16": "C0", "tick q4": "C1", "tick bf16 kv8": "C2", "tick q4 kv8": "C3"}
+    top = 0.0
+
+    def draw(rows, label, color, marker="o"):
+        nonlocal top
+        rows = sorted((B, r) for B, r in rows if r and "median" in r)
+        if not rows:
+            return
+        Bs = [B for B, _ in rows]
+        med, p99 = [r["median"] for _, r in rows], [r["p99"] for _, r in rows]
+        ax.plot(Bs, med, marker=marker, color=color, label=label)
+        ax.fill_between(Bs, med, p99, color=color, alpha=0.25, linewidth=0)
+        top = max(top, *p99)
+
+    for w in series:
+        fmt = w.removeprefix("tick ")
+        draw([(B, r) for (x, B), r in ours.items() if x == w], f"ours {fmt.replace('kv8', '+ 8-bit KV')}",
+             styles.get(w, None))
+    draw(list(official.items()), "official moshi loop, bf16 (CUDA graphs)", "k", marker="s")
+    Bs = sorted({B for (_, B) in ours} | set(official))
+    if Bs:
+        grid = list(range(1, max(Bs) + 1))
+        ax.plot(grid, [floor_ms(B) for B in grid], "--", color="0.4", label="floor: bf16 weights + bf16 KV")
+        ax.plot(grid, [floor_ms(B, 4, 8) for B in grid], ":", color="0.4", label="floor: 4-bit weights + 8-bit KV")
+    ax.axhline(REAL_TIME_MS, color="r", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if Bs:
+        ax.set_xticks(Bs, [str(B) for B in Bs])
+        ax.text(max(Bs), REAL_TIME_MS * 1.06, "80 ms: a frame, the real-time limit", color="r", fontsize=8,
+                ha="right")
+    ax.set_xlabel("sessions in the batch (B)")
+    ax.set_ylabel("whole tick, ms (median; band to p99)")
+    ax.set_title(f"Whole tick, official 7B config, every session at a full window ({meta.get('date', '?')})\n"
+                 f"{meta.get('versions', '?')}", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def ours_rows(data):
@@ -86,8 +160,10 @@ def targets(ours, ours_s, official, official_s):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in ("ours", "ours-structure", "official", "official-structure"):
+    p.add_argument("--ours", action="append", default=[])
+    for name in ("ours-structure", "official", "official-structure"):
         p.add_argument(f"--{name}")
+    p.add_argument("--plot", metavar="PNG", help="also draw the whole tick against sessions into this file")
     a = p.parse_args(argv)
     ours, ours_s = load(a.ours, []), load(a.ours_structure, [])
     official, official_s = load(a.official, {}), load(a.official_structure, {})
@@ -111,6 +187,8 @@ def main(argv=None):
         out.append("")
     out += ["### Targets", ""] + targets(o, os_, f, fs)
     print("\n".join(out))
+    if a.plot:
+        plot(o, f, ours["meta"], a.plot)
 
 
 if __name__ == "__main__":
