@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from personaplex_fast.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,10 +54,26 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
     whats = {(r["what"], r["B"]) for r in rows}
     assert {("codec", 1), ("tick bf16", 2), ("tick q4", 1), ("per-op engine bf16", 1), ("tick bf16 kv8", 2)} <= whats
     assert all(r["median"] > 0 and r["p99"] >= r["median"] and r["profile"] for r in rows if r["what"] == "tick bf16")
-    report = subprocess.run([sys.executable, str(ROOT / "bench" / "perf_report.py"), "--ours", str(ours)],
-                            capture_output=True, text=True, timeout=60)
+    png = tmp_path / "tick.png"
+    report = subprocess.run([sys.executable, str(ROOT / "bench" / "perf_report.py"), "--ours", str(ours),
+                             "--plot", str(png)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| 2 |" in report.stdout and "whole tick bf16, B=1" in report.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_perf_report_floor():
+    """The whole tick's floor: 7,687,450,624 parameters of the 7B LM in bf16 and a session's
+    1,572,864,000-byte full-window cache, at 4.3 TB/s; with 4-bit weights (group 64: 4.5 bits
+    a parameter) and the 8-bit cache (811,008,000 bytes a session) at B = 128."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import perf_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert perf_report.floor_ms(1) == pytest.approx(1e3 * (2 * 7_687_450_624 + 1_572_864_000) / 4.3e12, rel=1e-12)
+    assert perf_report.floor_ms(128, 4, 8) == pytest.approx(
+        1e3 * (4.5 / 8 * 7_687_450_624 + 128 * 811_008_000) / 4.3e12, rel=1e-12)
 
 
 def test_official_loop_runs_tiny(tmp_path):
