@@ -24,7 +24,7 @@ def test_ci_runs_the_readme_test_block():
     lines = readme_block("tests")
     assert lines[-1] == "python -m pytest -q tests"
     torch = next(i for i, line in enumerate(lines) if line.startswith("pip install") and "torch" in line)
-    package = next(i for i, line in enumerate(lines) if line.startswith('pip install ".[cpu,test]"'))
+    package = next(i for i, line in enumerate(lines) if line.startswith('pip install ".[cpu,test,cluster]"'))
     # PyTorch from its CPU index first: the package's `torch` requirement is then met.
     assert torch < package and lines[torch].endswith("--index-url https://download.pytorch.org/whl/cpu")
     apt = next(line for line in lines if "apt-get install" in line)
