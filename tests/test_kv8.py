@@ -61,12 +61,15 @@ def as_codes(ring):
     return np.array(ring[0]).astype(np.int32), np.array(ring[1])
 
 
+SCALE_RTOL, CODE_FLIPS = 1e-5, 0.01  # the rings' tolerances (the module's docstring)
+
+
 def assert_ring_close(got, want, what):
     """Codes (and scales) equal but for a rare one-step flip (see the module's docstring)."""
     (gc, gs), (wc, ws) = as_codes(got), as_codes(want)
-    np.testing.assert_allclose(gs, ws, rtol=1e-5, atol=0, err_msg=f"{what}: scales")
+    np.testing.assert_allclose(gs, ws, rtol=SCALE_RTOL, atol=0, err_msg=f"{what}: scales")
     diff = np.abs(gc - wc)
-    assert diff.max() <= 1 and diff.mean() <= 0.01, f"{what}: codes differ at {int((diff > 0).sum())} places"
+    assert diff.max() <= 1 and diff.mean() <= CODE_FLIPS, f"{what}: codes differ at {int((diff > 0).sum())} places"
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])

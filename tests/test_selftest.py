@@ -2,11 +2,15 @@
 shapes (what CI can run; `personaplex-fast selftest` on the GPUs is run by hand), with the
 tests' own tolerances; under "auto" kernels a primitive whose check fails (forced here) or
 whose kernels do not build falls back to its reference with one warning naming it, the
-verdict cached per device; "fused" kernels ignore it. Here the CPU stands in for a GPU
-(ops.validates_here), at the tiny shapes. About 3 s.
+verdict cached per device; "fused" kernels ignore it. The rows of what only the tick program
+runs (selftest_tick.py: the 8-bit KV ring's attention, the program against op by op) fail
+when their op is off, and their failures keep the engine off the program (8-bit caches
+only, for the attention). Here the CPU stands in for a GPU (ops.validates_here), at the
+tiny shapes. About 10 s.
 """
 
 import warnings
+from dataclasses import replace
 
 import mlx.core as mx
 import numpy as np
@@ -15,11 +19,15 @@ import test_conv1d_stream
 import test_conv_transpose1d_stream
 import test_decoder_layers
 import test_depformer_frame
+import test_kv8
 import test_matvec
 import test_ring_attention
+import test_tick
 
-from personaplex_fast import _ext, ops, reference, selftest
+from personaplex_fast import _ext, ops, reference, selftest, selftest_tick, tick
 from personaplex_fast.cli import main
+from personaplex_fast.engine import Engine
+from personaplex_fast.sampling import SamplingConfig
 
 
 def test_every_primitive_passes_at_the_tiny_shapes_on_the_cpu(capsys):
@@ -36,6 +44,8 @@ def test_the_tolerances_are_the_tests():
     assert selftest.LAYERS_TOL == test_decoder_layers.TOL
     assert selftest.DEPFORMER_TOL == test_depformer_frame.TOL
     assert selftest.CONV_TOL == test_conv1d_stream.TOL == test_conv_transpose1d_stream.TOL
+    assert (selftest_tick.KV8_SCALE_RTOL, selftest_tick.KV8_CODE_FLIPS) == (test_kv8.SCALE_RTOL, test_kv8.CODE_FLIPS)
+    assert selftest_tick.TICK_AGREE["cpu"] == (selftest_tick.TICK_FRAMES, test_tick.AUDIO_TOL)
 
 
 def test_a_wrong_kernel_fails_its_check(monkeypatch):
@@ -54,7 +64,7 @@ def validating(monkeypatch, tmp_path):
     monkeypatch.setattr(selftest, "default_shapes", lambda batch=1: selftest.tiny_shapes(batch))
     monkeypatch.setattr(ops, "_verdicts", {})
     calls = {}
-    for name in selftest.PRIMITIVES:
+    for name in (n for n in selftest.PRIMITIVES if hasattr(_ext, n)):
         fn = getattr(_ext, name)
         monkeypatch.setattr(_ext, name, lambda *a, _fn=fn, _name=name, **k: (calls.update({_name: calls.get(_name, 0) + 1}),
                                                                          _fn(*a, **k))[1])
@@ -102,8 +112,9 @@ def test_a_kernel_that_does_not_build_falls_back(validating, monkeypatch):
     error = RuntimeError("kernels/metal/rvq.metal does not compile here: [metal::Device] Unable to build")
     monkeypatch.setitem(selftest.CHECKS, "rvq_encode", fails(error))
     with pytest.warns(RuntimeWarning, match="rvq_encode failed its self-test"):
-        codes = ops.rvq_encode(mx.zeros((3, 4)), mx.ones((2, 5, 4)))
-    assert ops.fallbacks() == {"rvq_encode": f"RuntimeError: {error}"}
+        assert ops.fallbacks() == {"rvq_encode": f"RuntimeError: {error}"}
+    validating.clear()  # the self-test's tick row ran the op-by-op engine's kernels
+    codes = ops.rvq_encode(mx.zeros((3, 4)), mx.ones((2, 5, 4)))
     assert "rvq_encode" not in validating and codes.shape == (3, 2)
 
 
@@ -147,3 +158,99 @@ def test_the_commands_take_kernels(monkeypatch):
         assert build_parser().parse_args(command).kernels == "auto"
     ops.set_kernels("auto")
     ops.set_mode("fused")
+
+
+# -- the rows of what only the tick program runs: the 8-bit ring's attention, the program
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16], ids=["f32", "bf16", "f16"])
+def test_the_8bit_attention_passes_on_the_cpu(dtype):
+    [r] = selftest.run(replace(selftest.tiny_shapes(), dtype=dtype), names=("ring_attention_kv8",))
+    assert r.ok and r.cases == 6, r
+
+
+def test_the_program_passes_on_the_cpu():
+    [r] = selftest.run(selftest.tiny_shapes(), names=("tick",))
+    assert r.ok and [r.cases, r.worst_case.split()[0]] == [4, "audio"], r
+
+
+def shifted(fn, out=0.0, step=0):
+    """tick.ring_attention off: out shifted, and `step` added to the first code of every
+    key row (test_kv8's bound allows one step in 1% of the codes)."""
+    def wrong(*a, **k):
+        o, (kc, ks), v = fn(*a, **k)
+        kc = kc.astype(mx.int32)
+        kc = mx.concatenate([kc[..., :1] + step, kc[..., 1:]], axis=-1).astype(mx.int8)
+        return o + out, (kc, ks), v
+    return wrong
+
+
+@pytest.mark.parametrize("out,step,case", [(0.1, 0, "out"), (0.0, 1, "k ring"), (0.0, 2, "k ring")])
+def test_a_wrong_8bit_attention_fails_its_check(monkeypatch, out, step, case):
+    monkeypatch.setattr(tick, "ring_attention", shifted(tick.ring_attention, out, step))
+    [r] = selftest.run(selftest.tiny_shapes(), names=("ring_attention_kv8",))
+    assert not r.ok and r.error is None and r.worst_case.endswith(case), r
+    assert r.worst >= 2, r  # one step in 1/32 of the codes: 3 x the share allowed; two steps: 2 x
+
+
+@pytest.mark.parametrize("wrong", ["audio", "tokens"])
+def test_a_wrong_program_fails_its_check(monkeypatch, wrong):
+    right = tick.TickRunner.__call__
+
+    def off(self, pcm, control):
+        audio, tokens = right(self, pcm, control)
+        return (audio * 1.001, tokens) if wrong == "audio" else (audio, mx.where(tokens >= 0, tokens + 1, tokens))
+    monkeypatch.setattr(tick.TickRunner, "__call__", off)
+    [r] = selftest.run(selftest.tiny_shapes(), names=("tick",))
+    assert not r.ok and r.error is None and r.worst_case.startswith(wrong), r
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return selftest_tick.tiny_model()
+
+
+def only(monkeypatch, *names):
+    """The self-test's other rows pass untested (the forced failures below are in `names`)."""
+    for name in selftest.PRIMITIVES:
+        if name not in names:
+            monkeypatch.setitem(selftest.CHECKS, name, fails(0.0))
+
+
+def engines(lm, mimi, kv_bits):
+    return Engine(lm, mimi, slots=2, sampling=SamplingConfig(greedy=True), kv_bits=kv_bits)
+
+
+def test_a_failing_8bit_attention_keeps_8bit_engines_off_the_program(validating, monkeypatch, tiny_model):
+    only(monkeypatch, "ring_attention_kv8", "tick")
+    monkeypatch.setattr(tick, "ring_attention", shifted(tick.ring_attention, 0.1))
+    with pytest.warns(RuntimeWarning, match=r"ring_attention_kv8 failed its self-test .*T=1 out.*--kv-bits 8\) the "
+                                            "engine runs op by op"):
+        eight = engines(*tiny_model, kv_bits=8)
+    assert eight.program is None and eight.lm_state.kv.bits == 8
+    assert list(ops.fallbacks()) == ["ring_attention_kv8"]  # the program's own row passed
+    assert engines(*tiny_model, kv_bits=None).program is not None  # its cache runs no 8-bit ring
+    eight.join()
+    assert eight.tick(np.zeros((2, 1920), np.float32)).pcm.shape == (2, 1920)
+
+
+def test_a_failing_program_sends_the_engine_op_by_op(validating, monkeypatch, tiny_model):
+    only(monkeypatch, "tick")
+    right = tick.TickRunner.__call__
+    monkeypatch.setattr(tick.TickRunner, "__call__", lambda self, pcm, control: (lambda a, t: (a + 0.5, t))(
+        *right(self, pcm, control)))
+    with pytest.warns(RuntimeWarning, match=r"tick failed its self-test .*audio.*the engine runs op by op"):
+        assert ops.fallbacks().keys() == {"tick"}
+    for kv_bits in (None, 8):
+        assert engines(*tiny_model, kv_bits).program is None
+    with ops.use_kernels("fused"):  # untested kernels: the program again
+        assert engines(*tiny_model, None).program is not None
+    assert ops.kernels() == "auto" and ops.mode() == "fused"
+
+
+def test_the_program_rows_have_no_cases_where_there_is_no_program(monkeypatch):
+    """Metal (a GPU build without CUDA) has no tick program: the rows say so and pass."""
+    monkeypatch.setattr(selftest_tick, "program_device", lambda: None)
+    shapes = selftest.tiny_shapes()
+    results = selftest.run(shapes, names=("ring_attention_kv8", "tick"))
+    assert [(r.ok, r.cases) for r in results] == [(True, 0), (True, 0)]
+    assert selftest.table(results, shapes).count("n/a (not run on this device)") == 2

@@ -20,6 +20,7 @@ from personaplex_fast.sampling import SamplingConfig
 from personaplex_fast.tiny import make_tiny
 
 GREEDY = SamplingConfig(greedy=True)
+AUDIO_TOL = 2e-5  # program against op by op, per unit of the audio's scale (float32 rounding)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,8 @@ def converse_alike(prog, per_op, prompt):
         a, b = prog.tick(pcm), per_op.tick(pcm)
         active = np.array(prog.active)
         np.testing.assert_array_equal(a.text[active], b.text[active], err_msg=f"tick {i}")
-        np.testing.assert_allclose(a.pcm[active], b.pcm[active], rtol=0, atol=2e-5 * max(1.0, np.abs(b.pcm).max()),
-                                   err_msg=f"tick {i}")
+        np.testing.assert_allclose(a.pcm[active], b.pcm[active], rtol=0,
+                                   atol=AUDIO_TOL * max(1.0, np.abs(b.pcm).max()), err_msg=f"tick {i}")
         texts += int((a.text[active] >= 0).sum())
     assert texts > 20  # the sessions did speak
 

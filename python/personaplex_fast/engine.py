@@ -58,8 +58,9 @@ class Engine:
         self._joins = 0
         self.program: tick.TickRunner | None = None
         # A primitive whose self-test failed here runs its reference (ops.fallbacks); the
-        # program would run its kernel regardless, so the engine goes op by op then.
-        if program is not False and ops.mode() == "fused" and ops.kernels_here() and not ops.fallbacks():
+        # program would run its kernel regardless, so the engine goes op by op then, and
+        # where the program itself (or, with kv_bits 8, its 8-bit attention) failed.
+        if program is not False and ops.program_applies(kv_bits):
             gpu = mx.default_device().type == mx.gpu
             why = tick.supported(lm, mimi, gpu)
             if why is None:

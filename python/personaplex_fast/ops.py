@@ -8,7 +8,8 @@ Kernels (`set_kernels`, the CLI's --kernels): in fused mode, "auto" (default) ta
 each fused primitive only where it passed the self-test on this device
 (selftest.py; consulted on GPUs, whose kernels CI cannot run) and its reference
 elsewhere, with one warning naming it; "fused" takes every fused primitive
-untested; "reference" is the reference mode.
+untested; "reference" is the reference mode. The engine's tick program runs every
+kernel it holds, so it applies only where none it runs failed (program_applies).
 
 Every rule for whether a fused primitive applies lives here (`*_fusable`,
 `projection`), and so does the flattening of the named weight structures of
@@ -69,6 +70,19 @@ def set_kernels(choice: str) -> None:
 
 def kernels() -> str:
     return _kernels
+
+
+@contextlib.contextmanager
+def use_kernels(choice: str):
+    """Context manager: `choice` kernels inside (the self-test runs the engine under
+    "fused", which consults no verdict, while it computes one)."""
+    old, old_mode = _kernels, _mode
+    set_kernels(choice)
+    try:
+        yield
+    finally:
+        set_kernels(old)
+        set_mode(old_mode)
 
 
 def set_reference_mode(flag: bool) -> None:
@@ -154,9 +168,27 @@ def fallbacks() -> dict[str, str]:
         found = _verdicts[device] = selftest.verdict()
         for name, why in sorted(found.items()):
             warnings.warn(f"personaplex_fast: {name} failed its self-test on {selftest.device_name()} ({why}); "
-                          "it runs its pure-MLX reference here (`personaplex-fast selftest` prints the table)",
-                          RuntimeWarning, stacklevel=4)
+                          f"{_FALLBACK.get(name, 'it runs its pure-MLX reference here')} "
+                          "(`personaplex-fast selftest` prints the table)", RuntimeWarning, stacklevel=4)
     return found
+
+
+# What the self-test's rows that are no primitive of their own fall back to.
+KV8_ATTENTION = "ring_attention_kv8"  # the 8-bit KV cache's attention: only the tick program runs it
+_FALLBACK = {"tick": "the engine runs op by op here",
+             KV8_ATTENTION: "with an 8-bit KV cache (--kv-bits 8) the engine runs op by op here, its "
+                            "attention the pure-MLX reference"}
+
+
+def program_applies(kv_bits: int | None = None) -> bool:
+    """Whether the engine may run its ticks as the tick program (tick/) here: fused mode,
+    kernels on this device, and no self-test failure (fallbacks) in what the program runs:
+    any fused primitive (the program runs their kernels whatever the verdict), the program
+    itself ("tick"), and with an 8-bit KV cache its attention. Op by op instead, a failed
+    primitive runs its reference, and an 8-bit ring always does (cache_fusable)."""
+    if _mode != "fused" or not kernels_here():
+        return False
+    return not any(name != KV8_ATTENTION or kv_bits == 8 for name in fallbacks())
 
 
 def _leaves(out) -> list:

@@ -4,15 +4,18 @@ Each fused primitive of the extension (its CPU path, CUDA or Metal kernels: whic
 run on the default device) is run against its pure-MLX reference (reference.py) on
 random inputs at the model's shapes (the official 7B LM and Mimi; `tiny`: the tiny
 model's, for CI on the CPU), with the tolerances of its tests (noted at each check),
-and the outcome printed as a table.
+and the outcome printed as a table. Two more rows check what only the tick program runs
+(selftest_tick.py): the 8-bit KV ring's attention, and the program as a whole against
+the op-by-op engine.
 
 ops uses the verdict in its default "auto" kernels (ops.set_kernels): on a GPU it is
 computed once per (package version, MLX version, device name, extension build) and
 cached under ~/.cache/personaplex_fast/selftest/ (or $PERSONAPLEX_FAST_CACHE); a
 primitive that fails there, or whose kernels do not compile or launch, runs its
-reference instead, with one warning naming it. Why on GPUs only: the CPU paths are the
-ones CI tests on every commit; the kernels of a GPU other than the one they were
-measured on (any Apple GPU, any NVIDIA GPU but the H100 / H200) have not been run.
+reference instead, with one warning naming it, and the engine leaves its tick program
+(which would run that kernel) for op by op (ops.program_applies). Why on GPUs only: the
+CPU paths are the ones CI tests on every commit; the kernels of a GPU other than the one
+they were measured on (any Apple GPU, any NVIDIA GPU but the H100 / H200) have not been run.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from . import __version__, reference
 from .config import LMConfig, MimiConfig
 from .reference import DepformerWeights, LayerStack, LayerWeights, Projection
 from .sampling import SamplingConfig
+from .selftest_tick import check_ring_attention_kv8, check_tick  # noqa: F401 (CHECKS)
 
 PRIMITIVES = ("matvec", "ring_attention", "decoder_layers", "sample_topk", "depformer_frame",
-              "conv1d_stream", "conv_transpose1d_stream", "rvq_encode", "rvq_decode")
+              "conv1d_stream", "conv_transpose1d_stream", "rvq_encode", "rvq_decode", "ring_attention_kv8", "tick")
 
 # The tests' tolerances (each file named): largest |fused - reference|, absolute, or
 # per unit of the output's scale where noted.
@@ -426,7 +430,7 @@ def table(results: list[Result], shapes: Shapes) -> str:
              f"{shapes.name} shapes, batch {shapes.batch}",
              f"{'primitive':<25}{'cases':>6}{'worst err/tol':>15}{'time':>9}  verdict"]
     for r in results:
-        verdict = "ok" if r.ok else f"FAIL ({r.why()})"
+        verdict = ("ok" if r.cases else "n/a (not run on this device)") if r.ok else f"FAIL ({r.why()})"
         lines.append(f"{r.name:<25}{r.cases:>6}{r.worst:>15.3g}{r.seconds:>8.2f}s  {verdict}")
     return "\n".join(lines)
 

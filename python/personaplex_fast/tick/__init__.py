@@ -154,6 +154,46 @@ class CodecRunner:
         return out[0], out[1]
 
 
+def ring_attention(q, k, v, k_cache, v_cache, pos, *, rope_max_period: float | None = 10000.0,
+                   gpu: bool) -> tuple:
+    """The program's attention op alone (a program of one op, on the GPU or the CPU) over
+    reference.ring_attention's operands: q, k, v [B, H, T, D]; rings [B, H, W, D] in q's
+    dtype, or 8-bit (codes, scales) pairs as the LM's rings are with kv_bits 8; pos [B].
+    Returns (out, k_ring', v_ring') as the reference does, out NaN where the op did not
+    write it. The self-test checks the 8-bit rings' kernels with it: op by op, nothing
+    else runs them."""
+    from .. import _ext
+
+    B, H, T, D = q.shape
+    quantized = isinstance(k_cache, tuple)
+    W = (k_cache[0] if quantized else k_cache).shape[2]
+    p = _ext.TickProgram(gpu)
+
+    def region(a: mx.array) -> int:
+        a = mx.contiguous(a)
+        mx.eval(a)
+        h = p.buffer(a.nbytes, a.dtype)
+        p.init(h, a)
+        return h
+
+    def read(h: int, like: mx.array) -> mx.array:
+        return p.read(h, 0, like.nbytes).view(like.dtype).reshape(like.shape)
+
+    hq, hk, hv, hpos = (region(a) for a in (q, k, v, pos.astype(mx.int32)))
+    rings = [[region(a) for a in (ring if quantized else (ring,))] for ring in (k_cache, v_cache)]
+    out = mx.full(q.shape, float("nan"), q.dtype)
+    hout = region(out)
+    io = [p.buffer(4, dt) for dt in (mx.float32, mx.int32, mx.float32, mx.int32)]
+    p.set_io(pcm_in=io[0], control=io[1], pcm_out=io[2], tokens=io[3], B=1, F=1, C=1, G=1)
+    p.attention(q=hq, k=hk, v=hv, k_cache=rings[0][0], v_cache=rings[1][0], pos=hpos, out=hout, B=B, H=H, T=T,
+                D=D, W=W, new_strides=[H * T * D, T * D, D], rope_max_period=rope_max_period or 0.0,
+                k_scales=rings[0][1] if quantized else -1, v_scales=rings[1][1] if quantized else -1)
+    mx.eval(_ext.tick(p, mx.zeros((1, 1)), mx.zeros((1, 1), mx.int32), stream=mx.gpu if gpu else mx.cpu))
+    rings = [tuple(read(h, a) for h, a in zip(hs, ring)) if quantized else read(hs[0], ring)
+             for hs, ring in zip(rings, (k_cache, v_cache))]
+    return read(hout, out), *rings
+
+
 # What the engine and the tests drive a program with.
 __all__ = ["CONTROL_COLS", "RESET_ALL", "RESET_CODEC", "RESET_LM", "RESET_SEED", "CodecRunner", "TickRunner",
-           "Unsupported", "supported"]
+           "Unsupported", "ring_attention", "supported"]
