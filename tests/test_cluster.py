@@ -1,6 +1,7 @@
 """`serve --replicas 2` (Ray Serve, tiny model, CPU): one scenario, as an operator sees it.
 
-Two replicas of 2 slots each. Conversations opened one after another spread over both
+Two replicas of 2 slots each. Four conversations started at the same instant all get a
+session, two on each replica. Conversations opened one after another spread over both
 replicas, each at real-time frame rate; a fifth is told the cluster is full in the words
 of a full `serve`; Ray's metrics endpoint shows sessions, tick quantiles and dropped
 frames per replica. Then one replica's process is killed: exactly its conversations
@@ -199,6 +200,37 @@ async def same_protocol(http, base: str) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await http.ws_connect(base.replace("http", "ws") + "/ws", headers={"Origin": "http://evil.example"})
     assert refused.value.status == 403
+
+
+async def wait_idle(http, base: str, pids: dict[str, int], within: float) -> None:
+    """Until /api/info has answered from every replica with no session."""
+    deadline, sessions = time.monotonic() + within, {}
+    while not (set(sessions) == set(pids) and not any(sessions.values())):
+        assert time.monotonic() < deadline, f"sessions still open after {within} s: {sessions}"
+        async with http.get(base + "/api/info") as r:
+            info = await r.json()
+        sessions[info["replica"]["id"]] = info["sessions"]
+        await asyncio.sleep(0.05)
+
+
+def test_a_burst_of_conversations_gets_every_slot(cluster):
+    """2 x SLOTS conversations started at the same instant, five times: all get a session,
+    SLOTS on each replica (Serve's own counts lag behind such a burst)."""
+    base = cluster["base"]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as http:
+            pids = await replica_pids(http, base)
+            for burst in range(5):
+                talks = [Talk(base) for _ in range(2 * SLOTS)]
+                got = await asyncio.gather(*(t.open(http) for t in talks))
+                for t in talks:
+                    await t.close()
+                assert got == [None] * len(talks) and sorted(Counter(t.replica for t in talks).values()) == [
+                    SLOTS, SLOTS], f"burst {burst}: {got}, {[t.replica for t in talks]}"
+                await wait_idle(http, base, pids, within=5.0)
+
+    asyncio.run(scenario())
 
 
 def test_two_replicas_spread_survive_a_kill_and_stop(cluster):

@@ -9,9 +9,11 @@ proxies, health checks and restarts, autoscaling, metrics.
 
 - A conversation is one websocket, which Serve's proxy forwards to one replica for the
   socket's life (one "ongoing request" there), so it stays on that replica.
-- New conversations go to the replica with the fewest ongoing requests that is under
-  its max_ongoing_requests (cluster_routing.py: Serve's default router compares two random
-  replicas, which past two replicas can pick a full one while another has room).
+- New conversations go to the replica with the fewest requests that its proxy has sent
+  and not seen finish, counted from the moment it is chosen, under its
+  max_ongoing_requests (cluster_routing.FewestFirst: Serve's default router compares two
+  random replicas, which past two replicas can pick a full one while another has room,
+  and Serve's counts lag behind a burst of conversations started at once).
   max_ongoing_requests is the slots plus room for sockets not yet in a session, so a
   full cluster still reaches a replica, whose Admission answers exactly as a full
   `serve` does: "the server is full (N sessions); try again later".
