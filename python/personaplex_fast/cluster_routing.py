@@ -1,11 +1,28 @@
-"""Where Ray Serve's proxies send a new conversation (a module of its own: the proxies
-import it, and need nothing else of ours)."""
+"""What runs in Ray Serve's proxies, in front of the replicas (a module of its own: the
+proxies import it, and need nothing else of ours): where a new conversation goes
+(FewestFirst), and how much of a conversation's output may wait for its client
+(BoundedSends)."""
 
+import asyncio
 import random
+import socket
+import sys
 import time
 from collections import Counter
 
 from ray.serve.request_router import RequestRouter
+from starlette.middleware import Middleware
+
+# As server.py's OUTPUT_MESSAGES and SEND_BUFFER (a test checks): the messages that may wait
+# for a client, and the kernel and transport send buffers of its socket.
+OUTPUT_MESSAGES = 30
+SEND_BUFFER = 32 * 1024
+# A conversation that has ended has this long to hand its last messages to its client.
+FLUSH_S = 2.0
+# The scope key BoundedSends sets, which tells a replica that its sockets are bounded.
+BOUNDED = "personaplex_fast.bounded_sends"
+# Serve's hook for the proxies' middlewares: an environment variable where they run.
+PROXY_CALLBACK = ("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", f"{__name__}:proxy_middlewares")
 
 
 class FewestFirst(RequestRouter):
@@ -48,3 +65,79 @@ class FewestFirst(RequestRouter):
 
     def on_request_completed(self, replica_id, internal_request_id: str) -> None:
         self.held.pop(internal_request_id, None)
+
+
+class BoundedSends:
+    """ASGI middleware of Serve's proxy: what `serve` does for a client that stops reading.
+
+    A replica's messages reach the proxy through Ray without backpressure, and the proxy
+    hands them to the client's socket one at a time, waiting while that socket's buffers
+    are full. Left so, a client that stops reading keeps its connection and its slot while
+    its output piles up in the kernel's send buffers (megabytes) and then in the proxy.
+    Here the socket's buffers are capped as `serve` caps them, the messages wait in a
+    queue of OUTPUT_MESSAGES (about 2 s of audio), and a client that lets the queue fill
+    while its socket is full is disconnected: the replica hears it leave and frees its slot.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        transport = getattr(getattr(send, "__self__", None), "transport", None)  # uvicorn's protocol
+        if scope["type"] != "websocket" or transport is None:
+            return await self.app(scope, receive, send)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+        transport.set_write_buffer_limits(high=SEND_BUFFER)
+        queue: asyncio.Queue = asyncio.Queue(OUTPUT_MESSAGES)
+        gone = asyncio.Event()
+
+        async def write():
+            try:
+                while (message := await queue.get()) is not None:
+                    await send(message)
+            except (OSError, RuntimeError):  # uvicorn's ClientDisconnected: the replica hears it too
+                pass
+            finally:
+                gone.set()
+
+        async def bounded(message):
+            while not gone.is_set():
+                try:
+                    return queue.put_nowait(message)
+                except asyncio.QueueFull:
+                    if not transport.get_write_buffer_size():
+                        # The kernel takes more: a burst from the replica, which the writer
+                        # hands over once it runs.
+                        await asyncio.sleep(0)
+                        continue
+                    host, port = scope.get("client") or ("?", 0)
+                    log(f"a client at {host}:{port} stopped reading, disconnecting it")
+                    gone.set()
+                    transport.abort()
+            # Dropped once the client is gone, as a closed socket drops them.
+
+        async def flush():
+            await queue.put(None)
+            await writer
+
+        writer = asyncio.ensure_future(write())
+        try:
+            await self.app({**scope, BOUNDED: OUTPUT_MESSAGES}, receive, bounded)
+            if not gone.is_set():
+                try:  # the last messages (the close among them) leave, or the client is cut off
+                    await asyncio.wait_for(flush(), FLUSH_S)
+                except asyncio.TimeoutError:
+                    transport.abort()
+        finally:
+            writer.cancel()
+
+
+def proxy_middlewares() -> list:
+    """Serve's proxy callback (PROXY_CALLBACK): the middlewares of every proxy."""
+    return [Middleware(BoundedSends)]
+
+
+def log(line: str) -> None:
+    print(f"serve: {line}", file=sys.stderr, flush=True)
