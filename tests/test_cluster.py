@@ -1,21 +1,26 @@
 """`serve --replicas 2` (Ray Serve, tiny model, CPU): one scenario, as an operator sees it.
 
-Two replicas of 2 slots each. Conversations opened one after another spread over both
-replicas, each at real-time frame rate; a fifth is told the cluster is full in the words
-of a full `serve`; Ray's metrics endpoint shows sessions, tick quantiles and dropped
-frames per replica. Then one replica's process is killed: exactly its conversations
-end, the other's keeps its frame rate through the kill, and a new conversation is still
-admitted. Finally SIGTERM stops everything: exit status 0 and no process of the cluster
-left. Real-time bounds as in test_server_attacks.py (>= 12 frames/s, no gap over 0.3 s).
+Two replicas of 2 slots each. Four conversations started at the same instant all get a
+session, two on each replica. A client that never reads is cut off by Serve's proxy
+within 10 s, as `serve` cuts it off, while the conversations next to it keep real time.
+Conversations opened one after another spread over both replicas, each at real-time
+frame rate; a fifth is told the cluster is full in the words of a full `serve`; Ray's
+metrics endpoint shows sessions, tick quantiles and dropped frames per replica. Then one
+replica's process is killed: exactly its conversations end, the other's keeps its frame
+rate through the kill, and a new conversation is still admitted. Finally SIGTERM stops
+everything: exit status 0 and no process of the cluster left. Real-time bounds as in
+test_server_attacks.py (>= 12 frames/s, no gap over 0.3 s).
 """
 
 import asyncio
+import base64
 import importlib.util
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -201,6 +206,123 @@ async def same_protocol(http, base: str) -> None:
     assert refused.value.status == 403
 
 
+def rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def proxy_pid(marker: str) -> int:
+    """Serve's HTTP proxy of this (one-node) cluster."""
+    for pid in cluster_pids(marker):
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read().startswith(b"ray::ProxyActor"):
+                return pid
+        except OSError:
+            pass
+    raise AssertionError("no ProxyActor process")
+
+
+async def wait_idle(http, base: str, pids: dict[str, int], within: float) -> None:
+    """Until /api/info has answered from every replica with no session."""
+    deadline, sessions = time.monotonic() + within, {}
+    while not (set(sessions) == set(pids) and not any(sessions.values())):
+        assert time.monotonic() < deadline, f"sessions still open after {within} s: {sessions}"
+        async with http.get(base + "/api/info") as r:
+            info = await r.json()
+        sessions[info["replica"]["id"]] = info["sessions"]
+        await asyncio.sleep(0.05)
+
+
+def masked(payload: bytes) -> bytes:
+    """One binary websocket frame from a client (masked)."""
+    mask, n = os.urandom(4), len(payload)
+    head = struct.pack("!BB", 0x82, 0x80 | n) if n < 126 else struct.pack("!BBH", 0x82, 0x80 | 126, n)
+    data = np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), n)
+    return head + mask + data.tobytes()
+
+
+def non_reader(base: str, seconds: float) -> tuple[str, float | None]:
+    """A conversation that sends a frame every 80 ms and never reads (4 KB receive buffer).
+    -> (its replica, seconds until the server cut it off, or None if it never did)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(5.0)
+        s.connect((host, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)  # the handshake only: what follows is never read
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        replica = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"x-replica:"))
+        s.sendall(masked(bytes([START]) + json.dumps({"voice": "", "prompt": ""}).encode()))
+        frame = masked(bytes([AUDIO]) + bytes(4 * FRAME))
+        t0 = time.monotonic()
+        try:
+            for i in range(int(seconds / 0.08)):
+                s.sendall(frame)
+                time.sleep(max(0.0, t0 + (i + 1) * 0.08 - time.monotonic()))
+        except OSError:  # reset by the proxy (a send timeout would also land here, past the bound)
+            return replica, time.monotonic() - t0
+        return replica, None
+
+
+def test_a_burst_of_conversations_gets_every_slot(cluster):
+    """2 x SLOTS conversations started at the same instant, five times: all get a session,
+    SLOTS on each replica (Serve's own counts lag behind such a burst)."""
+    base = cluster["base"]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as http:
+            pids = await replica_pids(http, base)
+            for burst in range(5):
+                talks = [Talk(base) for _ in range(2 * SLOTS)]
+                got = await asyncio.gather(*(t.open(http) for t in talks))
+                for t in talks:
+                    await t.close()
+                assert got == [None] * len(talks) and sorted(Counter(t.replica for t in talks).values()) == [
+                    SLOTS, SLOTS], f"burst {burst}: {got}, {[t.replica for t in talks]}"
+                await wait_idle(http, base, pids, within=5.0)
+
+    asyncio.run(scenario())
+
+
+def test_a_client_that_stops_reading_is_dropped(cluster):
+    """A conversation that keeps sending but never reads, on a replica with a normal one:
+    Serve's proxy drops it within 10 s (its output queue fills, as in `serve`), the
+    replica frees its slot, both normal conversations keep real time throughout, and
+    neither the replica nor the proxy grows."""
+    base, marker = cluster["base"], cluster["marker"]
+
+    async def scenario():
+        async with aiohttp.ClientSession() as http:
+            pids = await replica_pids(http, base)
+            normal = [Talk(base), Talk(base)]
+            for talk in normal:
+                assert await talk.open(http) is None
+            assert {t.replica for t in normal} == set(pids)  # one on each: the non-reader joins one
+            proxy = proxy_pid(marker)
+            before = {pid: rss_mb(pid) for pid in [proxy, *pids.values()]}
+            t0 = time.monotonic()
+            replica, cut = await asyncio.to_thread(non_reader, base, 20.0)
+            t1 = time.monotonic()
+            grown = {pid: rss_mb(pid) - mb for pid, mb in before.items()}
+            print(f"the non-reader on {replica}: cut off after {cut} s; grown by {grown} MB")
+            assert cut is not None and cut < 10.0, f"the non-reader on {replica} was cut off after {cut} s"
+            assert_real_time(normal, t0, t1, "next to a client that stopped reading")
+            assert max(grown.values()) < 16, grown
+            for talk in normal:
+                await talk.close()
+            await wait_idle(http, base, pids, within=5.0)  # the non-reader's slot too (idle timeout: 30 s)
+
+    asyncio.run(scenario())
+
+
 def test_two_replicas_spread_survive_a_kill_and_stop(cluster):
     base = cluster["base"]
 
@@ -269,6 +391,14 @@ def test_two_replicas_spread_survive_a_kill_and_stop(cluster):
     cluster["log"].seek(0)
     ours = [line for line in cluster["log"].read().splitlines() if "(ProxyActor pid=" not in line]
     assert not [line for line in ours if "Traceback" in line], "\n".join(ours)
+
+
+def test_the_proxies_bound_a_client_as_serve_does():
+    """cluster_routing's copies of server.py's bounds (the proxies import no MLX to read them)."""
+    code = ("from personaplex_fast import cluster_routing as c, server as s; "
+            "print(c.OUTPUT_MESSAGES == s.OUTPUT_MESSAGES and c.SEND_BUFFER == s.SEND_BUFFER)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stderr
 
 
 @pytest.mark.parametrize("extra, error", [

@@ -9,12 +9,20 @@ proxies, health checks and restarts, autoscaling, metrics.
 
 - A conversation is one websocket, which Serve's proxy forwards to one replica for the
   socket's life (one "ongoing request" there), so it stays on that replica.
-- New conversations go to the replica with the fewest ongoing requests that is under
-  its max_ongoing_requests (cluster_routing.py: Serve's default router compares two random
-  replicas, which past two replicas can pick a full one while another has room).
+- New conversations go to the replica with the fewest requests that its proxy has sent
+  and not seen finish, counted from the moment it is chosen, under its
+  max_ongoing_requests (cluster_routing.FewestFirst: Serve's default router compares two
+  random replicas, which past two replicas can pick a full one while another has room,
+  and Serve's counts lag behind a burst of conversations started at once).
   max_ongoing_requests is the slots plus room for sockets not yet in a session, so a
   full cluster still reaches a replica, whose Admission answers exactly as a full
   `serve` does: "the server is full (N sessions); try again later".
+- A client that stops reading: a replica's sends reach its proxy through Ray without
+  backpressure, so the replica never sees the client fall behind; the bound is the
+  proxy's (cluster_routing.BoundedSends, a middleware of every proxy through Serve's
+  PROXY_CALLBACK variable, set on the controller, whose runtime_env the proxies inherit):
+  the socket's buffers capped and OUTPUT_MESSAGES queued as in `serve`, then the client
+  is cut off and the replica hears it leave.
 - A replica that dies closes only its own sockets; Serve starts another in its place.
 - The protocol codec runs where the socket ends: in the replica, in front of its tick
   loop, as server.Server.converse over the Starlette websocket that Ray Serve's ingress
@@ -50,6 +58,7 @@ from ray.serve import metrics
 from ray.serve.config import RequestRouterConfig
 
 from .admission import Limits
+from .cluster_routing import BOUNDED, PROXY_CALLBACK
 from .errors import UserError
 from .gate import Gate
 from .audio import SAMPLE_RATE
@@ -233,6 +242,7 @@ class Replica:
 
         ops.set_mode(mode)
         self.id = serve.get_replica_context().replica_id.unique_id
+        self.unbounded_told = False  # said once: this replica's proxy lacks BoundedSends
         model = load_model(source)
         seed_here = (seed + zlib.crc32(self.id.encode())) & 0x7FFFFFFF  # replicas sample apart
         slots = engine_slots(model, max_sessions, kv_bits)
@@ -274,6 +284,10 @@ class Replica:
         prompt, seed) as the protocol names them."""
         sock = Socket(websocket, wire)
         peer = Peer(websocket, sock)
+        if BOUNDED not in websocket.scope and not self.unbounded_told:
+            self.unbounded_told = True
+            log(f"replica {self.id}: Serve's proxy does not bound what waits for a client (set {PROXY_CALLBACK[0]}="
+                f"{PROXY_CALLBACK[1]} where the proxies run): a client that stops reading is not disconnected")
         refused = self._refused(peer)
         if refused is not None:
             try:
@@ -389,7 +403,8 @@ def run(args) -> None:
                  _metrics_export_port=args.metrics_port)
     try:
         serve.start(http_options={"host": args.host, "port": args.port, "ssl_certfile": args.ssl_cert,
-                                  "ssl_keyfile": args.ssl_key})
+                                  "ssl_keyfile": args.ssl_key},
+                    controller_options={"runtime_env": {"env_vars": dict([PROXY_CALLBACK])}})
         try:
             serve.run(built, name=APP, route_prefix="/")
         except RuntimeError as e:
