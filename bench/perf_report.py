@@ -42,6 +42,16 @@ def floor_ms(B, weight_bits=16, kv_bits=None):
     return 1e3 * (cfg.parameter_count() * per_weight + cfg.kv_bytes(B, 2, kv_bits)) / COPY_BW
 
 
+def real_time_sessions(ours, what) -> str:
+    """The largest measured B whose p99 tick stays under the 80 ms frame ("-" if none),
+    with "or more" when it is the largest batch measured."""
+    rows = sorted((B, r) for (w, B), r in ours.items() if w == what)
+    ok = [B for B, r in rows if "p99" in r and r["p99"] < REAL_TIME_MS]
+    if not ok:
+        return "-"
+    return f"{max(ok)} or more" if max(ok) == rows[-1][0] else str(max(ok))
+
+
 def plot(ours, official, meta, path):
     """Tick time against sessions: ours per format, the official loop, the floors, 80 ms."""
     import matplotlib
@@ -183,7 +193,12 @@ def main(argv=None):
     if codec:
         out.append("Mimi alone (encode + decode of one frame, tick.CodecRunner): " +
                    ", ".join(f"B={B} {cell(r)} ms" for B, r in codec) + ".")
-    if per_op or codec:
+    real_time = [f"{w.removeprefix('tick ')} {real_time_sessions(o, w)}" for w in
+                 sorted({w for (w, B) in o if w.startswith("tick") and "(" not in w})]
+    if real_time:
+        out.append("Real-time sessions (the largest measured batch whose p99 tick is under 80 ms): " +
+                   ", ".join(real_time) + ".")
+    if per_op or codec or real_time:
         out.append("")
     out += ["### Targets", ""] + targets(o, os_, f, fs)
     print("\n".join(out))

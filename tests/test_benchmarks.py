@@ -59,7 +59,24 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
                              "--plot", str(png)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| 2 |" in report.stdout and "whole tick bf16, B=1" in report.stdout
+    assert "Real-time sessions (the largest measured batch whose p99 tick is under 80 ms): bf16 " in report.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_perf_report_real_time_sessions():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import perf_report
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    rows = {("tick q4", 1): {"median": 8.0, "p99": 9.1}, ("tick q4", 8): {"median": 29.0, "p99": 79.9},
+            ("tick q4", 32): {"median": 70.0, "p99": 80.0}, ("tick bf16", 1): {"median": 81.0, "p99": 90.0},
+            ("tick bf16 kv8", 64): {"median": 40.0, "p99": 42.0}, ("tick bf16 kv8", 128): {"error": "OOM"}}
+    assert perf_report.real_time_sessions(rows, "tick q4") == "8"
+    assert perf_report.real_time_sessions(rows, "tick bf16") == "-"
+    assert perf_report.real_time_sessions(rows, "tick bf16 kv8") == "64"
+    rows[("tick q4", 32)]["p99"] = 79.0
+    assert perf_report.real_time_sessions(rows, "tick q4") == "32 or more"
 
 
 def test_perf_report_floor():
