@@ -51,25 +51,13 @@ void add_sample_topk(mx::cu::CommandEncoder& enc, const SampleNode& n, const Arr
 Arrays proj_reads(const std::vector<mx::array>& inputs, const Proj& p,
                   std::initializer_list<const mx::array*> more);
 
-// A stack of decoder layers for one decode step (see decoder_layers.h): 6 nodes
-// per layer. The layers' weights are inputs from first_weight on, in
-// decoder_layers_common.h's layout; layer l's caches are read from kc[l] / vc[l] and
-// written to kc_out[l] / vc_out[l] (the same arrays, or, with copy[l] /
-// copy[L + l], fresh ones the attention fills with a copy first). pos points at
-// B int32 positions inside the array pos_array.
+// A stack of decoder layers for one decode step (decoder_layers_common.h's
+// StackShape): 6 nodes per layer. pos points at B int32 positions inside the array
+// pos_array.
 struct StackNode {
-  mx::Dtype dtype;
-  int bits, heads, layers, hidden;
-  float eps, rope_max_period;
-  const std::vector<mx::array>* inputs;
-  int first_weight;
-  const mx::array* x;
-  mx::array* y;
+  StackShape stack;
   const mx::array* pos_array;
   void* pos;
-  std::vector<const mx::array*> kc, vc;
-  std::vector<mx::array*> kc_out, vc_out;
-  std::vector<char> copy;
 };
 void add_decoder_layers(mx::cu::CommandEncoder& enc, const StackNode& n);
 

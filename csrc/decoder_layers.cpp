@@ -107,6 +107,29 @@ std::vector<mx::array> decoder_layers(const mx::array& x, const mx::array& pos,
                                 std::move(inputs));
 }
 
+StackShape DecoderLayers::stack(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) const {
+  const int L = layers_;
+  StackShape s{.dtype = inputs[0].dtype(),
+               .bits = bits_,
+               .heads = heads_,
+               .layers = L,
+               .hidden = inputs[layer(0).ffn_in.w].shape(0) / 2,
+               .eps = eps_,
+               .rope_max_period = rope_max_period_,
+               .inputs = &inputs,
+               .first_weight = weight_index(0),
+               .x = &inputs[0],
+               .y = &outputs[0],
+               .copy = std::vector<char>(2 * L)};
+  for (int l = 0; l < L; ++l) {
+    s.kc.push_back(&inputs[cache_index(l, false)]);
+    s.vc.push_back(&inputs[cache_index(l, true)]);
+    s.kc_out.push_back(&outputs[1 + l]);
+    s.vc_out.push_back(&outputs[1 + L + l]);
+  }
+  return s;
+}
+
 bool DecoderLayers::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const DecoderLayers&>(other);
   return layers_ == o.layers_ && heads_ == o.heads_ && bits_ == o.bits_ && eps_ == o.eps_ &&

@@ -52,6 +52,8 @@ class DecoderLayers : public mx::Primitive {
   int cache_index(int l, bool value) const {
     return 2 + layers_ * per_layer() + (value ? layers_ : 0) + l;
   }
+  // The layers over this primitive's caches, written to its outputs (y, then the caches).
+  StackShape stack(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) const;
 
  private:
   int layers_, heads_, bits_;

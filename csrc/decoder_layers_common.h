@@ -76,6 +76,25 @@ LayerPointers layer_pointers(const std::vector<mlx::core::array>& inputs, const 
           .ffn_out = proj(li.ffn_out)};
 }
 
+// A decode step's stack of decoder layers as the GPU backends run it (cuda_nodes.h's and
+// metal_nodes.h's StackNode add where the step's positions sit): the layers' weights are
+// inputs from first_weight on, in the layout above; layer l's caches are read from kc[l] /
+// vc[l] and written to kc_out[l] / vc_out[l] (the same arrays, or, with copy[l] /
+// copy[L + l], fresh ones the attention fills with a copy first; all 0 until a backend
+// decides).
+struct StackShape {
+  mlx::core::Dtype dtype;
+  int bits, heads, layers, hidden;
+  float eps, rope_max_period;
+  const std::vector<mlx::core::array>* inputs;
+  int first_weight;
+  const mlx::core::array* x;
+  mlx::core::array* y;
+  std::vector<const mlx::core::array*> kc, vc;
+  std::vector<mlx::core::array*> kc_out, vc_out;
+  std::vector<char> copy;
+};
+
 // Argument checks shared by the primitives that take layer stacks (throw
 // std::invalid_argument naming `op`): one projection w [N, K] of dtype dt (bits
 // 0), or w uint32 [N, K * bits / 32] with scales and biases [N, K / 64] of dt;

@@ -23,7 +23,8 @@ cuda::Arrays cuda::proj_reads(const std::vector<mx::array>& inputs, const Proj& 
   return r;
 }
 
-void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& n) {
+void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& node) {
+  const StackShape& n = node.stack;
   const auto dt = n.dtype;
   const auto& inputs = *n.inputs;
   const int B = n.x->shape(0), C = n.x->shape(1), H = n.heads, D = C / H, L = n.layers;
@@ -56,13 +57,13 @@ void cuda::add_decoder_layers(cu::CommandEncoder& enc, const StackNode& n) {
     const mx::array &kc = *n.kc[l], &vc = *n.vc[l];
     cuda::add_ring_attention(enc,
                              {.dtype = dt, .q = qkv_p, .k = qkv_p + C * es, .v = qkv_p + 2 * C * es,
-                              .kc = ptr(kc), .vc = ptr(vc), .pos = n.pos, .out = ptr(attn),
+                              .kc = ptr(kc), .vc = ptr(vc), .pos = node.pos, .out = ptr(attn),
                               .kc_out = ptr(*n.kc_out[l]), .vc_out = ptr(*n.vc_out[l]),
                               .args = {.B = B, .H = H, .T = 1, .D = D, .W = W, .copy_k = n.copy[l],
                                        .copy_v = n.copy[L + l], .rope = n.rope_max_period > 0.f,
                                        .rope_step = rope_step(n.rope_max_period, D), .scale = scale,
                                        .new_b = 3L * C, .new_h = D, .new_t = 3L * C}},
-                             {&qkv, &kc, &vc, n.pos_array}, {&attn, n.kc_out[l], n.vc_out[l]});
+                             {&qkv, &kc, &vc, node.pos_array}, {&attn, n.kc_out[l], n.vc_out[l]});
     // x1 = x + out_proj(attn)
     cuda::add_matvec(enc,
                      {.dtype = dt, .bits = bits, .x = ptr(attn), .w = p(li.out.w), .scales = p(li.out.scales),
@@ -101,28 +102,11 @@ void DecoderLayers::eval_gpu(const std::vector<mx::array>& inputs, std::vector<m
     }
   }
   cuda::wait_for_caches(caches, enc);
-  cuda::StackNode n{.dtype = inputs[0].dtype(),
-                    .bits = bits_,
-                    .heads = heads_,
-                    .layers = L,
-                    .hidden = inputs[layer(0).ffn_in.w].shape(0) / 2,
-                    .eps = eps_,
-                    .rope_max_period = rope_max_period_,
-                    .inputs = &inputs,
-                    .first_weight = weight_index(0),
-                    .x = &inputs[0],
-                    .y = &outputs[0],
-                    .pos_array = &inputs[1],
-                    .pos = cuda::ptr(inputs[1]),
-                    .copy = std::vector<char>(2 * L)};
+  cuda::StackNode n{.stack = stack(inputs, outputs), .pos_array = &inputs[1], .pos = cuda::ptr(inputs[1])};
+  StackShape& s = n.stack;
   for (int l = 0; l < L; ++l) {
-    n.copy[l] = !cuda::take_cache(inputs[cache_index(l, false)], outputs[1 + l], caches[2 * l].second, enc);
-    n.copy[L + l] =
-        !cuda::take_cache(inputs[cache_index(l, true)], outputs[1 + L + l], caches[2 * l + 1].second, enc);
-    n.kc.push_back(&inputs[cache_index(l, false)]);
-    n.vc.push_back(&inputs[cache_index(l, true)]);
-    n.kc_out.push_back(&outputs[1 + l]);
-    n.vc_out.push_back(&outputs[1 + L + l]);
+    s.copy[l] = !cuda::take_cache(*s.kc[l], *s.kc_out[l], caches[2 * l].second, enc);
+    s.copy[L + l] = !cuda::take_cache(*s.vc[l], *s.vc_out[l], caches[2 * l + 1].second, enc);
   }
   cuda::alloc_output(outputs[0], enc);
   cuda::add_decoder_layers(enc, n);

@@ -16,7 +16,8 @@ metal::ProjBufs metal::proj_bufs(const std::vector<mx::array>& inputs, const Pro
   return {.w = at(inputs[p.w]), .scales = opt(p.scales), .biases = opt(p.biases)};
 }
 
-void metal::add_decoder_layers(mx::metal::CommandEncoder& enc, mx::metal::Device& d, const StackNode& n) {
+void metal::add_decoder_layers(mx::metal::CommandEncoder& enc, mx::metal::Device& d, const StackNode& node) {
+  const StackShape& n = node.stack;
   const auto dt = n.dtype;
   const auto& inputs = *n.inputs;
   const int B = n.x->shape(0), C = n.x->shape(1), H = n.heads, D = C / H, L = n.layers;
@@ -43,7 +44,7 @@ void metal::add_decoder_layers(mx::metal::CommandEncoder& enc, mx::metal::Device
     // attention over the ring, q / k / v read from qkv's rows [B, 3, H, D]
     add_ring_attention(enc, d,
                        {.dtype = dt, .q = at(qkv), .k = at(qkv, C * es), .v = at(qkv, 2 * C * es),
-                        .kc = at(*n.kc[l]), .vc = at(*n.vc[l]), .pos = n.pos, .out = at(attn),
+                        .kc = at(*n.kc[l]), .vc = at(*n.vc[l]), .pos = node.pos, .out = at(attn),
                         .kc_out = at(*n.kc_out[l]), .vc_out = at(*n.vc_out[l]),
                         .args = {.B = B, .H = H, .T = 1, .D = D, .W = W, .copy_k = n.copy[l],
                                  .copy_v = n.copy[L + l], .rope = n.rope_max_period > 0.f,
@@ -64,29 +65,11 @@ void metal::add_decoder_layers(mx::metal::CommandEncoder& enc, mx::metal::Device
 void DecoderLayers::eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const int L = layers_;
   const int n_out = static_cast<int>(outputs.size());
-  metal::StackNode n{.dtype = inputs[0].dtype(),
-                     .bits = bits_,
-                     .heads = heads_,
-                     .layers = L,
-                     .hidden = inputs[layer(0).ffn_in.w].shape(0) / 2,
-                     .eps = eps_,
-                     .rope_max_period = rope_max_period_,
-                     .inputs = &inputs,
-                     .first_weight = weight_index(0),
-                     .x = &inputs[0],
-                     .y = &outputs[0],
-                     .pos = metal::at(inputs[1]),
-                     .copy = std::vector<char>(2 * L)};
+  metal::StackNode n{.stack = stack(inputs, outputs), .pos = metal::at(inputs[1])};
+  StackShape& s = n.stack;
   for (int l = 0; l < L; ++l) {
-    for (bool value : {false, true}) {
-      const auto& c = inputs[cache_index(l, value)];
-      auto& out = outputs[1 + (value ? L : 0) + l];
-      n.copy[(value ? L : 0) + l] = !metal::take_cache(c, out, metal::cache_free(c, n_out));
-    }
-    n.kc.push_back(&inputs[cache_index(l, false)]);
-    n.vc.push_back(&inputs[cache_index(l, true)]);
-    n.kc_out.push_back(&outputs[1 + l]);
-    n.vc_out.push_back(&outputs[1 + L + l]);
+    s.copy[l] = !metal::take_cache(*s.kc[l], *s.kc_out[l], metal::cache_free(*s.kc[l], n_out));
+    s.copy[L + l] = !metal::take_cache(*s.vc[l], *s.vc_out[l], metal::cache_free(*s.vc[l], n_out));
   }
   metal::alloc_output(outputs[0]);
   metal::add_decoder_layers(mx::metal::get_command_encoder(stream()), mx::metal::device(stream().device), n);

@@ -117,6 +117,30 @@ std::vector<mx::array> depformer_frame(const mx::array& h, const mx::array& text
   return mx::array::make_arrays({{Q, B}, {Q, B, V}}, {mx::int32, dt}, prim, std::move(inputs));
 }
 
+StackShape DepformerFrame::step_stack(int k, const std::vector<mx::array>& inputs, std::vector<mx::array>& caches,
+                                      const mx::array& x, mx::array& y) const {
+  const int L = s_.layers;
+  StackShape s{.dtype = x.dtype(),
+               .bits = s_.bits,
+               .heads = s_.heads,
+               .layers = L,
+               .hidden = inputs[layer(0, 0).ffn_in.w].shape(0) / 2,
+               .eps = s_.eps,
+               .rope_max_period = s_.rope_max_period,
+               .inputs = &inputs,
+               .first_weight = stack_index(k),
+               .x = &x,
+               .y = &y,
+               .copy = std::vector<char>(2 * L, 0)};
+  for (int l = 0; l < L; ++l) {
+    s.kc.push_back(&caches[l]);
+    s.vc.push_back(&caches[L + l]);
+    s.kc_out.push_back(&caches[l]);
+    s.vc_out.push_back(&caches[L + l]);
+  }
+  return s;
+}
+
 bool DepformerFrame::is_equivalent(const mx::Primitive& other) const {
   auto& o = static_cast<const DepformerFrame&>(other).s_;
   return noise_ == static_cast<const DepformerFrame&>(other).noise_ && s_.Q == o.Q && s_.n_in == o.n_in &&

@@ -72,6 +72,9 @@ class DepformerFrame : public mx::Primitive {
     return layer_inputs(stack_index(k) + l * layer_arrays(s_.bits), s_.bits);
   }
   Proj head(int k) const { return proj_at(head_index(k), s_.bits); }
+  // Step k's layer stack from x to y over the frame's caches (k caches, then v), in place.
+  StackShape step_stack(int k, const std::vector<mx::array>& inputs, std::vector<mx::array>& caches,
+                        const mx::array& x, mx::array& y) const;
 
  private:
   DepformerSpec s_;

@@ -23,7 +23,6 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
   const auto dt = h.dtype();
   const int B = h.shape(0), C_in = h.shape(1), Q = s_.Q, L = s_.layers;
   const int D = inputs[table_index(0)].shape(1), V = outputs[1].shape(2), Dh = D / s_.heads;
-  const int hidden = inputs[layer(0, 0).ffn_in.w].shape(0) / 2;
   const size_t es = mx::size_of(dt);
   auto& enc = cu::get_command_encoder(stream());
   auto& codes = outputs[0];
@@ -67,27 +66,9 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
     enc.set_output_array(x);
     cuda::add_launch(enc, embed, embed_add_launch(ea), eparams);
     // the step's layer stack over the frame's caches, in place
-    cuda::StackNode sn{.dtype = dt,
-                       .bits = s_.bits,
-                       .heads = s_.heads,
-                       .layers = L,
-                       .hidden = hidden,
-                       .eps = s_.eps,
-                       .rope_max_period = s_.rope_max_period,
-                       .inputs = &inputs,
-                       .first_weight = stack_index(k),
-                       .x = &x,
-                       .y = &y,
-                       .pos_array = &pos,
-                       .pos = static_cast<char*>(ptr(pos)) + k * B * sizeof(int),
-                       .copy = std::vector<char>(2 * L, 0)};
-    for (int l = 0; l < L; ++l) {
-      sn.kc.push_back(&caches[l]);
-      sn.vc.push_back(&caches[L + l]);
-      sn.kc_out.push_back(&caches[l]);
-      sn.vc_out.push_back(&caches[L + l]);
-    }
-    cuda::add_decoder_layers(enc, sn);
+    cuda::add_decoder_layers(enc, {.stack = step_stack(k, inputs, caches, x, y),
+                                   .pos_array = &pos,
+                                   .pos = static_cast<char*>(ptr(pos)) + k * B * sizeof(int)});
     // logits[k] = head_k(y), then the token
     const Proj hp = head(k);
     char* lk = static_cast<char*>(ptr(logits)) + static_cast<size_t>(k) * B * V * es;

@@ -22,7 +22,6 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
   const auto dt = h.dtype();
   const int B = h.shape(0), C_in = h.shape(1), Q = s_.Q, L = s_.layers;
   const int D = inputs[table_index(0)].shape(1), V = outputs[1].shape(2), Dh = D / s_.heads;
-  const int hidden = inputs[layer(0, 0).ffn_in.w].shape(0) / 2;
   const int64_t es = static_cast<int64_t>(mx::size_of(dt)), is = sizeof(int32_t), fs = sizeof(float);
   auto& enc = mx::metal::get_command_encoder(stream());
   auto& d = mx::metal::device(stream().device);
@@ -58,26 +57,7 @@ void DepformerFrame::eval_gpu(const std::vector<mx::array>& inputs, std::vector<
     enc.set_bytes(ea, 4);
     metal::dispatch(enc, p, embed_add_launch(ea), "depformer_frame");
     // the step's layer stack over the frame's caches, in place
-    metal::StackNode sn{.dtype = dt,
-                        .bits = s_.bits,
-                        .heads = s_.heads,
-                        .layers = L,
-                        .hidden = hidden,
-                        .eps = s_.eps,
-                        .rope_max_period = s_.rope_max_period,
-                        .inputs = &inputs,
-                        .first_weight = stack_index(k),
-                        .x = &x,
-                        .y = &y,
-                        .pos = at(pos, k * B * is),
-                        .copy = std::vector<char>(2 * L, 0)};
-    for (int l = 0; l < L; ++l) {
-      sn.kc.push_back(&caches[l]);
-      sn.vc.push_back(&caches[L + l]);
-      sn.kc_out.push_back(&caches[l]);
-      sn.vc_out.push_back(&caches[L + l]);
-    }
-    metal::add_decoder_layers(enc, d, sn);
+    metal::add_decoder_layers(enc, d, {.stack = step_stack(k, inputs, caches, x, y), .pos = at(pos, k * B * is)});
     // logits[k] = head_k(y), then the token
     const metal::Buf lk = at(logits, static_cast<int64_t>(k) * B * V * es);
     project(head(k), at(y), lk, D, V);

@@ -46,23 +46,11 @@ struct ProjBufs {
 };
 ProjBufs proj_bufs(const std::vector<mx::array>& inputs, const Proj& p);
 
-// A stack of decoder layers for one decode step (see decoder_layers.h and
-// cuda_nodes.h's StackNode, which this mirrors): layer l's caches are read from
-// kc[l] / vc[l] and written to kc_out[l] / vc_out[l] (the same arrays, or with
-// copy[l] / copy[L + l] fresh ones the attention fills with a copy first); pos is
-// B int32 positions at a byte offset into an array.
+// A stack of decoder layers for one decode step (decoder_layers_common.h's
+// StackShape); pos is B int32 positions at a byte offset into an array.
 struct StackNode {
-  mx::Dtype dtype;
-  int bits, heads, layers, hidden;
-  float eps, rope_max_period;
-  const std::vector<mx::array>* inputs;
-  int first_weight;
-  const mx::array* x;
-  mx::array* y;
+  StackShape stack;
   Buf pos;
-  std::vector<const mx::array*> kc, vc;
-  std::vector<mx::array*> kc_out, vc_out;
-  std::vector<char> copy;
 };
 void add_decoder_layers(mx::metal::CommandEncoder& enc, mx::metal::Device& d, const StackNode& n);
 
