@@ -63,12 +63,18 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_perf_report_real_time_sessions():
+@pytest.fixture(scope="module")
+def perf_report():
+    """bench/perf_report.py as a module (bench/ is not a package)."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import perf_report
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return perf_report
+
+
+def test_perf_report_real_time_sessions(perf_report):
     rows = {("tick q4", 1): {"median": 8.0, "p99": 9.1}, ("tick q4", 8): {"median": 29.0, "p99": 79.9},
             ("tick q4", 32): {"median": 70.0, "p99": 80.0}, ("tick bf16", 1): {"median": 81.0, "p99": 90.0},
             ("tick bf16 kv8", 64): {"median": 40.0, "p99": 42.0}, ("tick bf16 kv8", 128): {"error": "OOM"}}
@@ -79,15 +85,10 @@ def test_perf_report_real_time_sessions():
     assert perf_report.real_time_sessions(rows, "tick q4") == "32 or more"
 
 
-def test_perf_report_floor():
+def test_perf_report_floor(perf_report):
     """The whole tick's floor: 7,687,450,624 parameters of the 7B LM in bf16 and a session's
     1,572,864,000-byte full-window cache, at 4.3 TB/s; with 4-bit weights (group 64: 4.5 bits
     a parameter) and the 8-bit cache (811,008,000 bytes a session) at B = 128."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import perf_report
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
     assert perf_report.floor_ms(1) == pytest.approx(1e3 * (2 * 7_687_450_624 + 1_572_864_000) / 4.3e12, rel=1e-12)
     assert perf_report.floor_ms(128, 4, 8) == pytest.approx(
         1e3 * (4.5 / 8 * 7_687_450_624 + 128 * 811_008_000) / 4.3e12, rel=1e-12)
