@@ -15,6 +15,10 @@
 # OFFICIAL_DIR (default: $out), so copy it back there when the calls' $OUT differ.
 #   official   bench/official_loop.py (moshi's loop, its own process): full 7B and --structure
 #   ours       bench/tick_bench.py: full (bf16, q4, per-op at B=1, codec, profiles) and --structure
+#   tc         bench/matvec_tc_bench.py: matvec's tensor-core path vs its streaming kernel vs MLX vs the
+#              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
+#   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
+#              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
 #   kv8        bench/tick_bench.py --kv-bits 8, bf16 and q4, at KV8_BATCHES (default 8,32,64,128)
 #   report     tables.md, and tick.png where matplotlib imports (else: perf_report.py --plot here,
 #              on the JSON brought back)
@@ -64,6 +68,16 @@ for step in "$@"; do
         timeout 150 python3 bench/tick_bench.py --batches 1,8 --formats 0 --structure --profile --per-op-ticks 0 \
           --json "$out/ours_structure.json" >> "$out/ours.log" 2>&1
         grep -v '"profile"' "$out/ours.log" | tail -5; tail -c 600 "$out/ours.log" ) ;;
+    tc)
+      ( mlx_env
+        timeout 240 python3 bench/matvec_tc_bench.py --batches "${TC_BATCHES:-1,8,32,64}" --json "$out/matvec_tc.json" \
+          > "$out/matvec_tc.log" 2>&1
+        tail -c 3000 "$out/matvec_tc.log" ) ;;
+    dense-tc)
+      ( mlx_env
+        PERSONAPLEX_DENSE_PROJ=tc timeout 300 python3 bench/tick_bench.py --batches "${DENSE_TC_BATCHES:-8,32,64}" \
+          --formats 0 --json "$out/ours_dense_tc.json" > "$out/ours_dense_tc.log" 2>&1
+        tail -6 "$out/ours_dense_tc.log" ) ;;
     kv8)
       ( mlx_env
         timeout 420 python3 bench/tick_bench.py --batches "${KV8_BATCHES:-8,32,64,128}" --formats 0,4 --kv-bits 8 \
@@ -85,6 +99,6 @@ for step in "$@"; do
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, kv8, report, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, tc, dense-tc, kv8, report, bench)" >&2; exit 2 ;;
   esac
 done

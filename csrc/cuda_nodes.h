@@ -7,12 +7,14 @@
 
 #pragma once
 
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "cuda_common.h"
 #include "decoder_layers_common.h"  // Proj
 #include "matvec.cuh"          // MatvecArgs
+#include "matvec_tc.cuh"       // MatvecTcArgs
 #include "ring_attention.cuh"  // RingArgs
 #include "sample_topk.cuh"     // SampleArgs
 
@@ -26,8 +28,37 @@ struct MatvecNode {
 };
 using Arrays = std::vector<const mx::array*>;
 
+// One projection: matvec.cuh's kernel, or for 2 to 64 rows of 16-bit x the
+// tensor-core path of matvec_tc.cuh (its workspace as a temporary).
 void add_matvec(mx::cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,
                 const Arrays& writes);
+
+// Whether a projection takes the tensor-core path: matvec_tc_supported and at least
+// PERSONAPLEX_MATVEC_TC_MIN_ROWS rows (default 2 for 4- and 8-bit weights, 9 dense;
+// 65 turns the path off).
+bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
+
+// The tensor-core path's launches, in order, through launch(image-relative kernel
+// name, plan, params); ws holds matvec_tc_workspace_floats(t) floats.
+template <class Launch>
+void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, void* x, void* w, void* scales,
+                        void* biases, void* alpha, void* residual, void* out, float* ws, Launch launch) {
+  MatvecTcArgs args = t;
+  void* rms = ws;
+  void* part = ws + (t.M + 3) / 4 * 4;
+  if (t.norm) {
+    void* params[] = {&x, &rms, &args};
+    launch("matvec_tc_rms_" + dt, matvec_tc_rms_launch(t), params);
+  }
+  {
+    void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
+    launch("matvec_tc_" + dt + "_" + (bits == 0 ? "dense" : bits == 4 ? "q4" : "q8") + "_n" +
+               std::to_string(matvec_tc_tiles(t.M)),
+           matvec_tc_launch(t), params);
+  }
+  void* params[] = {&part, &residual, &out, &args};
+  launch("matvec_tc_finish_" + dt, matvec_tc_finish_launch(t), params);
+}
 
 struct RingNode {
   mx::Dtype dtype;

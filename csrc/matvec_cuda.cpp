@@ -1,5 +1,6 @@
 // The CUDA path of Matvec: one kernel node from kernels/cuda/matvec.cu.
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -16,7 +17,18 @@ namespace cu = mx::cu;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Read per call (a few hundred ns), so that tests and benchmarks can move it.
+int tc_min_rows(int bits) {
+  const char* v = std::getenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS");
+  const int env = v && *v ? std::atoi(v) : 0;
+  return env > 0 ? env : bits ? 2 : 9;
+}
+
 }  // namespace
+
+bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits) {
+  return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows(bits);
+}
 
 void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,
                       const Arrays& writes) {
@@ -28,6 +40,23 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
   }
   if (!aligned16(n.x) || !aligned16(n.w) || (n.alpha && !aligned16(n.alpha))) {
     throw std::invalid_argument("matvec on CUDA: x, w and alpha must start on a 16-byte boundary");
+  }
+  if (matvec_takes_tc(a, n.dtype, n.bits)) {
+    const int device = enc.device().cuda_device();
+    const MatvecTcArgs t =
+        matvec_tc_args(a.M, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
+    mx::array ws({static_cast<int>(matvec_tc_workspace_floats(t))}, mx::float32, nullptr, {});
+    cuda::alloc_output(ws, enc);
+    enc.add_temporary(ws);
+    for (auto* r : reads) enc.set_input_array(*r);
+    for (auto* w : writes) enc.set_output_array(*w);
+    enc.set_output_array(ws);
+    matvec_tc_launches(cuda::kernel_dtype("matvec", n.dtype), n.bits, t, n.x, n.w, n.scales, n.biases, n.alpha,
+                       n.residual, n.out, static_cast<float*>(cuda::ptr(ws)),
+                       [&](const std::string& name, const PpLaunch& plan, void** params) {
+                         cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params);
+                       });
+    return;
   }
   const std::string name = std::string("matvec_") + cuda::kernel_dtype("matvec", n.dtype) + "_" +
                            (n.bits == 0 ? "dense" : n.bits == 4 ? "q4" : "q8") + "_m" +

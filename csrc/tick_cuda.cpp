@@ -26,6 +26,7 @@
 #include "common.h"
 #include "cublas_shim.h"
 #include "cuda_common.h"
+#include "cuda_nodes.h"
 #include "tick.h"
 
 extern "C" const unsigned char matvec_fatbin[];
@@ -112,6 +113,18 @@ struct CudaState {
                             Cublas::kCompute32F, Cublas::kGemmDefault),
                  "cublasGemmEx");
   }
+  // Scratch that no op needs past its own launches (the tensor-core matvec's
+  // partials): one region for all, as large as the largest asked for in the dry pass
+  // (which launches nothing and gets null), allocated before the capture.
+  size_t shared_bytes = 0;
+  CUdeviceptr shared_ws = 0;
+  void* shared(size_t bytes) {
+    if (dry) {
+      shared_bytes = std::max(shared_bytes, bytes);
+      return nullptr;
+    }
+    return reinterpret_cast<void*>(shared_ws);
+  }
   // A workspace of `bytes` for the op being walked: allocated in the dry pass,
   // handed out again, in the same order, in the capture.
   void* workspace(size_t bytes) {
@@ -143,6 +156,17 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
         using O = std::decay_t<decltype(o)>;
         if constexpr (std::is_same_v<O, prog::Matvec>) {
           MatvecArgs a = o.args;
+          if (cuda::matvec_takes_tc(a, p.mem(o.x).dtype, o.bits)) {
+            const MatvecTcArgs t =
+                matvec_tc_args(a.M, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
+            float* ws = static_cast<float*>(s.shared(sizeof(float) * matvec_tc_workspace_floats(t)));
+            cuda::matvec_tc_launches(dts(o.x), o.bits, t, at(o.x), at(o.w), at(o.scales), at(o.biases), at(o.alpha),
+                                     at(o.residual), at(o.out), ws,
+                                     [&](const std::string& name, const PpLaunch& plan, void** params) {
+                                       s.kernel(matvec_fatbin, name, plan, params);
+                                     });
+            return;
+          }
           const std::string name = "matvec_" + dts(o.x) + "_" + (o.bits == 0 ? "dense" : o.bits == 4 ? "q4" : "q8") +
                                    "_m" + std::to_string(matvec_x_rows(a.M));
           void *x = at(o.x), *w = at(o.w), *sc = at(o.scales), *bi = at(o.biases), *al = at(o.alpha),
@@ -336,6 +360,7 @@ TickProgram::~TickProgram() {
   if (s.graph) cuGraphDestroy(s.graph);
   if (s.capture) cuStreamDestroy(s.capture);
   for (auto w : s.workspaces) cuMemFree(w);
+  if (s.shared_ws) cuMemFree(s.shared_ws);
   if (s.cublas_ws) cuMemFree(s.cublas_ws);
   if (s.arena) cuMemFree(s.arena);
   CUcontext popped;
@@ -395,6 +420,7 @@ static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::
   ck(cuStreamSynchronize(s.capture), "cuStreamSynchronize (dry pass)");
   s.dry = false;
   s.next_workspace = 0;
+  if (s.shared_bytes && !s.shared_ws) ck(cuMemAlloc(&s.shared_ws, s.shared_bytes), "cuMemAlloc (shared scratch)");
   ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
   try {
     for (const auto& op : ops) launch_op(s, p, op, resolve);

@@ -22,6 +22,7 @@
 
 #if defined(__CUDACC__)
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #define PP_DEVICE __device__ __forceinline__
@@ -59,6 +60,22 @@ PP_DEVICE pp_u32 pp_load4(const PP_GLOBAL void* p) { return *static_cast<const u
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *static_cast<uint4*>(p) = v; }
 PP_DEVICE pp_u32x4 pp_zero16() { return make_uint4(0u, 0u, 0u, 0u); }
 #define PP_NEG_INF (-__int_as_float(0x7f800000))
+// d += A B on the tensor cores (mma.m16n8k16, float32 accumulation), a warp-wide
+// operation: A 16x16 row-major in 4 registers of 16-bit pairs, B 16x8 column-major
+// in 2, d 16x8 in 4 floats, each lane holding the fragment the PTX ISA assigns it
+// (kernels/matvec_tc.cuh relies on that layout). sm_80 and later; no Metal form.
+PP_DEVICE void pp_mma_bf16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+PP_DEVICE void pp_mma_f16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
 
 #elif defined(__METAL_VERSION__)
 

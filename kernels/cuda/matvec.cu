@@ -26,3 +26,39 @@
 MATVEC_DTYPE(f32, pp::F32)
 MATVEC_DTYPE(bf16, pp::BF16)
 MATVEC_DTYPE(f16, pp::F16)
+
+// The tensor-core path (kernels/matvec_tc.cuh), 16-bit x only: matvec_tc_rms_<dtype>,
+// matvec_tc_<dtype>_<dense|q4|q8>_n<n8 tiles of x rows>, matvec_tc_finish_<dtype>.
+#include "../matvec_tc.cuh"
+
+#define MATVEC_TC(DT, F, WN, W, NT)                                                                 \
+  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads) matvec_tc_##DT##_##WN##_n##NT(   \
+      const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,               \
+      const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                     \
+    __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStride];                                \
+    matvec_tc::project<F, W, NT>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x,     \
+                                 blockIdx.y, threadIdx.x);                                           \
+  }
+
+#define MATVEC_TC_N(DT, F, WN, W) \
+  MATVEC_TC(DT, F, WN, W, 1)      \
+  MATVEC_TC(DT, F, WN, W, 2)      \
+  MATVEC_TC(DT, F, WN, W, 4)      \
+  MATVEC_TC(DT, F, WN, W, 8)
+
+#define MATVEC_TC_DTYPE(DT, F)                                                                       \
+  MATVEC_TC_N(DT, F, dense, matvec::Dense<F>)                                                        \
+  MATVEC_TC_N(DT, F, q4, matvec::Affine<4>)                                                          \
+  MATVEC_TC_N(DT, F, q8, matvec::Affine<8>)                                                          \
+  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads)                                  \
+      matvec_tc_rms_##DT(const F::Elem* x, float* inv_rms, MatvecTcArgs a) {                         \
+    __shared__ float smem[matvec_tc::kWarps];                                                        \
+    matvec_tc::rms<F>(x, inv_rms, a, smem, blockIdx.x, threadIdx.x);                                 \
+  }                                                                                                  \
+  extern "C" __global__ void __launch_bounds__(kMatvecTcFinishThreads)                               \
+      matvec_tc_finish_##DT(const float* part, const F::Elem* residual, F::Elem* out, MatvecTcArgs a) { \
+    matvec_tc::finish<F>(part, residual, out, a, long(blockIdx.x) * blockDim.x + threadIdx.x);       \
+  }
+
+MATVEC_TC_DTYPE(bf16, pp::BF16)
+MATVEC_TC_DTYPE(f16, pp::F16)

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "matvec.cuh"
+#include "matvec_tc.cuh"
 
 namespace {
 
@@ -60,9 +61,80 @@ void matvec_format(int bits, const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
   else throw std::invalid_argument("matvec: bits must be 0, 4 or 8");
 }
 
+// The tensor-core path's three launches, as csrc/matvec_cuda.cpp makes them, with
+// `sms` multiprocessors deciding the K splits. The workspace starts as NaN.
+template <class F, class W, int NT>
+void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
+  using E = typename F::Elem;
+  std::vector<float> ws(matvec_tc_workspace_floats(a), NAN);
+  float* inv_rms = ws.data();
+  float* part = ws.data() + (a.M + 3) / 4 * 4;
+  std::vector<float> smem(kMatvecTcThreads / 32);
+  if (a.norm) {
+    pp_emu::launch(matvec_tc_rms_launch(a), smem, [&](int bx, int, int, int tid) {
+      matvec_tc::rms<F>(static_cast<const E*>(p.x), inv_rms, a, smem.data(), bx, tid);
+    }, seed);
+  }
+  // The x tile as 16-bit elements, poisoned with NaN of T before every block.
+  std::vector<float> tile((matvec_tc_smem_elems(NT) + 1) / 2);
+  E* xs = reinterpret_cast<E*>(tile.data());
+  const E nan = F::store(NAN);
+  pp_emu::launch(
+      matvec_tc_launch(a), tile,
+      [&](int bx, int by, int, int tid) {
+        matvec_tc::project<F, W, NT>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+                                     static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
+                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
+      },
+      seed, [&] { std::fill(xs, xs + matvec_tc_smem_elems(NT), nan); });
+  std::vector<float> none;
+  const PpLaunch fin = matvec_tc_finish_launch(a);
+  pp_emu::launch(fin, none, [&](int bx, int, int, int tid) {
+    matvec_tc::finish<F>(part, static_cast<const E*>(p.residual), static_cast<E*>(p.out), a,
+                         long(bx) * fin.threads + tid);
+  }, seed);
+}
+
+template <class F, class W>
+void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
+  switch (matvec_tc_tiles(a.M)) {
+    case 1: return matvec_tc_run<F, W, 1>(p, a, seed);
+    case 2: return matvec_tc_run<F, W, 2>(p, a, seed);
+    case 4: return matvec_tc_run<F, W, 4>(p, a, seed);
+    default: return matvec_tc_run<F, W, 8>(p, a, seed);
+  }
+}
+
+template <class F>
+void matvec_tc_format(int bits, const MatvecPtrs& p, const MatvecArgs& m, int sms, unsigned seed) {
+  if (!matvec_tc_supported(m.M, m.K, static_cast<int>(sizeof(typename F::Elem)))) {
+    throw std::invalid_argument("matvec_tc: 1 to 64 rows of 16-bit x and K a multiple of 256 only");
+  }
+  const MatvecTcArgs a = matvec_tc_args(m.M, m.K, m.n_out, m.norm, m.gate, m.residual, m.eps, sms);
+  if (bits == 0) matvec_tc_tiles_run<F, matvec::Dense<F>>(p, a, seed);
+  else if (bits == 4) matvec_tc_tiles_run<F, matvec::Affine<4>>(p, a, seed);
+  else if (bits == 8) matvec_tc_tiles_run<F, matvec::Affine<8>>(p, a, seed);
+  else throw std::invalid_argument("matvec_tc: bits must be 0, 4 or 8");
+}
+
 }  // namespace
 
 extern "C" {
+
+// The tensor-core path (kernels/matvec_tc.cuh): dtype 1 bfloat16, 2 float16; `sms`
+// multiprocessors for the split along K. Returns the splits used in *splits.
+int emu_matvec_tc(int dtype, int bits, const void* x, const void* w, const void* scales, const void* biases,
+                  const void* alpha, const void* residual, void* out, const MatvecArgs* a, int sms,
+                  unsigned seed, int* splits) {
+  const MatvecPtrs p{.x = x, .w = w, .scales = scales, .biases = biases, .alpha = alpha,
+                     .residual = residual, .out = out};
+  return pp_emu::guarded([&] {
+    *splits = matvec_tc_args(a->M, a->K, a->n_out, a->norm, a->gate, a->residual, a->eps, sms).splits;
+    if (dtype == 1) matvec_tc_format<pp::BF16>(bits, p, *a, sms, seed);
+    else if (dtype == 2) matvec_tc_format<pp::F16>(bits, p, *a, sms, seed);
+    else throw std::invalid_argument("matvec_tc: x must be bfloat16 or float16");
+  });
+}
 
 const char* emu_error() { return pp_emu::g_error.c_str(); }
 

@@ -83,6 +83,7 @@ struct Launch {
   std::vector<int> warp_arrived;
   std::vector<long> warp_gen;
   std::vector<float> exchange;  // [warp][phase][lane]
+  std::vector<uint32_t> mma_exchange;  // [warp][phase][lane][6]: A's 4 registers, B's 2
   std::function<void(int)> entry;
   std::string error;  // set by a fiber that cannot go on
 };
@@ -120,6 +121,37 @@ inline float shfl_xor(float x, int mask) {
   buf[lane] = x;
   wait_at(L.warp_arrived[warp], L.warp_gen[warp], kWarp);
   return buf[(lane ^ mask) % kWarp];
+}
+
+// mma.m16n8k16 with float32 accumulation, as one warp-wide step: every lane
+// deposits its A and B fragments (the PTX ISA's layout: lane = 4 * group +
+// thread-in-group), the warp meets, and every lane sums its four outputs over k in
+// order. `load` turns a 16-bit element into float (bf16 or f16). The phase
+// alternates with the shuffles', so a buffer is refilled only after a later meeting.
+template <class Load>
+inline void mma(float* d, const uint32_t* a, uint32_t b0, uint32_t b1, Load load) {
+  Launch& L = *g_launch;
+  Fiber& f = *L.current;
+  const int warp = f.tid / kWarp, lane = f.tid % kWarp;
+  uint32_t* buf = L.mma_exchange.data() + (warp * 2 + f.phase) * kWarp * 6;
+  f.phase ^= 1;
+  uint32_t* mine = buf + lane * 6;
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  wait_at(L.warp_arrived[warp], L.warp_gen[warp], kWarp);
+  auto half = [&](uint32_t v, int k) { return load(static_cast<uint16_t>(v >> (16 * (k & 1)))); };
+  // A[r][k]: lane (r % 8) * 4 + (k % 8) / 2, register 2 * (k >= 8) + (r >= 8).
+  auto A = [&](int r, int k) { return half(buf[((r % 8) * 4 + (k % 8) / 2) * 6 + 2 * (k >= 8) + (r >= 8)], k); };
+  // B[k][c]: lane c * 4 + (k % 8) / 2, register (k >= 8).
+  auto B = [&](int k, int c) { return half(buf[(c * 4 + (k % 8) / 2) * 6 + 4 + (k >= 8)], k); };
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int r = g + 8 * (e >= 2), c = 2 * t + (e & 1);
+    float s = d[e];
+    for (int k = 0; k < 16; ++k) s += A(r, k) * B(k, c);
+    d[e] = s;
+  }
 }
 
 // Exceptions cannot unwind out of a fiber: record the error, end the fiber, and
@@ -163,6 +195,7 @@ void launch(Dim3 grid, int threads, std::vector<float>& smem, Body body, unsigne
   L.warp_arrived.assign(threads / kWarp, 0);
   L.warp_gen.assign(threads / kWarp, 0);
   L.exchange.assign(threads / kWarp * 2 * kWarp, 0.f);
+  L.mma_exchange.assign(threads / kWarp * 2 * kWarp * 6, 0u);
   for (int t = 0; t < threads; ++t) {
     Fiber& f = L.fibers[t];
     f.tid = t;
@@ -315,3 +348,9 @@ PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) {
 }
 PP_DEVICE pp_u32x4 pp_zero16() { return pp_u32x4{0u, 0u, 0u, 0u}; }
 #define PP_NEG_INF (-INFINITY)
+PP_DEVICE void pp_mma_bf16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
+  pp_emu::mma(d, a, b0, b1, [](uint16_t h) { return pp_bits_to_float(pp_u32(h) << 16); });
+}
+PP_DEVICE void pp_mma_f16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
+  pp_emu::mma(d, a, b0, b1, [](uint16_t h) { return pp_half_to_float(h); });
+}

@@ -9,10 +9,21 @@ import numpy as np
 import pytest
 
 from personaplex_fast import _ext, ops
-from tests.test_matvec import EPS, assert_matches, emulate, operands, to_np
+from tests.test_matvec import EPS, assert_matches, emulate, operands, round_to, to_np
 
 
 pytestmark = pytest.mark.usefixtures("poison")
+
+
+def takes_tc(M, K, dtype, bits):
+    """Whether the CUDA host sends this call to the tensor-core path (matvec_takes_tc with
+    the default PERSONAPLEX_MATVEC_TC_MIN_ROWS); its 4- and 8-bit weights are
+    dequantised to T first, as mx.dequantize does."""
+    return dtype != mx.float32 and K % 256 == 0 and M <= 64 and M >= (2 if bits else 9)
+
+
+def expected_w(W, M, K, dtype, bits):
+    return round_to(W, dtype) if bits and takes_tc(M, K, dtype, bits) else W
 
 
 def gpu_and_cpu(x, w, scales, biases, alpha, res, bits, gate):
@@ -34,9 +45,10 @@ def test_matvec_gpu_sweep(dtype, bits, M):
             x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, dtype, bits, norm, gate, residual)
             y_gpu, y_cpu = gpu_and_cpu(x, w, scales, biases, alpha, res, bits, gate)
             what = f"K={K} N={N} norm={norm} gate={gate} residual={residual}"
-            want = emulate(x, W, dtype, alpha, gate, res)
+            want = emulate(x, expected_w(W, M, K, dtype, bits), dtype, alpha, gate, res)
             assert_matches(y_gpu, want, dtype, what + " (vs emulation)", res)
-            assert_matches(y_gpu, to_np(y_cpu), dtype, what + " (vs CPU)", res)
+            if not (bits and takes_tc(M, K, dtype, bits)):  # the CPU sums scale * q . x + bias * sum(x)
+                assert_matches(y_gpu, to_np(y_cpu), dtype, what + " (vs CPU)", res)
 
 
 @pytest.mark.parametrize("bits", [0, 4, 8])
@@ -50,11 +62,42 @@ def test_matvec_gpu_sweep(dtype, bits, M):
 ])
 def test_matvec_gpu_model_shapes(bits, K, N, gate):
     rng = np.random.default_rng(K + N + bits)
-    for M in (1, 8):
+    for M in (1, 8, 33, 64):
         x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, mx.bfloat16, bits, True, gate, True)
-        y_gpu, _ = [mx.array(a) for a in gpu_and_cpu(x, w, scales, biases, alpha, res, bits, gate)]
-        assert_matches(y_gpu, emulate(x, W, mx.bfloat16, alpha, gate, res), mx.bfloat16,
-                       f"M={M} K={K} N={N} bits={bits}", res)
+        y_gpu = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.gpu)
+        assert_matches(y_gpu, emulate(x, expected_w(W, M, K, mx.bfloat16, bits), mx.bfloat16, alpha, gate, res),
+                       mx.bfloat16, f"M={M} K={K} N={N} bits={bits}", res)
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits", [0, 4, 8])
+def test_matvec_tc_every_row_count(dtype, bits, monkeypatch):
+    """The tensor-core path forced for every row count 1..64 (ragged ones included: the
+    last n8 tile of x part empty), fresh random operands each, outputs poisoned, against
+    the numpy emulation with W as mx.dequantize gives it; epilogues rotate, and a K of 6
+    steps splits several ways over a second block of rows."""
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS", "1")
+    rng = np.random.default_rng(hash(("tc", str(dtype), bits)) % 2**32)
+    epilogues = [(False, False, False), (True, True, False), (False, False, True), (True, False, True),
+                 (True, True, True)]
+    for M in range(1, 65):
+        norm, gate, residual = epilogues[M % len(epilogues)]
+        K, N = 1536, 2 * 150 if gate else 150
+        x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, dtype, bits, norm, gate, residual)
+        y = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.gpu)
+        want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
+        assert_matches(y, want, dtype, f"M={M} norm={norm} gate={gate} residual={residual}", res)
+
+
+def test_matvec_tc_off_by_environment(monkeypatch):
+    """PERSONAPLEX_MATVEC_TC_MIN_ROWS=65 keeps every call on the streaming kernel: q4 at
+    32 rows then matches the CPU path's float32 sums (scale * q . x + bias * sum x)."""
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS", "65")
+    rng = np.random.default_rng(5)
+    x, w, scales, biases, W, alpha, res = operands(rng, 32, 1024, 256, mx.bfloat16, 4, True, False, False)
+    y_gpu, y_cpu = gpu_and_cpu(x, w, scales, biases, alpha, res, 4, False)
+    assert_matches(y_gpu, emulate(x, W, mx.bfloat16, alpha), mx.bfloat16, "streaming q4, 32 rows")
+    assert_matches(y_gpu, to_np(y_cpu), mx.bfloat16, "streaming q4 vs CPU, 32 rows")
 
 
 def test_ops_check_mode_on_gpu():

@@ -5,6 +5,7 @@ tick/lm.py, which walk the models and add the ops."""
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,6 +71,15 @@ def _proj(layer: nn.Module):
     if p is None:
         raise Unsupported(f"{type(layer).__name__} (bias-free Linear or affine group-64 QuantizedLinear only)")
     return p
+
+
+def dense_by_tensor_cores(M: int, K: int, dtype) -> bool:
+    """Whether a dense projection of M rows goes to matvec's tensor-core path
+    (kernels/matvec_tc.cuh: 9 to 64 rows of 16-bit x, K a multiple of 256) rather than
+    the GEMM forms: PERSONAPLEX_DENSE_PROJ=tc (default: gemm). 4- and 8-bit weights
+    always take matvec, which picks its path itself."""
+    return (os.environ.get("PERSONAPLEX_DENSE_PROJ", "gemm") == "tc" and 9 <= M <= 64 and K % 256 == 0
+            and dtype in (mx.bfloat16, mx.float16))
 
 
 class Builder:
@@ -142,7 +152,8 @@ class Builder:
         proj = _proj(layer)
         w, scales, biases, bits = proj.w, proj.scales, proj.biases, proj.bits
         dt = self.dtype_of(x)
-        if self.gemm_forms and bits == 0 and M >= GEMM_MIN_ROWS and (M > 8 or w.nbytes >= GEMM_MIN_BYTES):
+        if (self.gemm_forms and bits == 0 and M >= GEMM_MIN_ROWS and (M > 8 or w.nbytes >= GEMM_MIN_BYTES)
+                and not dense_by_tensor_cores(M, K, dt)):
             src = x
             if norm is not None:
                 src = self.shared("normed", (M, K), dt)

@@ -1,0 +1,91 @@
+"""matvec at the 7B's projection shapes for 1 to 64 rows of x, on CUDA: the tensor-core
+path (kernels/matvec_tc.cuh), the streaming kernel (kernels/matvec.cuh, which re-reads
+the weights per 8 rows), MLX's own matmul / quantized_matmul (with the norm, gate and
+residual as MLX ops: reference.matvec) and the floor (the weights' bytes at the copy
+bandwidth measured in this run).
+
+GPU time per call: `--calls` calls in one graph, each on its own copy of the weights
+(so no call finds the previous one's weights in the 50 MB L2), divided by the calls.
+The path is picked per call with PERSONAPLEX_MATVEC_TC_MIN_ROWS (1: tensor cores at
+every row count; 65: the streaming kernel).
+
+    python bench/matvec_tc_bench.py [--batches 1,8,32,64] [--bits 0,4,8] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gpu_common import bf16, copy_bandwidth, median_ms, versions  # noqa: E402
+from gpu_primitives import MATVEC_SHAPES  # noqa: E402
+from personaplex_fast import _ext, reference  # noqa: E402
+
+FORMAT = {0: "bf16", 4: "q4", 8: "q8"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--bits", default="0,4,8")
+    p.add_argument("--calls", type=int, default=8)
+    p.add_argument("--json")
+    a = p.parse_args(argv)
+    batches = [int(b) for b in a.batches.split(",")]
+    bw = copy_bandwidth()
+    rows = []
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s; {versions()}", flush=True)
+    print("| shape | format | rows | tensor cores | streaming | MLX | floor | tc vs floor |")
+    print("|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for name, K, N, gate, norm, res, _ in MATVEC_SHAPES:
+        alpha = mx.ones((K,), dtype=mx.bfloat16) if norm else None
+        for bits in [int(b) for b in a.bits.split(",")]:
+            weights = []
+            for _ in range(a.calls):
+                w = bf16(rng, (N, K)) * (1 / math.sqrt(K))
+                weights.append(mx.quantize(w, group_size=64, bits=bits) if bits else (w, None, None))
+                mx.eval(weights[-1])
+            wbytes = sum(t.nbytes for t in weights[0] if t is not None)
+            floor = wbytes / bw * 1e3
+            for B in batches:
+                xs = [bf16(rng, (B, K)) for _ in range(a.calls)]
+                rs = [bf16(rng, (B, N // 2 if gate else N)) if res else None for _ in range(a.calls)]
+                mx.eval(xs, [r for r in rs if r is not None])
+
+                def fused(min_rows):
+                    def step():
+                        os.environ["PERSONAPLEX_MATVEC_TC_MIN_ROWS"] = str(min_rows)
+                        mx.eval([_ext.matvec(x, w, s, b, alpha, r, bits, gate, 1e-8)
+                                 for x, (w, s, b), r in zip(xs, weights, rs)])
+                    return step
+
+                def mlx():
+                    mx.eval([reference.matvec(x, w, s, b, bits=bits, alpha=alpha, gate=gate, residual=r)
+                             for x, (w, s, b), r in zip(xs, weights, rs)])
+
+                tc = median_ms(fused(1)) / a.calls
+                stream = median_ms(fused(65)) / a.calls
+                ref = median_ms(mlx) / a.calls
+                os.environ.pop("PERSONAPLEX_MATVEC_TC_MIN_ROWS", None)
+                rows.append({"shape": name, "format": FORMAT[bits], "rows": B, "tc_ms": tc, "stream_ms": stream,
+                             "mlx_ms": ref, "floor_ms": floor, "weight_bytes": wbytes})
+                print(f"| {name} | {FORMAT[bits]} | {B} | {tc:.4f} | {stream:.4f} | {ref:.4f} | {floor:.4f} "
+                      f"| {tc / floor:.2f}x |", flush=True)
+                if a.json:
+                    Path(a.json).write_text(json.dumps({"copy_gbps": bw / 1e9, "versions": versions(), "rows": rows},
+                                                       indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
