@@ -28,10 +28,13 @@ struct MatvecNode {
 };
 using Arrays = std::vector<const mx::array*>;
 
-// One projection: matvec.cuh's kernel, or for 2 to 64 rows of 16-bit x the
-// tensor-core path of matvec_tc.cuh (its workspace as a temporary).
+// One projection: matvec.cuh's kernel, or for 16-bit x of enough rows the tensor-core
+// path of matvec_tc.cuh (64 rows at a time; its workspace as a temporary).
 void add_matvec(mx::cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,
                 const Arrays& writes);
+
+// p + bytes, or null for null (an absent operand).
+inline void* offset(void* p, size_t bytes) { return p ? static_cast<char*>(p) + bytes : nullptr; }
 
 // Whether a projection takes the tensor-core path: matvec_tc_supported and at least
 // PERSONAPLEX_MATVEC_TC_MIN_ROWS rows (default 2 for 4- and 8-bit weights, 9 dense;

@@ -1,5 +1,6 @@
 // The CUDA path of Matvec: one kernel node from kernels/cuda/matvec.cu.
 
+#include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -43,19 +44,34 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
   }
   if (matvec_takes_tc(a, n.dtype, n.bits)) {
     const int device = enc.device().cuda_device();
-    const MatvecTcArgs t =
-        matvec_tc_args(a.M, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
-    mx::array ws({static_cast<int>(matvec_tc_workspace_floats(t))}, mx::float32, nullptr, {});
+    const MatvecTcArgs first_chunk = matvec_tc_args(std::min(a.M, kMatvecTcMaxRows), a.K, a.n_out, a.norm, a.gate,
+                                                    a.residual, a.eps, cuda::sm_count(device));
+    mx::array ws({static_cast<int>(matvec_tc_workspace_floats(first_chunk))}, mx::float32, nullptr, {});
     cuda::alloc_output(ws, enc);
     enc.add_temporary(ws);
-    for (auto* r : reads) enc.set_input_array(*r);
-    for (auto* w : writes) enc.set_output_array(*w);
-    enc.set_output_array(ws);
-    matvec_tc_launches(cuda::kernel_dtype("matvec", n.dtype), n.bits, t, n.x, n.w, n.scales, n.biases, n.alpha,
-                       n.residual, n.out, static_cast<float*>(cuda::ptr(ws)),
-                       [&](const std::string& name, const PpLaunch& plan, void** params) {
-                         cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params);
-                       });
+    // MLX's encoder orders its graph's nodes by the arrays registered before each one:
+    // every launch reads the operands and, from the second on, the workspace; each
+    // also writes the workspace (so that a next chunk's launches wait for this one's
+    // finish, which reads it), and the finish writes the outputs.
+    bool first = true;
+    const size_t es = mx::size_of(n.dtype);
+    auto launch = [&](const std::string& name, const PpLaunch& plan, void** params) {
+      for (auto* r : reads) enc.set_input_array(*r);
+      if (!first) enc.set_input_array(ws);
+      enc.set_output_array(ws);
+      if (name.rfind("matvec_tc_finish_", 0) == 0) {
+        for (auto* w : writes) enc.set_output_array(*w);
+      }
+      first = false;
+      cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params);
+    };
+    matvec_tc_chunks(a.M, [&](int m0, int rows) {
+      const MatvecTcArgs t =
+          matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
+      matvec_tc_launches(cuda::kernel_dtype("matvec", n.dtype), n.bits, t, cuda::offset(n.x, size_t(m0) * a.K * es),
+                         n.w, n.scales, n.biases, n.alpha, cuda::offset(n.residual, size_t(m0) * a.n_out * es),
+                         cuda::offset(n.out, size_t(m0) * a.n_out * es), static_cast<float*>(cuda::ptr(ws)), launch);
+    });
     return;
   }
   const std::string name = std::string("matvec_") + cuda::kernel_dtype("matvec", n.dtype) + "_" +

@@ -157,14 +157,19 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
         if constexpr (std::is_same_v<O, prog::Matvec>) {
           MatvecArgs a = o.args;
           if (cuda::matvec_takes_tc(a, p.mem(o.x).dtype, o.bits)) {
-            const MatvecTcArgs t =
-                matvec_tc_args(a.M, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
-            float* ws = static_cast<float*>(s.shared(sizeof(float) * matvec_tc_workspace_floats(t)));
-            cuda::matvec_tc_launches(dts(o.x), o.bits, t, at(o.x), at(o.w), at(o.scales), at(o.biases), at(o.alpha),
-                                     at(o.residual), at(o.out), ws,
-                                     [&](const std::string& name, const PpLaunch& plan, void** params) {
-                                       s.kernel(matvec_fatbin, name, plan, params);
-                                     });
+            const size_t es = mx::size_of(p.mem(o.x).dtype);
+            matvec_tc_chunks(a.M, [&](int m0, int rows) {  // one workspace: the chunks run in order
+              const MatvecTcArgs t =
+                  matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
+              float* ws = static_cast<float*>(s.shared(sizeof(float) * matvec_tc_workspace_floats(t)));
+              cuda::matvec_tc_launches(dts(o.x), o.bits, t, cuda::offset(at(o.x), size_t(m0) * a.K * es), at(o.w),
+                                       at(o.scales), at(o.biases), at(o.alpha),
+                                       cuda::offset(at(o.residual), size_t(m0) * a.n_out * es),
+                                       cuda::offset(at(o.out), size_t(m0) * a.n_out * es), ws,
+                                       [&](const std::string& name, const PpLaunch& plan, void** params) {
+                                         s.kernel(matvec_fatbin, name, plan, params);
+                                       });
+            });
             return;
           }
           const std::string name = "matvec_" + dts(o.x) + "_" + (o.bits == 0 ? "dense" : o.bits == 4 ? "q4" : "q8") +

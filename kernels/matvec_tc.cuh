@@ -267,9 +267,16 @@ inline int matvec_tc_tiles(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 
 // Workgroup memory of matvec_tc_..._n<NT>, in elements of T.
 inline int matvec_tc_smem_elems(int nt) { return nt * 8 * (PP_MATVEC_TC_STEP + 8); }
 
-// Whether the path takes this call: a 16-bit float x, 1 to 64 rows, whole 256-wide K steps.
+// Whether the path takes this call: a 16-bit float x and whole 256-wide K steps. More
+// than 64 rows go in chunks of 64 (matvec_tc_chunks), each reading the weights again.
 inline bool matvec_tc_supported(int M, int K, int elem_bytes) {
-  return elem_bytes == 2 && M >= 1 && M <= kMatvecTcMaxRows && K > 0 && K % PP_MATVEC_TC_STEP == 0;
+  return elem_bytes == 2 && M >= 1 && K > 0 && K % PP_MATVEC_TC_STEP == 0;
+}
+
+// The row chunks of a call: fn(first row, rows) for each, at most 64 rows, in order.
+template <class Fn>
+void matvec_tc_chunks(int M, Fn fn) {
+  for (int m0 = 0; m0 < M; m0 += kMatvecTcMaxRows) fn(m0, M - m0 < kMatvecTcMaxRows ? M - m0 : kMatvecTcMaxRows);
 }
 
 // Units (outputs) per block: 8 warps of 16 rows.

@@ -149,7 +149,8 @@ def emulated_matvec_tc(emu, x, w, scales, biases, alpha, res, bits, gate, sms, s
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("bits", [0, 4, 8])
-@pytest.mark.parametrize("M", [1, 3, 17, 40, 64])  # n8 tiles NT = 1, 1, 4 (17 -> 3 rows of x past M), 8, 8
+# n8 tiles NT = 1, 1, 4 (17 -> 3 rows of x past M), 8, 8; 130: chunks of 64, 64 and 2 rows
+@pytest.mark.parametrize("M", [1, 3, 17, 40, 64, 130])
 def test_matvec_tc_kernel(emulator, dtype, bits, M):
     """The tensor-core body (mma emulated with the PTX fragment layout) against the
     numpy emulation of the reference with W as mx.dequantize gives it (rounded to T),
@@ -159,7 +160,7 @@ def test_matvec_tc_kernel(emulator, dtype, bits, M):
 
     rng = np.random.default_rng(hash((str(dtype), bits, M, "tc")) % 2**32)
     K = 768
-    for i, (norm, gate, residual) in enumerate(EPILOGUES if M in (3, 64) else EPILOGUES[2:3]):
+    for i, (norm, gate, residual) in enumerate(EPILOGUES if M in (3, 64, 130) else EPILOGUES[2:3]):
         x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, norm, gate, residual)
         got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate,
                                          sms=2, seed=i)
@@ -169,10 +170,11 @@ def test_matvec_tc_kernel(emulator, dtype, bits, M):
 
 
 def test_matvec_tc_refuses_what_it_does_not_take(emulator):
-    x = mx.zeros((65, 256), dtype=mx.bfloat16)
-    w = mx.zeros((16, 256), dtype=mx.bfloat16)
-    with pytest.raises(AssertionError, match="1 to 64 rows"):
+    x = mx.zeros((5, 320), dtype=mx.bfloat16)
+    w = mx.zeros((16, 320), dtype=mx.bfloat16)
+    with pytest.raises(AssertionError, match="K a multiple of 256"):
         emulated_matvec_tc(emulator["matvec"], x, w, None, None, None, None, 0, False, 2, 0)
+    x, w = x[:, :256], w[:, :256]
     with pytest.raises(AssertionError, match="bfloat16 or float16"):
         emulated_matvec_tc(emulator["matvec"], x[:4].astype(mx.float32), w.astype(mx.float32), None, None,
                            None, None, 0, False, 2, 0)

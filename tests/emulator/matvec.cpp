@@ -108,13 +108,20 @@ void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned se
 template <class F>
 void matvec_tc_format(int bits, const MatvecPtrs& p, const MatvecArgs& m, int sms, unsigned seed) {
   if (!matvec_tc_supported(m.M, m.K, static_cast<int>(sizeof(typename F::Elem)))) {
-    throw std::invalid_argument("matvec_tc: 1 to 64 rows of 16-bit x and K a multiple of 256 only");
+    throw std::invalid_argument("matvec_tc: 16-bit x and K a multiple of 256 only");
   }
-  const MatvecTcArgs a = matvec_tc_args(m.M, m.K, m.n_out, m.norm, m.gate, m.residual, m.eps, sms);
-  if (bits == 0) matvec_tc_tiles_run<F, matvec::Dense<F>>(p, a, seed);
-  else if (bits == 4) matvec_tc_tiles_run<F, matvec::Affine<4>>(p, a, seed);
-  else if (bits == 8) matvec_tc_tiles_run<F, matvec::Affine<8>>(p, a, seed);
-  else throw std::invalid_argument("matvec_tc: bits must be 0, 4 or 8");
+  using E = typename F::Elem;
+  matvec_tc_chunks(m.M, [&](int m0, int rows) {  // as the hosts split more than 64 rows
+    const MatvecTcArgs a = matvec_tc_args(rows, m.K, m.n_out, m.norm, m.gate, m.residual, m.eps, sms);
+    MatvecPtrs c = p;
+    c.x = static_cast<const E*>(p.x) + long(m0) * m.K;
+    if (p.residual) c.residual = static_cast<const E*>(p.residual) + long(m0) * m.n_out;
+    c.out = static_cast<E*>(p.out) + long(m0) * m.n_out;
+    if (bits == 0) matvec_tc_tiles_run<F, matvec::Dense<F>>(c, a, seed);
+    else if (bits == 4) matvec_tc_tiles_run<F, matvec::Affine<4>>(c, a, seed);
+    else if (bits == 8) matvec_tc_tiles_run<F, matvec::Affine<8>>(c, a, seed);
+    else throw std::invalid_argument("matvec_tc: bits must be 0, 4 or 8");
+  });
 }
 
 }  // namespace
@@ -129,7 +136,8 @@ int emu_matvec_tc(int dtype, int bits, const void* x, const void* w, const void*
   const MatvecPtrs p{.x = x, .w = w, .scales = scales, .biases = biases, .alpha = alpha,
                      .residual = residual, .out = out};
   return pp_emu::guarded([&] {
-    *splits = matvec_tc_args(a->M, a->K, a->n_out, a->norm, a->gate, a->residual, a->eps, sms).splits;
+    *splits = matvec_tc_args(a->M < kMatvecTcMaxRows ? a->M : kMatvecTcMaxRows, a->K, a->n_out, a->norm, a->gate,
+                             a->residual, a->eps, sms).splits;
     if (dtype == 1) matvec_tc_format<pp::BF16>(bits, p, *a, sms, seed);
     else if (dtype == 2) matvec_tc_format<pp::F16>(bits, p, *a, sms, seed);
     else throw std::invalid_argument("matvec_tc: x must be bfloat16 or float16");

@@ -19,7 +19,7 @@ def takes_tc(M, K, dtype, bits):
     """Whether the CUDA host sends this call to the tensor-core path (matvec_takes_tc with
     the default PERSONAPLEX_MATVEC_TC_MIN_ROWS); its 4- and 8-bit weights are
     dequantised to T first, as mx.dequantize does."""
-    return dtype != mx.float32 and K % 256 == 0 and M <= 64 and M >= (2 if bits else 9)
+    return dtype != mx.float32 and K % 256 == 0 and M >= (2 if bits else 9)
 
 
 def expected_w(W, M, K, dtype, bits):
@@ -73,14 +73,14 @@ def test_matvec_gpu_model_shapes(bits, K, N, gate):
 @pytest.mark.parametrize("bits", [0, 4, 8])
 def test_matvec_tc_every_row_count(dtype, bits, monkeypatch):
     """The tensor-core path forced for every row count 1..64 (ragged ones included: the
-    last n8 tile of x part empty), fresh random operands each, outputs poisoned, against
+    last n8 tile of x part empty) and for 65 and 130 (chunks of 64), fresh random operands each, outputs poisoned, against
     the numpy emulation with W as mx.dequantize gives it; epilogues rotate, and a K of 6
     steps splits several ways over a second block of rows."""
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS", "1")
     rng = np.random.default_rng(hash(("tc", str(dtype), bits)) % 2**32)
     epilogues = [(False, False, False), (True, True, False), (False, False, True), (True, False, True),
                  (True, True, True)]
-    for M in range(1, 65):
+    for M in [*range(1, 65), 65, 130]:  # past 64: chunks of 64 rows
         norm, gate, residual = epilogues[M % len(epilogues)]
         K, N = 1536, 2 * 150 if gate else 150
         x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, dtype, bits, norm, gate, residual)

@@ -175,9 +175,13 @@ def attention_op(gpu, B, H, T, D, W, dtype, qkv, rings, pos, rope):
             [(read(c, ring, mx.int8), read(s, ring[:3], mx.float32)) for c, s in ((hk, hks), (hv, hvs))])
 
 
-def assert_rings_close(got, want, what):
+def assert_rings_close(got, want, what, k_rtol=1e-5):
+    """k_rtol: the keys' scales come from rotated keys, whose RoPE angles (position x
+    frequency) the GPU and the CPU round apart by ~3e-7 rad per position (the outputs'
+    allowance below); the values' scales are exact to 1e-5."""
     for name, (gc, gs), (wc, ws) in zip(("k", "v"), got, want):
-        np.testing.assert_allclose(np.array(gs), np.array(ws), rtol=1e-5, atol=0, err_msg=f"{what}: {name} scales")
+        np.testing.assert_allclose(np.array(gs), np.array(ws), rtol=k_rtol if name == "k" else 1e-5, atol=0,
+                                   err_msg=f"{what}: {name} scales")
         diff = np.abs(np.array(gc).astype(np.int32) - np.array(wc).astype(np.int32))
         assert diff.max() <= 1 and diff.mean() <= 0.01, f"{what}: {name} codes differ at {int((diff > 0).sum())}"
 
@@ -197,7 +201,8 @@ def test_gpu_8bit_attention_equals_cpu(B, H, T, D, W, dtype):
     assert np.isfinite(a).all(), "unwritten output"
     tol = {mx.float32: 5e-5, mx.bfloat16: 3e-2, mx.float16: 4e-3}[dtype] + 3e-7 * (int(np.array(pos).max()) + T)
     assert np.abs(a - b).max() <= tol, f"out: {np.abs(a - b).max():.3g} > {tol:.3g}"
-    assert_rings_close(got_rings, want_rings, f"B={B} T={T} D={D} W={W}")
+    assert_rings_close(got_rings, want_rings, f"B={B} T={T} D={D} W={W}",
+                       k_rtol=1e-5 + 3e-7 * (int(np.array(pos).max()) + T))
 
 
 def test_gpu_program_with_8bit_cache_equals_cpu_program(tiny):
