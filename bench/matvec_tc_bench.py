@@ -39,15 +39,19 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="0,4,8")
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--json")
+    p.add_argument("--tiny", action="store_true", help="the shapes scaled down by 16 (a smoke test on the CPU)")
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
-    bw = copy_bandwidth()
+    shapes = MATVEC_SHAPES
+    if a.tiny:
+        shapes = [(name, K // 16, N // 16, *rest) for name, K, N, *rest in MATVEC_SHAPES]
+    bw = copy_bandwidth(64 if a.tiny else 2048)
     rows = []
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; {versions()}", flush=True)
     print("| shape | format | rows | tensor cores | streaming | MLX | floor | tc vs floor |")
     print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for name, K, N, gate, norm, res, _ in MATVEC_SHAPES:
+    for name, K, N, gate, norm, res, _ in shapes:
         alpha = mx.ones((K,), dtype=mx.bfloat16) if norm else None
         for bits in [int(b) for b in a.bits.split(",")]:
             weights = []

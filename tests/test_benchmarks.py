@@ -63,6 +63,21 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_matvec_tc_bench_runs_tiny(tmp_path):
+    """bench/matvec_tc_bench.py at shapes scaled down by 16 on the CPU (where both of
+    matvec's GPU paths are the CPU path): a row per shape, format and row count."""
+    out = tmp_path / "tc.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "matvec_tc_bench.py"), "--tiny", "--batches", "1,9",
+                           "--bits", "0,4", "--calls", "2", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 * 2 * 2
+    assert {(r["format"], r["rows"]) for r in rows} == {("bf16", 1), ("bf16", 9), ("q4", 1), ("q4", 9)}
+    assert all(r["tc_ms"] > 0 and r["stream_ms"] > 0 and r["mlx_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert "| qkv 4096->12288 +norm | q4 | 9 |" in proc.stdout
+
+
 @pytest.fixture(scope="module")
 def perf_report():
     """bench/perf_report.py as a module (bench/ is not a package)."""
