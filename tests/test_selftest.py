@@ -9,6 +9,7 @@ only, for the attention). Here the CPU stands in for a GPU (ops.validates_here),
 tiny shapes. About 10 s.
 """
 
+import os
 import warnings
 from dataclasses import replace
 
@@ -245,6 +246,33 @@ def test_a_failing_program_sends_the_engine_op_by_op(validating, monkeypatch, ti
     with ops.use_kernels("fused"):  # untested kernels: the program again
         assert engines(*tiny_model, None).program is not None
     assert ops.kernels() == "auto" and ops.mode() == "fused"
+
+
+def test_a_failing_tensor_core_path_turns_only_it_off(validating, monkeypatch, tiny_model):
+    """matvec_tc failing: matvec keeps its streaming kernel at every row count (the CUDA
+    hosts read PERSONAPLEX_MATVEC_TC_MIN_ROWS per call), and nothing else changes: the
+    engine still runs the program, matvec its fused primitive."""
+    monkeypatch.delenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS", raising=False)  # restored after the test
+    only(monkeypatch, "matvec_tc")
+    monkeypatch.setitem(selftest.CHECKS, "matvec_tc", fails(5.0))
+    with pytest.warns(RuntimeWarning, match=r"matvec_tc failed its self-test .*streaming kernel at every row count"):
+        assert ops.fallbacks() == {"matvec_tc": "forced: error 5 x its tolerance"}
+    assert int(os.environ["PERSONAPLEX_MATVEC_TC_MIN_ROWS"]) > 64
+    assert ops.program_applies() and ops.program_applies(kv_bits=8)
+    assert engines(*tiny_model, None).program is not None
+    x, w, _, _ = operands()
+    validating.clear()
+    mx.eval(ops.matvec(x, w))
+    assert validating == {"matvec": 1}
+
+
+def test_the_tensor_core_row_checks_17_rows(monkeypatch):
+    """The row's cases are matvec's, at 17 rows whatever the batch asked for."""
+    seen = []
+    right = _ext.matvec
+    monkeypatch.setattr(_ext, "matvec", lambda x, *a: (seen.append(x.shape[0]), right(x, *a))[1])
+    [result] = selftest.run(selftest.tiny_shapes(batch=2), names=("matvec_tc",))
+    assert result.ok and result.cases == 7 and set(seen) == {17}  # tiny ffn_out: K not whole groups
 
 
 def test_the_program_rows_have_no_cases_where_there_is_no_program(monkeypatch):

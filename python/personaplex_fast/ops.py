@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import weakref
 
 import mlx.core as mx
@@ -166,6 +167,8 @@ def fallbacks() -> dict[str, str]:
             print(f"personaplex_fast: checking the kernels on {selftest.device_name()} against their references, "
                   "once for this device and version (about a minute)...", file=sys.stderr, flush=True)
         found = _verdicts[device] = selftest.verdict()
+        if MATVEC_TC in found:  # the CUDA hosts read this per call: the streaming kernel at every row count
+            os.environ["PERSONAPLEX_MATVEC_TC_MIN_ROWS"] = str(1 << 30)
         for name, why in sorted(found.items()):
             warnings.warn(f"personaplex_fast: {name} failed its self-test on {selftest.device_name()} ({why}); "
                           f"{_FALLBACK.get(name, 'it runs its pure-MLX reference here')} "
@@ -175,7 +178,9 @@ def fallbacks() -> dict[str, str]:
 
 # What the self-test's rows that are no primitive of their own fall back to.
 KV8_ATTENTION = "ring_attention_kv8"  # the 8-bit KV cache's attention: only the tick program runs it
+MATVEC_TC = "matvec_tc"  # matvec's tensor-core path (CUDA): a path of matvec, switched off alone
 _FALLBACK = {"tick": "the engine runs op by op here",
+             MATVEC_TC: "matvec keeps its streaming kernel at every row count here (slower from 2 sessions)",
              KV8_ATTENTION: "with an 8-bit KV cache (--kv-bits 8) the engine runs op by op here, its "
                             "attention the pure-MLX reference"}
 
@@ -185,10 +190,11 @@ def program_applies(kv_bits: int | None = None) -> bool:
     kernels on this device, and no self-test failure (fallbacks) in what the program runs:
     any fused primitive (the program runs their kernels whatever the verdict), the program
     itself ("tick"), and with an 8-bit KV cache its attention. Op by op instead, a failed
-    primitive runs its reference, and an 8-bit ring always does (cache_fusable)."""
+    primitive runs its reference, and an 8-bit ring always does (cache_fusable). A failed
+    tensor-core path of matvec only turns that path off (fallbacks), here as op by op."""
     if _mode != "fused" or not kernels_here():
         return False
-    return not any(name != KV8_ATTENTION or kv_bits == 8 for name in fallbacks())
+    return not any((name != KV8_ATTENTION or kv_bits == 8) and name != MATVEC_TC for name in fallbacks())
 
 
 def _leaves(out) -> list:

@@ -36,7 +36,7 @@ from .reference import DepformerWeights, LayerStack, LayerWeights, Projection
 from .sampling import SamplingConfig
 from .selftest_tick import check_ring_attention_kv8, check_tick  # noqa: F401 (CHECKS)
 
-PRIMITIVES = ("matvec", "ring_attention", "decoder_layers", "sample_topk", "depformer_frame",
+PRIMITIVES = ("matvec", "matvec_tc", "ring_attention", "decoder_layers", "sample_topk", "depformer_frame",
               "conv1d_stream", "conv_transpose1d_stream", "rvq_encode", "rvq_decode", "ring_attention_kv8", "tick")
 
 # The tests' tolerances (each file named): largest |fused - reference|, absolute, or
@@ -189,6 +189,14 @@ def check_matvec(s: Shapes, d: Draw):
             scale = mx.abs(want.astype(mx.float32)) + (0 if r is None else mx.abs(r.astype(mx.float32)))
             tol = MATVEC_REL[dt] * scale + 1e-3 * (mx.max(mx.abs(want.astype(mx.float32))) + 1e-6)
             yield f"{case} q{bits}" if bits else case, worst([got], [want], np32(tol))
+
+
+def check_matvec_tc(s: Shapes, d: Draw):
+    """check_matvec at 17 rows of x: on CUDA, matvec's tensor-core path (kernels/matvec_tc.cuh
+    takes 16-bit x from 2 rows of 4- or 8-bit weights and from 9 of dense ones); elsewhere
+    the same primitive at that batch. Its weights are dequantised to T first, which the
+    reference here does too."""
+    yield from check_matvec(with_batch(s, max(s.batch, 17)), d)
 
 
 def check_ring_attention(s: Shapes, d: Draw):
