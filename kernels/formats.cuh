@@ -24,15 +24,6 @@ struct BF16 {
     if ((u & 0x7fffffffu) > 0x7f800000u) return pp_u16(0x7fc0);
     return pp_u16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
-  // Two values as one register of bf16s, lo in the low half (one cvt on CUDA).
-  static PP_DEVICE pp_u32 pack2(float lo, float hi) {
-#if defined(__CUDACC__)
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const pp_u32*>(&h);
-#else
-    return pp_u32(store(lo)) | (pp_u32(store(hi)) << 16);
-#endif
-  }
 };
 
 struct F16 {
@@ -40,18 +31,26 @@ struct F16 {
   static PP_CONSTANT constexpr int kPerVec = 8;
   static PP_DEVICE float load(pp_u32 e) { return pp_half_to_float(pp_u16(e)); }
   static PP_DEVICE pp_u16 store(float f) { return pp_float_to_half(f); }
-  static PP_DEVICE pp_u32 pack2(float lo, float hi) {
-#if defined(__CUDACC__)
-    const __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const pp_u32*>(&h);
-#else
-    return pp_u32(store(lo)) | (pp_u32(store(hi)) << 16);
-#endif
-  }
 };
 
 template <class F>
 PP_DEVICE float round_trip(float x) { return F::load(F::store(x)); }
+
+// Two values stored as one register of 16-bit elements, lo in the low half (16-bit F).
+template <class F>
+PP_DEVICE pp_u32 pack2(float lo, float hi) { return pp_u32(F::store(lo)) | (pp_u32(F::store(hi)) << 16); }
+#if defined(__CUDACC__)
+template <>  // one cvt instruction, rounding as BF16::store does
+PP_DEVICE pp_u32 pack2<BF16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const pp_u32*>(&h);
+}
+template <>
+PP_DEVICE pp_u32 pack2<F16>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const pp_u32*>(&h);
+}
+#endif
 
 template <class F>
 PP_DEVICE void unpack(pp_u32x4 r, PP_THREAD float* out) {

@@ -77,7 +77,7 @@ struct Octets<F, matvec::Affine<BITS>> {
     float q[8];
     matvec::Affine<BITS>::unpack_sub(v, o, q);
     #pragma unroll
-    for (int i = 0; i < 4; ++i) r[i] = F::pack2(sc * q[2 * i] + bi, sc * q[2 * i + 1] + bi);
+    for (int i = 0; i < 4; ++i) r[i] = pp::pack2<F>(sc * q[2 * i] + bi, sc * q[2 * i + 1] + bi);
   }
 };
 
@@ -158,10 +158,10 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
           pp::unpack<F>(v, xf);
           pp::unpack<F>(pp_load16(alpha + kb + c), al);
           const float r = inv_rms[n];
-          v.x = F::pack2(al[0] * (xf[0] * r), al[1] * (xf[1] * r));
-          v.y = F::pack2(al[2] * (xf[2] * r), al[3] * (xf[3] * r));
-          v.z = F::pack2(al[4] * (xf[4] * r), al[5] * (xf[5] * r));
-          v.w = F::pack2(al[6] * (xf[6] * r), al[7] * (xf[7] * r));
+          v.x = pp::pack2<F>(al[0] * (xf[0] * r), al[1] * (xf[1] * r));
+          v.y = pp::pack2<F>(al[2] * (xf[2] * r), al[3] * (xf[3] * r));
+          v.z = pp::pack2<F>(al[4] * (xf[4] * r), al[5] * (xf[5] * r));
+          v.w = pp::pack2<F>(al[6] * (xf[6] * r), al[7] * (xf[7] * r));
         }
       }
       pp_store16(xs + n * kStride + c, v);

@@ -12,11 +12,11 @@
                              blockIdx.y, threadIdx.x);                                         \
   }
 
-#define MATVEC_M(DT, F, WN, W) \
-  MATVEC(DT, F, WN, W, 1)      \
-  MATVEC(DT, F, WN, W, 2)      \
-  MATVEC(DT, F, WN, W, 4)      \
-  MATVEC(DT, F, WN, W, 8)
+// KERNEL(..., n) for the 4 tile sizes of rows of x each family is instantiated for.
+#define PP_TILES(KERNEL, DT, F, WN, W) KERNEL(DT, F, WN, W, 1) KERNEL(DT, F, WN, W, 2) KERNEL(DT, F, WN, W, 4) \
+  KERNEL(DT, F, WN, W, 8)
+
+#define MATVEC_M(DT, F, WN, W) PP_TILES(MATVEC, DT, F, WN, W)
 
 #define MATVEC_DTYPE(DT, F)                       \
   MATVEC_M(DT, F, dense, matvec::Dense<F>)        \
@@ -40,11 +40,7 @@ MATVEC_DTYPE(f16, pp::F16)
                                  blockIdx.y, threadIdx.x);                                           \
   }
 
-#define MATVEC_TC_N(DT, F, WN, W) \
-  MATVEC_TC(DT, F, WN, W, 1)      \
-  MATVEC_TC(DT, F, WN, W, 2)      \
-  MATVEC_TC(DT, F, WN, W, 4)      \
-  MATVEC_TC(DT, F, WN, W, 8)
+#define MATVEC_TC_N(DT, F, WN, W) PP_TILES(MATVEC_TC, DT, F, WN, W)
 
 #define MATVEC_TC_DTYPE(DT, F)                                                                       \
   MATVEC_TC_N(DT, F, dense, matvec::Dense<F>)                                                        \
