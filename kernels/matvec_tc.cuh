@@ -93,6 +93,27 @@ PP_DEVICE void mma<pp::F16>(PP_THREAD float* d, PP_THREAD const pp_u32* a, pp_u3
   pp_mma_f16(d, a, b0, b1);
 }
 
+// A block's partial sums for its split: acc[j] holds (row g: columns 2t, 2t + 1) and
+// (row g + 8: the same columns) of n8 tile j; units u_lo and u_hi are rows g and g + 8.
+template <int NT>
+PP_DEVICE void store_partials(PP_THREAD float (*acc)[4], PP_GLOBAL float* part, MatvecTcArgs a, int split, int u_lo,
+                              int u_hi, int t) {
+  const int rows = a.gate ? 2 * a.n_out : a.n_out;
+  PP_GLOBAL float* p = part + long(split) * a.M * rows;
+  #pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int n = j * 8 + 2 * t + (e & 1);
+      const int u = e < 2 ? u_lo : u_hi;
+      if (n < a.M && u < a.n_out) {
+        const long row = u + (e >= 2 && a.gate ? long(a.n_out) : 0L);
+        p[long(n) * rows + row] = acc[j][e];
+      }
+    }
+  }
+}
+
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
 // part: [splits, M, rows] float32. xs: NT * 8 * kStride elements of workgroup memory.
@@ -107,7 +128,6 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
   constexpr int VL = kStep / C / 4;             // vectors per row per step, per lane
   constexpr int OCT = Octets<F, W>::kPerVec;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int rows = a.gate ? 2 * a.n_out : a.n_out;
   const int per_warp = a.gate ? 8 : 16;  // units
   const int u0 = (block * kWarps + warp) * per_warp;
   const int u_lo = u0 + g, u_hi = a.gate ? u0 + g : u0 + 8 + g;
@@ -188,20 +208,130 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
     }
   }
 
-  // acc[j]: (row g: columns 2t, 2t + 1), (row g + 8: the same columns) of tile j.
-  PP_GLOBAL float* p = part + long(split) * a.M * rows;
+  store_partials<NT>(acc, part, a, split, u_lo, u_hi, t);
+}
+
+// A step's weight vectors of a lane's two rows (g and g + 8 of its warp's tile), with
+// their groups' scales and biases (affine weights).
+template <class W, int VL>
+struct StepWeights {
+  pp_u32x4 lo[VL], hi[VL];
+  float s_lo[VL], b_lo[VL], s_hi[VL], b_hi[VL];
+};
+
+// project, pipelined (matvec_tc_..._p kernels, PERSONAPLEX_MATVEC_TC_PIPELINE=1; not
+// yet timed on a GPU): each step's weights and x tile are loaded into registers while
+// the tensor cores work on the previous step, instead of after it.
+template <class F, class W, int NT>
+PP_DEVICE void project_pipelined(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
+                       const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
+                       const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
+                       PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
+                       int split, int tid) {
+  constexpr int C = W::kChunk;                  // weights per 16-byte vector
+  constexpr int VL = kStep / C / 4;             // vectors per row per step, per lane
+  constexpr int OCT = Octets<F, W>::kPerVec;
+  constexpr int XV = NT * 8 * 32 / kThreads;    // x tile vectors per thread (NT * 8 rows of 32)
+  const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int per_warp = a.gate ? 8 : 16;  // units
+  const int u0 = (block * kWarps + warp) * per_warp;
+  const int u_lo = u0 + g, u_hi = a.gate ? u0 + g : u0 + 8 + g;
+  // Past the end: read a valid row, store nothing.
+  const long r_lo = u_lo < a.n_out ? u_lo : a.n_out - 1;
+  const long r_hi = (u_hi < a.n_out ? u_hi : a.n_out - 1) + (a.gate ? a.n_out : 0);
+  const long words = W::row_words(a.K);
+  const int groups = a.K / 64;
+
+  float acc[NT][4];
   #pragma unroll
   for (int j = 0; j < NT; ++j) {
     #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int n = j * 8 + 2 * t + (e & 1);
-      const int u = e < 2 ? u_lo : u_hi;
-      if (n < a.M && u < a.n_out) {
-        const long row = u + (e >= 2 && a.gate ? long(a.n_out) : 0L);
-        p[long(n) * rows + row] = acc[j][e];
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+  }
+
+  auto load_weights = [&](int s, PP_THREAD StepWeights<W, VL>& r) {
+    #pragma unroll
+    for (int i = 0; i < VL; ++i) {
+      const int k = s * kStep + (t + 4 * i) * C;
+      r.lo[i] = pp_load16(w + r_lo * words + W::row_words(k));
+      r.hi[i] = pp_load16(w + r_hi * words + W::row_words(k));
+      if (W::kAffine) {
+        r.s_lo[i] = F::load(scales[r_lo * groups + k / 64]);
+        r.b_lo[i] = F::load(biases[r_lo * groups + k / 64]);
+        r.s_hi[i] = F::load(scales[r_hi * groups + k / 64]);
+        r.b_hi[i] = F::load(biases[r_hi * groups + k / 64]);
+      } else {
+        r.s_lo[i] = r.b_lo[i] = r.s_hi[i] = r.b_hi[i] = 0.f;
       }
     }
+  };
+  // Vector e of step s's x tile (NT * 8 rows of 256, 32 vectors of 8 per row), normalised
+  // and rounded as the reference does, zero past M.
+  auto x_vector = [&](int s, int e) {
+    const int n = e >> 5, c = s * kStep + (e & 31) * 8;
+    pp_u32x4 v = pp_zero16();
+    if (n < a.M) {
+      v = pp_load16(x + long(n) * a.K + c);
+      if (a.norm) {
+        float xf[8], al[8];
+        pp::unpack<F>(v, xf);
+        pp::unpack<F>(pp_load16(alpha + c), al);
+        const float r = inv_rms[n];
+        v.x = pp::pack2<F>(al[0] * (xf[0] * r), al[1] * (xf[1] * r));
+        v.y = pp::pack2<F>(al[2] * (xf[2] * r), al[3] * (xf[3] * r));
+        v.z = pp::pack2<F>(al[4] * (xf[4] * r), al[5] * (xf[5] * r));
+        v.w = pp::pack2<F>(al[6] * (xf[6] * r), al[7] * (xf[7] * r));
+      }
+    }
+    return v;
+  };
+
+  const int total = a.K / kStep;
+  const int s0 = split * a.steps;
+  const int s1 = s0 + a.steps < total ? s0 + a.steps : total;
+  StepWeights<W, VL> cur, next;
+  pp_u32x4 xv[XV];
+  if (s0 < s1) {
+    load_weights(s0, cur);
+    #pragma unroll
+    for (int i = 0; i < XV; ++i) xv[i] = x_vector(s0, tid + i * kThreads);
   }
+  for (int s = s0; s < s1; ++s) {
+    PP_BARRIER();  // the previous step's readers are done with the tile
+    #pragma unroll
+    for (int i = 0; i < XV; ++i) {
+      const int e = tid + i * kThreads;
+      pp_store16(xs + (e >> 5) * kStride + (e & 31) * 8, xv[i]);
+    }
+    PP_BARRIER();
+    if (s + 1 < s1) {  // the next step's loads, in flight while this one computes
+      load_weights(s + 1, next);
+      #pragma unroll
+      for (int i = 0; i < XV; ++i) xv[i] = x_vector(s + 1, tid + i * kThreads);
+    }
+
+    #pragma unroll
+    for (int i = 0; i < VL; ++i) {
+      #pragma unroll
+      for (int o = 0; o < OCT; ++o) {
+        pp_u32 lo[4], hi[4];
+        Octets<F, W>::get(cur.lo[i], o, cur.s_lo[i], cur.b_lo[i], lo);
+        Octets<F, W>::get(cur.hi[i], o, cur.s_hi[i], cur.b_hi[i], hi);
+        const pp_u32 a1[4] = {lo[0], hi[0], lo[1], hi[1]};
+        const pp_u32 a2[4] = {lo[2], hi[2], lo[3], hi[3]};
+        const int koff = (t + 4 * i) * C + o * 8;
+        #pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const pp_u32x4 v = pp_load16(xs + (j * 8 + g) * kStride + koff);
+          mma<F>(acc[j], a1, v.x, v.y);
+          mma<F>(acc[j], a2, v.z, v.w);
+        }
+      }
+    }
+    cur = next;
+  }
+
+  store_partials<NT>(acc, part, a, split, u_lo, u_hi, t);
 }
 
 // One block per row of x: inv_rms[m].
