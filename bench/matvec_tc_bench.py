@@ -51,12 +51,13 @@ def main(argv=None) -> int:
     print("| shape | format | rows | tensor cores | streaming | MLX | floor | tc vs floor |")
     print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
-    for name, K, N, gate, norm, res, _ in shapes:
+    for si, (name, K, N, gate, norm, res, _) in enumerate(shapes):
         alpha = mx.ones((K,), dtype=mx.bfloat16) if norm else None
         for bits in [int(b) for b in a.bits.split(",")]:
             weights = []
-            for _ in range(a.calls):
-                w = bf16(rng, (N, K)) * (1 / math.sqrt(K))
+            for c in range(a.calls):  # drawn on the device: numpy took minutes for the 7B's shapes
+                key = mx.random.key(1000 * si + 100 * bits + c)
+                w = (mx.random.normal((N, K), key=key) * (1 / math.sqrt(K))).astype(mx.bfloat16)
                 weights.append(mx.quantize(w, group_size=64, bits=bits) if bits else (w, None, None))
                 mx.eval(weights[-1])
             wbytes = sum(t.nbytes for t in weights[0] if t is not None)
