@@ -1,12 +1,13 @@
-// Matvec's tensor-core path for 2 to 64 rows of x (csrc/matvec.h says what the
-// primitive computes; kernels/matvec.cuh is its path for a few rows). CUDA and the
-// CPU emulator; Metal keeps matvec.cuh at every row count.
+// Matvec's tensor-core path for 16-bit x of several rows (csrc/matvec.h says what the
+// primitive computes and from how many rows the CUDA hosts take this path;
+// kernels/matvec.cuh is its path for a few rows). CUDA and the CPU emulator; Metal keeps
+// matvec.cuh at every row count.
 //
-// Three launches per projection:
-//   matvec_tc_rms   (norm only) inv_rms[m] = 1 / sqrt(mean(x[m]^2) + eps), once per call;
-//   matvec_tc       partial sums of x0 @ W^T over one K range per block row (split K);
-//   matvec_tc_out   sums the splits in a fixed order, then the epilogue (round to T,
-//                   gate, residual) exactly as matvec.cuh applies it.
+// Three launches per projection and per 64 rows of x (matvec_tc_chunks):
+//   matvec_tc_rms     (norm only) inv_rms[m] = 1 / sqrt(mean(x[m]^2) + eps), once per call;
+//   matvec_tc         partial sums of x0 @ W^T over one K range per block row (split K);
+//   matvec_tc_finish  sums the splits in a fixed order, then the epilogue (round to T,
+//                     gate, residual) exactly as matvec.cuh applies it.
 //
 // matvec_tc: a block of 8 warps owns 128 weight rows (16 per warp: one m16 tile of
 // mma.m16n8k16, float32 accumulation) and one K range, walked 256 at a time. Per
