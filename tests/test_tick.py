@@ -212,3 +212,30 @@ def test_gemm_forms_compute_the_same_tick(model):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * max(1.0, np.abs(b).max()))
         agree += 1
     assert agree >= 5
+
+
+def test_dense_projections_by_tensor_cores_only_when_asked(monkeypatch):
+    """PERSONAPLEX_DENSE_PROJ=tc: a dense projection of 9-64 rows of 16-bit x with whole
+    256-wide K steps is one matvec op (matvec's tensor-core path on CUDA) instead of the
+    GEMM forms (norm, GEMM, gate); otherwise, and outside those bounds, the GEMM forms."""
+    import mlx.nn as nn
+
+    from personaplex_fast.tick import builder
+
+    class Norm:
+        alpha, eps = mx.ones((256,), dtype=mx.bfloat16), 1e-5
+
+    def ops_for(M, K=256, dtype=mx.bfloat16):
+        b = builder.Builder(slots=M, gpu=False, gemm_forms=True)
+        layer = nn.Linear(K, 2 * 128, bias=False)
+        layer.set_dtype(dtype)
+        x, out = b.buf((M, K), dtype), b.buf((M, 128), dtype)
+        before = b.p.ops
+        b.project(layer, x, out, M, K, 128, norm=Norm() if K == 256 else None, gate=True)
+        return b.p.ops - before
+
+    monkeypatch.delenv("PERSONAPLEX_DENSE_PROJ", raising=False)
+    assert ops_for(16) == 3  # norm, GEMM, gate
+    monkeypatch.setenv("PERSONAPLEX_DENSE_PROJ", "tc")
+    assert [ops_for(M) for M in (8, 9, 64, 65)] == [3, 1, 1, 3]
+    assert ops_for(16, K=320) == 2 and ops_for(16, dtype=mx.float32) == 3  # K not whole steps; float32
