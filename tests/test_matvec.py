@@ -88,7 +88,7 @@ def assert_matches(got, want, dtype, what, residual=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [0, 4, 8])
-@pytest.mark.parametrize("M", [1, 3, 8, 11])
+@pytest.mark.parametrize("M", [1, 3, 8, 11, 17, 63, 64, 130])  # the GPU paths' row tiles and chunks
 def test_matvec_matches_emulation(dtype, bits, M):
     rng = np.random.default_rng(hash((str(dtype), bits, M)) % 2**32)
     K, N = 256, 90  # 90 rows: outputs that do not fill the GPU kernel's last block
