@@ -9,6 +9,11 @@
 #   call 3  carry [".dev-mlx2", ".dev-torch"]                bash bench/gpu_session.sh official
 #   call 4  carry [".dev-mlx2"]                              bash bench/gpu_session.sh build ours report
 #   call 5  carry [".dev-mlx2"]                              bash bench/gpu_session.sh build kv8 report
+# Seconds these took on the H200 (2026-12-01 evening), for planning the 30 minutes of a lease:
+# build 127-140 (all fatbins), tests/gpu/test_matvec_gpu.py ~200, test_tick_gpu.py 20, the
+# other tests/gpu files 266, official (4 batches, no --structure) 69, ours as tick_bench
+# --batches 1,8,32,64 --formats 0,4 without --codec/--profile ~320 (engine start and the
+# self-test included), kv8 at 64,128 ~80, dense-tc at 8,32,64 ~20.
 # `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
 # runs a subset. Logs, JSON and the report (tables.md) go to $OUT (the device tool's
 # return folder), else ./gpu-out; `report` reads the official loop's JSON from
