@@ -1,4 +1,4 @@
-"""Fixtures shared by the server and browser tests."""
+"""Fixtures shared by the test files: a tiny checkpoint, and a server on one."""
 
 import os
 import subprocess
@@ -14,6 +14,12 @@ class Served(str):
 
     log: str
     model: object
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny official-format checkpoint (make_tiny), made once per test module."""
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,9 @@ import pytest
 
 from personaplex_fast import bundle
 from personaplex_fast.errors import UserError
-from personaplex_fast.tiny import make_tiny
 
 INDEX = b"<!doctype html><title>official client</title><script src='/assets/index-abc.js'></script>"
 SCRIPT = b"console.log('a client bundle');"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def tgz(members: dict[str, bytes]) -> bytes:

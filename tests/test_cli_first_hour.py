@@ -17,12 +17,6 @@ import pytest
 import soundfile as sf
 
 from personaplex_fast.cli import main
-from personaplex_fast.tiny import make_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 
 from personaplex_fast import torchfile
-from personaplex_fast.tiny import TINY, make_tiny
+from personaplex_fast.tiny import TINY
 from personaplex_fast.voices import VOICE_NAMES
 
 # A refused run peaks at what the interpreter, MLX and the tiny model take (~60 MB
@@ -36,11 +36,6 @@ def _peak():
 atexit.register(_peak)
 runpy.run_module("personaplex_fast.cli", run_name="__main__", alter_sys=True)
 """
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

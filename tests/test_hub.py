@@ -15,16 +15,10 @@ import soundfile as sf
 from personaplex_fast.checkpoint import CheckpointError
 from personaplex_fast.config import MIMI_WEIGHTS, TEXT_TOKENIZER
 from personaplex_fast.loading import load_model
-from personaplex_fast.tiny import make_tiny
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RENAMED = {"model.safetensors": "lm-7b.safetensors", MIMI_WEIGHTS: "mimi.safetensors",
            TEXT_TOKENIZER: "spm.model"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def cached_repo(hub, repo: str, files: dict) -> None:

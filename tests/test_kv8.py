@@ -26,17 +26,11 @@ from personaplex_fast.engine import Engine
 from personaplex_fast.loading import load_model
 from personaplex_fast.models.cache import RingKVCache
 from personaplex_fast.sampling import SamplingConfig
-from personaplex_fast.tiny import make_tiny
 from test_ring_attention import assert_close
 from test_tick import converse_alike
 from test_tick_emulator import program_op
 
 GREEDY = SamplingConfig(greedy=True)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def test_quantize_rows_is_absmax_over_127_rounded_to_even():

@@ -9,12 +9,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from personaplex_fast.tiny import make_tiny
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,8 @@ from personaplex_fast import server
 from personaplex_fast.config import LMConfig
 from personaplex_fast.errors import UserError
 from personaplex_fast.loading import load_model
-from personaplex_fast.tiny import make_tiny
 
 GIB = 2**30
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def test_the_7b_on_an_h200():

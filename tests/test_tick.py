@@ -17,15 +17,9 @@ from personaplex_fast import _ext, ops, tick
 from personaplex_fast.engine import Engine
 from personaplex_fast.loading import load_model
 from personaplex_fast.sampling import SamplingConfig
-from personaplex_fast.tiny import make_tiny
 
 GREEDY = SamplingConfig(greedy=True)
 AUDIO_TOL = 2e-5  # program against op by op, per unit of the audio's scale (float32 rounding)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module", params=[mx.float32, mx.bfloat16], ids=["f32", "bf16"])

@@ -19,14 +19,8 @@ import pytest
 from personaplex_fast import ops
 from personaplex_fast.loading import load_model
 from personaplex_fast.sampling import SamplingConfig
-from personaplex_fast.tiny import make_tiny
 
 CHECK_TOL = 2e-2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 def user_audio(frames, slots, frame_size, seed=0):

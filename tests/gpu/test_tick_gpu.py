@@ -22,14 +22,8 @@ from personaplex_fast import _ext, reference, tick
 from personaplex_fast.engine import Engine
 from personaplex_fast.loading import load_model
 from personaplex_fast.sampling import SamplingConfig
-from personaplex_fast.tiny import make_tiny
 
 GREEDY = SamplingConfig(greedy=True)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
 
 
 pytestmark = pytest.mark.usefixtures("poison")
