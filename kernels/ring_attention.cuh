@@ -13,17 +13,20 @@
 //     chunk (T > 1) overwrites slots that its own earlier queries still read.
 //
 // Keys and values stream through 16-byte loads: a key row is read by G = D / VEC
-// lanes (VEC elements each), so a warp covers 32 / G keys per step. New keys are
-// rotated on the fly; q and k are rounded to the storage type after RoPE, where
-// the reference rounds, and everything else is float32.
+// lanes (VEC elements each: 16 bytes of the ring's format), so a warp covers 32 / G
+// keys per step, kUnroll steps in flight before the first is used; the scores of
+// those keys enter the running softmax together. New keys are rotated on the fly;
+// q and k are rounded to the storage type after RoPE, where the reference rounds,
+// and everything else is float32.
 //
 // The ring's format C is a template parameter of both bodies: the activations' own
 // (Plain), or 8 bits (Int8Rows: Engine(kv_bits=8), half the bytes a step reads and
 // holds). An 8-bit row is int8 codes and one float32 scale per (session, head,
 // position): scale = absmax / 127, code = round(x / scale), ties to even, from the
-// value as the plain ring would store it (keys after RoPE). A lane reads its VEC
-// codes with 4-byte loads; `finish` quantizes a new row in one warp, its absmax
-// reduced by shuffles. The new positions of a chunk attend to each other unquantized
+// value as the plain ring would store it (keys after RoPE). A lane reads 16 codes
+// with one load and converts them without int-to-float instructions; the row's scale
+// multiplies its score and its softmax weight, not each element. `finish` quantizes
+// a new row in one warp, its absmax reduced by shuffles. The new positions of a chunk attend to each other unquantized
 // (from k, v, as the reference does); they are quantized as they enter the ring.
 
 #pragma once
@@ -91,18 +94,28 @@ PP_DEVICE void merge(PP_THREAD float& m, PP_THREAD float& l, PP_THREAD float* a,
   m = mn;
 }
 
-// The ring in the activations' format F. `attend` reads a lane's chunk of key j
-// (from the ring when `cached`, else from the new keys) through load, scale and
-// unpack; `finish` writes the new rows through write_new. Scales are not used.
+// A lane's N elements of a row of F from p (N a multiple of F::kPerVec), as float32.
+template <class F, int N>
+PP_DEVICE void load_elems(const PP_GLOBAL typename F::Elem* p, PP_THREAD float* out) {
+  #pragma unroll
+  for (int c = 0; c < N / F::kPerVec; ++c) unpack<F>(pp_load16(p + c * F::kPerVec), out + c * F::kPerVec);
+}
+
+// The ring in the activations' format F. `attend` reads a lane's kPerLane elements
+// of key j (from the ring when `cached`, else from the new keys) through load, scale
+// and unpack; `finish` writes the new rows through write_new. Scales are all 1.
 template <class F>
 struct Plain {
   typedef typename F::Elem Code;
+  static PP_CONSTANT constexpr int kPerLane = F::kPerVec;  // one 16-byte load
   static PP_DEVICE pp_u32x4 load(bool cached, const PP_GLOBAL Code* c, const PP_GLOBAL typename F::Elem* n,
                                  long at) {
     return pp_load16((cached ? c : n) + at);
   }
   static PP_DEVICE float scale(bool, const PP_GLOBAL float*, long) { return 1.f; }
-  static PP_DEVICE void unpack(bool, pp_u32x4 r, float, PP_THREAD float* out) { pp::unpack<F>(r, out); }
+  static PP_DEVICE void unpack(bool, pp_u32x4 r, const PP_GLOBAL typename F::Elem*, long, PP_THREAD float* out) {
+    pp::unpack<F>(r, out);
+  }
 
   // Thread tid of the (session b, head h) block: the rotated new keys and the values
   // into their slots; only the last W new positions survive a chunk longer than the ring.
@@ -133,29 +146,32 @@ PP_DEVICE pp_u8 int8_code(float x, float s) {
   return pp_u8(int(c) & 0xff);
 }
 
-// The ring in 8 bits: int8 codes [B, H, W, D] and float32 scales [B, H, W].
+// The ring in 8 bits: int8 codes [B, H, W, D] and float32 scales [B, H, W]. A lane
+// takes 16 codes of a row (one 16-byte load, as many bytes as the plain ring's lanes
+// read, so a warp has twice the rows in flight); `unpack` gives the codes themselves
+// and `attend` applies the row's scale once, to the score (keys) and to the softmax
+// weight (values). A new row (not cached) is read from the activations by `unpack`.
 template <class F>
 struct Int8Rows {
   typedef pp_u8 Code;
-  static PP_DEVICE pp_u32x4 load(bool cached, const PP_GLOBAL Code* c, const PP_GLOBAL typename F::Elem* n,
+  static PP_CONSTANT constexpr int kPerLane = 16;
+  static PP_DEVICE pp_u32x4 load(bool cached, const PP_GLOBAL Code* c, const PP_GLOBAL typename F::Elem*,
                                  long at) {
-    if (!cached) return pp_load16(n + at);
-    pp_u32x4 r = pp_zero16();  // the lane's VEC codes: 4 or 8 bytes
-    r.x = pp_load4(c + at);
-    if (F::kPerVec == 8) r.y = pp_load4(c + at + 4);
-    return r;
+    return cached ? pp_load16(c + at) : pp_zero16();
   }
   static PP_DEVICE float scale(bool cached, const PP_GLOBAL float* s, long row) { return cached ? s[row] : 1.f; }
-  static PP_DEVICE void unpack(bool cached, pp_u32x4 r, float scale, PP_THREAD float* out) {
+  static PP_DEVICE void unpack(bool cached, pp_u32x4 r, const PP_GLOBAL typename F::Elem* n, long at,
+                               PP_THREAD float* out) {
     if (!cached) {
-      pp::unpack<F>(r, out);
+      load_elems<F, kPerLane>(n + at, out);
       return;
     }
+    // code + 128 as the low byte of the float 2^23 + code + 128, minus that offset:
+    // exact, and no integer-to-float conversion (a quarter-rate instruction).
+    const pp_u32 w[4] = {r.x ^ 0x80808080u, r.y ^ 0x80808080u, r.z ^ 0x80808080u, r.w ^ 0x80808080u};
     #pragma unroll
-    for (int e = 0; e < F::kPerVec; ++e) {
-      const int byte = int(((e < 4 ? r.x : r.y) >> (8 * (e & 3))) & 0xffu);
-      out[e] = float(byte - ((byte & 0x80) << 1)) * scale;
-    }
+    for (int e = 0; e < kPerLane; ++e)
+      out[e] = pp_bits_to_float(((w[e / 4] >> (8 * (e % 4))) & 0xffu) | 0x4b000000u) - 8388736.f;
   }
 
   // One warp per new row (D <= kMaxHeadDim: two pairs a lane): the rotated key rounded
@@ -224,7 +240,7 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
                       const PP_GLOBAL float* vs, const PP_GLOBAL int* pos,
                       PP_GLOBAL float* ws, RingArgs a, PP_SHARED_PTR float* smem, int split,
                       int h, int bz, int tid) {
-  constexpr int VEC = F::kPerVec, G = D / VEC, KPW = 32 / G, STEP = kWarps * KPW;
+  constexpr int VEC = C::kPerLane, G = D / VEC, KPW = 32 / G, STEP = kWarps * KPW;
   const int groups = (a.T + TQ - 1) / TQ;
   const int b = bz / groups, t0 = (bz % groups) * TQ;
   const int nt = a.T - t0 < TQ ? a.T - t0 : TQ;
@@ -240,6 +256,9 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
   const long bh = long(b) * a.H + h;
   const long new_row = bh * a.T, cache_row = bh * a.W;  // rows of out / ws, and of the caches
   const long new_base = b * a.new_b + h * a.new_h;        // element offset in q, k, v
+  // A cached key j (lo <= j < p0, so j - wrap < 2W) sits in ring slot j % W: one
+  // conditional subtraction per key instead of an integer division.
+  const int wrap = lo - lo % a.W;
 
   float qf[TQ][VEC], m[TQ], l[TQ], acc[TQ][VEC];
   #pragma unroll
@@ -249,7 +268,7 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
     #pragma unroll
     for (int e = 0; e < VEC; ++e) qf[t][e] = acc[t][e] = 0.f;
     if (t < nt) {
-      unpack<F>(pp_load16(q + new_base + (t0 + t) * a.new_t + gl * VEC), qf[t]);
+      load_elems<F, VEC>(q + new_base + (t0 + t) * a.new_t + gl * VEC, qf[t]);
       #pragma unroll
       for (int e = 0; e < VEC; e += 2) {
         if (a.rope) rope_pair(qf[t][e], qf[t][e + 1], (gl * VEC + e) / 2, float(qpos0 + t), a.rope_step);
@@ -260,7 +279,9 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
   }
 
   // The loop bound is warp-uniform (shuffles need the whole warp); a subgroup past
-  // the end loads nothing and scores -inf.
+  // the end loads nothing and scores -inf. Each pass loads kUnroll keys a subgroup,
+  // scores them all, then folds them into the running softmax at once: one rescale
+  // of the accumulator and one exp a key (flash-decoding's block update).
   for (int rw = r_begin + warp * KPW; rw < r_end; rw += kUnroll * STEP) {
     pp_u32x4 kr[kUnroll], vr[kUnroll];
     float ksc[kUnroll], vsc[kUnroll];
@@ -274,7 +295,8 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
       if (jj[u] >= 0) {
         const int j = jj[u];
         const bool cached = j < p0;
-        const long row = cache_row + j % a.W;
+        const int slot = j - wrap >= a.W ? j - wrap - a.W : j - wrap;
+        const long row = cache_row + slot;
         const long at = cached ? row * D : new_base + (j - p0) * a.new_t;
         kr[u] = C::load(cached, kc, k, at + gl * VEC);
         vr[u] = C::load(cached, vc, v, at + gl * VEC);
@@ -282,12 +304,12 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
         vsc[u] = C::scale(cached, vs, row);
       }
     }
+    float sc[kUnroll][TQ];
     #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int j = jj[u];
-      float kf[VEC], vf[VEC];
-      C::unpack(j >= 0 && j < p0, kr[u], ksc[u], kf);
-      C::unpack(j >= 0 && j < p0, vr[u], vsc[u], vf);
+      float kf[VEC];
+      C::unpack(j < 0 || j < p0, kr[u], k, new_base + (j - p0) * a.new_t + gl * VEC, kf);
       if (j >= p0 && a.rope) {  // a new key: rotate at its position, round as stored
         #pragma unroll
         for (int e = 0; e < VEC; e += 2) {
@@ -304,10 +326,37 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
         #pragma unroll
         for (int off = G / 2; off > 0; off >>= 1) s += pp_shfl_xor(s, off);
         const int qp = qpos0 + t;
-        if (j >= 0 && t < nt && j <= qp && j > (a.chunk_window ? chunk_end : qp) - a.W) {
-          float one = 1.f;
-          merge<VEC>(m[t], l[t], acc[t], s, one, vf);
-        }
+        const bool seen = j >= 0 && t < nt && j <= qp && j > (a.chunk_window ? chunk_end : qp) - a.W;
+        sc[u][t] = seen ? s * ksc[u] : PP_NEG_INF;
+      }
+    }
+    float wt[kUnroll][TQ];  // each key's softmax weight at the new running max, times its value scale
+    #pragma unroll
+    for (int t = 0; t < TQ; ++t) {
+      float mn = m[t];
+      #pragma unroll
+      for (int u = 0; u < kUnroll; ++u) mn = pp_max(mn, sc[u][t]);
+      const float c = m[t] == PP_NEG_INF ? 0.f : pp_exp(m[t] - mn);
+      l[t] *= c;
+      #pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[t][e] *= c;
+      #pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const float p = sc[u][t] == PP_NEG_INF ? 0.f : pp_exp(sc[u][t] - mn);
+        l[t] += p;
+        wt[u][t] = p * vsc[u];
+      }
+      m[t] = mn;
+    }
+    #pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = jj[u];
+      float vf[VEC];
+      C::unpack(j < 0 || j < p0, vr[u], v, new_base + (j - p0) * a.new_t + gl * VEC, vf);
+      #pragma unroll
+      for (int t = 0; t < TQ; ++t) {
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[t][e] += wt[u][t] * vf[e];
       }
     }
   }
