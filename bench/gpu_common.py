@@ -94,19 +94,25 @@ def show(table):
     print("\n".join(table.lines()), flush=True)
 
 
+def structure_config():
+    """The 7B's layers (32 temporal, the depformer's 6 over 8 codebooks, the 3000-frame
+    window, the official cards) at negligible widths."""
+    from personaplex_fast.config import DepformerConfig, LMConfig
+
+    return LMConfig(dim=256, num_heads=2, depformer=DepformerConfig(dim=128, num_heads=2,
+                                                                    dim_feedforward=int(4.125 * 128)))
+
+
 def build_lm(bits, structure=False):
     """The 7B LM with random weights in bf16 (bits: 4 or 8 quantizes it as `convert`
     does); structure: the 7B's layers at negligible widths; the tiny model with --tiny."""
     from personaplex_fast.benchmark import random_lm
-    from personaplex_fast.config import DepformerConfig, LMConfig
+    from personaplex_fast.config import LMConfig
 
     if sizes.TINY:
         from personaplex_fast.tiny import TINY as cfg
-    elif structure:
-        cfg = LMConfig(dim=256, num_heads=2, depformer=DepformerConfig(dim=128, num_heads=2,
-                                                                      dim_feedforward=int(4.125 * 128)))
     else:
-        cfg = LMConfig()
+        cfg = structure_config() if structure else LMConfig()
     return random_lm(cfg, bits)
 
 

@@ -30,6 +30,26 @@
 #   report     tables.md, and tick.png where matplotlib imports (else: perf_report.py --plot here,
 #              on the JSON brought back)
 #   bench      the older per-level tables of bench/gpu_bench.py with torch_bench.py (H100 history)
+#   parts      (nothing but what every call does first: the Ray Serve parts it carries, .dev-cluster/part-*,
+#              copied to RAY_PARTS, default /tmp/cl, where the calls before left theirs)
+#   ray        Ray Serve installed from the parts in RAY_PARTS (all of bench/pack_cluster_deps.sh's), once
+#   random-7b  random weights of the official 7B's shape written to RANDOM_7B (default /root/random-7b; ~16 GB,
+#              once a machine), and the kernels' self-test verdict cached, which each server would run first
+#   serve      bench/serve_sessions.py: `serve` against `serve --replicas 1` (Ray Serve) on RANDOM_7B (else it
+#              writes one itself, ~20-60 s more), SERVE_COUNTS sessions (default 64,68,72; ~76 fit in bf16),
+#              SERVE_SECONDS measured (default 10), SERVE_ARGS added (e.g. "--kv-bits 8"), within
+#              SERVE_TIMEOUT s (default 280); installs Ray first where `ray` has not run
+# Serving (issue 16), after bench/pack_cluster_deps.sh here (parts aa, ab, ac of 40 MiB, ad of 13): the
+# parts travel one a call (64 MiB a call), riding along with the calls above, each call within
+# the machine's 30 s of warm time after the last (what /tmp/cl and /root hold goes with it):
+#   call 1  carry [".dev-mlx1", ".dev-cluster/part-ad"]      bash .dev-mlx1/stage.sh && bash bench/gpu_session.sh parts
+#   call 2  carry [".dev-mlx2", ".dev-pydeps"]               bash bench/gpu_session.sh build random-7b
+#   call 3  carry [".dev-cluster/part-aa"]                   bash bench/gpu_session.sh parts
+#   call 4  carry [".dev-cluster/part-ab"]                   bash bench/gpu_session.sh parts
+#   call 5  carry [".dev-cluster/part-ac"]                   bash bench/gpu_session.sh ray
+#   call 6  carry [".dev-pydeps"]                            bash bench/gpu_session.sh serve
+# Calls after the second need not carry .dev-mlx2 (MLX stays unpacked in /root/mlxsite); `serve` needs
+# .dev-pydeps (soundfile, soxr) where an earlier call's copy did not stay.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu-out}
@@ -38,11 +58,38 @@ here=$PWD
 batches=${BATCHES:-1,8,32,64}
 
 mlx_env() {
-  # shellcheck disable=SC1091
-  source .dev-mlx2/env.sh || exit 2
+  if [ -f .dev-mlx2/env.sh ]; then
+    # shellcheck disable=SC1091
+    source .dev-mlx2/env.sh || exit 2
+  elif [ -d /root/mlxsite/mlx ]; then  # unpacked by an earlier call
+    export PYTHONPATH=/root/mlxsite${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "MLX CUDA is not staged on this machine: make the calls with .dev-mlx1, then .dev-mlx2, first" >&2; exit 2
+  fi
   [ -d .dev-pydeps ] && export PYTHONPATH="$PYTHONPATH:$here/.dev-pydeps"
   export PYTHONUNBUFFERED=1
 }
+
+# Ray Serve (the version bench/pack_cluster_deps.sh packs) from the wheels in RAY_PARTS, into
+# python3's environment, where the replicas' Ray workers (started with the same python3 and
+# this PYTHONPATH) find it beside MLX and our package in /root/mlxsite.
+cl=${RAY_PARTS:-/tmp/cl}
+ray_install() {
+  python3 -c "import ray.serve" 2>/dev/null && return 0
+  if [ ! -d "$cl/wheels" ] && ! (cat "$cl"/part-* | tar -x -C "$cl") 2> "$out/ray_install.log"; then
+    rm -rf "$cl/wheels"
+    echo "ray: the parts in $cl ($(ls "$cl" 2>/dev/null | tr '\n' ' ')) are not all of .dev-cluster's: carry the others"
+    return 1
+  fi
+  t0=$SECONDS
+  python3 -m pip install -q --no-index --find-links "$cl/wheels" "ray[serve]==2.60.0" >> "$out/ray_install.log" 2>&1 ||
+    { tail -5 "$out/ray_install.log"; return 1; }
+  python3 -c "import ray, ray.serve; print('ray', ray.__version__, 'installed in $((SECONDS - t0)) s')"
+}
+
+if compgen -G ".dev-cluster/part-*" > /dev/null; then
+  mkdir -p "$cl" && cp .dev-cluster/part-* "$cl/"
+fi
 
 for step in "$@"; do
   case $step in
@@ -107,6 +154,36 @@ for step in "$@"; do
         python3 bench/perf_report.py --ours "$out/ours.json" "${extra[@]}" --ours-structure "$out/ours_structure.json" \
           --official "$dir/official.json" --official-structure "$dir/official_structure.json" > "$out/tables.md"
         tail -30 "$out/tables.md" ) ;;
+    parts)
+      echo "parts in $cl: $(ls "$cl" 2>/dev/null | tr '\n' ' ')" ;;
+    ray)
+      ray_install || exit 1 ;;
+    random-7b)
+      ( mlx_env
+        dir=${RANDOM_7B:-/root/random-7b}
+        if [ ! -f "$dir/config.json" ]; then
+          rm -rf "$dir.part"
+          t0=$SECONDS
+          python3 -c "import sys; from personaplex_fast.tiny import make_random; make_random(sys.argv[1])" "$dir.part" \
+            > "$out/random_7b.log" 2>&1 || { tail -5 "$out/random_7b.log"; df -h "$(dirname "$dir")"; exit 1; }
+          mv "$dir.part" "$dir"
+          echo "random-7b: $(du -sh "$dir" | cut -f1) written in $((SECONDS - t0)) s to $dir"
+        fi
+        t0=$SECONDS
+        python3 -c "from personaplex_fast import selftest; print('self-test failures:', selftest.verdict() or 'none')"
+        echo "self-test: $((SECONDS - t0)) s" ) || exit 1 ;;
+    serve)
+      ( mlx_env
+        ray_install || exit 1
+        dir=${RANDOM_7B:-/root/random-7b}
+        model=(--random 7b)
+        [ -f "$dir/config.json" ] && model=(--model "$dir")
+        # shellcheck disable=SC2086
+        timeout -k 20 "${SERVE_TIMEOUT:-280}" python3 bench/serve_sessions.py "${model[@]}" \
+          --counts "${SERVE_COUNTS:-64,68,72}" --seconds "${SERVE_SECONDS:-10}" ${SERVE_ARGS:-} \
+          --json "$out/serve_sessions.json" --logs "$out" > "$out/serve_sessions.log" 2>&1
+        echo "serve_sessions: exit status $?"
+        tail -12 "$out/serve_sessions.log" ) ;;
     bench)
       ( PYTHONUNBUFFERED=1 timeout 150 python3 bench/torch_bench.py --json "$out/torch.json" \
           > "$out/torch.log" 2>&1; tail -1 "$out/torch.log" )
@@ -114,6 +191,6 @@ for step in "$@"; do
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, tc, pipe, dense-tc, kv8, report, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, tc, pipe, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
   esac
 done

@@ -57,6 +57,38 @@ def test_make_tiny_writes_official_layout(tiny):
     assert LMConfig.from_dict(cfg).dim == cfg["dim"]
 
 
+def test_make_random_is_an_official_checkpoint_of_its_draw(tmp_path):
+    """tiny.make_random (serve_sessions.py --random 7b, where the weights cannot be
+    downloaded), at small widths with the official cards: it loads as an official
+    checkpoint (bf16 LM, the official Mimi, a tokenizer) holding exactly the weights drawn
+    on the device, at the scales of the tests' numpy draw."""
+    from mlx.utils import tree_flatten
+
+    from personaplex_fast.config import DepformerConfig, MimiConfig
+    from personaplex_fast.loading import load_model
+    from personaplex_fast.tiny import make_random, random_lm_weights
+
+    cfg = LMConfig(dim=64, num_heads=2, num_layers=2, context=40, text_card=400,
+                   depformer=DepformerConfig(dim=32, num_heads=2, num_layers=2, dim_feedforward=64))
+    model = load_model(make_random(tmp_path, cfg, seed=1))
+    assert model.lm.cfg == cfg and model.mimi.cfg == MimiConfig() and model.tokenizer is not None
+    drawn = random_lm_weights(cfg, seed=1, dtype=mx.bfloat16, device=True)
+    loaded = dict(tree_flatten(model.lm.parameters()))
+    assert set(loaded) == set(drawn)
+    for key, w in drawn.items():
+        assert loaded[key].dtype == mx.bfloat16 and mx.array_equal(loaded[key], w), key
+    numpy_draw = random_lm_weights(cfg, seed=1)
+    alphas = []
+    for key, w in drawn.items():
+        a, b = np.array(w.astype(mx.float32)), np.array(numpy_draw[key])
+        if key.endswith("alpha"):
+            alphas.append(a.ravel())
+        elif a.size >= 2000:
+            assert abs(a.std() / b.std() - 1) < 0.1, key
+    alphas = np.concatenate(alphas)
+    assert abs(alphas.mean() - 1) < 0.03 and abs(alphas.std() / 0.1 - 1) < 0.2
+
+
 def test_default_config_is_the_official_7b():
     cfg = LMConfig()
     assert (cfg.dim, cfg.num_layers, cfg.num_heads, cfg.context) == (4096, 32, 32, 3000)

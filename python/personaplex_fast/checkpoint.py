@@ -152,7 +152,9 @@ def to_official(params: dict[str, mx.array]) -> dict[str, mx.array]:
         name = f"{m.group(1)}.in_proj_weight" if m.group(2) == "in" else f"{m.group(1)}.out_proj.weight"
         stacks.setdefault(name, {})[int(m.group(3))] = w
     for name, parts in stacks.items():
-        out[name] = mx.concatenate([parts[i] for i in sorted(parts)], axis=0)
+        # One part (the temporal layers'): no copy, which would hold 4.3 GB more at 7B.
+        ordered = [parts[i] for i in sorted(parts)]
+        out[name] = ordered[0] if len(ordered) == 1 else mx.concatenate(ordered, axis=0)
     return out
 
 

@@ -1,8 +1,10 @@
-"""Tiny random checkpoints in the official format, for tests and demos.
+"""Random checkpoints in the official format: tiny ones for tests and demos, and
+any size for timing where the real weights cannot be downloaded.
 
 `make_tiny(dir)` writes what an official model repo holds (`model.safetensors`
 with the official key names, `config.json` in the official flat layout) at toy
-sizes, plus the tiny Mimi codec.
+sizes, plus the tiny Mimi codec. `make_random(dir)` writes the official 7B's shape
+(or another config's), weights drawn on the device.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .checkpoint import to_official
-from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, DepformerConfig, LMConfig
+from .config import CONFIG, LM_WEIGHTS, MIMI_WEIGHTS, DepformerConfig, LMConfig, MimiConfig
 from .mimi_checkpoint import write_tiny_mimi
 from .tokenizer import write_tiny_tokenizer
 from .models.lm import LM
@@ -30,27 +32,35 @@ TINY = LMConfig(
 )
 
 
-def random_lm_weights(cfg: LMConfig, seed: int = 0, dtype=mx.float32) -> dict[str, mx.array]:
+def random_lm_weights(cfg: LMConfig, seed: int = 0, dtype=mx.float32, device: bool = False) -> dict[str, mx.array]:
     """Random weights under our key names, scaled like a trained model's
-    (unit-variance embeddings, 1/sqrt(fan_in) linears, norm gains near 1)."""
+    (unit-variance embeddings, 1/sqrt(fan_in) linears, norm gains near 1): drawn by
+    numpy in float64 (the same numbers on every machine: the tests' checkpoints), or,
+    with device, by mx.random on the default device in dtype, lazily (numpy would
+    take minutes and 60 GB for the 7B's 7.7 billion)."""
+    shapes = {k: v.shape for k, v in tree_flatten(LM(cfg).parameters())}  # LM's own init stays lazy
     rng = np.random.default_rng(seed)
-    shapes = {k: v.shape for k, v in tree_flatten(LM(cfg).parameters())}
+    keys = mx.random.split(mx.random.key(seed), len(shapes)) if device else None
     out = {}
-    for key, shape in sorted(shapes.items()):
+    for i, (key, shape) in enumerate(sorted(shapes.items())):
+        z = mx.random.normal(shape, dtype=dtype, key=keys[i]) if device else rng.standard_normal(shape)
         if key.endswith("alpha"):
-            w = 1.0 + 0.1 * rng.standard_normal(shape)
+            w = 1.0 + 0.1 * z
         elif "emb" in key:
-            w = rng.standard_normal(shape)
+            w = z
         else:
-            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        out[key] = mx.array(w.astype(np.float32)).astype(dtype)
+            w = z / float(np.sqrt(shape[-1]))
+        out[key] = w if device else mx.array(w.astype(np.float32)).astype(dtype)
     return out
 
 
-def write_lm(directory: str | Path, cfg: LMConfig = TINY, seed: int = 0, dtype=mx.float32) -> Path:
+def write_lm(directory: str | Path, cfg: LMConfig = TINY, seed: int = 0, dtype=mx.float32,
+             weights: dict[str, mx.array] | None = None) -> Path:
+    """config.json and model.safetensors (official key names) of an LM of cfg's shape;
+    weights under our names (default: random_lm_weights(cfg, seed, dtype))."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = to_official(random_lm_weights(cfg, seed, dtype))
+    weights = to_official(random_lm_weights(cfg, seed, dtype) if weights is None else weights)
     mx.save_safetensors(str(directory / LM_WEIGHTS), weights, metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     return directory
@@ -62,6 +72,18 @@ def make_tiny(directory: str | Path, seed: int = 0, cfg: LMConfig = TINY) -> Pat
     write_tiny_mimi(directory / MIMI_WEIGHTS, seed=seed)
     write_tiny_tokenizer(directory, cfg.text_card)
     write_tiny_voices(directory)
+    return directory
+
+
+def make_random(directory: str | Path, cfg: LMConfig | None = None, seed: int = 0, dtype=mx.bfloat16) -> Path:
+    """A model directory of cfg's shape (default: the official 7B's) with random weights:
+    the LM in dtype drawn on the default device (the 7B's 15 GB in seconds on a GPU), the
+    official Mimi, the text tokenizer. No voices.tgz: make_tiny's voices run the model
+    (minutes at 7B); conversations without a voice prompt need none."""
+    cfg = cfg or LMConfig()
+    directory = write_lm(directory, cfg, weights=random_lm_weights(cfg, seed, dtype, device=True))
+    write_tiny_mimi(directory / MIMI_WEIGHTS, MimiConfig(), seed=seed)
+    write_tiny_tokenizer(directory, cfg.text_card)
     return directory
 
 
