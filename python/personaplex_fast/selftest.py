@@ -164,7 +164,7 @@ def token_mismatches(got, want, scores) -> int:
 
 # -- the checks: each yields (case, worst error / tolerance); <= 1 passes
 
-def check_matvec(s: Shapes, d: Draw):
+def check_matvec(s: Shapes, d: Draw, w_in_dtype: bool = False):
     """test_matvec.py's bound per element: 4 units in the last place of the result (and of
     the residual, where the sum cancels) plus 1e-3 of the output's scale. Quantized, the
     reference multiplies by the weights dequantized to float32 (as the kernels do; MLX's
@@ -185,18 +185,28 @@ def check_matvec(s: Shapes, d: Draw):
             r = d.normal((B, N // 2 if gate else N), dt) if res else None
             got = _ext.matvec(x, p.w, p.scales, p.biases, alpha, r, bits, gate, NORM_EPS)
             w = mx.dequantize(p.w, p.scales.astype(mx.float32), p.biases.astype(mx.float32), 64, bits) if bits else p.w
+            if bits and w_in_dtype and _takes_tc(B, K, dt):
+                w = w.astype(dt)
             want = reference.matvec(x, w, alpha=alpha, eps=NORM_EPS, gate=gate, residual=r).astype(dt)
             scale = mx.abs(want.astype(mx.float32)) + (0 if r is None else mx.abs(r.astype(mx.float32)))
             tol = MATVEC_REL[dt] * scale + 1e-3 * (mx.max(mx.abs(want.astype(mx.float32))) + 1e-6)
             yield f"{case} q{bits}" if bits else case, worst([got], [want], np32(tol))
 
 
+def _takes_tc(rows: int, K: int, dt) -> bool:
+    """Whether matvec's CUDA host sends a quantized call to the tensor-core path
+    (cuda::matvec_takes_tc), which dequantises the weights to the dtype of x first."""
+    on_cuda = mx.default_device().type == mx.gpu and mx.cuda.is_available()
+    env = int(os.environ.get("PERSONAPLEX_MATVEC_TC_MIN_ROWS") or 0)
+    return on_cuda and dt != mx.float32 and K % 256 == 0 and rows >= (env if env > 0 else 2)
+
+
 def check_matvec_tc(s: Shapes, d: Draw):
     """check_matvec at 17 rows of x: on CUDA, matvec's tensor-core path (kernels/matvec_tc.cuh
     takes 16-bit x from 2 rows of 4- or 8-bit weights and from 9 of dense ones); elsewhere
-    the same primitive at that batch. Its weights are dequantised to T first, which the
-    reference here does too."""
-    yield from check_matvec(with_batch(s, max(s.batch, 17)), d)
+    the same primitive at that batch. There its weights are dequantised to T first, which
+    the reference here then does too."""
+    yield from check_matvec(with_batch(s, max(s.batch, 17)), d, w_in_dtype=True)
 
 
 def check_ring_attention(s: Shapes, d: Draw):
