@@ -151,3 +151,15 @@ def test_serve_sessions_runs_tiny(tmp_path):
     for mode in report.values():
         (row,) = mode["rows"]
         assert len(row["results"]) == 2 and all(r.get("rate", 0) > 0 for r in row["results"]), row
+
+
+def test_switch_interval_bench_runs(tmp_path):
+    """bench/switch_interval.py: one row per (busy threads, interval), each tick at least
+    the time it slept."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "switch_interval.py"), "--busy", "1",
+                           "--intervals", "2,0.5", "--ticks", "3", "--sleep-ms", "5", "--handoffs", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| 1 |")]
+    assert [float(r[1]) for r in rows] == [2.0, 0.5]
+    assert all(float(r[2]) >= 5.0 for r in rows)

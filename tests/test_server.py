@@ -161,3 +161,30 @@ def test_a_client_that_stops_reading_does_not_stall_the_others(server):
         assert sessions(server) == 0
     finally:
         slow.close()
+
+
+def test_the_server_takes_the_gil_back_within_half_a_millisecond(tiny):
+    """The worker thread takes the GIL back a few times a tick; at the interpreter's default
+    switch interval (5 ms) each take can wait that long while an event loop is busy (the
+    serve --replicas measurement on the H200: bench/switch_interval.py). A Server lowers it
+    for its process, and never raises it."""
+    import sys
+
+    from personaplex_fast.engine import Engine
+    from personaplex_fast.loading import load_model
+    from personaplex_fast.sampling import SamplingConfig
+    from personaplex_fast.server import SWITCH_INTERVAL_S, Server
+
+    GREEDY = SamplingConfig(greedy=True)
+
+    model = load_model(tiny)
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        Server(model, Engine(model.lm, model.mimi, slots=1, sampling=GREEDY), GREEDY).worker.shutdown()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S, rel=0.05)
+        sys.setswitchinterval(0.0001)
+        Server(model, Engine(model.lm, model.mimi, slots=1, sampling=GREEDY), GREEDY).worker.shutdown()
+        assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+    finally:
+        sys.setswitchinterval(before)

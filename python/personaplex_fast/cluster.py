@@ -83,24 +83,26 @@ class Socket:
 
     def __init__(self, ws: WebSocket, wire):
         self.ws, self.wire, self.closed = ws, wire, False  # wire: the session's format (errors)
-        self._stop = asyncio.Event()
+        self._ended = False  # abort() or close(): a pending receive ends, later ones at once
+        self._pending: asyncio.Future | None = None
 
     async def receive(self, timeout: float | None = None) -> WSMessage:
         return await asyncio.wait_for(self._next(), timeout)
 
     async def _next(self) -> WSMessage:
-        if self.closed:
+        # One task a message (a receive abort() can cancel): every frame of every session
+        # passes here, in the process whose worker thread drives the engine.
+        if self.closed or self._ended:
             return _CLOSE
-        inner, stop = asyncio.ensure_future(self.ws.receive()), asyncio.ensure_future(self._stop.wait())
+        self._pending = inner = asyncio.ensure_future(self.ws.receive())
         try:
-            await asyncio.wait({inner, stop}, return_when=asyncio.FIRST_COMPLETED)
+            msg = await inner  # a cancel of this coroutine cancels inner too
+        except asyncio.CancelledError:
+            if self._ended and inner.cancelled():
+                return _CLOSE
+            raise
         finally:
-            stop.cancel()
-            if not inner.done():
-                inner.cancel()
-        if not inner.done() or inner.cancelled():
-            return _CLOSE
-        msg = inner.result()
+            self._pending = None
         if msg["type"] == "websocket.disconnect":
             self.closed = True
             return WSMessage(WSMsgType.CLOSE, msg.get("code", WSCloseCode.OK), None)
@@ -130,14 +132,19 @@ class Socket:
         if self.closed:
             return
         self.closed = True
-        self._stop.set()
+        self._end()
         try:
             await self.ws.close(code)
         except RuntimeError:
             pass  # the client had already gone
 
+    def _end(self) -> None:
+        self._ended = True
+        if self._pending is not None:
+            self._pending.cancel()
+
     def abort(self) -> None:
-        self._stop.set()
+        self._end()
         asyncio.ensure_future(self.close(WSCloseCode.POLICY_VIOLATION))
 
 

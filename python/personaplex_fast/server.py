@@ -110,9 +110,18 @@ def available_voices(model) -> list[str]:
     return list_voices(unpack(archive)) if archive.exists() else []
 
 
+# The worker thread waits for each tick with the GIL released and takes it back a few
+# times a tick (the evaluation returning, the numpy copies, the executor's hand-offs).
+# While other threads run Python (an event loop busy with a hundred sessions' messages;
+# under Ray Serve, two of them), each take waits up to the interpreter's switch interval,
+# 5 ms by default: tens of ms a tick. bench/switch_interval.py shows the effect.
+SWITCH_INTERVAL_S = 0.0005
+
+
 class Server:
     def __init__(self, model, engine: Engine, sampling, seed: int = 0, limits: Limits = Limits(),
                  gate: Gate | None = None, page: Path = OURS):
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.model, self.engine, self.limits, self.page = model, engine, limits, page
         self.gate = gate or Gate(limits, "127.0.0.1")
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="engine")
