@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--sleep-ms", type=float, default=59.0, help="the GPU's part of a tick")
     p.add_argument("--handoffs", type=int, default=5)
     a = p.parse_args()
-    print(f"| busy threads | switch interval (ms) | tick median (ms) | p95 | asleep |\n|---|---|---|---|---|")
+    print("| busy threads | switch interval (ms) | tick median (ms) | p95 | asleep |\n|---|---|---|---|---|")
     for busy in (int(x) for x in a.busy.split(",")):
         for ms in (float(x) for x in a.intervals.split(",")):
             t = ticks(ms / 1e3, busy, a.ticks, a.sleep_ms / 1e3, a.handoffs)
