@@ -15,9 +15,10 @@
 // Keys and values stream through 16-byte loads: a key row is read by G = D / VEC
 // lanes (VEC elements each: 16 bytes of the ring's format), so a warp covers 32 / G
 // keys per step, kUnroll steps in flight before the first is used; the scores of
-// those keys enter the running softmax together. New keys are rotated on the fly;
-// q and k are rounded to the storage type after RoPE, where the reference rounds,
-// and everything else is float32.
+// those keys enter the running softmax together. A block scans its keys in two
+// passes: those in the ring (no branch on where a key lives), then the chunk's new
+// ones, read from k and v and rotated on the fly. q and k are rounded to the storage
+// type after RoPE, where the reference rounds, and everything else is float32.
 //
 // The ring's format C is a template parameter of both bodies: the activations' own
 // (Plain), or 8 bits (Int8Rows: Engine(kv_bits=8), half the bytes a step reads and
@@ -26,8 +27,9 @@
 // value as the plain ring would store it (keys after RoPE). A lane reads 16 codes
 // with one load and converts them without int-to-float instructions; the row's scale
 // multiplies its score and its softmax weight, not each element. `finish` quantizes
-// a new row in one warp, its absmax reduced by shuffles. The new positions of a chunk attend to each other unquantized
-// (from k, v, as the reference does); they are quantized as they enter the ring.
+// a new row in one warp, its absmax reduced by shuffles. The new positions of a chunk
+// attend to each other unquantized (from k, v, as the reference does); they are
+// quantized as they enter the ring.
 
 #pragma once
 
@@ -101,21 +103,16 @@ PP_DEVICE void load_elems(const PP_GLOBAL typename F::Elem* p, PP_THREAD float* 
   for (int c = 0; c < N / F::kPerVec; ++c) unpack<F>(pp_load16(p + c * F::kPerVec), out + c * F::kPerVec);
 }
 
-// The ring in the activations' format F. `attend` reads a lane's kPerLane elements
-// of key j (from the ring when `cached`, else from the new keys) through load, scale
-// and unpack; `finish` writes the new rows through write_new. Scales are all 1.
+// The ring in the activations' format F. `attend` reads a lane's kPerLane elements of
+// a cached key or value (one 16-byte load) through load, scale and unpack; `finish`
+// writes the new rows through write_new. Scales are all 1.
 template <class F>
 struct Plain {
   typedef typename F::Elem Code;
-  static PP_CONSTANT constexpr int kPerLane = F::kPerVec;  // one 16-byte load
-  static PP_DEVICE pp_u32x4 load(bool cached, const PP_GLOBAL Code* c, const PP_GLOBAL typename F::Elem* n,
-                                 long at) {
-    return pp_load16((cached ? c : n) + at);
-  }
-  static PP_DEVICE float scale(bool, const PP_GLOBAL float*, long) { return 1.f; }
-  static PP_DEVICE void unpack(bool, pp_u32x4 r, const PP_GLOBAL typename F::Elem*, long, PP_THREAD float* out) {
-    pp::unpack<F>(r, out);
-  }
+  static PP_CONSTANT constexpr int kPerLane = F::kPerVec;
+  static PP_DEVICE pp_u32x4 load(const PP_GLOBAL Code* c, long at) { return pp_load16(c + at); }
+  static PP_DEVICE float scale(const PP_GLOBAL float*, long) { return 1.f; }
+  static PP_DEVICE void unpack(pp_u32x4 r, PP_THREAD float* out) { pp::unpack<F>(r, out); }
 
   // Thread tid of the (session b, head h) block: the rotated new keys and the values
   // into their slots; only the last W new positions survive a chunk longer than the ring.
@@ -150,22 +147,14 @@ PP_DEVICE pp_u8 int8_code(float x, float s) {
 // takes 16 codes of a row (one 16-byte load, as many bytes as the plain ring's lanes
 // read, so a warp has twice the rows in flight); `unpack` gives the codes themselves
 // and `attend` applies the row's scale once, to the score (keys) and to the softmax
-// weight (values). A new row (not cached) is read from the activations by `unpack`.
+// weight (values).
 template <class F>
 struct Int8Rows {
   typedef pp_u8 Code;
   static PP_CONSTANT constexpr int kPerLane = 16;
-  static PP_DEVICE pp_u32x4 load(bool cached, const PP_GLOBAL Code* c, const PP_GLOBAL typename F::Elem*,
-                                 long at) {
-    return cached ? pp_load16(c + at) : pp_zero16();
-  }
-  static PP_DEVICE float scale(bool cached, const PP_GLOBAL float* s, long row) { return cached ? s[row] : 1.f; }
-  static PP_DEVICE void unpack(bool cached, pp_u32x4 r, const PP_GLOBAL typename F::Elem* n, long at,
-                               PP_THREAD float* out) {
-    if (!cached) {
-      load_elems<F, kPerLane>(n + at, out);
-      return;
-    }
+  static PP_DEVICE pp_u32x4 load(const PP_GLOBAL Code* c, long at) { return pp_load16(c + at); }
+  static PP_DEVICE float scale(const PP_GLOBAL float* s, long row) { return s[row]; }
+  static PP_DEVICE void unpack(pp_u32x4 r, PP_THREAD float* out) {
     // code + 128 as the low byte of the float 2^23 + code + 128, minus that offset:
     // exact, and no integer-to-float conversion (a quarter-rate instruction).
     const pp_u32 w[4] = {r.x ^ 0x80808080u, r.y ^ 0x80808080u, r.z ^ 0x80808080u, r.w ^ 0x80808080u};
@@ -231,6 +220,122 @@ struct Int8Rows {
   }
 };
 
+// A lane's queries (its VEC elements of each, rotated, rounded and scaled) and its
+// running softmax over the keys seen so far.
+template <int TQ, int VEC>
+struct Lane {
+  float q[TQ][VEC], m[TQ], l[TQ], acc[TQ][VEC];
+};
+
+// What `scan` needs of a block: its keys are lo + r for r in [0, n_keys), the ring
+// holding those before p0 (slot: the key minus wrap, less W once more past it).
+struct Window {
+  int lo, p0, qpos0, nt, chunk_end, wrap, gl, sub, warp;
+  long cache_row, new_base;
+};
+
+// Keys lo + r for r in [r0, r1) into the lane's softmax: NEW false, keys the ring holds
+// (all before p0); NEW true, the chunk's new keys, read from k and v, rotated at their
+// position and rounded as stored. The loop bound is warp-uniform (shuffles need the
+// whole warp); a subgroup past r1 loads nothing and scores -inf. Each pass loads U keys
+// a subgroup, scores them all, then folds them into the running softmax at once: one
+// rescale of the accumulator and one exp a key (flash-decoding's block update).
+template <class F, class C, int D, int TQ, bool NEW, int U>
+PP_DEVICE void scan(PP_THREAD Lane<TQ, C::kPerLane>& s, const PP_GLOBAL typename F::Elem* k,
+                    const PP_GLOBAL typename F::Elem* v, const PP_GLOBAL typename C::Code* kc,
+                    const PP_GLOBAL typename C::Code* vc, const PP_GLOBAL float* ks,
+                    const PP_GLOBAL float* vs, Window w, RingArgs a, int r0, int r1) {
+  constexpr int VEC = C::kPerLane, G = D / VEC, KPW = 32 / G, STEP = kWarps * KPW;
+  for (int rw = r0 + w.warp * KPW; rw < r1; rw += U * STEP) {
+    pp_u32x4 kr[U], vr[U];
+    float ksc[U], vsc[U];
+    int jj[U];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int r = rw + u * STEP + w.sub;
+      jj[u] = r < r1 ? w.lo + r : -1;
+      kr[u] = vr[u] = pp_zero16();
+      ksc[u] = vsc[u] = 1.f;
+      if (!NEW && jj[u] >= 0) {
+        const int slot = jj[u] - w.wrap >= a.W ? jj[u] - w.wrap - a.W : jj[u] - w.wrap;
+        const long row = w.cache_row + slot;
+        kr[u] = C::load(kc, row * D + w.gl * VEC);
+        vr[u] = C::load(vc, row * D + w.gl * VEC);
+        ksc[u] = C::scale(ks, row);
+        vsc[u] = C::scale(vs, row);
+      }
+    }
+    float sc[U][TQ];
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = jj[u];
+      float kf[VEC];
+      if (!NEW) {
+        C::unpack(kr[u], kf);
+      } else if (j >= 0) {
+        load_elems<F, VEC>(k + w.new_base + (j - w.p0) * a.new_t + w.gl * VEC, kf);
+        if (a.rope) {
+          #pragma unroll
+          for (int e = 0; e < VEC; e += 2) {
+            rope_pair(kf[e], kf[e + 1], (w.gl * VEC + e) / 2, float(j), a.rope_step);
+            kf[e] = round_trip<F>(kf[e]);
+            kf[e + 1] = round_trip<F>(kf[e + 1]);
+          }
+        }
+      } else {
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) kf[e] = 0.f;
+      }
+      #pragma unroll
+      for (int t = 0; t < TQ; ++t) {
+        float dot = 0.f;
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) dot += s.q[t][e] * kf[e];
+        #pragma unroll
+        for (int off = G / 2; off > 0; off >>= 1) dot += pp_shfl_xor(dot, off);
+        const int qp = w.qpos0 + t;
+        const bool seen = j >= 0 && t < w.nt && j <= qp && j > (a.chunk_window ? w.chunk_end : qp) - a.W;
+        sc[u][t] = seen ? dot * ksc[u] : PP_NEG_INF;
+      }
+    }
+    float wt[U][TQ];  // each key's softmax weight at the new running max, times its value scale
+    #pragma unroll
+    for (int t = 0; t < TQ; ++t) {
+      float mn = s.m[t];
+      #pragma unroll
+      for (int u = 0; u < U; ++u) mn = pp_max(mn, sc[u][t]);
+      const float c = s.m[t] == PP_NEG_INF ? 0.f : pp_exp(s.m[t] - mn);
+      s.l[t] *= c;
+      #pragma unroll
+      for (int e = 0; e < VEC; ++e) s.acc[t][e] *= c;
+      #pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const float p = sc[u][t] == PP_NEG_INF ? 0.f : pp_exp(sc[u][t] - mn);
+        s.l[t] += p;
+        wt[u][t] = p * vsc[u];
+      }
+      s.m[t] = mn;
+    }
+    #pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[VEC];
+      if (!NEW) {
+        C::unpack(vr[u], vf);
+      } else if (jj[u] >= 0) {
+        load_elems<F, VEC>(v + w.new_base + (jj[u] - w.p0) * a.new_t + w.gl * VEC, vf);
+      } else {
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) vf[e] = 0.f;
+      }
+      #pragma unroll
+      for (int t = 0; t < TQ; ++t) {
+        #pragma unroll
+        for (int e = 0; e < VEC; ++e) s.acc[t][e] += wt[u][t] * vf[e];
+      }
+    }
+  }
+}
+
 // smem: kWarps * TQ * (D + 2) floats. ws: [B, H, T, S, D + 2] (values, max, sum).
 // C: the ring's format (Plain<F> or Int8Rows<F>); ks, vs: Int8Rows' scales (else unused).
 template <class F, class C, int D, int TQ>
@@ -240,7 +345,7 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
                       const PP_GLOBAL float* vs, const PP_GLOBAL int* pos,
                       PP_GLOBAL float* ws, RingArgs a, PP_SHARED_PTR float* smem, int split,
                       int h, int bz, int tid) {
-  constexpr int VEC = C::kPerLane, G = D / VEC, KPW = 32 / G, STEP = kWarps * KPW;
+  constexpr int VEC = C::kPerLane, G = D / VEC;
   const int groups = (a.T + TQ - 1) / TQ;
   const int b = bz / groups, t0 = (bz % groups) * TQ;
   const int nt = a.T - t0 < TQ ? a.T - t0 : TQ;
@@ -254,122 +359,46 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
   const int r_begin = split * chunk;
   const int r_end = n_keys < r_begin + chunk ? n_keys : r_begin + chunk;
   const long bh = long(b) * a.H + h;
-  const long new_row = bh * a.T, cache_row = bh * a.W;  // rows of out / ws, and of the caches
-  const long new_base = b * a.new_b + h * a.new_h;        // element offset in q, k, v
+  const long new_row = bh * a.T;  // rows of out / ws
   // A cached key j (lo <= j < p0, so j - wrap < 2W) sits in ring slot j % W: one
   // conditional subtraction per key instead of an integer division.
-  const int wrap = lo - lo % a.W;
+  const Window w{.lo = lo, .p0 = p0, .qpos0 = qpos0, .nt = nt, .chunk_end = chunk_end, .wrap = lo - lo % a.W,
+                 .gl = gl, .sub = sub, .warp = warp, .cache_row = bh * a.W,
+                 .new_base = b * a.new_b + h * a.new_h};  // element offset in q, k, v
 
-  float qf[TQ][VEC], m[TQ], l[TQ], acc[TQ][VEC];
+  Lane<TQ, VEC> s;
   #pragma unroll
   for (int t = 0; t < TQ; ++t) {
-    m[t] = PP_NEG_INF;
-    l[t] = 0.f;
+    s.m[t] = PP_NEG_INF;
+    s.l[t] = 0.f;
     #pragma unroll
-    for (int e = 0; e < VEC; ++e) qf[t][e] = acc[t][e] = 0.f;
+    for (int e = 0; e < VEC; ++e) s.q[t][e] = s.acc[t][e] = 0.f;
     if (t < nt) {
-      load_elems<F, VEC>(q + new_base + (t0 + t) * a.new_t + gl * VEC, qf[t]);
+      load_elems<F, VEC>(q + w.new_base + (t0 + t) * a.new_t + gl * VEC, s.q[t]);
       #pragma unroll
       for (int e = 0; e < VEC; e += 2) {
-        if (a.rope) rope_pair(qf[t][e], qf[t][e + 1], (gl * VEC + e) / 2, float(qpos0 + t), a.rope_step);
-        qf[t][e] = round_trip<F>(qf[t][e]) * a.scale;
-        qf[t][e + 1] = round_trip<F>(qf[t][e + 1]) * a.scale;
+        if (a.rope) rope_pair(s.q[t][e], s.q[t][e + 1], (gl * VEC + e) / 2, float(qpos0 + t), a.rope_step);
+        s.q[t][e] = round_trip<F>(s.q[t][e]) * a.scale;
+        s.q[t][e + 1] = round_trip<F>(s.q[t][e + 1]) * a.scale;
       }
     }
   }
 
-  // The loop bound is warp-uniform (shuffles need the whole warp); a subgroup past
-  // the end loads nothing and scores -inf. Each pass loads kUnroll keys a subgroup,
-  // scores them all, then folds them into the running softmax at once: one rescale
-  // of the accumulator and one exp a key (flash-decoding's block update).
-  for (int rw = r_begin + warp * KPW; rw < r_end; rw += kUnroll * STEP) {
-    pp_u32x4 kr[kUnroll], vr[kUnroll];
-    float ksc[kUnroll], vsc[kUnroll];
-    int jj[kUnroll];
-    #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int r = rw + u * STEP + sub;
-      jj[u] = r < r_end ? lo + r : -1;
-      kr[u] = vr[u] = pp_zero16();
-      ksc[u] = vsc[u] = 1.f;
-      if (jj[u] >= 0) {
-        const int j = jj[u];
-        const bool cached = j < p0;
-        const int slot = j - wrap >= a.W ? j - wrap - a.W : j - wrap;
-        const long row = cache_row + slot;
-        const long at = cached ? row * D : new_base + (j - p0) * a.new_t;
-        kr[u] = C::load(cached, kc, k, at + gl * VEC);
-        vr[u] = C::load(cached, vc, v, at + gl * VEC);
-        ksc[u] = C::scale(cached, ks, row);
-        vsc[u] = C::scale(cached, vs, row);
-      }
-    }
-    float sc[kUnroll][TQ];
-    #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = jj[u];
-      float kf[VEC];
-      C::unpack(j < 0 || j < p0, kr[u], k, new_base + (j - p0) * a.new_t + gl * VEC, kf);
-      if (j >= p0 && a.rope) {  // a new key: rotate at its position, round as stored
-        #pragma unroll
-        for (int e = 0; e < VEC; e += 2) {
-          rope_pair(kf[e], kf[e + 1], (gl * VEC + e) / 2, float(j), a.rope_step);
-          kf[e] = round_trip<F>(kf[e]);
-          kf[e + 1] = round_trip<F>(kf[e + 1]);
-        }
-      }
-      #pragma unroll
-      for (int t = 0; t < TQ; ++t) {
-        float s = 0.f;
-        #pragma unroll
-        for (int e = 0; e < VEC; ++e) s += qf[t][e] * kf[e];
-        #pragma unroll
-        for (int off = G / 2; off > 0; off >>= 1) s += pp_shfl_xor(s, off);
-        const int qp = qpos0 + t;
-        const bool seen = j >= 0 && t < nt && j <= qp && j > (a.chunk_window ? chunk_end : qp) - a.W;
-        sc[u][t] = seen ? s * ksc[u] : PP_NEG_INF;
-      }
-    }
-    float wt[kUnroll][TQ];  // each key's softmax weight at the new running max, times its value scale
-    #pragma unroll
-    for (int t = 0; t < TQ; ++t) {
-      float mn = m[t];
-      #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) mn = pp_max(mn, sc[u][t]);
-      const float c = m[t] == PP_NEG_INF ? 0.f : pp_exp(m[t] - mn);
-      l[t] *= c;
-      #pragma unroll
-      for (int e = 0; e < VEC; ++e) acc[t][e] *= c;
-      #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const float p = sc[u][t] == PP_NEG_INF ? 0.f : pp_exp(sc[u][t] - mn);
-        l[t] += p;
-        wt[u][t] = p * vsc[u];
-      }
-      m[t] = mn;
-    }
-    #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int j = jj[u];
-      float vf[VEC];
-      C::unpack(j < 0 || j < p0, vr[u], v, new_base + (j - p0) * a.new_t + gl * VEC, vf);
-      #pragma unroll
-      for (int t = 0; t < TQ; ++t) {
-        #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[t][e] += wt[u][t] * vf[e];
-      }
-    }
-  }
+  // This split's keys: first those in the ring, then the chunk's new ones.
+  const int in_ring = p0 - lo > 0 ? p0 - lo : 0;
+  const int mid = in_ring < r_begin ? r_begin : in_ring > r_end ? r_end : in_ring;
+  scan<F, C, D, TQ, false, kUnroll>(s, k, v, kc, vc, ks, vs, w, a, r_begin, mid);
+  scan<F, C, D, TQ, true, 1>(s, k, v, kc, vc, ks, vs, w, a, mid, r_end);
 
   // Subgroups of a warp, then warps of the block.
   #pragma unroll
   for (int off = G; off < 32; off <<= 1) {
     #pragma unroll
     for (int t = 0; t < TQ; ++t) {
-      float mo = pp_shfl_xor(m[t], off), lo_ = pp_shfl_xor(l[t], off), ao[VEC];
+      float mo = pp_shfl_xor(s.m[t], off), lo_ = pp_shfl_xor(s.l[t], off), ao[VEC];
       #pragma unroll
-      for (int e = 0; e < VEC; ++e) ao[e] = pp_shfl_xor(acc[t][e], off);
-      merge<VEC>(m[t], l[t], acc[t], mo, lo_, ao);
+      for (int e = 0; e < VEC; ++e) ao[e] = pp_shfl_xor(s.acc[t][e], off);
+      merge<VEC>(s.m[t], s.l[t], s.acc[t], mo, lo_, ao);
     }
   }
   if (sub == 0) {
@@ -377,10 +406,10 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
     for (int t = 0; t < TQ; ++t) {
       PP_SHARED_PTR float* row = smem + (warp * TQ + t) * (D + 2);
       #pragma unroll
-      for (int e = 0; e < VEC; ++e) row[gl * VEC + e] = acc[t][e];
+      for (int e = 0; e < VEC; ++e) row[gl * VEC + e] = s.acc[t][e];
       if (gl == 0) {
-        row[D] = m[t];
-        row[D + 1] = l[t];
+        row[D] = s.m[t];
+        row[D + 1] = s.l[t];
       }
     }
   }
@@ -389,12 +418,12 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
     const int t = i / (D + 1), d = i % (D + 1);  // d == D: the (max, sum) pair
     float mx = PP_NEG_INF;
     #pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = pp_max(mx, smem[(w * TQ + t) * (D + 2) + D]);
+    for (int wp = 0; wp < kWarps; ++wp) mx = pp_max(mx, smem[(wp * TQ + t) * (D + 2) + D]);
     PP_GLOBAL float* dst = ws + ((new_row + t0 + t) * a.S + split) * (D + 2);
     float sum = 0.f;
     #pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      PP_SHARED_PTR const float* row = smem + (w * TQ + t) * (D + 2);
+    for (int wp = 0; wp < kWarps; ++wp) {
+      PP_SHARED_PTR const float* row = smem + (wp * TQ + t) * (D + 2);
       if (row[D] != PP_NEG_INF) sum += row[d < D ? d : D + 1] * pp_exp(row[D] - mx);
     }
     if (d < D) {
