@@ -22,8 +22,6 @@
 #   ours       bench/tick_bench.py: full (bf16, q4, per-op at B=1, codec, profiles) and --structure
 #   tc         bench/matvec_tc_bench.py: matvec's tensor-core path vs its streaming kernel vs MLX vs the
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
-#   pipe       the same with PERSONAPLEX_MATVEC_TC_PIPELINE=1 (the tensor-core path's pipelined
-#              variant, 4- and 8-bit weights): primitive rows at 8 and 64, q4 ticks at PIPE_BATCHES
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
 #   kv8        bench/tick_bench.py --kv-bits 8, bf16 and q4, at KV8_BATCHES (default 8,32,64,128)
@@ -127,14 +125,6 @@ for step in "$@"; do
         timeout 240 python3 bench/matvec_tc_bench.py --batches "${TC_BATCHES:-1,8,32,64}" --json "$out/matvec_tc.json" \
           > "$out/matvec_tc.log" 2>&1
         tail -c 3000 "$out/matvec_tc.log" ) ;;
-    pipe)
-      ( mlx_env
-        export PERSONAPLEX_MATVEC_TC_PIPELINE=1
-        timeout 200 python3 bench/matvec_tc_bench.py --batches 8,64 --bits 4,8 --json "$out/matvec_tc_pipe.json" \
-          > "$out/matvec_tc_pipe.log" 2>&1
-        timeout 300 python3 bench/tick_bench.py --batches "${PIPE_BATCHES:-8,32,64}" --formats 4 --per-op-ticks 0 \
-          --json "$out/ours_q4_pipe.json" > "$out/ours_q4_pipe.log" 2>&1
-        tail -c 1500 "$out/matvec_tc_pipe.log"; grep '"tick' "$out/ours_q4_pipe.log" ) ;;
     dense-tc)
       ( mlx_env
         PERSONAPLEX_DENSE_PROJ=tc timeout 300 python3 bench/tick_bench.py --batches "${DENSE_TC_BATCHES:-8,32,64}" \
@@ -191,6 +181,6 @@ for step in "$@"; do
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, tc, pipe, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, tc, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
   esac
 done

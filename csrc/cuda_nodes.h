@@ -7,7 +7,6 @@
 
 #pragma once
 
-#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,11 +54,9 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
     launch("matvec_tc_rms_" + dt, matvec_tc_rms_launch(t), params);
   }
   {
-    // The pipelined variant (4- and 8-bit weights) where PERSONAPLEX_MATVEC_TC_PIPELINE=1.
-    const char* pipe = std::getenv("PERSONAPLEX_MATVEC_TC_PIPELINE");
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
     launch("matvec_tc_" + dt + "_" + (bits == 0 ? "dense" : bits == 4 ? "q4" : "q8") + "_n" +
-               std::to_string(matvec_tc_tiles(t.M)) + (bits && pipe && std::string(pipe) == "1" ? "_p" : ""),
+               std::to_string(matvec_tc_tiles(t.M)),
            matvec_tc_launch(t), params);
   }
   void* params[] = {&part, &residual, &out, &args};

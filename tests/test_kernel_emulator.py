@@ -135,15 +135,14 @@ def test_matvec_kernel(emulator, dtype, bits, M):
 # --- matvec, tensor-core path ---------------------------------------------------------
 
 
-def emulated_matvec_tc(emu, x, w, scales, biases, alpha, res, bits, gate, sms, seed, pipe=False):
+def emulated_matvec_tc(emu, x, w, scales, biases, alpha, res, bits, gate, sms, seed):
     M, K = x.shape
     n_out = w.shape[0] // 2 if gate else w.shape[0]
     out = nan_raw((M, n_out), x.dtype)
     args = MatvecArgs(M, K, n_out, alpha is not None, gate, res is not None, EPS)
     operands_ = [None if a is None else raw(a) for a in (x, w, scales, biases, alpha, res)]
     splits = ctypes.c_int(0)
-    check(emu, emu.emu_matvec_tc(DTYPE_CODE[x.dtype], bits, int(pipe), *map(ptr, operands_), ptr(out),
-                                 ctypes.byref(args),
+    check(emu, emu.emu_matvec_tc(DTYPE_CODE[x.dtype], bits, *map(ptr, operands_), ptr(out), ctypes.byref(args),
                                  sms, seed, ctypes.byref(splits)))
     return from_raw(out, x.dtype), splits.value
 
@@ -152,12 +151,10 @@ def emulated_matvec_tc(emu, x, w, scales, biases, alpha, res, bits, gate, sms, s
 @pytest.mark.parametrize("bits", [0, 4, 8])
 # n8 tiles NT = 1, 1, 4 (17 -> 3 rows of x past M), 8, 8; 130: chunks of 64, 64 and 2 rows
 @pytest.mark.parametrize("M", [1, 3, 17, 40, 64, 130])
-@pytest.mark.parametrize("pipe", [False, True], ids=["plain", "pipelined"])
-def test_matvec_tc_kernel(emulator, dtype, bits, M, pipe):
+def test_matvec_tc_kernel(emulator, dtype, bits, M):
     """The tensor-core body (mma emulated with the PTX fragment layout) against the
     numpy emulation of the reference with W as mx.dequantize gives it (rounded to T),
-    split along K in 2 or 3, outputs and workspace NaN first; the pipelined variant
-    (loads of a step in flight during the previous one's mma) alike. 150 weight rows: a second
+    split along K in 2 or 3, outputs and workspace NaN first. 150 weight rows: a second
     block of 8 warps, mostly past the end (gated: 75 units over two blocks of 64)."""
     from test_matvec import emulate, round_to
 
@@ -166,7 +163,7 @@ def test_matvec_tc_kernel(emulator, dtype, bits, M, pipe):
     for i, (norm, gate, residual) in enumerate(EPILOGUES if M in (3, 64, 130) else EPILOGUES[2:3]):
         x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, norm, gate, residual)
         got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate,
-                                         sms=2, seed=i, pipe=pipe)
+                                         sms=2, seed=i)
         assert splits in (2, 3), splits  # 3 steps of 256 split two or three ways
         want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
         assert_matches(got, want, dtype, f"emulated matvec_tc norm={norm} gate={gate} residual={residual}", res)

@@ -42,22 +42,10 @@ MATVEC_DTYPE(f16, pp::F16)
 
 #define MATVEC_TC_N(DT, F, WN, W) PP_TILES(MATVEC_TC, DT, F, WN, W)
 
-// The pipelined variant (project's PIPE), 4- and 8-bit weights: matvec_tc_..._n<NT>_p.
-#define MATVEC_TC_PIPE(DT, F, WN, W, NT)                                                               \
-  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads) matvec_tc_##DT##_##WN##_n##NT##_p( \
-      const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,                 \
-      const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                       \
-    __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStride];                                  \
-    matvec_tc::project_pipelined<F, W, NT>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x, \
-                                          blockIdx.y, threadIdx.x);                                       \
-  }
-
 #define MATVEC_TC_DTYPE(DT, F)                                                                       \
   MATVEC_TC_N(DT, F, dense, matvec::Dense<F>)                                                        \
   MATVEC_TC_N(DT, F, q4, matvec::Affine<4>)                                                          \
   MATVEC_TC_N(DT, F, q8, matvec::Affine<8>)                                                          \
-  PP_TILES(MATVEC_TC_PIPE, DT, F, q4, matvec::Affine<4>)                                             \
-  PP_TILES(MATVEC_TC_PIPE, DT, F, q8, matvec::Affine<8>)                                             \
   extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads)                                  \
       matvec_tc_rms_##DT(const F::Elem* x, float* inv_rms, MatvecTcArgs a) {                         \
     __shared__ float smem[matvec_tc::kWarps];                                                        \

@@ -63,7 +63,7 @@ void matvec_format(int bits, const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
 
 // The tensor-core path's three launches, as csrc/matvec_cuda.cpp makes them, with
 // `sms` multiprocessors deciding the K splits. The workspace starts as NaN.
-template <class F, class W, int NT, bool PIPE>
+template <class F, class W, int NT>
 void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   using E = typename F::Elem;
   std::vector<float> ws(matvec_tc_workspace_floats(a), NAN);
@@ -82,9 +82,9 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   pp_emu::launch(
       matvec_tc_launch(a), tile,
       [&](int bx, int by, int, int tid) {
-        const auto body = PIPE ? matvec_tc::project_pipelined<F, W, NT> : matvec_tc::project<F, W, NT>;
-        body(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w), static_cast<const E*>(p.scales),
-             static_cast<const E*>(p.biases), static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
+        matvec_tc::project<F, W, NT>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+                                     static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
+                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
       },
       seed, [&] { std::fill(xs, xs + matvec_tc_smem_elems(NT), nan); });
   std::vector<float> none;
@@ -95,24 +95,18 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   }, seed);
 }
 
-template <class F, class W, bool PIPE>
+template <class F, class W>
 void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   switch (matvec_tc_tiles(a.M)) {
-    case 1: return matvec_tc_run<F, W, 1, PIPE>(p, a, seed);
-    case 2: return matvec_tc_run<F, W, 2, PIPE>(p, a, seed);
-    case 4: return matvec_tc_run<F, W, 4, PIPE>(p, a, seed);
-    default: return matvec_tc_run<F, W, 8, PIPE>(p, a, seed);
+    case 1: return matvec_tc_run<F, W, 1>(p, a, seed);
+    case 2: return matvec_tc_run<F, W, 2>(p, a, seed);
+    case 4: return matvec_tc_run<F, W, 4>(p, a, seed);
+    default: return matvec_tc_run<F, W, 8>(p, a, seed);
   }
 }
 
-template <class F, class W>
-void matvec_tc_pipe_run(bool pipe, const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
-  if (pipe) matvec_tc_tiles_run<F, W, true>(p, a, seed);
-  else matvec_tc_tiles_run<F, W, false>(p, a, seed);
-}
-
 template <class F>
-void matvec_tc_format(int bits, bool pipe, const MatvecPtrs& p, const MatvecArgs& m, int sms, unsigned seed) {
+void matvec_tc_format(int bits, const MatvecPtrs& p, const MatvecArgs& m, int sms, unsigned seed) {
   if (!matvec_tc_supported(m.M, m.K, static_cast<int>(sizeof(typename F::Elem)))) {
     throw std::invalid_argument("matvec_tc: 16-bit x and K a multiple of 256 only");
   }
@@ -123,9 +117,9 @@ void matvec_tc_format(int bits, bool pipe, const MatvecPtrs& p, const MatvecArgs
     c.x = static_cast<const E*>(p.x) + long(m0) * m.K;
     if (p.residual) c.residual = static_cast<const E*>(p.residual) + long(m0) * m.n_out;
     c.out = static_cast<E*>(p.out) + long(m0) * m.n_out;
-    if (bits == 0) matvec_tc_pipe_run<F, matvec::Dense<F>>(pipe, c, a, seed);
-    else if (bits == 4) matvec_tc_pipe_run<F, matvec::Affine<4>>(pipe, c, a, seed);
-    else if (bits == 8) matvec_tc_pipe_run<F, matvec::Affine<8>>(pipe, c, a, seed);
+    if (bits == 0) matvec_tc_tiles_run<F, matvec::Dense<F>>(c, a, seed);
+    else if (bits == 4) matvec_tc_tiles_run<F, matvec::Affine<4>>(c, a, seed);
+    else if (bits == 8) matvec_tc_tiles_run<F, matvec::Affine<8>>(c, a, seed);
     else throw std::invalid_argument("matvec_tc: bits must be 0, 4 or 8");
   });
 }
@@ -135,18 +129,17 @@ void matvec_tc_format(int bits, bool pipe, const MatvecPtrs& p, const MatvecArgs
 extern "C" {
 
 // The tensor-core path (kernels/matvec_tc.cuh): dtype 1 bfloat16, 2 float16; `sms`
-// multiprocessors for the split along K; pipe: project's pipelined variant. Returns the
-// splits used in *splits.
-int emu_matvec_tc(int dtype, int bits, int pipe, const void* x, const void* w, const void* scales,
-                  const void* biases, const void* alpha, const void* residual, void* out, const MatvecArgs* a,
-                  int sms, unsigned seed, int* splits) {
+// multiprocessors for the split along K. Returns the splits used in *splits.
+int emu_matvec_tc(int dtype, int bits, const void* x, const void* w, const void* scales, const void* biases,
+                  const void* alpha, const void* residual, void* out, const MatvecArgs* a, int sms,
+                  unsigned seed, int* splits) {
   const MatvecPtrs p{.x = x, .w = w, .scales = scales, .biases = biases, .alpha = alpha,
                      .residual = residual, .out = out};
   return pp_emu::guarded([&] {
     *splits = matvec_tc_args(a->M < kMatvecTcMaxRows ? a->M : kMatvecTcMaxRows, a->K, a->n_out, a->norm, a->gate,
                              a->residual, a->eps, sms).splits;
-    if (dtype == 1) matvec_tc_format<pp::BF16>(bits, pipe != 0, p, *a, sms, seed);
-    else if (dtype == 2) matvec_tc_format<pp::F16>(bits, pipe != 0, p, *a, sms, seed);
+    if (dtype == 1) matvec_tc_format<pp::BF16>(bits, p, *a, sms, seed);
+    else if (dtype == 2) matvec_tc_format<pp::F16>(bits, p, *a, sms, seed);
     else throw std::invalid_argument("matvec_tc: x must be bfloat16 or float16");
   });
 }

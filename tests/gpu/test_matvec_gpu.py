@@ -89,25 +89,6 @@ def test_matvec_tc_every_row_count(dtype, bits, monkeypatch):
         assert_matches(y, want, dtype, f"M={M} norm={norm} gate={gate} residual={residual}", res)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_matvec_tc_pipelined_variant(bits, monkeypatch):
-    """PERSONAPLEX_MATVEC_TC_PIPELINE=1: the pipelined kernels (4- and 8-bit weights) against
-    the same emulation, at K of 16 steps (the next step's loads in flight) and rows that
-    fill 1, 2, 4 and 8 n8 tiles, and past 64."""
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS", "1")
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_PIPELINE", "1")
-    rng = np.random.default_rng(bits)
-    for M, (norm, gate, residual) in zip([1, 7, 9, 20, 33, 64, 130], [(True, True, False), (False, False, True),
-                                                                     (True, False, True), (True, True, True),
-                                                                     (False, False, False), (True, True, False),
-                                                                     (False, False, True)]):
-        K, N = 4096, 2 * 200 if gate else 200
-        x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, mx.bfloat16, bits, norm, gate, residual)
-        y = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.gpu)
-        want = emulate(x, round_to(W, mx.bfloat16), mx.bfloat16, alpha, gate, res)
-        assert_matches(y, want, mx.bfloat16, f"pipelined M={M} norm={norm} gate={gate} residual={residual}", res)
-
-
 def test_matvec_tc_off_by_environment(monkeypatch):
     """PERSONAPLEX_MATVEC_TC_MIN_ROWS=65 keeps every call on the streaming kernel: q4 at
     32 rows then matches the CPU path's float32 sums (scale * q . x + bias * sum x)."""
