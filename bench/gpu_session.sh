@@ -13,7 +13,12 @@
 # build 127-140 (all fatbins), tests/gpu/test_matvec_gpu.py ~200, test_tick_gpu.py 20, the
 # other tests/gpu files 266, official (4 batches, no --structure) 69, ours as tick_bench
 # --batches 1,8,32,64 --formats 0,4 without --codec/--profile ~320 (engine start and the
-# self-test included), kv8 at 64,128 ~80, dense-tc at 8,32,64 ~20.
+# self-test included), kv8 at 64,128 ~80, dense-tc at 8,32,64 ~20. The night's lease: build 245
+# (ring_attention.cu's fatbin the longest; since 776ca9c it compiles in ~60% of that time),
+# tick + ring attention GPU tests 165, official 111 (with --structure), tick_bench of 8 rows
+# (1,8,32,64 x bf16,q4, no profile) 59, parts 1-2 s each, ray 21, random-7b 29, serve 158-177.
+# Ticks are quick once the engine is up: spend a lease's seconds on builds and engine starts
+# as little as possible (one tick_bench with many rows rather than several).
 # `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
 # runs a subset. Logs, JSON and the report (tables.md) go to $OUT (the device tool's
 # return folder), else ./gpu-out; `report` reads the official loop's JSON from
