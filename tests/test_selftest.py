@@ -12,6 +12,7 @@ tiny shapes. About 10 s.
 import os
 import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -282,3 +283,16 @@ def test_the_program_rows_have_no_cases_where_there_is_no_program(monkeypatch):
     results = selftest.run(shapes, names=("ring_attention_kv8", "tick"))
     assert [(r.ok, r.cases) for r in results] == [(True, 0), (True, 0)]
     assert selftest.table(results, shapes).count("n/a (not run on this device)") == 2
+
+
+def test_a_changed_check_is_run_again_not_read_from_the_cache(validating, monkeypatch, tmp_path):
+    """The cached verdict's key covers the checks' own sources: a fixed check (as the
+    tensor-core row's reference on 2026-12-01) must not keep an old failure."""
+    from personaplex_fast import selftest_tick
+
+    selftest.verdict()
+    assert selftest.cached()
+    edited = tmp_path / "selftest_tick.py"
+    edited.write_bytes(Path(selftest_tick.__file__).read_bytes() + b"\n# a changed tolerance\n")
+    monkeypatch.setattr(selftest_tick, "__file__", str(edited))
+    assert not selftest.cached()

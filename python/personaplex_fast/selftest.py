@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -461,11 +462,14 @@ def _cache_dir() -> Path:
 
 
 def cache_key() -> dict:
-    from . import _ext
+    """What a verdict depends on: the package, MLX, the device, the extension, and the
+    checks themselves (a fixed check must not keep an old failure)."""
+    from . import _ext, selftest_tick
 
     st = Path(_ext.__file__).stat()
+    checks = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (sys.modules[__name__], selftest_tick)))
     return {"package": __version__, "mlx": mx.__version__, "device": device_name(),
-            "extension": f"{st.st_size}-{st.st_mtime_ns}"}
+            "extension": f"{st.st_size}-{st.st_mtime_ns}", "checks": checks.hexdigest()[:16]}
 
 
 def _cache_path(key: dict) -> Path:
