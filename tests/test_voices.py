@@ -3,6 +3,7 @@
 import io
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,7 +181,7 @@ def test_macos_resource_forks_are_not_voices(tmp_path, monkeypatch):
     assert voices.list_voices(voices.unpack(tmp_path / "voices.tgz")) == ["NATF0"]
 
 
-def _archive_of(tmp_path, members: dict[str, bytes]) -> "Path":
+def _archive_of(tmp_path, members: dict[str, bytes]) -> Path:
     archive = tmp_path / "voices.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         for name, data in members.items():
