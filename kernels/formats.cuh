@@ -66,4 +66,10 @@ PP_DEVICE void unpack(pp_u32x4 r, PP_THREAD float* out) {
   }
 }
 
+// n elements of F from p (n a multiple of F::kPerVec, p on a 16-byte boundary), as float32.
+template <class F>
+PP_DEVICE void load_elems(const PP_GLOBAL typename F::Elem* p, int n, PP_THREAD float* out) {
+  for (int v = 0; v < n; v += F::kPerVec) unpack<F>(pp_load16(p + v), out + v);
+}
+
 }  // namespace pp

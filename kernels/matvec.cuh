@@ -80,11 +80,6 @@ struct Affine {
   }
 };
 
-template <class F>
-PP_DEVICE void load_x(const PP_GLOBAL typename F::Elem* p, int n, PP_THREAD float* out) {
-  for (int v = 0; v < n; v += F::kPerVec) pp::unpack<F>(pp_load16(p + v), out + v);
-}
-
 PP_DEVICE float warp_sum(float s) {
   #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += pp_shfl_xor(s, off);
@@ -179,12 +174,12 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
       #pragma unroll
       for (int r = 0; r < kRows; ++r) W::unpack_sub(wr[r], sub, wf[r]);
       float al[SUB];
-      if (a.norm) load_x<F>(alpha + k, SUB, al);
+      if (a.norm) pp::load_elems<F>(alpha + k, SUB, al);
       #pragma unroll
       for (int m = 0; m < MT; ++m) {
         if (m0 + m >= a.M) break;
         float xf[SUB];
-        load_x<F>(x + long(m0 + m) * a.K + k, SUB, xf);
+        pp::load_elems<F>(x + long(m0 + m) * a.K + k, SUB, xf);
         if (a.norm) {
           #pragma unroll
           for (int e = 0; e < SUB; ++e) xf[e] = pp::round_trip<F>(al[e] * (xf[e] * inv_rms[m]));

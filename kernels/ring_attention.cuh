@@ -96,13 +96,6 @@ PP_DEVICE void merge(PP_THREAD float& m, PP_THREAD float& l, PP_THREAD float* a,
   m = mn;
 }
 
-// A lane's N elements of a row of F from p (N a multiple of F::kPerVec), as float32.
-template <class F, int N>
-PP_DEVICE void load_elems(const PP_GLOBAL typename F::Elem* p, PP_THREAD float* out) {
-  #pragma unroll
-  for (int c = 0; c < N / F::kPerVec; ++c) unpack<F>(pp_load16(p + c * F::kPerVec), out + c * F::kPerVec);
-}
-
 // The ring in the activations' format F. `attend` reads a lane's kPerLane elements of
 // a cached key or value (one 16-byte load) through load, scale and unpack; `finish`
 // writes the new rows through write_new. Scales are all 1.
@@ -273,7 +266,7 @@ PP_DEVICE void scan(PP_THREAD Lane<TQ, C::kPerLane>& s, const PP_GLOBAL typename
       if (!NEW) {
         C::unpack(kr[u], kf);
       } else if (j >= 0) {
-        load_elems<F, VEC>(k + w.new_base + (j - w.p0) * a.new_t + w.gl * VEC, kf);
+        pp::load_elems<F>(k + w.new_base + (j - w.p0) * a.new_t + w.gl * VEC, VEC, kf);
         if (a.rope) {
           #pragma unroll
           for (int e = 0; e < VEC; e += 2) {
@@ -322,7 +315,7 @@ PP_DEVICE void scan(PP_THREAD Lane<TQ, C::kPerLane>& s, const PP_GLOBAL typename
       if (!NEW) {
         C::unpack(vr[u], vf);
       } else if (jj[u] >= 0) {
-        load_elems<F, VEC>(v + w.new_base + (jj[u] - w.p0) * a.new_t + w.gl * VEC, vf);
+        pp::load_elems<F>(v + w.new_base + (jj[u] - w.p0) * a.new_t + w.gl * VEC, VEC, vf);
       } else {
         #pragma unroll
         for (int e = 0; e < VEC; ++e) vf[e] = 0.f;
@@ -374,7 +367,7 @@ PP_DEVICE void attend(const PP_GLOBAL typename F::Elem* q, const PP_GLOBAL typen
     #pragma unroll
     for (int e = 0; e < VEC; ++e) s.q[t][e] = s.acc[t][e] = 0.f;
     if (t < nt) {
-      load_elems<F, VEC>(q + w.new_base + (t0 + t) * a.new_t + gl * VEC, s.q[t]);
+      pp::load_elems<F>(q + w.new_base + (t0 + t) * a.new_t + gl * VEC, VEC, s.q[t]);
       #pragma unroll
       for (int e = 0; e < VEC; e += 2) {
         if (a.rope) rope_pair(s.q[t][e], s.q[t][e + 1], (gl * VEC + e) / 2, float(qpos0 + t), a.rope_step);
