@@ -55,7 +55,7 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    launch("matvec_tc_" + dt + "_" + (bits == 0 ? "dense" : bits == 4 ? "q4" : "q8") + "_n" +
+    launch("matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" +
                std::to_string(matvec_tc_tiles(t.M)),
            matvec_tc_launch(t), params);
   }

@@ -75,7 +75,7 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
     return;
   }
   const std::string name = std::string("matvec_") + cuda::kernel_dtype("matvec", n.dtype) + "_" +
-                           (n.bits == 0 ? "dense" : n.bits == 4 ? "q4" : "q8") + "_m" +
+                           matvec_weights_name(n.bits) + "_m" +
                            std::to_string(matvec_x_rows(a.M));
   for (auto* r : reads) enc.set_input_array(*r);
   for (auto* w : writes) enc.set_output_array(*w);

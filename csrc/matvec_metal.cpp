@@ -27,7 +27,7 @@ void metal::add_matvec(mx::metal::CommandEncoder& enc, mx::metal::Device& d, con
     throw std::invalid_argument("matvec on Metal: x, w and alpha must start on a 16-byte boundary");
   }
   const std::string name = std::string("matvec_") + kernel_dtype("matvec", n.dtype) + "_" +
-                           (n.bits == 0 ? "dense" : n.bits == 4 ? "q4" : "q8") + "_m" +
+                           matvec_weights_name(n.bits) + "_m" +
                            std::to_string(matvec_x_rows(a.M));
   auto* p = use(enc, d, "matvec", personaplex_metal_matvec, name);
   const mx::array& any = *n.x.a;

@@ -172,7 +172,7 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
             });
             return;
           }
-          const std::string name = "matvec_" + dts(o.x) + "_" + (o.bits == 0 ? "dense" : o.bits == 4 ? "q4" : "q8") +
+          const std::string name = "matvec_" + dts(o.x) + "_" + matvec_weights_name(o.bits) +
                                    "_m" + std::to_string(matvec_x_rows(a.M));
           void *x = at(o.x), *w = at(o.w), *sc = at(o.scales), *bi = at(o.biases), *al = at(o.alpha),
                *res = at(o.residual), *out = at(o.out);

@@ -247,6 +247,9 @@ constexpr int kMatvecThreads = 128;
 // (matvec_<dtype>_<weights>_m<MT>).
 inline int matvec_x_rows(int M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
 
+// The <weights> part of the kernels' names (matvec_..., matvec_tc_...): bits 0, 4 or 8.
+inline const char* matvec_weights_name(int bits) { return bits == 0 ? "dense" : bits == 4 ? "q4" : "q8"; }
+
 // Workgroup memory of matvec_..._m<MT>, in floats (kernels/cuda/matvec.cu declares it).
 inline int matvec_smem_floats(int mt) { return kMatvecThreads / 32 * PP_MATVEC_ROWS * mt + mt; }
 
