@@ -186,7 +186,7 @@ def check_matvec(s: Shapes, d: Draw, w_in_dtype: bool = False):
             r = d.normal((B, N // 2 if gate else N), dt) if res else None
             got = _ext.matvec(x, p.w, p.scales, p.biases, alpha, r, bits, gate, NORM_EPS)
             w = mx.dequantize(p.w, p.scales.astype(mx.float32), p.biases.astype(mx.float32), 64, bits) if bits else p.w
-            if bits and w_in_dtype and _takes_tc(B, K, dt):
+            if bits and w_in_dtype and matvec_takes_tc(B, K, dt, bits):
                 w = w.astype(dt)
             want = reference.matvec(x, w, alpha=alpha, eps=NORM_EPS, gate=gate, residual=r).astype(dt)
             scale = mx.abs(want.astype(mx.float32)) + (0 if r is None else mx.abs(r.astype(mx.float32)))
@@ -194,12 +194,15 @@ def check_matvec(s: Shapes, d: Draw, w_in_dtype: bool = False):
             yield f"{case} q{bits}" if bits else case, worst([got], [want], np32(tol))
 
 
-def _takes_tc(rows: int, K: int, dt) -> bool:
-    """Whether matvec's CUDA host sends a quantized call to the tensor-core path
-    (cuda::matvec_takes_tc), which dequantises the weights to the dtype of x first."""
+def matvec_takes_tc(rows: int, K: int, dt, bits: int) -> bool:
+    """Whether matvec's CUDA host sends this call to the tensor-core path
+    (cuda::matvec_takes_tc: 16-bit x, K a multiple of 256, at least
+    PERSONAPLEX_MATVEC_TC_MIN_ROWS rows, default 2 for 4- and 8-bit weights and 9 dense),
+    which dequantises 4- and 8-bit weights to the dtype of x first."""
     on_cuda = mx.default_device().type == mx.gpu and mx.cuda.is_available()
     env = int(os.environ.get("PERSONAPLEX_MATVEC_TC_MIN_ROWS") or 0)
-    return on_cuda and dt != mx.float32 and K % 256 == 0 and rows >= (env if env > 0 else 2)
+    return (on_cuda and dt != mx.float32 and K % 256 == 0
+            and rows >= (env if env > 0 else 2 if bits else 9))
 
 
 def check_matvec_tc(s: Shapes, d: Draw):

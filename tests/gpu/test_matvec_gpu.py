@@ -9,21 +9,16 @@ import numpy as np
 import pytest
 
 from personaplex_fast import _ext, ops
+from personaplex_fast.selftest import matvec_takes_tc
 from tests.test_matvec import EPS, assert_matches, emulate, operands, round_to, to_np
 
 
 pytestmark = pytest.mark.usefixtures("poison")
 
 
-def takes_tc(M, K, dtype, bits):
-    """Whether the CUDA host sends this call to the tensor-core path (matvec_takes_tc with
-    the default PERSONAPLEX_MATVEC_TC_MIN_ROWS); its 4- and 8-bit weights are
-    dequantised to T first, as mx.dequantize does."""
-    return dtype != mx.float32 and K % 256 == 0 and M >= (2 if bits else 9)
-
-
 def expected_w(W, M, K, dtype, bits):
-    return round_to(W, dtype) if bits and takes_tc(M, K, dtype, bits) else W
+    """W as the call uses it: dequantised to T first on the tensor-core path."""
+    return round_to(W, dtype) if bits and matvec_takes_tc(M, K, dtype, bits) else W
 
 
 def gpu_and_cpu(x, w, scales, biases, alpha, res, bits, gate):
@@ -47,7 +42,7 @@ def test_matvec_gpu_sweep(dtype, bits, M):
             what = f"K={K} N={N} norm={norm} gate={gate} residual={residual}"
             want = emulate(x, expected_w(W, M, K, dtype, bits), dtype, alpha, gate, res)
             assert_matches(y_gpu, want, dtype, what + " (vs emulation)", res)
-            if not (bits and takes_tc(M, K, dtype, bits)):  # the CPU sums scale * q . x + bias * sum(x)
+            if not (bits and matvec_takes_tc(M, K, dtype, bits)):  # the CPU sums scale * q . x + bias * sum(x)
                 assert_matches(y_gpu, to_np(y_cpu), dtype, what + " (vs CPU)", res)
 
 
