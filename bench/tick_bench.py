@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="also each op kind's GPU time (one tick, op by op)")
     p.add_argument("--matvec-small", default="", help="batches also timed with tick.builder.GEMM_MIN_BYTES = "
                    "32 MB (small weights by matvec up to 8 rows), e.g. 4,8")
+    p.add_argument("--pdl", default="1", help="programmatic dependent launch in the tick's graph, each timed: "
+                   "1 (on, the default), 0 (PERSONAPLEX_PDL=0), e.g. 0,1")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     a = p.parse_args(argv)
     if a.tiny:
@@ -72,14 +75,16 @@ def main(argv=None):
             record(dict(what=f"per-op engine {fmt}", B=batches[0],
                         **engine_ticks(lm, mimi, batches[0], a.per_op_ticks, 5, program=False)))
         for B in batches:
-            for kv in (int(x) for x in a.kv_bits.split(",")):
+            for kv, pdl in ((int(x), y) for x in a.kv_bits.split(",") for y in a.pdl.split(",")):
                 kv_bits, name = (8, f"tick {fmt} kv8") if kv == 8 else (None, f"tick {fmt}")
+                os.environ["PERSONAPLEX_PDL"] = pdl  # read when the engine's graph is captured
                 try:
                     row = engine_ticks(lm, mimi, B, a.ticks, a.warmup, program=True, profile=a.profile,
                                        kv_bits=kv_bits)
                 except Exception as e:  # out of memory at the largest batches: say so, go on
                     row = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                record(dict(what=name, B=B, **row))
+                record(dict(what=name + (" no-pdl" if pdl == "0" else ""), B=B, **row))
+            os.environ.pop("PERSONAPLEX_PDL", None)
             if str(B) in a.matvec_small.split(",") and bits == 0:
                 from personaplex_fast import tick
 

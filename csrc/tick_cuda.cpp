@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -72,6 +73,13 @@ struct CudaState {
   bool dry = true;
   int device = 0;
   CUstream launch_stream = nullptr;  // where launches go: the capture stream, or (profile) eagerly
+  // Programmatic dependent launch (kernels/portable.h, pp_grid_dependency): in the capture,
+  // a kernel that directly follows one of ours may be scheduled before that one ends. Only
+  // after ours, whose kernels all begin by waiting for their predecessor; never after a
+  // copy or a cuBLAS GEMM (plain launches order those), and not in the profile's eager
+  // launches (events between kernels).
+  bool pdl = false;
+  bool after_ours = false;
   void* cublas = nullptr;            // handle, made in the dry pass
   CUdeviceptr cublas_ws = 0;
 
@@ -86,12 +94,33 @@ struct CudaState {
       }
       return;
     }
-    ck(cuLaunchKernel(f, plan.grid_x, plan.grid_y, plan.grid_z, plan.threads, 1, 1, smem, launch_stream, params,
-                      nullptr),
-       name.c_str());
+    int ptx = 0;  // the wait is compiled for compute_90 and later only (not in the compute_80 PTX)
+    if (pdl && after_ours) ck(cuFuncGetAttribute(&ptx, CU_FUNC_ATTRIBUTE_PTX_VERSION, f), "cuFuncGetAttribute");
+    if (ptx >= 90) {
+      CUlaunchAttribute attr{};
+      attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attr.value.programmaticStreamSerializationAllowed = 1;
+      CUlaunchConfig cfg{};
+      cfg.gridDimX = plan.grid_x;
+      cfg.gridDimY = plan.grid_y;
+      cfg.gridDimZ = plan.grid_z;
+      cfg.blockDimX = plan.threads;
+      cfg.blockDimY = cfg.blockDimZ = 1;
+      cfg.sharedMemBytes = smem;
+      cfg.hStream = launch_stream;
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      ck(cuLaunchKernelEx(&cfg, f, params, nullptr), name.c_str());
+    } else {
+      ck(cuLaunchKernel(f, plan.grid_x, plan.grid_y, plan.grid_z, plan.threads, 1, 1, smem, launch_stream, params,
+                        nullptr),
+         name.c_str());
+    }
+    after_ours = true;
   }
   void copy(void* dst, const void* src, size_t bytes) {
     if (dry || bytes == 0) return;
+    after_ours = false;
     ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes, launch_stream),
        "cuMemcpyAsync");
   }
@@ -106,6 +135,7 @@ struct CudaState {
                    "cublasSetWorkspace");
     }
     cublas_check(cb.set_stream(cublas, launch_stream), "cublasSetStream");
+    after_ours = false;
     const float one = 1.f, beta = accumulate ? 1.f : 0.f;
     const cudaDataType_t t = cuda_type(dt);
     // Column-major view: y^T [N, M] = w [K, N]^T x^T [K, M].
@@ -414,6 +444,18 @@ void TickProgram::read_cuda(int h, long offset, void* dst, long bytes) {
      "cuMemcpyDtoH (read)");
 }
 
+// Whether the capture chains our kernels by programmatic dependent launch: compute
+// capability 9.0 or later, unless PERSONAPLEX_PDL=0 (for timing the difference); each
+// launch also checks that its kernel was built with the wait (CudaState::kernel).
+static bool pdl_enabled(int device) {
+  if (const char* e = std::getenv("PERSONAPLEX_PDL"); e && std::string(e) == "0") return false;
+  CUdevice dev;
+  int major = 0;
+  ck(cuDeviceGet(&dev, device), "cuDeviceGet");
+  ck(cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute");
+  return major >= 9;
+}
+
 // The dry pass and the capture, once.
 static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::Op>& ops) {
   if (s.exec) return;
@@ -427,14 +469,18 @@ static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::
   s.next_workspace = 0;
   if (s.shared_bytes && !s.shared_ws) ck(cuMemAlloc(&s.shared_ws, s.shared_bytes), "cuMemAlloc (shared scratch)");
   ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
+  s.pdl = pdl_enabled(s.device);
+  s.after_ours = false;
   try {
     for (const auto& op : ops) launch_op(s, p, op, resolve);
   } catch (...) {
+    s.pdl = false;
     CUgraph g = nullptr;
     cuStreamEndCapture(s.capture, &g);
     if (g) cuGraphDestroy(g);
     throw;
   }
+  s.pdl = false;
   ck(cuStreamEndCapture(s.capture, &s.graph), "cuStreamEndCapture");
   ck(cuGraphInstantiate(&s.exec, s.graph, 0), "cuGraphInstantiate");
 }

@@ -60,6 +60,20 @@ PP_DEVICE pp_u32 pp_load4(const PP_GLOBAL void* p) { return *static_cast<const u
 PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) { *static_cast<uint4*>(p) = v; }
 PP_DEVICE pp_u32x4 pp_zero16() { return make_uint4(0u, 0u, 0u, 0u); }
 #define PP_NEG_INF (-__int_as_float(0x7f800000))
+// First statement of every CUDA kernel (kernels/cuda/*.cu): programmatic dependent
+// launch. The tick program launches a kernel that follows one of ours with
+// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION (csrc/tick_cuda.cpp), so it may be
+// scheduled while its predecessor still runs; `wait` holds every thread until the
+// predecessor has completed and its writes are visible (a no-op for a plain launch), so
+// nothing is read or written early, and `launch_dependents` lets the next kernel be
+// scheduled once every block of this one has started. What this saves is the launch
+// latency between dependent kernels (hundreds a tick), not bytes. sm_90 and later.
+PP_DEVICE void pp_grid_dependency() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 // d += A B on the tensor cores (mma.m16n8k16, float32 accumulation), a warp-wide
 // operation: A 16x16 row-major in 4 registers of 16-bit pairs, B 16x8 column-major
 // in 2, d 16x8 in 4 floats, each lane holding the fragment the PTX ISA assigns it

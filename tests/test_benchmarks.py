@@ -47,12 +47,13 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "tick_bench.py"), "--tiny", "--batches", "1,2", "--formats", "0,4",
          "--ticks", "2", "--warmup", "1", "--per-op-ticks", "2", "--codec", "--profile", "--kv-bits", "16,8",
-         "--json", str(ours)],
+         "--pdl", "0,1", "--json", str(ours)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = __import__("json").loads(ours.read_text())["rows"]
     whats = {(r["what"], r["B"]) for r in rows}
-    assert {("codec", 1), ("tick bf16", 2), ("tick q4", 1), ("per-op engine bf16", 1), ("tick bf16 kv8", 2)} <= whats
+    assert {("codec", 1), ("tick bf16", 2), ("tick q4", 1), ("per-op engine bf16", 1), ("tick bf16 kv8", 2),
+            ("tick q4 kv8 no-pdl", 1)} <= whats
     assert all(r["median"] > 0 and r["p99"] >= r["median"] and r["profile"] for r in rows if r["what"] == "tick bf16")
     png = tmp_path / "tick.png"
     report = subprocess.run([sys.executable, str(ROOT / "bench" / "perf_report.py"), "--ours", str(ours),

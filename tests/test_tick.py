@@ -233,3 +233,24 @@ def test_dense_projections_by_tensor_cores_only_when_asked(monkeypatch):
     monkeypatch.setenv("PERSONAPLEX_DENSE_PROJ", "tc")
     assert [ops_for(M) for M in (8, 9, 64, 65)] == [3, 1, 1, 3]
     assert ops_for(16, K=320) == 2 and ops_for(16, dtype=mx.float32) == 3  # K not whole steps; float32
+
+
+def test_every_cuda_kernel_waits_for_its_predecessor_first():
+    """The GPU tick program launches a kernel that follows one of ours before that one has
+    ended (programmatic dependent launch, csrc/tick_cuda.cpp); that is only sound if every
+    kernel's first statement is pp_grid_dependency() (kernels/portable.h), which waits."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "kernels" / "cuda"
+    seen = 0
+    for f in sorted(root.glob("*.cu")):
+        src = f.read_text().replace("\\\n", "\n")
+        for m in re.finditer(r"__global__", src):
+            head = src[m.start():]
+            # the parameter list's ')' is the first ') {' after the kernel's name
+            body = head[head.index(") {") + 3:].lstrip()
+            name = re.search(r"\)\s+(\w+)", head).group(1)
+            assert body.startswith("pp_grid_dependency();"), f"{f.name}: kernel {name} does not begin by waiting"
+            seen += 1
+    assert seen >= 29

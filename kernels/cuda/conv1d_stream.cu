@@ -8,11 +8,13 @@
   extern "C" __global__ void __launch_bounds__(kGatherThreads) conv1d_gather_##DT(           \
       const F::Elem* x, const F::Elem* prev, const unsigned char* first, F::Elem* buf,       \
       F::Elem* prev_out, GatherArgs a) {                                                     \
+    pp_grid_dependency();                                                                    \
     codec::gather<F>(x, prev, first, buf, prev_out, a,                                       \
                      long(blockIdx.x) * kGatherThreads + threadIdx.x);                       \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(kConvThreads) conv1d_##DT(                    \
       const F::Elem* buf, const F::Elem* w, const F::Elem* bias, F::Elem* y, Conv1dArgs a) { \
+    pp_grid_dependency();                                                                    \
     conv1d::conv<F>(buf, w, bias, y, a, blockIdx.x, threadIdx.x);                            \
   }
 

@@ -8,12 +8,14 @@
 #define CONVTR_DTYPE(DT, F)                                                                  \
   extern "C" __global__ void __launch_bounds__(kGatherThreads) convtr_elu_##DT(              \
       const F::Elem* x, F::Elem* out, GatherArgs a) {                                        \
+    pp_grid_dependency();                                                                    \
     codec::gather<F>(x, nullptr, nullptr, out, nullptr, a,                                   \
                      long(blockIdx.x) * kGatherThreads + threadIdx.x);                       \
   }                                                                                          \
   extern "C" __global__ void __launch_bounds__(kConvThreads) convtr_##DT(                    \
       const F::Elem* x, const F::Elem* partial, const F::Elem* w, const F::Elem* bias,       \
       F::Elem* y, F::Elem* partial_out, ConvTrArgs a) {                                      \
+    pp_grid_dependency();                                                                    \
     convtr::convtr<F>(x, partial, w, bias, y, partial_out, a, blockIdx.x, threadIdx.x);      \
   }
 

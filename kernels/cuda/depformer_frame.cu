@@ -6,6 +6,7 @@
 #define EMBED_ADD(DT, F)                                                                        \
   extern "C" __global__ void __launch_bounds__(kEmbedThreads) embed_add_##DT(                   \
       const F::Elem* pre, const F::Elem* table, const int* tokens, F::Elem* out, EmbedArgs a) { \
+    pp_grid_dependency();                                                                       \
     depformer_frame::embed_add<F>(pre, table, tokens, out, a,                                   \
                                   long(blockIdx.x) * kEmbedThreads + threadIdx.x);              \
   }

@@ -7,6 +7,7 @@
   extern "C" __global__ void __launch_bounds__(matvec::kThreads) matvec_##DT##_##WN##_m##MT(   \
       const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,         \
       const F::Elem* alpha, const F::Elem* residual, F::Elem* out, MatvecArgs a) {             \
+    pp_grid_dependency();                                                                      \
     __shared__ float smem[matvec::kWarps * matvec::kRows * MT + MT];                           \
     matvec::matvec<F, W, MT>(x, w, scales, biases, alpha, residual, out, a, smem, blockIdx.x,  \
                              blockIdx.y, threadIdx.x);                                         \
@@ -35,6 +36,7 @@ MATVEC_DTYPE(f16, pp::F16)
   extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads) matvec_tc_##DT##_##WN##_n##NT(   \
       const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,               \
       const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                     \
+    pp_grid_dependency();                                                                            \
     __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStride];                                \
     matvec_tc::project<F, W, NT>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x,     \
                                  blockIdx.y, threadIdx.x);                                           \
@@ -48,11 +50,13 @@ MATVEC_DTYPE(f16, pp::F16)
   MATVEC_TC_N(DT, F, q8, matvec::Affine<8>)                                                          \
   extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads)                                  \
       matvec_tc_rms_##DT(const F::Elem* x, float* inv_rms, MatvecTcArgs a) {                         \
+    pp_grid_dependency();                                                                            \
     __shared__ float smem[matvec_tc::kWarps];                                                        \
     matvec_tc::rms<F>(x, inv_rms, a, smem, blockIdx.x, threadIdx.x);                                 \
   }                                                                                                  \
   extern "C" __global__ void __launch_bounds__(kMatvecTcFinishThreads)                               \
       matvec_tc_finish_##DT(const float* part, const F::Elem* residual, F::Elem* out, MatvecTcArgs a) { \
+    pp_grid_dependency();                                                                            \
     matvec_tc::finish<F>(part, residual, out, a, long(blockIdx.x) * blockDim.x + threadIdx.x);       \
   }
 

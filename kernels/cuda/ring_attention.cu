@@ -13,6 +13,7 @@
       ring_attend_##DT##_d##D##_q##TQ(const F::Elem* q, const F::Elem* k, const F::Elem* v,    \
                                       const F::Elem* kc, const F::Elem* vc, const int* pos,    \
                                       float* ws, RingArgs a) {                                 \
+    pp_grid_dependency();                                                                      \
     __shared__ float smem[ring::kWarps * TQ * (D + 2)];                                        \
     ring::attend<F, ring::Plain<F>, D, TQ>(q, k, v, kc, vc, nullptr, nullptr, pos, ws, a, smem, \
                                            blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x);   \
@@ -22,6 +23,7 @@
                                          const unsigned char* kc, const unsigned char* vc,     \
                                          const float* ks, const float* vs, const int* pos,     \
                                          float* ws, RingArgs a) {                              \
+    pp_grid_dependency();                                                                      \
     __shared__ float smem[ring::kWarps * TQ * (D + 2)];                                        \
     ring::attend<F, ring::Int8Rows<F>, D, TQ>(q, k, v, kc, vc, ks, vs, pos, ws, a, smem,       \
                                               blockIdx.x, blockIdx.y, blockIdx.z, threadIdx.x); \
@@ -31,6 +33,7 @@
   extern "C" __global__ void __launch_bounds__(ring::kThreads) ring_finish_##DT(               \
       const float* ws, const F::Elem* k, const F::Elem* v, const int* pos, const F::Elem* kc,  \
       const F::Elem* vc, F::Elem* out, F::Elem* kc_out, F::Elem* vc_out, RingArgs a) {         \
+    pp_grid_dependency();                                                                      \
     ring::finish<F, ring::Plain<F>>(ws, k, v, pos, kc, vc, nullptr, nullptr, out, kc_out,      \
                                     vc_out, nullptr, nullptr, a, blockIdx.x, blockIdx.y,       \
                                     threadIdx.x);                                              \
@@ -40,6 +43,7 @@
       const unsigned char* kc, const unsigned char* vc, const float* ks, const float* vs,      \
       F::Elem* out, unsigned char* kc_out, unsigned char* vc_out, float* ks_out,               \
       float* vs_out, RingArgs a) {                                                             \
+    pp_grid_dependency();                                                                      \
     ring::finish<F, ring::Int8Rows<F>>(ws, k, v, pos, kc, vc, ks, vs, out, kc_out, vc_out,     \
                                        ks_out, vs_out, a, blockIdx.x, blockIdx.y, threadIdx.x); \
   }

@@ -10,6 +10,7 @@
 #define RVQ_ENCODE(V)                                                                        \
   extern "C" __global__ void __launch_bounds__(rvq::kThreads) rvq_encode_v##V(               \
       const float* x, const float* books, int* codes, float* part, RvqArgs a, int q, int S) { \
+    pp_grid_dependency();                                                                    \
     extern __shared__ float smem[];                                                          \
     rvq::encode<V>(x, books, codes, part, a, q, S, smem, blockIdx.x, blockIdx.y, threadIdx.x); \
   }
@@ -19,5 +20,6 @@ RVQ_ENCODE(4)  // kRvqMaxVectors
 
 extern "C" __global__ void __launch_bounds__(kRvqDecodeThreads)
     rvq_decode(const int* codes, const float* books, float* out, RvqArgs a) {
+  pp_grid_dependency();
   rvq::decode(codes, books, out, a, long(blockIdx.x) * kRvqDecodeThreads + threadIdx.x);
 }

@@ -6,6 +6,7 @@
 #define SAMPLE_TOPK(DT, F)                                                                      \
   extern "C" __global__ void __launch_bounds__(sample_topk::kThreads) sample_topk_##DT(         \
       const F::Elem* logits, const float* noise, const int* forced, int* out, SampleArgs a) {   \
+    pp_grid_dependency();                                                                       \
     __shared__ float red[sample_topk::kShared];                                                 \
     sample_topk::sample<F>(logits, noise, forced, out, a, red, blockIdx.x, threadIdx.x);        \
   }

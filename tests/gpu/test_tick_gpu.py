@@ -211,3 +211,35 @@ def test_gpu_program_with_8bit_cache_equals_cpu_program(tiny):
         (gk, gv), (ck, cv) = gpu.read_kv(), cpu.read_kv()
         for layer in range(len(gk)):
             assert_rings_close([gk[layer], gv[layer]], [ck[layer], cv[layer]], f"layer {layer} after 16 frames")
+
+
+# --- programmatic dependent launch -----------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["f32", "bf16", "q4", "bf16-8bit-cache"])
+def test_gpu_program_is_the_same_with_and_without_programmatic_launch(tiny, monkeypatch, form):
+    """The capture chains our kernels by programmatic dependent launch (csrc/tick_cuda.cpp,
+    kernels/portable.h's pp_grid_dependency) unless PERSONAPLEX_PDL=0. Every kernel is
+    deterministic, so the two graphs' ticks must agree to the bit: a kernel reading its
+    predecessor's output before that one ended would not (here: the tensor-core matvec's
+    three launches over one scratch (q4), cuBLAS GEMMs between our kernels (4 rows in
+    bf16), the 8-bit rings written by one launch and read by the next)."""
+    import mlx.nn as nn
+
+    from personaplex_fast.checkpoint import quantizable
+
+    dtype = mx.float32 if form == "f32" else mx.bfloat16
+    model = load_model(tiny, dtype=dtype)
+    if form == "q4":
+        nn.quantize(model.lm, group_size=64, bits=4, class_predicate=quantizable(64))
+    B, kv_bits = 4, 8 if form.endswith("8bit-cache") else None
+    pcms = frames(12, B, seed=5)
+    outs = []
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("PERSONAPLEX_PDL", pdl)  # read when the runner's graph is captured (its first tick)
+        runner = tick.TickRunner(model.lm, model.mimi, B, SamplingConfig(), gpu=True, kv_bits=kv_bits)
+        outs.append(run(runner, pcms, [4, 5, 6, 7]))
+    for n, ((pa, ta), (pb, tb)) in enumerate(zip(*outs)):
+        np.testing.assert_array_equal(ta, tb, err_msg=f"{form}: tokens of frame {n}")
+        np.testing.assert_array_equal(pa, pb, err_msg=f"{form}: audio of frame {n}")
+    assert np.isfinite(outs[1][-1][0]).all()
