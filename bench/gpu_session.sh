@@ -29,6 +29,10 @@
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
+#   pdl        bench/tick_bench.py bf16 and q4 at BATCHES with and without programmatic dependent launch
+#              (--pdl 0,1), a line per row
+#   ncu        Nsight Compute on NCU_KERNELS (regex, default the q4 tensor-core matvec and the 8-bit
+#              attention) in tick_bench run with NCU_BENCH (default --batches 64 --formats 4 --kv-bits 8)
 #   kv8        bench/tick_bench.py --kv-bits 8, bf16 and q4, at KV8_BATCHES (default 8,32,64,128)
 #   report     tables.md, and tick.png where matplotlib imports (else: perf_report.py --plot here,
 #              on the JSON brought back)
@@ -149,6 +153,35 @@ for step in "$@"; do
         python3 bench/perf_report.py --ours "$out/ours.json" "${extra[@]}" --ours-structure "$out/ours_structure.json" \
           --official "$dir/official.json" --official-structure "$dir/official_structure.json" > "$out/tables.md"
         tail -30 "$out/tables.md" ) ;;
+    pdl)
+      ( mlx_env
+        timeout 420 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 --pdl 0,1 --per-op-ticks 0 \
+          --json "$out/ours_pdl.json" > "$out/ours_pdl.log" 2>&1
+        python3 - "$out/ours_pdl.json" <<'PY'
+import json, sys
+rows = {(r["what"], r["B"]): r for r in json.load(open(sys.argv[1]))["rows"]}
+for (what, B), r in sorted(rows.items(), key=lambda i: (i[0][0].replace(" no-pdl", ""), i[0][1])):
+    print(f"{what:24s} B={B:<4d} median {r.get('median', float('nan')):7.2f}  p99 {r.get('p99', float('nan')):7.2f}")
+PY
+      ) ;;
+    ncu)
+      # Nsight Compute on some of one tick's kernels (hardware counters on this runtime; the
+      # clocks left alone): NCU_KERNELS (a regex of kernel names), NCU_COUNT launches of them,
+      # in tick_bench run with NCU_BENCH; the sections' text to $out/ncu-$NCU_TAG.txt.
+      ( mlx_env
+        ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+        [ -n "$ncu_bin" ] || { echo "ncu: not found"; exit 0; }
+        tag=${NCU_TAG:-q4-kv8-64}
+        # shellcheck disable=SC2086
+        timeout "${NCU_TIMEOUT:-300}" "$ncu_bin" --clock-control none --target-processes all \
+          --kernel-name "regex:${NCU_KERNELS:-matvec_tc_bf16_q4_n8|ring_attend_bf16_i8_d128_q1}" \
+          --launch-count "${NCU_COUNT:-12}" --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          python3 bench/tick_bench.py ${NCU_BENCH:---batches 64 --formats 4 --kv-bits 8} --ticks 2 --warmup 1 \
+          --per-op-ticks 0 > "$out/ncu-$tag.txt" 2>&1
+        echo "ncu $tag: exit status $?"
+        grep -E "^  [a-z_0-9]+\(|Duration|DRAM Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per Thread" \
+          "$out/ncu-$tag.txt" | head -${NCU_LINES:-40} ) ;;
     parts)
       echo "parts in $cl: $(ls "$cl" 2>/dev/null | tr '\n' ' ')" ;;
     ray)
@@ -186,6 +219,6 @@ for step in "$@"; do
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, tc, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
   esac
 done
