@@ -41,11 +41,6 @@ inline void* offset(void* p, size_t bytes) { return p ? static_cast<char*>(p) + 
 // 65 turns the path off).
 bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 
-// The tensor-core path's plan for `rows` (at most 64) rows of a call: the splits along K
-// from the blocks that `device` holds at once (its multiprocessors times the kernel's
-// occupancy). dt: the kernels' dtype name.
-MatvecTcArgs matvec_tc_plan(const std::string& dt, int bits, int rows, const MatvecArgs& a, int device);
-
 // The tensor-core path's launches, in order, through launch(image-relative kernel
 // name, plan, params); ws holds matvec_tc_workspace_floats(t) floats.
 template <class Launch>

@@ -27,17 +27,6 @@ int tc_min_rows(int bits) {
 
 }  // namespace
 
-MatvecTcArgs cuda::matvec_tc_plan(const std::string& dt, int bits, int rows, const MatvecArgs& a, int device) {
-  const std::string name =
-      "matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(rows));
-  int per_sm = 0;
-  check(cuOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, function(matvec_fatbin, name.c_str(), device),
-                                                    kMatvecTcThreads, 0),
-        "matvec", "cuOccupancyMaxActiveBlocksPerMultiprocessor");
-  return matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps,
-                        sm_count(device) * std::max(per_sm, 1), bits ? bits : 16);
-}
-
 bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits) {
   return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows(bits);
 }
@@ -55,8 +44,8 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
   }
   if (matvec_takes_tc(a, n.dtype, n.bits)) {
     const int device = enc.device().cuda_device();
-    const std::string dt = cuda::kernel_dtype("matvec", n.dtype);
-    const MatvecTcArgs first_chunk = matvec_tc_plan(dt, n.bits, std::min(a.M, kMatvecTcMaxRows), a, device);
+    const MatvecTcArgs first_chunk = matvec_tc_args(std::min(a.M, kMatvecTcMaxRows), a.K, a.n_out, a.norm, a.gate,
+                                                    a.residual, a.eps, cuda::sm_count(device));
     mx::array ws({static_cast<int>(matvec_tc_workspace_floats(first_chunk))}, mx::float32, nullptr, {});
     cuda::alloc_output(ws, enc);
     enc.add_temporary(ws);
@@ -77,8 +66,9 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
       cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params);
     };
     matvec_tc_chunks(a.M, [&](int m0, int rows) {
-      const MatvecTcArgs t = matvec_tc_plan(dt, n.bits, rows, a, device);
-      matvec_tc_launches(dt, n.bits, t, cuda::offset(n.x, size_t(m0) * a.K * es),
+      const MatvecTcArgs t =
+          matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
+      matvec_tc_launches(cuda::kernel_dtype("matvec", n.dtype), n.bits, t, cuda::offset(n.x, size_t(m0) * a.K * es),
                          n.w, n.scales, n.biases, n.alpha, cuda::offset(n.residual, size_t(m0) * a.n_out * es),
                          cuda::offset(n.out, size_t(m0) * a.n_out * es), static_cast<float*>(cuda::ptr(ws)), launch);
     });

@@ -290,26 +290,14 @@ void matvec_tc_chunks(int M, Fn fn) {
 // Units (outputs) per block: 8 warps of 16 rows.
 inline int matvec_tc_units(int gate) { return PP_MATVEC_TC_WARPS * (gate ? 8 : 16); }
 
-// Splits along K. `slots`: the blocks the GPU holds at once (multiprocessors times the
-// kernel's blocks per multiprocessor, which its registers decide: 1 to 4). A block walks
-// `steps` steps one after another and the blocks run in waves of `slots`, so a plan
-// costs about waves x steps: the split with the least, the fewest splits among equals,
-// and the partials (written once, read once) at most half the weights' bytes
-// (weight_bits: 16 dense, else 4 or 8).
+// Splits along K: enough blocks for about two per multiprocessor, each split whole steps.
 inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, int residual, float eps,
-                                   int slots, int weight_bits) {
+                                   int sm_count) {
   const int steps = K / PP_MATVEC_TC_STEP;
-  const long blocks = (n_out + matvec_tc_units(gate) - 1) / matvec_tc_units(gate);
-  const long most = long(K) * weight_bits / (64L * (M > 0 ? M : 1));  // s * M * 4 <= K * bits / 16
-  slots = slots < 1 ? 1 : slots;
-  int per = steps;
-  long best = -1;
-  for (int p = steps; p >= 1; --p) {  // splits grow as the steps per split shrink
-    const long s = (steps + p - 1) / p;
-    if (s > 1 && s > most) break;
-    const long cost = (blocks * s + slots - 1) / slots * p;
-    if (best < 0 || cost < best) best = cost, per = p;
-  }
+  const int blocks = (n_out + matvec_tc_units(gate) - 1) / matvec_tc_units(gate);
+  int splits = (2 * sm_count + blocks - 1) / blocks;
+  splits = splits < 1 ? 1 : splits > steps ? steps : splits;
+  const int per = (steps + splits - 1) / splits;
   return {.M = M, .K = K, .n_out = n_out, .norm = norm, .gate = gate, .residual = residual, .eps = eps,
           .splits = (steps + per - 1) / per, .steps = per};
 }

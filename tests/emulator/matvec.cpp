@@ -112,8 +112,7 @@ void matvec_tc_format(int bits, const MatvecPtrs& p, const MatvecArgs& m, int sm
   }
   using E = typename F::Elem;
   matvec_tc_chunks(m.M, [&](int m0, int rows) {  // as the hosts split more than 64 rows
-    const MatvecTcArgs a =
-        matvec_tc_args(rows, m.K, m.n_out, m.norm, m.gate, m.residual, m.eps, 2 * sms, bits ? bits : 16);
+    const MatvecTcArgs a = matvec_tc_args(rows, m.K, m.n_out, m.norm, m.gate, m.residual, m.eps, sms);
     MatvecPtrs c = p;
     c.x = static_cast<const E*>(p.x) + long(m0) * m.K;
     if (p.residual) c.residual = static_cast<const E*>(p.residual) + long(m0) * m.n_out;
@@ -138,7 +137,7 @@ int emu_matvec_tc(int dtype, int bits, const void* x, const void* w, const void*
                      .residual = residual, .out = out};
   return pp_emu::guarded([&] {
     *splits = matvec_tc_args(a->M < kMatvecTcMaxRows ? a->M : kMatvecTcMaxRows, a->K, a->n_out, a->norm, a->gate,
-                             a->residual, a->eps, 2 * sms, bits ? bits : 16).splits;
+                             a->residual, a->eps, sms).splits;
     if (dtype == 1) matvec_tc_format<pp::BF16>(bits, p, *a, sms, seed);
     else if (dtype == 2) matvec_tc_format<pp::F16>(bits, p, *a, sms, seed);
     else throw std::invalid_argument("matvec_tc: x must be bfloat16 or float16");
