@@ -17,6 +17,9 @@
 # (ring_attention.cu's fatbin the longest; since 776ca9c it compiles in ~60% of that time),
 # tick + ring attention GPU tests 165, official 111 (with --structure), tick_bench of 8 rows
 # (1,8,32,64 x bf16,q4, no profile) 59, parts 1-2 s each, ray 21, random-7b 29, serve 158-177.
+# The late lease: build ~160, tick + ring + self-test GPU tests 168, pdl 53, official 92, ray 23 +
+# serve at 112,128,136 with --kv-bits 8 177, ncu of 12 kernels in a B=64 tick_bench ~25 (a B=64
+# bf16-cache run under ncu timed out: it backs up ~100 GB of device memory per replayed kernel).
 # Ticks are quick once the engine is up: spend a lease's seconds on builds and engine starts
 # as little as possible (one tick_bench with many rows rather than several).
 # `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
