@@ -94,28 +94,24 @@ struct CudaState {
       }
       return;
     }
-    int ptx = 0;  // the wait is compiled for compute_90 and later only (not in the compute_80 PTX)
+    // The wait is compiled for compute_90 and later only: a kernel JIT-compiled from the
+    // compute_80 PTX (any GPU but sm_90) is launched plainly.
+    int ptx = 0;
     if (pdl && after_ours) ck(cuFuncGetAttribute(&ptx, CU_FUNC_ATTRIBUTE_PTX_VERSION, f), "cuFuncGetAttribute");
-    if (ptx >= 90) {
-      CUlaunchAttribute attr{};
-      attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-      attr.value.programmaticStreamSerializationAllowed = 1;
-      CUlaunchConfig cfg{};
-      cfg.gridDimX = plan.grid_x;
-      cfg.gridDimY = plan.grid_y;
-      cfg.gridDimZ = plan.grid_z;
-      cfg.blockDimX = plan.threads;
-      cfg.blockDimY = cfg.blockDimZ = 1;
-      cfg.sharedMemBytes = smem;
-      cfg.hStream = launch_stream;
-      cfg.attrs = &attr;
-      cfg.numAttrs = 1;
-      ck(cuLaunchKernelEx(&cfg, f, params, nullptr), name.c_str());
-    } else {
-      ck(cuLaunchKernel(f, plan.grid_x, plan.grid_y, plan.grid_z, plan.threads, 1, 1, smem, launch_stream, params,
-                        nullptr),
-         name.c_str());
-    }
+    CUlaunchAttribute attr{};
+    attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    CUlaunchConfig cfg{};
+    cfg.gridDimX = plan.grid_x;
+    cfg.gridDimY = plan.grid_y;
+    cfg.gridDimZ = plan.grid_z;
+    cfg.blockDimX = plan.threads;
+    cfg.blockDimY = cfg.blockDimZ = 1;
+    cfg.sharedMemBytes = smem;
+    cfg.hStream = launch_stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = ptx >= 90 ? 1 : 0;
+    ck(cuLaunchKernelEx(&cfg, f, params, nullptr), name.c_str());
     after_ours = true;
   }
   void copy(void* dst, const void* src, size_t bytes) {
@@ -444,16 +440,12 @@ void TickProgram::read_cuda(int h, long offset, void* dst, long bytes) {
      "cuMemcpyDtoH (read)");
 }
 
-// Whether the capture chains our kernels by programmatic dependent launch: compute
-// capability 9.0 or later, unless PERSONAPLEX_PDL=0 (for timing the difference); each
-// launch also checks that its kernel was built with the wait (CudaState::kernel).
-static bool pdl_enabled(int device) {
-  if (const char* e = std::getenv("PERSONAPLEX_PDL"); e && std::string(e) == "0") return false;
-  CUdevice dev;
-  int major = 0;
-  ck(cuDeviceGet(&dev, device), "cuDeviceGet");
-  ck(cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute");
-  return major >= 9;
+// Whether the capture chains our kernels by programmatic dependent launch: unless
+// PERSONAPLEX_PDL=0 (for timing the difference). Which launches take it, CudaState::kernel
+// decides (after one of ours, for kernels built with the wait).
+static bool pdl_enabled() {
+  const char* e = std::getenv("PERSONAPLEX_PDL");
+  return !(e && std::string(e) == "0");
 }
 
 // The dry pass and the capture, once.
@@ -469,7 +461,7 @@ static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::
   s.next_workspace = 0;
   if (s.shared_bytes && !s.shared_ws) ck(cuMemAlloc(&s.shared_ws, s.shared_bytes), "cuMemAlloc (shared scratch)");
   ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
-  s.pdl = pdl_enabled(s.device);
+  s.pdl = pdl_enabled();
   s.after_ours = false;
   try {
     for (const auto& op : ops) launch_op(s, p, op, resolve);
