@@ -11,20 +11,26 @@
 //
 // matvec_tc: a block of 8 warps owns 128 weight rows (16 per warp: one m16 tile of
 // mma.m16n8k16, float32 accumulation) and one K range, walked 256 at a time. Per
-// step, each lane first issues its weight loads (16-byte vectors of its two rows,
-// g and g + 8 of the tile), then the block copies x's 256 columns for all its rows
-// (normalised and rounded as the reference does, zero past M) into workgroup
-// memory, and each warp multiplies its tile by x: NT n8 tiles of 8 rows of x.
-// The weight tile is read once for all M rows, which is what the 8-row matvec
-// could not do (it re-read the weights per 8 rows).
+// step, each lane issues its weight loads (16-byte vectors of its two rows, g and
+// g + 8 of the tile), the block copies x's 256 columns for all its rows (normalised
+// and rounded as the reference does, zero past M) into workgroup memory, and each
+// warp multiplies its tile by x: NT n8 tiles of 8 rows of x. The weight tile is read
+// once for all M rows, which is what the 8-row matvec could not do (it re-read the
+// weights per 8 rows). With 4-bit weights and up to 8 rows of x (Plan::kAhead) the
+// next step's weights and x are in flight while a step multiplies.
+//
+// The x tile's rows are 512 bytes, unpadded; the 16-byte octets of a row are swizzled
+// (swizzle()) so that each quarter of a warp reads 8 bank groups per fragment load.
 //
 // K order: a dot product does not depend on the order of its terms, so lane
-// (g, t) feeds the mma's logical k = 2t, 2t+1, 2t+8, 2t+9 with 4 consecutive
-// physical k of its own vector, and takes x's matching 4 values from the tile.
-// Every weight format then loads whole 16-byte vectors: bf16/f16 as they are, and
-// MLX's affine 4- and 8-bit weights (w = scale * q + bias per group of 64, as
-// matvec.cuh reads them) dequantised to T in registers, w = T(scale * q + bias),
-// which is what mx.dequantize computes.
+// (g, t) feeds the mma's logical k = 2t, 2t+1, 2t+8, 2t+9 with 4 physical k of its
+// own vector, and takes x's matching 4 values from the tile. Every weight format then
+// loads whole 16-byte vectors: bf16/f16 as they are, and MLX's affine 4- and 8-bit
+// weights (w = scale * q + bias per group of 64, as matvec.cuh reads them) dequantised
+// to T in registers, w = T(scale * q + bias), which is what mx.dequantize computes.
+// 4-bit weights are dequantised in T pairs, two nibbles 16 bits apart at once, so a
+// lane's pairs are (w0, w4), (w1, w5), ... of each octet, and x's octets are stored
+// in the tile in that order too (interleave()).
 //
 // Gated projections (ffn_in: rows j and j + n_out are output j's gate and value)
 // put 8 units in a tile: row g is unit g's gate row and row g + 8 its value row.
@@ -53,17 +59,42 @@ namespace matvec_tc {
 
 constexpr int kWarps = PP_MATVEC_TC_WARPS;
 constexpr int kThreads = kWarps * 32;
-constexpr int kStep = PP_MATVEC_TC_STEP;
-constexpr int kStride = kStep + 8;  // elements per row of the x tile: 16 bytes of skew per row
+constexpr int kStep = PP_MATVEC_TC_STEP;  // elements per row of the x tile (no padding: swizzled)
 
-// 8 weights (one octet) as 4 registers of T pairs, in order: (w0, w1), (w2, w3), ...
+// Two 16-bit values a * b + c, each rounded once (fma.rn on the pair).
+template <class F>
+PP_DEVICE pp_u32 fma2(pp_u32 a, pp_u32 b, pp_u32 c);
+template <>
+PP_DEVICE pp_u32 fma2<pp::BF16>(pp_u32 a, pp_u32 b, pp_u32 c) { return pp_fma2_bf16(a, b, c); }
+template <>
+PP_DEVICE pp_u32 fma2<pp::F16>(pp_u32 a, pp_u32 b, pp_u32 c) { return pp_fma2_f16(a, b, c); }
+
+// 2^m in F, the power of two whose unit in the last place is 1 (bf16: 128, f16: 1024):
+// (kMagic | q) is exactly kMagic + q for a 4-bit q, and kMagic + q - kMagic exactly q.
+template <class F>
+struct Magic;
+template <>
+struct Magic<pp::BF16> {
+  static constexpr pp_u32 kMagic2 = 0x43004300u, kOne2 = 0x3f803f80u, kNegMagic2 = 0xc300c300u;
+};
+template <>
+struct Magic<pp::F16> {
+  static constexpr pp_u32 kMagic2 = 0x64006400u, kOne2 = 0x3c003c00u, kNegMagic2 = 0xe400e400u;
+};
+
+// 8 weights (one octet) as 4 registers of T pairs. Scale: what a group's scale or bias is
+// held as. kInterleaved: the pairs are (w0, w4), (w1, w5), (w2, w6), (w3, w7) instead of
+// (w0, w1), (w2, w3), ... (x's octet in the tile is interleaved the same way).
 template <class F, class W>
 struct Octets;
 
 template <class F>
 struct Octets<F, matvec::Dense<F>> {
   static constexpr int kPerVec = 1;  // octets per 16-byte vector
-  static PP_DEVICE void get(pp_u32x4 v, int, float, float, PP_THREAD pp_u32* r) {
+  static constexpr bool kInterleaved = false;
+  typedef float Scale;
+  static PP_DEVICE Scale scale(typename F::Elem) { return 0.f; }
+  static PP_DEVICE void get(pp_u32x4 v, int, Scale, Scale, PP_THREAD pp_u32* r) {
     r[0] = v.x;
     r[1] = v.y;
     r[2] = v.z;
@@ -71,16 +102,72 @@ struct Octets<F, matvec::Dense<F>> {
   }
 };
 
-template <class F, int BITS>
-struct Octets<F, matvec::Affine<BITS>> {
-  static constexpr int kPerVec = 128 / BITS / 8;
-  static PP_DEVICE void get(pp_u32x4 v, int o, float sc, float bi, PP_THREAD pp_u32* r) {
+// 8-bit: to float, w = T(scale * q + bias) (as mx.dequantize), back to T pairs.
+template <class F>
+struct Octets<F, matvec::Affine<8>> {
+  static constexpr int kPerVec = 2;
+  static constexpr bool kInterleaved = false;
+  typedef float Scale;
+  static PP_DEVICE Scale scale(typename F::Elem e) { return F::load(e); }
+  static PP_DEVICE void get(pp_u32x4 v, int o, Scale sc, Scale bi, PP_THREAD pp_u32* r) {
     float q[8];
-    matvec::Affine<BITS>::unpack_sub(v, o, q);
+    matvec::Affine<8>::unpack_sub(v, o, q);
     #pragma unroll
     for (int i = 0; i < 4; ++i) r[i] = pp::pack2<F>(sc * q[2 * i] + bi, sc * q[2 * i + 1] + bi);
   }
 };
+
+// 4-bit, in T pair arithmetic: the word's nibbles i and i + 4 (one mask and one or) are
+// T(kMagic + q) exactly, less kMagic (exact), times scale plus bias, rounded once to T:
+// w = T(scale * q + bias), which is mx.dequantize's value up to its float32 rounding of
+// the sum before T (a tie at T's precision only). Per pair 4 instructions, not ~9.
+template <class F>
+struct Octets<F, matvec::Affine<4>> {
+  static constexpr int kPerVec = 4;
+  static constexpr bool kInterleaved = true;
+  typedef pp_u32 Scale;  // the value in both halves
+  static PP_DEVICE Scale scale(typename F::Elem e) { return pp_u32(e) | (pp_u32(e) << 16); }
+  static PP_DEVICE void get(pp_u32x4 v, int o, Scale sc, Scale bi, PP_THREAD pp_u32* r) {
+    const pp_u32 word = o == 0 ? v.x : o == 1 ? v.y : o == 2 ? v.z : v.w;
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const pp_u32 q = ((word >> (4 * i)) & 0x000f000fu) | Magic<F>::kMagic2;
+      r[i] = fma2<F>(fma2<F>(q, Magic<F>::kOne2, Magic<F>::kNegMagic2), sc, bi);
+    }
+  }
+};
+
+// An octet of x (x0 .. x7 as 4 registers of pairs) as (x0, x4), (x1, x5), (x2, x6), (x3, x7).
+PP_DEVICE pp_u32x4 interleave(pp_u32x4 v) {
+  pp_u32x4 r;
+  r.x = (v.x & 0xffffu) | (v.z << 16);
+  r.y = (v.x >> 16) | (v.z & 0xffff0000u);
+  r.z = (v.y & 0xffffu) | (v.w << 16);
+  r.w = (v.y >> 16) | (v.w & 0xffff0000u);
+  return r;
+}
+
+// Where octet c8 (of 32) of x tile row n lies in that row: the octet index with two bits
+// flipped, so that each quarter of a warp reads 8 different 16-byte bank groups when it
+// loads its fragments (lane (g, t) reads row g, octet (t + 4 i) * OCT + o): a row is 512
+// bytes, 4 lines of the 32 banks, and the 8 lanes of a quarter are rows g, g + 1 and
+// t = 0..3. Odd rows flip the bit t does not move (bit 2 for dense weights, whose lanes
+// t take consecutive octets; bit 0 otherwise), and bit 1 flips with octet bit 3, which
+// separates t and t + 2 for 4-bit weights (their octets 16 apart: the same banks). A
+// quarter of consecutive octets of one row (the tile's stores) stays conflict-free too.
+template <int C>
+PP_DEVICE int swizzle(int n, int c8) {
+  return c8 ^ (((c8 >> 3) & 1) << 1) ^ ((n & 1) * (C == 8 ? 4 : 1));
+}
+
+// Element offsets in the x tile: of row n's octet c8 (the tile's stores), and of the 8
+// values lane (g, t) multiplies by its weight vector i's octet o (the fragments' loads).
+template <class W>
+PP_DEVICE int tile_offset(int n, int c8) { return n * kStep + swizzle<W::kChunk>(n, c8) * 8; }
+template <class W>
+PP_DEVICE int fragment_offset(int g, int t, int i, int o) {
+  return tile_offset<W>(g, (t + 4 * i) * (W::kChunk / 8) + o);
+}
 
 template <class F>
 PP_DEVICE void mma(PP_THREAD float* d, PP_THREAD const pp_u32* a, pp_u32 b0, pp_u32 b1);
@@ -115,19 +202,115 @@ PP_DEVICE void store_partials(PP_THREAD float (*acc)[4], PP_GLOBAL float* part, 
   }
 }
 
+// One step's weights for a lane: VL 16-byte vectors of rows lo and hi, and their groups'
+// scales and biases (affine only).
+template <class F, class W>
+struct StepWeights {
+  static constexpr int VL = kStep / W::kChunk / 4;
+  typedef typename Octets<F, W>::Scale Scale;
+  pp_u32x4 lo[VL], hi[VL];
+  Scale sl[VL], bl[VL], sh[VL], bh[VL];
+};
+
+template <class F, class W>
+PP_DEVICE void load_weights(PP_THREAD StepWeights<F, W>& sw, const PP_GLOBAL pp_u32* w,
+                            const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
+                            long r_lo, long r_hi, long words, int groups, int kb, int t) {
+  typedef Octets<F, W> O;
+  #pragma unroll
+  for (int i = 0; i < StepWeights<F, W>::VL; ++i) {
+    const int k = kb + (t + 4 * i) * W::kChunk;
+    sw.lo[i] = pp_load16(w + r_lo * words + W::row_words(k));
+    sw.hi[i] = pp_load16(w + r_hi * words + W::row_words(k));
+    if (W::kAffine) {
+      sw.sl[i] = O::scale(scales[r_lo * groups + k / 64]);
+      sw.bl[i] = O::scale(biases[r_lo * groups + k / 64]);
+      sw.sh[i] = O::scale(scales[r_hi * groups + k / 64]);
+      sw.bh[i] = O::scale(biases[r_hi * groups + k / 64]);
+    } else {
+      sw.sl[i] = sw.bl[i] = sw.sh[i] = sw.bh[i] = O::scale(0);
+    }
+  }
+}
+
+// The x tile's NT * 8 rows of 256, NT vectors of 8 a thread: element e = tid + r * 256 is
+// row e / 32, octet e % 32. One vector as read.
+PP_DEVICE int x_row(int e) { return e >> 5; }
+
+template <class F>
+PP_DEVICE pp_u32x4 load_x(const PP_GLOBAL typename F::Elem* x, MatvecTcArgs a, int kb, int e) {
+  const int n = x_row(e);
+  return n < a.M ? pp_load16(x + long(n) * a.K + kb + (e & 31) * 8) : pp_zero16();
+}
+
+// Normalised (by alpha's matching 8 of the step at kb) and rounded as the reference does
+// (zero past M), interleaved for 4-bit weights, into the tile at its swizzled place.
+template <class F, class W>
+PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
+                       MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int kb, int e) {
+  const int n = x_row(e), c8 = e & 31;
+  if (a.norm && n < a.M) {
+    float xf[8], al[8];
+    pp::unpack<F>(v, xf);
+    pp::unpack<F>(pp_load16(alpha + kb + c8 * 8), al);
+    const float rr = inv_rms[n];
+    v.x = pp::pack2<F>(al[0] * (xf[0] * rr), al[1] * (xf[1] * rr));
+    v.y = pp::pack2<F>(al[2] * (xf[2] * rr), al[3] * (xf[3] * rr));
+    v.z = pp::pack2<F>(al[4] * (xf[4] * rr), al[5] * (xf[5] * rr));
+    v.w = pp::pack2<F>(al[6] * (xf[6] * rr), al[7] * (xf[7] * rr));
+  }
+  if (Octets<F, W>::kInterleaved) v = interleave(v);
+  pp_store16(xs + tile_offset<W>(n, c8), v);
+}
+
+// acc += the step's weights times the x tile.
+template <class F, class W, int NT>
+PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F, W>& sw,
+                        const PP_SHARED_PTR typename F::Elem* xs, int g, int t) {
+  typedef Octets<F, W> O;
+  constexpr int OCT = O::kPerVec;
+  #pragma unroll
+  for (int i = 0; i < StepWeights<F, W>::VL; ++i) {
+    #pragma unroll
+    for (int o = 0; o < OCT; ++o) {
+      pp_u32 lo[4], hi[4];
+      O::get(sw.lo[i], o, sw.sl[i], sw.bl[i], lo);
+      O::get(sw.hi[i], o, sw.sh[i], sw.bh[i], hi);
+      const pp_u32 a1[4] = {lo[0], hi[0], lo[1], hi[1]};
+      const pp_u32 a2[4] = {lo[2], hi[2], lo[3], hi[3]};
+      const PP_SHARED_PTR typename F::Elem* xr = xs + fragment_offset<W>(g, t, i, o);
+      #pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const pp_u32x4 xv = pp_load16(xr + j * 8 * kStep);
+        mma<F>(acc[j], a1, xv.x, xv.y);
+        mma<F>(acc[j], a2, xv.z, xv.w);
+      }
+    }
+  }
+}
+
+// Whether project<F, W, NT> loads the next step's weights and x while it multiplies:
+// 4-bit weights (a lane has only 64 bytes of them in flight a step otherwise) of up to
+// 16 rows of x, whose registers then still fit 3 blocks a multiprocessor. Denser
+// formats have 2 or 4 times the bytes in flight already, and more rows of x need
+// their registers for the accumulators.
+// kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor.
+template <class W, int NT>
+struct Plan {
+  static constexpr bool kAhead = W::kChunk == 32 && NT == 1;
+  static constexpr int kMinBlocks = kAhead ? 3 : (W::kChunk == 8 ? 1 : 2);
+};
+
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
-// part: [splits, M, rows] float32. xs: NT * 8 * kStride elements of workgroup memory.
+// part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
 template <class F, class W, int NT>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
                        int split, int tid) {
-  typedef typename F::Elem E;
-  constexpr int C = W::kChunk;                  // weights per 16-byte vector
-  constexpr int VL = kStep / C / 4;             // vectors per row per step, per lane
-  constexpr int OCT = Octets<F, W>::kPerVec;
+  constexpr bool kAhead = Plan<W, NT>::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int per_warp = a.gate ? 8 : 16;  // units
   const int u0 = (block * kWarps + warp) * per_warp;
@@ -148,64 +331,46 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
   const int total = a.K / kStep;
   const int s0 = split * a.steps;
   const int s1 = s0 + a.steps < total ? s0 + a.steps : total;
-  for (int s = s0; s < s1; ++s) {
-    const int kb = s * kStep;
-    pp_u32x4 wl[VL], wh[VL];
-    float sl[VL], bl[VL], sh[VL], bh[VL];
-    #pragma unroll
-    for (int i = 0; i < VL; ++i) {
-      const int k = kb + (t + 4 * i) * C;
-      wl[i] = pp_load16(w + r_lo * words + W::row_words(k));
-      wh[i] = pp_load16(w + r_hi * words + W::row_words(k));
-      if (W::kAffine) {
-        sl[i] = F::load(scales[r_lo * groups + k / 64]);
-        bl[i] = F::load(biases[r_lo * groups + k / 64]);
-        sh[i] = F::load(scales[r_hi * groups + k / 64]);
-        bh[i] = F::load(biases[r_hi * groups + k / 64]);
-      } else {
-        sl[i] = bl[i] = sh[i] = bh[i] = 0.f;
-      }
-    }
-
-    // The x tile: NT * 8 rows of 256, 32 vectors of 8 per row.
-    PP_BARRIER();  // the previous step's readers are done with it
-    for (int e = tid; e < NT * 8 * 32; e += kThreads) {
-      const int n = e >> 5, c = (e & 31) * 8;
-      pp_u32x4 v = pp_zero16();
-      if (n < a.M) {
-        v = pp_load16(x + long(n) * a.K + kb + c);
-        if (a.norm) {
-          float xf[8], al[8];
-          pp::unpack<F>(v, xf);
-          pp::unpack<F>(pp_load16(alpha + kb + c), al);
-          const float r = inv_rms[n];
-          v.x = pp::pack2<F>(al[0] * (xf[0] * r), al[1] * (xf[1] * r));
-          v.y = pp::pack2<F>(al[2] * (xf[2] * r), al[3] * (xf[3] * r));
-          v.z = pp::pack2<F>(al[4] * (xf[4] * r), al[5] * (xf[5] * r));
-          v.w = pp::pack2<F>(al[6] * (xf[6] * r), al[7] * (xf[7] * r));
-        }
-      }
-      pp_store16(xs + n * kStride + c, v);
-    }
-    PP_BARRIER();
-
-    #pragma unroll
-    for (int i = 0; i < VL; ++i) {
+  if (kAhead) {
+    // Two sets of weights in turn (no copies between them): step s multiplies by cur
+    // while nxt and the x vectors for step s + 1 are in flight.
+    StepWeights<F, W> w0, w1;
+    pp_u32x4 xn[kAhead ? NT : 1];
+    auto step = [&](PP_THREAD StepWeights<F, W>& cur, PP_THREAD StepWeights<F, W>& nxt, int s) {
+      const int kb = s * kStep;
+      if (s + 1 < s1) load_weights<F, W>(nxt, w, scales, biases, r_lo, r_hi, words, groups, kb + kStep, t);
+      PP_BARRIER();  // the previous step's readers are done with the tile
       #pragma unroll
-      for (int o = 0; o < OCT; ++o) {
-        pp_u32 lo[4], hi[4];
-        Octets<F, W>::get(wl[i], o, sl[i], bl[i], lo);
-        Octets<F, W>::get(wh[i], o, sh[i], bh[i], hi);
-        const pp_u32 a1[4] = {lo[0], hi[0], lo[1], hi[1]};
-        const pp_u32 a2[4] = {lo[2], hi[2], lo[3], hi[3]};
-        const int koff = (t + 4 * i) * C + o * 8;
+      for (int r = 0; r < NT; ++r) store_x<F, W>(xn[kAhead ? r : 0], alpha, inv_rms, a, xs, kb, tid + r * kThreads);
+      PP_BARRIER();
+      if (s + 1 < s1) {
         #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const pp_u32x4 xv = pp_load16(xs + (j * 8 + g) * kStride + koff);
-          mma<F>(acc[j], a1, xv.x, xv.y);
-          mma<F>(acc[j], a2, xv.z, xv.w);
-        }
+        for (int r = 0; r < NT; ++r) xn[kAhead ? r : 0] = load_x<F>(x, a, kb + kStep, tid + r * kThreads);
       }
+      multiply<F, W, NT>(acc, cur, xs, g, t);
+    };
+    if (s0 < s1) {
+      load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
+      #pragma unroll
+      for (int r = 0; r < NT; ++r) xn[kAhead ? r : 0] = load_x<F>(x, a, s0 * kStep, tid + r * kThreads);
+    }
+    for (int s = s0; s < s1; s += 2) {
+      step(w0, w1, s);
+      if (s + 1 < s1) step(w1, w0, s + 1);
+    }
+  } else {
+    StepWeights<F, W> sw;
+    for (int s = s0; s < s1; ++s) {
+      const int kb = s * kStep;
+      load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, kb, t);
+      PP_BARRIER();  // the previous step's readers are done with the tile
+      #pragma unroll 1  // one vector's registers at a time: they would cost occupancy
+      for (int r = 0; r < NT; ++r) {
+        const int e = tid + r * kThreads;
+        store_x<F, W>(load_x<F>(x, a, kb, e), alpha, inv_rms, a, xs, kb, e);
+      }
+      PP_BARRIER();
+      multiply<F, W, NT>(acc, sw, xs, g, t);
     }
   }
 
@@ -273,7 +438,7 @@ constexpr int kMatvecTcMaxRows = 64;
 inline int matvec_tc_tiles(int M) { return M <= 8 ? 1 : M <= 16 ? 2 : M <= 32 ? 4 : 8; }
 
 // Workgroup memory of matvec_tc_..._n<NT>, in elements of T.
-inline int matvec_tc_smem_elems(int nt) { return nt * 8 * (PP_MATVEC_TC_STEP + 8); }
+inline int matvec_tc_smem_elems(int nt) { return nt * 8 * PP_MATVEC_TC_STEP; }
 
 // Whether the path takes this call: a 16-bit float x and whole 256-wide K steps. More
 // than 64 rows go in chunks of 64 (matvec_tc_chunks), each reading the weights again.

@@ -84,6 +84,18 @@ PP_DEVICE void pp_mma_bf16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// a * b + c on two 16-bit floats a register (low half with low half), each rounded
+// once to nearest even. sm_80 and later; no Metal form.
+PP_DEVICE pp_u32 pp_fma2_bf16(pp_u32 a, pp_u32 b, pp_u32 c) {
+  pp_u32 d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+PP_DEVICE pp_u32 pp_fma2_f16(pp_u32 a, pp_u32 b, pp_u32 c) {
+  pp_u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
 PP_DEVICE void pp_mma_f16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                "{%0,%1,%2,%3};"

@@ -169,6 +169,17 @@ def test_matvec_tc_kernel(emulator, dtype, bits, M):
         assert_matches(got, want, dtype, f"emulated matvec_tc norm={norm} gate={gate} residual={residual}", res)
 
 
+@pytest.mark.parametrize("bits", [0, 4, 8])
+def test_matvec_tc_x_tile_has_no_bank_conflicts(emulator, bits):
+    """The x tile's swizzle (kernels/matvec_tc.cuh): every quarter of a warp's 16-byte
+    fragment loads and tile stores hits 8 different bank groups, for each weight format's
+    lane pattern (by this count, the unswizzled rows padded by 16 bytes took two wavefronts a load)."""
+    emu = emulator["matvec"]
+    load_max, store_max = ctypes.c_int(0), ctypes.c_int(0)
+    check(emu, emu.emu_matvec_tc_wavefronts(bits, ctypes.byref(load_max), ctypes.byref(store_max)))
+    assert (load_max.value, store_max.value) == (1, 1)
+
+
 def test_matvec_tc_refuses_what_it_does_not_take(emulator):
     x = mx.zeros((5, 320), dtype=mx.bfloat16)
     w = mx.zeros((16, 320), dtype=mx.bfloat16)

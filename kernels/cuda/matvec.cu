@@ -33,11 +33,12 @@ MATVEC_DTYPE(f16, pp::F16)
 #include "../matvec_tc.cuh"
 
 #define MATVEC_TC(DT, F, WN, W, NT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads) matvec_tc_##DT##_##WN##_n##NT(   \
-      const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,               \
-      const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                     \
+  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads, (matvec_tc::Plan<W, NT>::kMinBlocks))   \
+      matvec_tc_##DT##_##WN##_n##NT(                                                                 \
+          const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,           \
+          const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                 \
     pp_grid_dependency();                                                                            \
-    __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStride];                                \
+    __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStep];                                  \
     matvec_tc::project<F, W, NT>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x,     \
                                  blockIdx.y, threadIdx.x);                                           \
   }

@@ -8,6 +8,7 @@
 // -shared -fPIC, with kernels/*.cuh and portable_cpu.h (as portable.h) in one
 // include directory.
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -141,6 +142,54 @@ int emu_matvec_tc(int dtype, int bits, const void* x, const void* w, const void*
     if (dtype == 1) matvec_tc_format<pp::BF16>(bits, p, *a, sms, seed);
     else if (dtype == 2) matvec_tc_format<pp::F16>(bits, p, *a, sms, seed);
     else throw std::invalid_argument("matvec_tc: x must be bfloat16 or float16");
+  });
+}
+
+// Workgroup-memory wavefronts of the x tile's 16-byte accesses, by the kernel's own
+// offsets (matvec_tc::tile_offset, fragment_offset): a quarter of a warp (8 lanes) is
+// served in as many wavefronts as the most lanes that hit one of the 8 16-byte bank
+// groups at different addresses. Writes the most over every fragment load to
+// *load_max and over every tile store to *store_max (1: conflict-free).
+int emu_matvec_tc_wavefronts(int bits, int* load_max, int* store_max) {
+  return pp_emu::guarded([&] {
+    auto run = [&](auto w) {
+      using W = decltype(w);
+      auto worst = [](const int* offs) {  // 8 lanes' element offsets (16-bit elements)
+        int most = 1;
+        for (int a = 0; a < 8; ++a) {
+          int same = 0;
+          for (int b = 0; b < 8; ++b) {
+            const bool group = (offs[a] * 2 / 16) % 8 == (offs[b] * 2 / 16) % 8;
+            if (group && offs[a] != offs[b]) ++same;
+          }
+          most = std::max(most, same + 1);
+        }
+        return most;
+      };
+      constexpr int VL = PP_MATVEC_TC_STEP / W::kChunk / 4, OCT = W::kChunk / 8;
+      *load_max = *store_max = 0;
+      for (int i = 0; i < VL; ++i) {
+        for (int o = 0; o < OCT; ++o) {
+          for (int q = 0; q < 4; ++q) {
+            int offs[8];
+            for (int l = 0; l < 8; ++l) {
+              const int lane = q * 8 + l;
+              offs[l] = matvec_tc::fragment_offset<W>(lane >> 2, lane & 3, i, o);
+            }
+            *load_max = std::max(*load_max, worst(offs));
+          }
+        }
+      }
+      for (int e0 = 0; e0 < 8 * 8 * 32; e0 += 8) {  // every quarter of the 64-row tile's stores
+        int offs[8];
+        for (int l = 0; l < 8; ++l) offs[l] = matvec_tc::tile_offset<W>((e0 + l) >> 5, (e0 + l) & 31);
+        *store_max = std::max(*store_max, worst(offs));
+      }
+    };
+    if (bits == 0) run(matvec::Dense<pp::BF16>{});
+    else if (bits == 4) run(matvec::Affine<4>{});
+    else if (bits == 8) run(matvec::Affine<8>{});
+    else throw std::invalid_argument("matvec_tc: bits must be 0, 4 or 8");
   });
 }
 

@@ -348,6 +348,44 @@ PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) {
 }
 PP_DEVICE pp_u32x4 pp_zero16() { return pp_u32x4{0u, 0u, 0u, 0u}; }
 #define PP_NEG_INF (-INFINITY)
+namespace pp_emu {
+// d rounded to float toward zero with the last bit set when inexact ("round to odd"):
+// rounding that to a format of 16 or fewer significant bits again is the same as
+// rounding d to it directly.
+inline float round_to_odd(double d) {
+  float f = static_cast<float>(d);
+  if (static_cast<double>(f) == d) return f;
+  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.f);
+  pp_u32 u;
+  std::memcpy(&u, &f, 4);
+  u |= 1u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// fma.rn on a pair: each half's a * b + c exact in double (products of 16-bit floats
+// have at most 22 significant bits), rounded once.
+template <class Load, class Store>
+inline pp_u32 fma2(pp_u32 a, pp_u32 b, pp_u32 c, Load load, Store store) {
+  pp_u32 r = 0;
+  for (int h = 0; h < 2; ++h) {
+    const int sh = 16 * h;
+    const double v = double(load(pp_u16(a >> sh))) * double(load(pp_u16(b >> sh))) + double(load(pp_u16(c >> sh)));
+    r |= pp_u32(store(round_to_odd(v))) << sh;
+  }
+  return r;
+}
+}  // namespace pp_emu
+PP_DEVICE pp_u32 pp_fma2_bf16(pp_u32 a, pp_u32 b, pp_u32 c) {
+  return pp_emu::fma2(
+      a, b, c, [](pp_u16 h) { return pp_bits_to_float(pp_u32(h) << 16); },
+      [](float f) {
+        const pp_u32 u = pp_float_to_bits(f);
+        return pp_u16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+      });
+}
+PP_DEVICE pp_u32 pp_fma2_f16(pp_u32 a, pp_u32 b, pp_u32 c) {
+  return pp_emu::fma2(a, b, c, pp_half_to_float, pp_float_to_half);
+}
 PP_DEVICE void pp_mma_bf16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
   pp_emu::mma(d, a, b0, b1, [](uint16_t h) { return pp_bits_to_float(pp_u32(h) << 16); });
 }
