@@ -37,8 +37,8 @@ void add_matvec(mx::cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& 
 inline void* offset(void* p, size_t bytes) { return p ? static_cast<char*>(p) + bytes : nullptr; }
 
 // Whether a projection takes the tensor-core path: matvec_tc_supported and at least
-// PERSONAPLEX_MATVEC_TC_MIN_ROWS rows (default 2 for 4- and 8-bit weights, 9 dense;
-// 65 turns the path off).
+// PERSONAPLEX_MATVEC_TC_MIN_ROWS rows (default 2, every weight format; 65 turns the
+// path off).
 bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 
 // The tensor-core path's launches, in order, through launch(image-relative kernel

@@ -18,8 +18,7 @@
 // Shapes: x [M, K]; alpha [K]; residual [M, n_out]; y [M, n_out] with
 // n_out = N, or N / 2 when gated. Any M is correct. On CUDA, kernels/matvec.cuh
 // streams the weights once per 8 rows of x; for 16-bit x with K a multiple of 256,
-// from 2 rows with 4- or 8-bit weights and from 9 with dense ones
-// (PERSONAPLEX_MATVEC_TC_MIN_ROWS moves that), kernels/matvec_tc.cuh reads them
+// from 2 rows (PERSONAPLEX_MATVEC_TC_MIN_ROWS moves that), kernels/matvec_tc.cuh reads them
 // once per 64 rows on the tensor cores and dequantises 4/8-bit weights to T first,
 // W = T(scale * q + bias), as mx.dequantize does (the sums stay float32).
 

@@ -19,16 +19,16 @@ namespace cu = mx::cu;
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Read per call (a few hundred ns), so that tests and benchmarks can move it.
-int tc_min_rows(int bits) {
+int tc_min_rows() {
   const char* v = std::getenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS");
   const int env = v && *v ? std::atoi(v) : 0;
-  return env > 0 ? env : bits ? 2 : 9;
+  return env > 0 ? env : 2;
 }
 
 }  // namespace
 
-bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits) {
-  return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows(bits);
+bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int /*bits: every format alike*/) {
+  return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows();
 }
 
 void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,

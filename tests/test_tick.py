@@ -209,9 +209,10 @@ def test_gemm_forms_compute_the_same_tick(model):
 
 
 def test_dense_projections_by_tensor_cores_only_when_asked(monkeypatch):
-    """PERSONAPLEX_DENSE_PROJ=tc: a dense projection of 9-64 rows of 16-bit x with whole
-    256-wide K steps is one matvec op (matvec's tensor-core path on CUDA) instead of the
-    GEMM forms (norm, GEMM, gate); otherwise, and outside those bounds, the GEMM forms."""
+    """A dense projection of up to 8 rows of 16-bit x with whole 256-wide K steps is one
+    matvec op (matvec's tensor-core path on CUDA) instead of the GEMM forms (norm, GEMM,
+    gate); with PERSONAPLEX_DENSE_PROJ=tc up to 64 rows; otherwise the GEMM forms from
+    GEMM_MIN_ROWS (4) rows."""
     import mlx.nn as nn
 
     from personaplex_fast.tick import builder
@@ -229,9 +230,10 @@ def test_dense_projections_by_tensor_cores_only_when_asked(monkeypatch):
         return b.p.ops - before
 
     monkeypatch.delenv("PERSONAPLEX_DENSE_PROJ", raising=False)
-    assert ops_for(16) == 3  # norm, GEMM, gate
+    assert [ops_for(M) for M in (3, 4, 8, 9, 16)] == [1, 1, 1, 3, 3]  # 9+: norm, GEMM, gate
+    assert ops_for(4, K=320) == 2 and ops_for(4, dtype=mx.float32) == 3  # K not whole steps; float32
     monkeypatch.setenv("PERSONAPLEX_DENSE_PROJ", "tc")
-    assert [ops_for(M) for M in (8, 9, 64, 65)] == [3, 1, 1, 3]
+    assert [ops_for(M) for M in (8, 9, 64, 65)] == [1, 1, 1, 3]
     assert ops_for(16, K=320) == 2 and ops_for(16, dtype=mx.float32) == 3  # K not whole steps; float32
 
 

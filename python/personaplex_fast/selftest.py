@@ -197,17 +197,17 @@ def check_matvec(s: Shapes, d: Draw, w_in_dtype: bool = False):
 def matvec_takes_tc(rows: int, K: int, dt, bits: int) -> bool:
     """Whether matvec's CUDA host sends this call to the tensor-core path
     (cuda::matvec_takes_tc: 16-bit x, K a multiple of 256, at least
-    PERSONAPLEX_MATVEC_TC_MIN_ROWS rows, default 2 for 4- and 8-bit weights and 9 dense),
+    PERSONAPLEX_MATVEC_TC_MIN_ROWS rows, default 2),
     which dequantises 4- and 8-bit weights to the dtype of x first."""
     on_cuda = mx.default_device().type == mx.gpu and mx.cuda.is_available()
     env = int(os.environ.get("PERSONAPLEX_MATVEC_TC_MIN_ROWS") or 0)
     return (on_cuda and dt != mx.float32 and K % 256 == 0
-            and rows >= (env if env > 0 else 2 if bits else 9))
+            and rows >= (env if env > 0 else 2))
 
 
 def check_matvec_tc(s: Shapes, d: Draw):
     """check_matvec at 17 rows of x: on CUDA, matvec's tensor-core path (kernels/matvec_tc.cuh
-    takes 16-bit x from 2 rows of 4- or 8-bit weights and from 9 of dense ones); elsewhere
+    takes 16-bit x from 2 rows, every weight format); elsewhere
     the same primitive at that batch. There its weights are dequantised to T first, which
     the reference here then does too."""
     yield from check_matvec(with_batch(s, max(s.batch, 17)), d, w_in_dtype=True)
