@@ -7,6 +7,7 @@
 
 #pragma once
 
+#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -55,8 +56,12 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    launch("matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" +
-               std::to_string(matvec_tc_tiles(t.M)),
+    // PERSONAPLEX_MATVEC_TC_AHEAD=0: 4-bit weights at up to 8 rows without loading the
+    // next step ahead (kernels/matvec_tc.cuh, Plan), to measure the two in one process.
+    const char* ahead = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
+    const bool serial = bits == 4 && matvec_tc_tiles(t.M) == 1 && ahead && std::string(ahead) == "0";
+    launch("matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(t.M)) +
+               (serial ? "_serial" : ""),
            matvec_tc_launch(t), params);
   }
   void* params[] = {&part, &residual, &out, &args};

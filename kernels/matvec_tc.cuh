@@ -295,22 +295,23 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F
 // formats have 2 or 4 times the bytes in flight already, and more rows of x need
 // their registers for the accumulators.
 // kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor.
-template <class W, int NT>
+// Serial: the step-by-step loop regardless (kernels ..._serial, for measuring the two).
+template <class W, int NT, bool Serial = false>
 struct Plan {
-  static constexpr bool kAhead = W::kChunk == 32 && NT == 1;
+  static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && !Serial;
   static constexpr int kMinBlocks = kAhead ? 3 : (W::kChunk == 8 ? 1 : 2);
 };
 
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
 // part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
-template <class F, class W, int NT>
+template <class F, class W, int NT, bool Serial = false>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
                        int split, int tid) {
-  constexpr bool kAhead = Plan<W, NT>::kAhead;
+  constexpr bool kAhead = Plan<W, NT, Serial>::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int per_warp = a.gate ? 8 : 16;  // units
   const int u0 = (block * kWarps + warp) * per_warp;
