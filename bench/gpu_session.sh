@@ -32,6 +32,7 @@
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
+#   ahead      matvec_tc_bench and tick_bench q4 at AHEAD_BATCHES (default 1,8) with PERSONAPLEX_MATVEC_TC_AHEAD=1, 0
 #   pdl        bench/tick_bench.py bf16 and q4 at BATCHES with and without programmatic dependent launch
 #              (--pdl 0,1), a line per row
 #   ncu        Nsight Compute on NCU_KERNELS (regex, default the q4 tensor-core matvec and the 8-bit
@@ -137,6 +138,18 @@ for step in "$@"; do
         timeout 240 python3 bench/matvec_tc_bench.py --batches "${TC_BATCHES:-1,8,32,64}" --json "$out/matvec_tc.json" \
           > "$out/matvec_tc.log" 2>&1
         tail -c 3000 "$out/matvec_tc.log" ) ;;
+    ahead)
+      # matvec_tc's 4-bit load-ahead (kernels/matvec_tc.cuh, Plan) against the serial loop:
+      # matvec_tc_bench (4-bit, AHEAD_BATCHES rows) and tick_bench q4 at AHEAD_BATCHES sessions,
+      # each with PERSONAPLEX_MATVEC_TC_AHEAD=1 and 0.
+      ( mlx_env
+        for a in 1 0; do
+          PERSONAPLEX_MATVEC_TC_AHEAD=$a timeout 200 python3 bench/matvec_tc_bench.py --bits 4 \
+            --batches "${AHEAD_BATCHES:-1,8}" --json "$out/matvec_tc_ahead$a.json" > "$out/matvec_tc_ahead$a.log" 2>&1
+          PERSONAPLEX_MATVEC_TC_AHEAD=$a timeout 200 python3 bench/tick_bench.py --batches "${AHEAD_BATCHES:-1,8}" \
+            --formats 4 --per-op-ticks 0 --json "$out/ours_ahead$a.json" > "$out/ours_ahead$a.log" 2>&1
+          echo "== ahead=$a"; grep -iE "q4|tc" "$out/matvec_tc_ahead$a.log" | tail -12; tail -3 "$out/ours_ahead$a.log"
+        done ) ;;
     dense-tc)
       ( mlx_env
         PERSONAPLEX_DENSE_PROJ=tc timeout 300 python3 bench/tick_bench.py --batches "${DENSE_TC_BATCHES:-8,32,64}" \
