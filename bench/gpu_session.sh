@@ -139,7 +139,7 @@ for step in "$@"; do
           > "$out/matvec_tc.log" 2>&1
         tail -c 3000 "$out/matvec_tc.log" ) ;;
     ahead)
-      # matvec_tc's 4-bit load-ahead (kernels/matvec_tc.cuh, Plan) against the serial loop:
+      # matvec_tc's 4-bit load-ahead (kernels/matvec_tc.cuh, Plan) against the default loop:
       # matvec_tc_bench (4-bit, AHEAD_BATCHES rows) and tick_bench q4 at AHEAD_BATCHES sessions,
       # each with PERSONAPLEX_MATVEC_TC_AHEAD=1 and 0.
       ( mlx_env

@@ -39,7 +39,8 @@ inline void* offset(void* p, size_t bytes) { return p ? static_cast<char*>(p) + 
 
 // Whether a projection takes the tensor-core path: matvec_tc_supported and at least
 // PERSONAPLEX_MATVEC_TC_MIN_ROWS rows (default 2, every weight format; 65 turns the
-// path off).
+// path off), and up to 8 rows only with PERSONAPLEX_MATVEC_TC_MIN_BYTES bytes of weights
+// or more (default 0).
 bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 
 // The tensor-core path's launches, in order, through launch(image-relative kernel
@@ -56,12 +57,12 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    // PERSONAPLEX_MATVEC_TC_AHEAD=0: 4-bit weights at up to 8 rows without loading the
-    // next step ahead (kernels/matvec_tc.cuh, Plan), to measure the two in one process.
-    const char* ahead = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
-    const bool serial = bits == 4 && matvec_tc_tiles(t.M) == 1 && ahead && std::string(ahead) == "0";
+    // PERSONAPLEX_MATVEC_TC_AHEAD=1: 4-bit weights at up to 8 rows loading the next step
+    // ahead (kernels/matvec_tc.cuh, Plan), to measure the two in one process.
+    const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
+    const bool ahead = bits == 4 && matvec_tc_tiles(t.M) == 1 && env && std::string(env) == "1";
     launch("matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(t.M)) +
-               (serial ? "_serial" : ""),
+               (ahead ? "_ahead" : ""),
            matvec_tc_launch(t), params);
   }
   void* params[] = {&part, &residual, &out, &args};

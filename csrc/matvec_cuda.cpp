@@ -25,10 +25,21 @@ int tc_min_rows() {
   return env > 0 ? env : 2;
 }
 
+// PERSONAPLEX_MATVEC_TC_MIN_BYTES: calls of up to 8 rows whose weights are smaller take the
+// streaming kernel (one launch instead of two or three: the depformer's and the codec's
+// small projections); default 0, none.
+long tc_min_bytes() {
+  const char* v = std::getenv("PERSONAPLEX_MATVEC_TC_MIN_BYTES");
+  return v && *v ? std::atol(v) : 0L;
+}
+
 }  // namespace
 
-bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int /*bits: every format alike*/) {
-  return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows();
+bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits) {
+  const long rows = a.gate ? 2L * a.n_out : a.n_out;
+  const long bytes = rows * a.K * (bits ? bits : 8 * static_cast<long>(mx::size_of(dtype))) / 8;
+  return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows() &&
+         (a.M > 8 || bytes >= tc_min_bytes());
 }
 
 void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,

@@ -16,8 +16,8 @@
 // and rounded as the reference does, zero past M) into workgroup memory, and each
 // warp multiplies its tile by x: NT n8 tiles of 8 rows of x. The weight tile is read
 // once for all M rows, which is what the 8-row matvec could not do (it re-read the
-// weights per 8 rows). With 4-bit weights and up to 8 rows of x (Plan::kAhead) the
-// next step's weights and x are in flight while a step multiplies.
+// weights per 8 rows). With 4-bit weights and up to 8 rows of x, kernels ..._ahead have
+// the next step's weights and x in flight while a step multiplies (Plan; not the default).
 //
 // The x tile's rows are 512 bytes, unpadded; the 16-byte octets of a row are swizzled
 // (swizzle()) so that each quarter of a warp reads 8 bank groups per fragment load.
@@ -295,23 +295,25 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F
 // formats have 2 or 4 times the bytes in flight already, and more rows of x need
 // their registers for the accumulators.
 // kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor.
-// Serial: the step-by-step loop regardless (kernels ..._serial, for measuring the two).
-template <class W, int NT, bool Serial = false>
+// Ahead: allowed (kernels ..._ahead, PERSONAPLEX_MATVEC_TC_AHEAD=1; H200 2026-12-02: q4
+// tick at 8 sessions 11.16-11.30 ms without, 11.76-11.78 with, though matvec_tc_bench
+// timed its 8-row qkv and ffn_out faster with it, in isolation).
+template <class W, int NT, bool Ahead = false>
 struct Plan {
-  static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && !Serial;
+  static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && Ahead;
   static constexpr int kMinBlocks = kAhead ? 3 : (W::kChunk == 8 ? 1 : 2);
 };
 
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
 // part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
-template <class F, class W, int NT, bool Serial = false>
+template <class F, class W, int NT, bool Ahead = false>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
                        int split, int tid) {
-  constexpr bool kAhead = Plan<W, NT, Serial>::kAhead;
+  constexpr bool kAhead = Plan<W, NT, Ahead>::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int per_warp = a.gate ? 8 : 16;  // units
   const int u0 = (block * kWarps + warp) * per_warp;

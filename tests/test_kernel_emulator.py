@@ -169,6 +169,27 @@ def test_matvec_tc_kernel(emulator, dtype, bits, M):
         assert_matches(got, want, dtype, f"emulated matvec_tc norm={norm} gate={gate} residual={residual}", res)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("M", [1, 5, 8])
+def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
+    """PERSONAPLEX_MATVEC_TC_AHEAD=1 (4-bit weights, up to 8 rows: the next step's weights
+    and x loaded while a step multiplies, two register sets in turn): 9 steps of 256 in one
+    split (an odd count: the last step has no successor) and 4 in each of 3, against the
+    same emulation as the default kernel."""
+    from test_matvec import emulate, round_to
+
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", "1")
+    rng = np.random.default_rng(hash((str(dtype), M, "ahead")) % 2**32)
+    for i, (K, sms, want_splits) in enumerate([(2304, 1, 1), (3072, 3, 3)]):
+        norm, gate, residual = EPILOGUES[(M + i) % len(EPILOGUES)]
+        x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, 4, norm, gate, residual)
+        got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, 4, gate, sms=sms,
+                                         seed=i)
+        assert splits == want_splits
+        want = emulate(x, round_to(W, dtype), dtype, alpha, gate, res)
+        assert_matches(got, want, dtype, f"emulated matvec_tc ahead K={K} norm={norm} gate={gate}", res)
+
+
 @pytest.mark.parametrize("bits", [0, 4, 8])
 def test_matvec_tc_x_tile_has_no_bank_conflicts(emulator, bits):
     """The x tile's swizzle (kernels/matvec_tc.cuh): every quarter of a warp's 16-byte

@@ -64,19 +64,19 @@ MATVEC_DTYPE(f16, pp::F16)
 MATVEC_TC_DTYPE(bf16, pp::BF16)
 MATVEC_TC_DTYPE(f16, pp::F16)
 
-// 4-bit weights and up to 8 rows of x without loading ahead (PERSONAPLEX_MATVEC_TC_AHEAD=0,
-// csrc/cuda_nodes.h): what Plan::kAhead is measured against.
-#define MATVEC_TC_SERIAL(DT, F)                                                                      \
+// 4-bit weights and up to 8 rows of x, loading the next step ahead (PERSONAPLEX_MATVEC_TC_AHEAD=1,
+// csrc/cuda_nodes.h; kernels/matvec_tc.cuh, Plan): measured against the default.
+#define MATVEC_TC_AHEAD(DT, F)                                                                       \
   extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads,                                  \
                                                (matvec_tc::Plan<matvec::Affine<4>, 1, true>::kMinBlocks)) \
-      matvec_tc_##DT##_q4_n1_serial(const F::Elem* x, const pp_u32* w, const F::Elem* scales,       \
-                                    const F::Elem* biases, const F::Elem* alpha, const float* inv_rms, \
-                                    float* part, MatvecTcArgs a) {                                   \
+      matvec_tc_##DT##_q4_n1_ahead(const F::Elem* x, const pp_u32* w, const F::Elem* scales,        \
+                                   const F::Elem* biases, const F::Elem* alpha, const float* inv_rms, \
+                                   float* part, MatvecTcArgs a) {                                    \
     pp_grid_dependency();                                                                            \
     __shared__ __align__(16) F::Elem xs[8 * matvec_tc::kStep];                                       \
     matvec_tc::project<F, matvec::Affine<4>, 1, true>(x, w, scales, biases, alpha, inv_rms, part, a, xs, \
                                                       blockIdx.x, blockIdx.y, threadIdx.x);         \
   }
 
-MATVEC_TC_SERIAL(bf16, pp::BF16)
-MATVEC_TC_SERIAL(f16, pp::F16)
+MATVEC_TC_AHEAD(bf16, pp::BF16)
+MATVEC_TC_AHEAD(f16, pp::F16)

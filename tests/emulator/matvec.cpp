@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -64,7 +65,7 @@ void matvec_format(int bits, const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
 
 // The tensor-core path's three launches, as csrc/matvec_cuda.cpp makes them, with
 // `sms` multiprocessors deciding the K splits. The workspace starts as NaN.
-template <class F, class W, int NT>
+template <class F, class W, int NT, bool Ahead = false>
 void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   using E = typename F::Elem;
   std::vector<float> ws(matvec_tc_workspace_floats(a), NAN);
@@ -83,7 +84,7 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   pp_emu::launch(
       matvec_tc_launch(a), tile,
       [&](int bx, int by, int, int tid) {
-        matvec_tc::project<F, W, NT>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+        matvec_tc::project<F, W, NT, Ahead>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
                                      static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
                                      static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
       },
@@ -99,7 +100,12 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
 template <class F, class W>
 void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   switch (matvec_tc_tiles(a.M)) {
-    case 1: return matvec_tc_run<F, W, 1>(p, a, seed);
+    case 1: {
+      // PERSONAPLEX_MATVEC_TC_AHEAD=1: the ..._ahead kernel, as csrc/cuda_nodes.h picks it
+      const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
+      if (W::kChunk == 32 && env && std::string(env) == "1") return matvec_tc_run<F, W, 1, true>(p, a, seed);
+      return matvec_tc_run<F, W, 1>(p, a, seed);
+    }
     case 2: return matvec_tc_run<F, W, 2>(p, a, seed);
     case 4: return matvec_tc_run<F, W, 4>(p, a, seed);
     default: return matvec_tc_run<F, W, 8>(p, a, seed);
