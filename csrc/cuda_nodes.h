@@ -39,8 +39,7 @@ inline void* offset(void* p, size_t bytes) { return p ? static_cast<char*>(p) + 
 
 // Whether a projection takes the tensor-core path: matvec_tc_supported and at least
 // PERSONAPLEX_MATVEC_TC_MIN_ROWS rows (default 2, every weight format; 65 turns the
-// path off), and up to 8 rows only with PERSONAPLEX_MATVEC_TC_MIN_BYTES bytes of weights
-// or more (default 0).
+// path off).
 bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 
 // The tensor-core path's launches, in order, through launch(image-relative kernel

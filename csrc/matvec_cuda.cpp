@@ -25,21 +25,14 @@ int tc_min_rows() {
   return env > 0 ? env : 2;
 }
 
-// PERSONAPLEX_MATVEC_TC_MIN_BYTES: calls of up to 8 rows whose weights are smaller take the
-// streaming kernel (one launch instead of two or three: the depformer's and the codec's
-// small projections); default 0, none.
-long tc_min_bytes() {
-  const char* v = std::getenv("PERSONAPLEX_MATVEC_TC_MIN_BYTES");
-  return v && *v ? std::atol(v) : 0L;
-}
-
 }  // namespace
 
-bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits) {
-  const long rows = a.gate ? 2L * a.n_out : a.n_out;
-  const long bytes = rows * a.K * (bits ? bits : 8 * static_cast<long>(mx::size_of(dtype))) / 8;
-  return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows() &&
-         (a.M > 8 || bytes >= tc_min_bytes());
+// Every weight format alike, small weights too (H200 2026-12-02: sending calls of up to 8
+// rows with under 8 MB of weights, the depformer's, to the streaming kernel instead, one
+// launch rather than two or three, made the tick slower: q4 at 8 sessions 15.30 against
+// 11.04 ms, bf16 14.11 against 13.17).
+bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int /*bits*/) {
+  return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows();
 }
 
 void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,
