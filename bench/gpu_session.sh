@@ -20,6 +20,9 @@
 # The late lease: build ~160, tick + ring + self-test GPU tests 168, pdl 53, official 92, ray 23 +
 # serve at 112,128,136 with --kv-bits 8 177, ncu of 12 kernels in a B=64 tick_bench ~25 (a B=64
 # bf16-cache run under ncu timed out: it backs up ~100 GB of device memory per replayed kernel).
+# 2026-12-02: build 140-160, test_matvec_gpu + test_tick_gpu + test_selftest_gpu 309, ahead 60. A fresh
+# machine's first engine start runs the kernels' self-test (about a minute) before any tick:
+# a tick_bench given 60 s there timed out with nothing measured.
 # Ticks are quick once the engine is up: spend a lease's seconds on builds and engine starts
 # as little as possible (one tick_bench with many rows rather than several).
 # `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
