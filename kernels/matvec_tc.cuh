@@ -289,15 +289,15 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F
   }
 }
 
-// Whether project<F, W, NT> loads the next step's weights and x while it multiplies:
-// 4-bit weights (a lane has only 64 bytes of them in flight a step otherwise) of up to
-// 16 rows of x, whose registers then still fit 3 blocks a multiprocessor. Denser
-// formats have 2 or 4 times the bytes in flight already, and more rows of x need
-// their registers for the accumulators.
-// kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor.
-// Ahead: allowed (kernels ..._ahead, PERSONAPLEX_MATVEC_TC_AHEAD=1; H200 2026-12-02: q4
-// tick at 8 sessions 11.16-11.30 ms without, 11.76-11.78 with, though matvec_tc_bench
-// timed its 8-row qkv and ffn_out faster with it, in isolation).
+// kAhead: whether project<F, W, NT, Ahead> loads the next step's weights and x while it
+// multiplies. Only the kernels ..._ahead (Ahead, PERSONAPLEX_MATVEC_TC_AHEAD=1) of 4-bit
+// weights and up to 8 rows, where a lane has only 64 bytes of weights in flight a step
+// otherwise (denser formats have 2 or 4 times that; more rows of x need the registers
+// for accumulators). Not the default: on the H200 (2026-12-02) the q4 tick at 8 sessions
+// took 11.16-11.30 ms without it and 11.76-11.78 with, though matvec_tc_bench timed the
+// 8-row qkv and ffn_out faster with it in isolation.
+// kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor (3 for the
+// ahead kernels: 80 registers, 56 bytes spilled).
 template <class W, int NT, bool Ahead = false>
 struct Plan {
   static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && Ahead;
