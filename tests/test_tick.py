@@ -208,7 +208,7 @@ def test_gemm_forms_compute_the_same_tick(model):
     assert agree >= 5
 
 
-def test_dense_projections_by_tensor_cores_only_when_asked(monkeypatch):
+def test_dense_projections_by_tensor_cores_up_to_8_rows_or_when_asked(monkeypatch):
     """A dense projection of up to 8 rows of 16-bit x with whole 256-wide K steps is one
     matvec op (matvec's tensor-core path on CUDA) instead of the GEMM forms (norm, GEMM,
     gate); with PERSONAPLEX_DENSE_PROJ=tc up to 64 rows; otherwise the GEMM forms from
