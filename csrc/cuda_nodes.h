@@ -7,7 +7,6 @@
 
 #pragma once
 
-#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,12 +55,8 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    // PERSONAPLEX_MATVEC_TC_AHEAD=1: 4-bit weights at up to 8 rows loading the next step
-    // ahead (kernels/matvec_tc.cuh, Plan), to measure the two in one process.
-    const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
-    const bool ahead = bits == 4 && matvec_tc_tiles(t.M) == 1 && env && std::string(env) == "1";
     launch("matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(t.M)) +
-               (ahead ? "_ahead" : ""),
+               (matvec_tc_ahead(bits, t.M) ? "_ahead" : ""),
            matvec_tc_launch(t), params);
   }
   void* params[] = {&part, &residual, &out, &args};

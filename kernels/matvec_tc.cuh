@@ -334,28 +334,28 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
   const int total = a.K / kStep;
   const int s0 = split * a.steps;
   const int s1 = s0 + a.steps < total ? s0 + a.steps : total;
-  if (kAhead) {
+  if constexpr (kAhead) {
     // Two sets of weights in turn (no copies between them): step s multiplies by cur
     // while nxt and the x vectors for step s + 1 are in flight.
     StepWeights<F, W> w0, w1;
-    pp_u32x4 xn[kAhead ? NT : 1];
+    pp_u32x4 xn[NT];
     auto step = [&](PP_THREAD StepWeights<F, W>& cur, PP_THREAD StepWeights<F, W>& nxt, int s) {
       const int kb = s * kStep;
       if (s + 1 < s1) load_weights<F, W>(nxt, w, scales, biases, r_lo, r_hi, words, groups, kb + kStep, t);
       PP_BARRIER();  // the previous step's readers are done with the tile
       #pragma unroll
-      for (int r = 0; r < NT; ++r) store_x<F, W>(xn[kAhead ? r : 0], alpha, inv_rms, a, xs, kb, tid + r * kThreads);
+      for (int r = 0; r < NT; ++r) store_x<F, W>(xn[r], alpha, inv_rms, a, xs, kb, tid + r * kThreads);
       PP_BARRIER();
       if (s + 1 < s1) {
         #pragma unroll
-        for (int r = 0; r < NT; ++r) xn[kAhead ? r : 0] = load_x<F>(x, a, kb + kStep, tid + r * kThreads);
+        for (int r = 0; r < NT; ++r) xn[r] = load_x<F>(x, a, kb + kStep, tid + r * kThreads);
       }
       multiply<F, W, NT>(acc, cur, xs, g, t);
     };
     if (s0 < s1) {
       load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
       #pragma unroll
-      for (int r = 0; r < NT; ++r) xn[kAhead ? r : 0] = load_x<F>(x, a, s0 * kStep, tid + r * kThreads);
+      for (int r = 0; r < NT; ++r) xn[r] = load_x<F>(x, a, s0 * kStep, tid + r * kThreads);
     }
     for (int s = s0; s < s1; s += 2) {
       step(w0, w1, s);
@@ -430,6 +430,8 @@ PP_DEVICE void finish(const PP_GLOBAL float* part, const PP_GLOBAL typename F::E
 #if !defined(__METAL_VERSION__)
 // Launch plans, for the CUDA hosts and tests/emulator/matvec.cpp.
 
+#include <cstdlib>
+
 #include "launch.cuh"
 
 constexpr int kMatvecTcThreads = PP_MATVEC_TC_WARPS * 32;
@@ -447,6 +449,13 @@ inline int matvec_tc_smem_elems(int nt) { return nt * 8 * PP_MATVEC_TC_STEP; }
 // than 64 rows go in chunks of 64 (matvec_tc_chunks), each reading the weights again.
 inline bool matvec_tc_supported(int M, int K, int elem_bytes) {
   return elem_bytes == 2 && M >= 1 && K > 0 && K % PP_MATVEC_TC_STEP == 0;
+}
+
+// Whether a call of M rows (at most 64) takes the kernel ..._n1_ahead (Plan): with
+// PERSONAPLEX_MATVEC_TC_AHEAD=1, 4-bit weights and one n8 tile of x.
+inline bool matvec_tc_ahead(int bits, int M) {
+  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
+  return bits == 4 && matvec_tc_tiles(M) == 1 && env && env[0] == '1' && env[1] == '\0';
 }
 
 // The row chunks of a call: fn(first row, rows) for each, at most 64 rows, in order.

@@ -32,16 +32,20 @@ MATVEC_DTYPE(f16, pp::F16)
 // matvec_tc_<dtype>_<dense|q4|q8>_n<n8 tiles of x rows>, matvec_tc_finish_<dtype>.
 #include "../matvec_tc.cuh"
 
-#define MATVEC_TC(DT, F, WN, W, NT)                                                                 \
-  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads, (matvec_tc::Plan<W, NT>::kMinBlocks))   \
-      matvec_tc_##DT##_##WN##_n##NT(                                                                 \
+// AHEAD: the Plan's load-ahead (kernels ..._ahead, csrc/cuda_nodes.h picks them).
+#define MATVEC_TC_KERNEL(DT, F, WN, W, NT, AHEAD, SUFFIX)                                           \
+  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads,                                  \
+                                               (matvec_tc::Plan<W, NT, AHEAD>::kMinBlocks))          \
+      matvec_tc_##DT##_##WN##_n##NT##SUFFIX(                                                         \
           const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,           \
           const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                 \
     pp_grid_dependency();                                                                            \
     __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStep];                                  \
-    matvec_tc::project<F, W, NT>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x,     \
-                                 blockIdx.y, threadIdx.x);                                           \
+    matvec_tc::project<F, W, NT, AHEAD>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x, \
+                                        blockIdx.y, threadIdx.x);                                    \
   }
+
+#define MATVEC_TC(DT, F, WN, W, NT) MATVEC_TC_KERNEL(DT, F, WN, W, NT, false, )
 
 #define MATVEC_TC_N(DT, F, WN, W) PP_TILES(MATVEC_TC, DT, F, WN, W)
 
@@ -64,19 +68,7 @@ MATVEC_DTYPE(f16, pp::F16)
 MATVEC_TC_DTYPE(bf16, pp::BF16)
 MATVEC_TC_DTYPE(f16, pp::F16)
 
-// 4-bit weights and up to 8 rows of x, loading the next step ahead (PERSONAPLEX_MATVEC_TC_AHEAD=1,
-// csrc/cuda_nodes.h; kernels/matvec_tc.cuh, Plan): measured against the default.
-#define MATVEC_TC_AHEAD(DT, F)                                                                       \
-  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads,                                  \
-                                               (matvec_tc::Plan<matvec::Affine<4>, 1, true>::kMinBlocks)) \
-      matvec_tc_##DT##_q4_n1_ahead(const F::Elem* x, const pp_u32* w, const F::Elem* scales,        \
-                                   const F::Elem* biases, const F::Elem* alpha, const float* inv_rms, \
-                                   float* part, MatvecTcArgs a) {                                    \
-    pp_grid_dependency();                                                                            \
-    __shared__ __align__(16) F::Elem xs[8 * matvec_tc::kStep];                                       \
-    matvec_tc::project<F, matvec::Affine<4>, 1, true>(x, w, scales, biases, alpha, inv_rms, part, a, xs, \
-                                                      blockIdx.x, blockIdx.y, threadIdx.x);         \
-  }
-
-MATVEC_TC_AHEAD(bf16, pp::BF16)
-MATVEC_TC_AHEAD(f16, pp::F16)
+// 4-bit weights and up to 8 rows of x, loading the next step ahead (PERSONAPLEX_MATVEC_TC_AHEAD=1):
+// measured against the default.
+MATVEC_TC_KERNEL(bf16, pp::BF16, q4, matvec::Affine<4>, 1, true, _ahead)
+MATVEC_TC_KERNEL(f16, pp::F16, q4, matvec::Affine<4>, 1, true, _ahead)

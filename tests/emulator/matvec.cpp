@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -100,12 +99,9 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
 template <class F, class W>
 void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   switch (matvec_tc_tiles(a.M)) {
-    case 1: {
-      // PERSONAPLEX_MATVEC_TC_AHEAD=1: the ..._ahead kernel, as csrc/cuda_nodes.h picks it
-      const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
-      if (W::kChunk == 32 && env && std::string(env) == "1") return matvec_tc_run<F, W, 1, true>(p, a, seed);
+    case 1:  // the ..._ahead kernel where csrc/cuda_nodes.h picks it
+      if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, 1, true>(p, a, seed);
       return matvec_tc_run<F, W, 1>(p, a, seed);
-    }
     case 2: return matvec_tc_run<F, W, 2>(p, a, seed);
     case 4: return matvec_tc_run<F, W, 4>(p, a, seed);
     default: return matvec_tc_run<F, W, 8>(p, a, seed);
