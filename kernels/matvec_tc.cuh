@@ -302,6 +302,9 @@ template <class W, int NT, bool Ahead = false>
 struct Plan {
   static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && Ahead;
   static constexpr int kMinBlocks = kAhead ? 3 : (W::kChunk == 8 ? 1 : 2);
+  // x vectors a thread loads at once for the tile (ptxas sm_90a: 4-bit n8 126 registers
+  // either way; dense n2 would pass 128 with 2).
+  static constexpr int kXBatch = W::kChunk == 8 && NT == 2 ? 1 : NT < 4 ? NT : 4;
 };
 
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
@@ -367,10 +370,16 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       const int kb = s * kStep;
       load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, kb, t);
       PP_BARRIER();  // the previous step's readers are done with the tile
-      #pragma unroll 1  // one vector's registers at a time: they would cost occupancy
-      for (int r = 0; r < NT; ++r) {
-        const int e = tid + r * kThreads;
-        store_x<F, W>(load_x<F>(x, a, kb, e), alpha, inv_rms, a, xs, kb, e);
+      // The thread's NT vectors of x in batches of XB: a batch's loads are in flight
+      // together, one round trip each; a batch's registers still fit the occupancy.
+      constexpr int XB = Plan<W, NT, Ahead>::kXBatch;
+      #pragma unroll 1
+      for (int r0 = 0; r0 < NT; r0 += XB) {
+        pp_u32x4 v[XB];
+        #pragma unroll
+        for (int b = 0; b < XB; ++b) v[b] = load_x<F>(x, a, kb, tid + (r0 + b) * kThreads);
+        #pragma unroll
+        for (int b = 0; b < XB; ++b) store_x<F, W>(v[b], alpha, inv_rms, a, xs, kb, tid + (r0 + b) * kThreads);
       }
       PP_BARRIER();
       multiply<F, W, NT>(acc, sw, xs, g, t);
