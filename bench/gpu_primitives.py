@@ -46,6 +46,17 @@ MATVEC_SHAPES = [  # name, K, N (weight rows), gate, norm, residual; torch_bench
     ("ffn_out 11264->4096 +res", 11264, 4096, False, False, True, "ffn_out 11264->4096"),
 ]
 
+# The depformer's (one of its 8 steps; 6 layers) and the text head, at the 7B's sizes.
+DEPFORMER_SHAPES = [
+    ("dep in 4096->1024", 4096, 1024, False, False, False, None),
+    ("dep qkv 1024->3072 +norm", 1024, 3 * 1024, False, True, False, None),
+    ("dep out 1024->1024 +res", 1024, 1024, False, False, True, None),
+    ("dep ffn_in 1024->5632 +norm+gate", 1024, 2 * 2816, True, True, False, None),
+    ("dep ffn_out 2816->1024 +res", 2816, 1024, False, False, True, None),
+    ("dep head 1024->2048", 1024, 2048, False, False, False, None),
+    ("text head 4096->32000", 4096, 32000, False, False, False, None),
+]
+
 
 def matvec_rows(table, batches, formats):
     rng = np.random.default_rng(0)

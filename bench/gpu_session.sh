@@ -33,6 +33,8 @@
 #   ours       bench/tick_bench.py: full (bf16, q4, per-op at B=1, codec, profiles) and --structure
 #   tc         bench/matvec_tc_bench.py: matvec's tensor-core path vs its streaming kernel vs MLX vs the
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
+#   splits     matvec_tc_bench sweeping the split count along K (SPLITS) at SPLITS_BATCHES rows, and tick_bench
+#              at BATCHES with the earlier split rule (PERSONAPLEX_MATVEC_TC_SPLITS=fill)
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
 #   ahead      matvec_tc_bench and tick_bench q4 at AHEAD_BATCHES (default 1,8) with PERSONAPLEX_MATVEC_TC_AHEAD=1, 0
@@ -153,6 +155,17 @@ for step in "$@"; do
             --formats 4 --per-op-ticks 0 --json "$out/ours_ahead$a.json" > "$out/ours_ahead$a.log" 2>&1
           echo "== ahead=$a"; grep -iE "q4|tc" "$out/matvec_tc_ahead$a.log" | tail -12; tail -3 "$out/ours_ahead$a.log"
         done ) ;;
+    splits)
+      # matvec_tc's split along K (matvec_tc_splits): matvec_tc_bench at the 7B's and the depformer's
+      # shapes, bf16 and 4-bit, SPLITS_BATCHES rows, once per split count in SPLITS (0: the rule, fill:
+      # the earlier rule), then tick_bench at BATCHES with the earlier rule (ours: the rule).
+      ( mlx_env
+        timeout 300 python3 bench/matvec_tc_bench.py --bits 0,4 --depformer --batches "${SPLITS_BATCHES:-8,32,64}" \
+          --splits "${SPLITS:-0,fill,1,2,3,4,6,8,12,16}" --json "$out/matvec_tc_splits.json" > "$out/matvec_tc_splits.log" 2>&1
+        tail -c 2500 "$out/matvec_tc_splits.log"
+        PERSONAPLEX_MATVEC_TC_SPLITS=fill timeout 300 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 \
+          --per-op-ticks 0 --json "$out/ours_fill.json" > "$out/ours_fill.log" 2>&1
+        echo "== the earlier rule (fill)"; tail -9 "$out/ours_fill.log" ) ;;
     dense-tc)
       ( mlx_env
         PERSONAPLEX_DENSE_PROJ=tc timeout 300 python3 bench/tick_bench.py --batches "${DENSE_TC_BATCHES:-8,32,64}" \
@@ -238,6 +251,6 @@ PY
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, splits, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
   esac
 done

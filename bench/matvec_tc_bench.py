@@ -10,6 +10,11 @@ The path is picked per call with PERSONAPLEX_MATVEC_TC_MIN_ROWS (1: tensor cores
 every row count; 65: the streaming kernel).
 
     python bench/matvec_tc_bench.py [--batches 1,8,32,64] [--bits 0,4,8] [--json FILE]
+        [--depformer] [--splits 1,2,4,8]
+
+--splits times the tensor-core path once per split count along K
+(PERSONAPLEX_MATVEC_TC_SPLITS; 0 is the launch plan's rule, `fill` the earlier one) instead of the four
+paths; --depformer adds the depformer's shapes (1024 wide, 8 rows a session).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gpu_common import bf16, copy_bandwidth, median_ms, versions  # noqa: E402
-from gpu_primitives import MATVEC_SHAPES  # noqa: E402
+from gpu_primitives import DEPFORMER_SHAPES, MATVEC_SHAPES  # noqa: E402
 from personaplex_fast import _ext, reference  # noqa: E402
 
 FORMAT = {0: "bf16", 4: "q4", 8: "q8"}
@@ -39,17 +44,24 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="0,4,8")
     p.add_argument("--calls", type=int, default=8)
     p.add_argument("--json")
-    p.add_argument("--tiny", action="store_true", help="the shapes scaled down by 16 (a smoke test on the CPU)")
+    p.add_argument("--tiny", action="store_true", help="the shapes scaled down (a smoke test on the CPU)")
+    p.add_argument("--depformer", action="store_true", help="the depformer's projections too")
+    p.add_argument("--splits", help="split counts to time the tensor-core path at (0: the rule, fill: the earlier rule)")
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
-    shapes = MATVEC_SHAPES
+    shapes = MATVEC_SHAPES + (DEPFORMER_SHAPES if a.depformer else [])
+    sweep = a.splits.split(",") if a.splits else None
     if a.tiny:
-        shapes = [(name, K // 16, N // 16, *rest) for name, K, N, *rest in MATVEC_SHAPES]
+        shapes = [(name, -(-K // 4096) * 256, N // 16, *rest) for name, K, N, *rest in shapes]
     bw = copy_bandwidth(64 if a.tiny else 2048)
     rows = []
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; {versions()}", flush=True)
-    print("| shape | format | rows | tensor cores | streaming | MLX | floor | tc vs floor |")
-    print("|---|---|---|---|---|---|---|---|")
+    if sweep:
+        print("| shape | format | rows | " + " | ".join(f"splits {'rule' if v == '0' else v}" for v in sweep) + " | floor |")
+        print("|---|---|---|" + "---|" * (len(sweep) + 1))
+    else:
+        print("| shape | format | rows | tensor cores | streaming | MLX | floor | tc vs floor |")
+        print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for si, (name, K, N, gate, norm, res, _) in enumerate(shapes):
         alpha = mx.ones((K,), dtype=mx.bfloat16) if norm else None
@@ -78,6 +90,21 @@ def main(argv=None) -> int:
                     mx.eval([reference.matvec(x, w, s, b, bits=bits, alpha=alpha, gate=gate, residual=r)
                              for x, (w, s, b), r in zip(xs, weights, rs)])
 
+                if sweep:
+                    times = {}
+                    for v in sweep:
+                        os.environ["PERSONAPLEX_MATVEC_TC_SPLITS"] = v
+                        times[v] = median_ms(fused(1)) / a.calls
+                    os.environ.pop("PERSONAPLEX_MATVEC_TC_SPLITS", None)
+                    os.environ.pop("PERSONAPLEX_MATVEC_TC_MIN_ROWS", None)
+                    rows.append({"shape": name, "format": FORMAT[bits], "rows": B, "floor_ms": floor,
+                                 "weight_bytes": wbytes, "splits_ms": times})
+                    print(f"| {name} | {FORMAT[bits]} | {B} | " + " | ".join(f"{t:.4f}" for t in times.values())
+                          + f" | {floor:.4f} |", flush=True)
+                    if a.json:
+                        Path(a.json).write_text(json.dumps({"copy_gbps": bw / 1e9, "versions": versions(),
+                                                            "rows": rows}, indent=1))
+                    continue
                 tc = median_ms(fused(1)) / a.calls
                 stream = median_ms(fused(65)) / a.calls
                 ref = median_ms(mlx) / a.calls

@@ -41,6 +41,15 @@ inline void* offset(void* p, size_t bytes) { return p ? static_cast<char*>(p) + 
 // path off).
 bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 
+// The tensor-core kernel that takes a chunk of M rows (at most 64) of 16-bit x of dtype
+// name dt, and the blocks of it that run at once on `device` (its multiprocessors times
+// the blocks the driver's occupancy calculator fits on one): matvec_tc_args' slots.
+inline std::string matvec_tc_kernel(const std::string& dt, int bits, int M) {
+  return "matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(M)) +
+         (matvec_tc_ahead(bits, M) ? "_ahead" : "");
+}
+int matvec_tc_slots(const std::string& dt, int bits, int M, int device);
+
 // The tensor-core path's launches, in order, through launch(image-relative kernel
 // name, plan, params); ws holds matvec_tc_workspace_floats(t) floats.
 template <class Launch>
@@ -55,9 +64,7 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    launch("matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(t.M)) +
-               (matvec_tc_ahead(bits, t.M) ? "_ahead" : ""),
-           matvec_tc_launch(t), params);
+    launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t), params);
   }
   void* params[] = {&part, &residual, &out, &args};
   launch("matvec_tc_finish_" + dt, matvec_tc_finish_launch(t), params);

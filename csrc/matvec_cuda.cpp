@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -35,6 +37,22 @@ bool cuda::matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int /*bits*/) {
   return matvec_tc_supported(a.M, a.K, static_cast<int>(mx::size_of(dtype))) && a.M >= tc_min_rows();
 }
 
+int cuda::matvec_tc_slots(const std::string& dt, int bits, int M, int device) {
+  static std::mutex mu;
+  static std::map<std::pair<int, std::string>, int> cache;  // (device, kernel): blocks a multiprocessor
+  const std::string name = matvec_tc_kernel(dt, bits, M);
+  std::lock_guard lock(mu);
+  auto [it, fresh] = cache.try_emplace({device, name}, 0);
+  if (fresh) {
+    int n = 0;
+    check(cuOccupancyMaxActiveBlocksPerMultiprocessor(&n, function(matvec_fatbin, name.c_str(), device),
+                                                      kMatvecTcThreads, 0),
+          "matvec", "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+    it->second = std::max(n, 1);
+  }
+  return sm_count(device) * it->second;
+}
+
 void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays& reads,
                       const Arrays& writes) {
   const MatvecArgs& a = n.args;
@@ -48,9 +66,14 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
   }
   if (matvec_takes_tc(a, n.dtype, n.bits)) {
     const int device = enc.device().cuda_device();
-    const MatvecTcArgs first_chunk = matvec_tc_args(std::min(a.M, kMatvecTcMaxRows), a.K, a.n_out, a.norm, a.gate,
-                                                    a.residual, a.eps, cuda::sm_count(device));
-    mx::array ws({static_cast<int>(matvec_tc_workspace_floats(first_chunk))}, mx::float32, nullptr, {});
+    const std::string dt = cuda::kernel_dtype("matvec", n.dtype);
+    auto args = [&](int rows) {
+      return matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps,
+                            cuda::matvec_tc_slots(dt, n.bits, rows, device));
+    };
+    long ws_floats = 0;  // the largest chunk's (a ragged last chunk may split more ways)
+    matvec_tc_chunks(a.M, [&](int, int rows) { ws_floats = std::max(ws_floats, matvec_tc_workspace_floats(args(rows))); });
+    mx::array ws({static_cast<int>(ws_floats)}, mx::float32, nullptr, {});
     cuda::alloc_output(ws, enc);
     enc.add_temporary(ws);
     // MLX's encoder orders its graph's nodes by the arrays registered before each one:
@@ -70,9 +93,7 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
       cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params);
     };
     matvec_tc_chunks(a.M, [&](int m0, int rows) {
-      const MatvecTcArgs t =
-          matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
-      matvec_tc_launches(cuda::kernel_dtype("matvec", n.dtype), n.bits, t, cuda::offset(n.x, size_t(m0) * a.K * es),
+      matvec_tc_launches(dt, n.bits, args(rows), cuda::offset(n.x, size_t(m0) * a.K * es),
                          n.w, n.scales, n.biases, n.alpha, cuda::offset(n.residual, size_t(m0) * a.n_out * es),
                          cuda::offset(n.out, size_t(m0) * a.n_out * es), static_cast<float*>(cuda::ptr(ws)), launch);
     });

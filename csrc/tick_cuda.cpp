@@ -185,8 +185,8 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
           if (cuda::matvec_takes_tc(a, p.mem(o.x).dtype, o.bits)) {
             const size_t es = mx::size_of(p.mem(o.x).dtype);
             matvec_tc_chunks(a.M, [&](int m0, int rows) {  // one workspace: the chunks run in order
-              const MatvecTcArgs t =
-                  matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps, cuda::sm_count(device));
+              const MatvecTcArgs t = matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps,
+                                                    cuda::matvec_tc_slots(dts(o.x), o.bits, rows, device));
               float* ws = static_cast<float*>(s.shared(sizeof(float) * matvec_tc_workspace_floats(t)));
               cuda::matvec_tc_launches(dts(o.x), o.bits, t, cuda::offset(at(o.x), size_t(m0) * a.K * es), at(o.w),
                                        at(o.scales), at(o.biases), at(o.alpha),

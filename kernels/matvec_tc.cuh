@@ -440,6 +440,7 @@ PP_DEVICE void finish(const PP_GLOBAL float* part, const PP_GLOBAL typename F::E
 // Launch plans, for the CUDA hosts and tests/emulator/matvec.cpp.
 
 #include <cstdlib>
+#include <cstring>
 
 #include "launch.cuh"
 
@@ -476,13 +477,40 @@ void matvec_tc_chunks(int M, Fn fn) {
 // Units (outputs) per block: 8 warps of 16 rows.
 inline int matvec_tc_units(int gate) { return PP_MATVEC_TC_WARPS * (gate ? 8 : 16); }
 
-// Splits along K: enough blocks for about two per multiprocessor, each split whole steps.
+// Splits along K for `blocks` blocks of `steps` steps, `slots` of which run at once
+// (multiprocessors times the blocks one holds). The blocks run in waves of `slots`, a
+// block's time about its steps plus one for its start and its partial sums (the steps
+// are latency-bound: a step costs about as much with two blocks on a multiprocessor as
+// with one), so the count that gives the fewest waves times (steps a split + 1), the
+// fewer splits on a tie (each adds M x rows partial sums to write and sum).
+// PERSONAPLEX_MATVEC_TC_SPLITS=N: N for every call instead (bench/matvec_tc_bench.py's
+// sweep); =fill: the earlier rule, blocks for about every slot (slots / blocks, rounded up).
+inline int matvec_tc_splits(int blocks, int steps, int slots) {
+  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_SPLITS");
+  int splits = 0;
+  if (env && std::strcmp(env, "fill") == 0) {
+    splits = (slots + blocks - 1) / blocks;
+  } else if (env && std::atoi(env) > 0) {
+    splits = std::atoi(env);
+  } else {
+    long best = -1;
+    for (int per = steps; per >= 1; --per) {  // steps a split; splits = steps / per rounded up
+      const int n = (steps + per - 1) / per;
+      if ((steps + n - 1) / n != per) continue;  // the same n as a larger per
+      const long waves = (long(blocks) * n + slots - 1) / slots;
+      const long cost = waves * (per + 1);
+      if (best < 0 || cost < best) best = cost, splits = n;
+    }
+  }
+  return splits < 1 ? 1 : splits > steps ? steps : splits;
+}
+
+// The launches' scalars for M rows (at most 64); `slots` as matvec_tc_splits says.
 inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, int residual, float eps,
-                                   int sm_count) {
+                                   int slots) {
   const int steps = K / PP_MATVEC_TC_STEP;
   const int blocks = (n_out + matvec_tc_units(gate) - 1) / matvec_tc_units(gate);
-  int splits = (2 * sm_count + blocks - 1) / blocks;
-  splits = splits < 1 ? 1 : splits > steps ? steps : splits;
+  const int splits = matvec_tc_splits(blocks, steps, slots);
   const int per = (steps + splits - 1) / splits;
   return {.M = M, .K = K, .n_out = n_out, .norm = norm, .gate = gate, .residual = residual, .eps = eps,
           .splits = (steps + per - 1) / per, .steps = per};

@@ -65,7 +65,7 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
 
 
 def test_matvec_tc_bench_runs_tiny(tmp_path):
-    """bench/matvec_tc_bench.py at shapes scaled down by 16 on the CPU (where both of
+    """bench/matvec_tc_bench.py at shapes scaled down (K to 256 a 4096) on the CPU (where both of
     matvec's GPU paths are the CPU path): a row per shape, format and row count."""
     out = tmp_path / "tc.json"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "matvec_tc_bench.py"), "--tiny", "--batches", "1,9",
@@ -77,6 +77,20 @@ def test_matvec_tc_bench_runs_tiny(tmp_path):
     assert {(r["format"], r["rows"]) for r in rows} == {("bf16", 1), ("bf16", 9), ("q4", 1), ("q4", 9)}
     assert all(r["tc_ms"] > 0 and r["stream_ms"] > 0 and r["mlx_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert "| qkv 4096->12288 +norm | q4 | 9 |" in proc.stdout
+
+
+def test_matvec_tc_bench_splits_sweep_tiny(tmp_path):
+    """--splits: a time per split count for every shape (the depformer's too), format and
+    row count, and no other path's."""
+    out = tmp_path / "tc.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "matvec_tc_bench.py"), "--tiny", "--batches", "9",
+                           "--bits", "4", "--calls", "1", "--depformer", "--splits", "0,fill,3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 + 7
+    assert all(set(r["splits_ms"]) == {"0", "fill", "3"} and min(r["splits_ms"].values()) > 0 for r in rows)
+    assert "tc_ms" not in rows[0] and "| dep ffn_in 1024->5632 +norm+gate | q4 | 9 |" in proc.stdout
 
 
 @pytest.fixture(scope="module")

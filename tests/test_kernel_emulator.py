@@ -190,6 +190,39 @@ def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
         assert_matches(got, want, dtype, f"emulated matvec_tc ahead K={K} norm={norm} gate={gate}", res)
 
 
+def test_matvec_tc_splits_rule(emulator, monkeypatch):
+    """The split along K (kernels/matvec_tc.cuh, matvec_tc_splits) at the 7B's projections on
+    132 multiprocessors of 2 blocks: the fewest waves times (steps a split + 1), fewer splits
+    on a tie, where the earlier rule (`fill`, blocks for every slot) left a second wave of
+    24 of 288 blocks (qkv) or 6 steps a block (ffn_out, 9 splits); a forced count is
+    capped at the steps."""
+    emu = emulator["matvec"]
+    emu.emu_matvec_tc_splits.restype = ctypes.c_int
+    # name: (blocks of 128 units, or 64 gated; 256-wide steps)
+    shapes = {"qkv": (96, 16), "out": (32, 16), "ffn_in": (176, 16), "ffn_out": (32, 44), "dep_qkv": (24, 4)}
+
+    def splits(rule):
+        if rule is None:
+            monkeypatch.delenv("PERSONAPLEX_MATVEC_TC_SPLITS", raising=False)
+        else:
+            monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_SPLITS", rule)
+        return {name: emu.emu_matvec_tc_splits(b, s, 264) for name, (b, s) in shapes.items()}
+
+    assert splits(None) == {"qkv": 2, "out": 8, "ffn_in": 3, "ffn_out": 8, "dep_qkv": 4}
+    assert splits("fill") == {"qkv": 3, "out": 9, "ffn_in": 2, "ffn_out": 9, "dep_qkv": 4}
+    assert splits("6") == {"qkv": 6, "out": 6, "ffn_in": 6, "ffn_out": 6, "dep_qkv": 4}
+    monkeypatch.delenv("PERSONAPLEX_MATVEC_TC_SPLITS")
+    for blocks in (1, 7, 96, 500):
+        for steps in (1, 3, 16, 44):
+            n = emu.emu_matvec_tc_splits(blocks, steps, 264)
+            assert 1 <= n <= steps
+            per = -(-steps // n)
+            cost = -(-blocks * -(-steps // per) // 264) * (per + 1)
+            for m in range(1, steps + 1):  # no other count does better
+                p = -(-steps // m)
+                assert cost <= -(-blocks * -(-steps // p) // 264) * (p + 1), (blocks, steps, n, m)
+
+
 @pytest.mark.parametrize("bits", [0, 4, 8])
 def test_matvec_tc_x_tile_has_no_bank_conflicts(emulator, bits):
     """The x tile's swizzle (kernels/matvec_tc.cuh): every quarter of a warp's 16-byte

@@ -115,7 +115,7 @@ void matvec_tc_format(int bits, const MatvecPtrs& p, const MatvecArgs& m, int sm
   }
   using E = typename F::Elem;
   matvec_tc_chunks(m.M, [&](int m0, int rows) {  // as the hosts split more than 64 rows
-    const MatvecTcArgs a = matvec_tc_args(rows, m.K, m.n_out, m.norm, m.gate, m.residual, m.eps, sms);
+    const MatvecTcArgs a = matvec_tc_args(rows, m.K, m.n_out, m.norm, m.gate, m.residual, m.eps, 2 * sms);
     MatvecPtrs c = p;
     c.x = static_cast<const E*>(p.x) + long(m0) * m.K;
     if (p.residual) c.residual = static_cast<const E*>(p.residual) + long(m0) * m.n_out;
@@ -132,7 +132,7 @@ void matvec_tc_format(int bits, const MatvecPtrs& p, const MatvecArgs& m, int sm
 extern "C" {
 
 // The tensor-core path (kernels/matvec_tc.cuh): dtype 1 bfloat16, 2 float16; `sms`
-// multiprocessors for the split along K. Returns the splits used in *splits.
+// multiprocessors of two blocks each for the split along K. Returns the splits used in *splits.
 int emu_matvec_tc(int dtype, int bits, const void* x, const void* w, const void* scales, const void* biases,
                   const void* alpha, const void* residual, void* out, const MatvecArgs* a, int sms,
                   unsigned seed, int* splits) {
@@ -140,12 +140,16 @@ int emu_matvec_tc(int dtype, int bits, const void* x, const void* w, const void*
                      .residual = residual, .out = out};
   return pp_emu::guarded([&] {
     *splits = matvec_tc_args(a->M < kMatvecTcMaxRows ? a->M : kMatvecTcMaxRows, a->K, a->n_out, a->norm, a->gate,
-                             a->residual, a->eps, sms).splits;
+                             a->residual, a->eps, 2 * sms).splits;
     if (dtype == 1) matvec_tc_format<pp::BF16>(bits, p, *a, sms, seed);
     else if (dtype == 2) matvec_tc_format<pp::F16>(bits, p, *a, sms, seed);
     else throw std::invalid_argument("matvec_tc: x must be bfloat16 or float16");
   });
 }
+
+// matvec_tc_splits (kernels/matvec_tc.cuh): the split count along K for `blocks` blocks of
+// `steps` steps, `slots` blocks at once (PERSONAPLEX_MATVEC_TC_SPLITS as the hosts read it).
+int emu_matvec_tc_splits(int blocks, int steps, int slots) { return matvec_tc_splits(blocks, steps, slots); }
 
 // Workgroup-memory wavefronts of the x tile's 16-byte accesses, by the kernel's own
 // offsets (matvec_tc::tile_offset, fragment_offset): a quarter of a warp (8 lanes) is
