@@ -49,6 +49,7 @@ struct MatvecTcArgs {
 
 #define PP_MATVEC_TC_STEP 256   // K per step
 #define PP_MATVEC_TC_WARPS 8
+#define PP_MATVEC_TC_STAGES 3   // x tiles in the ring of the ..._ring kernels (Plan::kRing)
 
 #if defined(__CUDACC__) || defined(PP_EMULATE)
 
@@ -245,20 +246,23 @@ PP_DEVICE pp_u32x4 load_x(const PP_GLOBAL typename F::Elem* x, MatvecTcArgs a, i
 
 // Normalised (by alpha's matching 8 of the step at kb) and rounded as the reference does
 // (zero past M), interleaved for 4-bit weights, into the tile at its swizzled place.
+template <class F>
+PP_DEVICE pp_u32x4 normalize(pp_u32x4 v, pp_u32x4 alpha8, float rr) {
+  float xf[8], al[8];
+  pp::unpack<F>(v, xf);
+  pp::unpack<F>(alpha8, al);
+  v.x = pp::pack2<F>(al[0] * (xf[0] * rr), al[1] * (xf[1] * rr));
+  v.y = pp::pack2<F>(al[2] * (xf[2] * rr), al[3] * (xf[3] * rr));
+  v.z = pp::pack2<F>(al[4] * (xf[4] * rr), al[5] * (xf[5] * rr));
+  v.w = pp::pack2<F>(al[6] * (xf[6] * rr), al[7] * (xf[7] * rr));
+  return v;
+}
+
 template <class F, class W>
 PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int kb, int e) {
   const int n = x_row(e), c8 = e & 31;
-  if (a.norm && n < a.M) {
-    float xf[8], al[8];
-    pp::unpack<F>(v, xf);
-    pp::unpack<F>(pp_load16(alpha + kb + c8 * 8), al);
-    const float rr = inv_rms[n];
-    v.x = pp::pack2<F>(al[0] * (xf[0] * rr), al[1] * (xf[1] * rr));
-    v.y = pp::pack2<F>(al[2] * (xf[2] * rr), al[3] * (xf[3] * rr));
-    v.z = pp::pack2<F>(al[4] * (xf[4] * rr), al[5] * (xf[5] * rr));
-    v.w = pp::pack2<F>(al[6] * (xf[6] * rr), al[7] * (xf[7] * rr));
-  }
+  if (a.norm && n < a.M) v = normalize<F>(v, pp_load16(alpha + kb + c8 * 8), inv_rms[n]);
   if (Octets<F, W>::kInterleaved) v = interleave(v);
   pp_store16(xs + tile_offset<W>(n, c8), v);
 }
@@ -298,10 +302,22 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F
 // 8-row qkv and ffn_out faster with it in isolation.
 // kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor (3 for the
 // ahead kernels: 80 registers, 56 bytes spilled).
-template <class W, int NT, bool Ahead = false>
+// kRing: whether project<F, W, NT, false, true> (kernels ..._ring, the default from 2
+// n8 tiles: matvec_tc_ring) copies x tiles into a ring of kStages tiles in workgroup
+// memory with cp.async, kStages - 1 steps ahead of the step that multiplies, instead
+// of each step loading its tile through registers between two barriers (the step's
+// round trips to L2 were in every step's path: 8 of them at 64 rows, 2 with kXBatch).
+// The copies are x as read; each thread then normalises and interleaves the vectors
+// it copied itself (visible to it after its wait, before the step's barrier).
+// kRingAhead (kernels ..._ring_ahead, 4-bit weights, PERSONAPLEX_MATVEC_TC_AHEAD=1): the
+// next step's weights in flight too, in a second register set (one block a multiprocessor).
+template <class W, int NT, bool Ahead = false, bool Ring = false>
 struct Plan {
   static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && Ahead;
-  static constexpr int kMinBlocks = kAhead ? 3 : (W::kChunk == 8 ? 1 : 2);
+  static constexpr bool kRing = Ring && NT >= 2 && !kAhead;
+  static constexpr bool kRingAhead = kRing && Ahead && W::kChunk == 32;
+  static constexpr int kStages = kRing ? PP_MATVEC_TC_STAGES : 1;
+  static constexpr int kMinBlocks = kAhead ? 3 : kRingAhead || W::kChunk == 8 ? 1 : 2;
   // x vectors a thread loads at once for the tile (ptxas sm_90a: 4-bit n8 126 registers
   // either way; dense n2 would pass 128 with 2).
   static constexpr int kXBatch = W::kChunk == 8 && NT == 2 ? 1 : NT < 4 ? NT : 4;
@@ -309,14 +325,15 @@ struct Plan {
 
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
-// part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
-template <class F, class W, int NT, bool Ahead = false>
+// part: [splits, M, rows] float32. xs: kStages * NT * 8 * kStep elements of workgroup memory.
+template <class F, class W, int NT, bool Ahead = false, bool Ring = false>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
                        int split, int tid) {
-  constexpr bool kAhead = Plan<W, NT, Ahead>::kAhead;
+  typedef Plan<W, NT, Ahead, Ring> P;
+  constexpr bool kAhead = P::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int per_warp = a.gate ? 8 : 16;  // units
   const int u0 = (block * kWarps + warp) * per_warp;
@@ -364,6 +381,69 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       step(w0, w1, s);
       if (s + 1 < s1) step(w1, w0, s + 1);
     }
+  } else if constexpr (P::kRing) {
+    constexpr int S = P::kStages;
+    constexpr int kTile = NT * 8 * kStep;  // elements a stage
+    const int c8 = tid & 31;               // the octet of its row each of the thread's vectors is
+    // Step s's x tile as read (rows past M zero) into stage s % S; a group a step, empty
+    // past the split's end, so that the wait below always leaves S - 2 groups in flight.
+    auto issue = [&](int s) {
+      if (s < s1) {
+        PP_SHARED_PTR typename F::Elem* st = xs + (s % S) * kTile;
+        #pragma unroll
+        for (int r = 0; r < NT; ++r) {
+          const int n = x_row(tid + r * kThreads);
+          const bool in = n < a.M;
+          pp_cp_async16(st + tile_offset<W>(n, c8), x + (in ? long(n) * a.K : 0L) + s * kStep + c8 * 8, in);
+        }
+      }
+      pp_cp_async_commit();
+    };
+    for (int i = 0; i < S - 1; ++i) issue(s0 + i);
+    // alpha's octet c8 of the step (norm), loaded a step ahead
+    pp_u32x4 al = a.norm && s0 < s1 ? pp_load16(alpha + s0 * kStep + c8 * 8) : pp_zero16();
+    // Step s with its weights sw (loaded, or in flight).
+    auto step = [&](PP_THREAD const StepWeights<F, W>& sw, int s) {
+      const int kb = s * kStep;
+      const pp_u32x4 al_next = a.norm && s + 1 < s1 ? pp_load16(alpha + kb + kStep + c8 * 8) : pp_zero16();
+      pp_cp_async_wait<S - 2>();  // this thread's copies for step s have landed
+      PP_SHARED_PTR typename F::Elem* st = xs + (s % S) * kTile;
+      if (a.norm || Octets<F, W>::kInterleaved) {
+        #pragma unroll 2
+        for (int r = 0; r < NT; ++r) {
+          const int n = x_row(tid + r * kThreads);
+          if (n < a.M) {  // zeros past M stay zeros
+            PP_SHARED_PTR typename F::Elem* p = st + tile_offset<W>(n, c8);
+            pp_u32x4 v = pp_load16(p);
+            if (a.norm) v = normalize<F>(v, al, inv_rms[n]);
+            if (Octets<F, W>::kInterleaved) v = interleave(v);
+            pp_store16(p, v);
+          }
+        }
+      }
+      al = al_next;
+      PP_BARRIER();  // step s's tile is whole, and every warp is done with step s - 1's stage
+      issue(s + S - 1);  // into step s - 1's stage
+      multiply<F, W, NT>(acc, sw, st, g, t);
+    };
+    if constexpr (P::kRingAhead) {  // two weight sets in turn: step s + 1's in flight during step s
+      StepWeights<F, W> w0, w1;
+      if (s0 < s1) load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
+      for (int s = s0; s < s1; s += 2) {
+        if (s + 1 < s1) load_weights<F, W>(w1, w, scales, biases, r_lo, r_hi, words, groups, (s + 1) * kStep, t);
+        step(w0, s);
+        if (s + 1 < s1) {
+          if (s + 2 < s1) load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, (s + 2) * kStep, t);
+          step(w1, s + 1);
+        }
+      }
+    } else {
+      StepWeights<F, W> sw;
+      for (int s = s0; s < s1; ++s) {
+        load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, s * kStep, t);
+        step(sw, s);
+      }
+    }
   } else {
     StepWeights<F, W> sw;
     for (int s = s0; s < s1; ++s) {
@@ -372,7 +452,7 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       PP_BARRIER();  // the previous step's readers are done with the tile
       // The thread's NT vectors of x in batches of XB: a batch's loads are in flight
       // together, one round trip each; a batch's registers still fit the occupancy.
-      constexpr int XB = Plan<W, NT, Ahead>::kXBatch;
+      constexpr int XB = P::kXBatch;
       #pragma unroll 1
       for (int r0 = 0; r0 < NT; r0 += XB) {
         pp_u32x4 v[XB];
@@ -461,11 +541,26 @@ inline bool matvec_tc_supported(int M, int K, int elem_bytes) {
   return elem_bytes == 2 && M >= 1 && K > 0 && K % PP_MATVEC_TC_STEP == 0;
 }
 
-// Whether a call of M rows (at most 64) takes the kernel ..._n1_ahead (Plan): with
-// PERSONAPLEX_MATVEC_TC_AHEAD=1, 4-bit weights and one n8 tile of x.
+// Whether a call of M rows (at most 64) takes the kernel ..._n1_ahead or, from 2 n8
+// tiles, ..._ring_ahead (Plan): with PERSONAPLEX_MATVEC_TC_AHEAD=1 and 4-bit weights.
+inline bool matvec_tc_ring(int M);
 inline bool matvec_tc_ahead(int bits, int M) {
   const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
-  return bits == 4 && matvec_tc_tiles(M) == 1 && env && env[0] == '1' && env[1] == '\0';
+  return bits == 4 && (matvec_tc_tiles(M) == 1 || matvec_tc_ring(M)) && env && env[0] == '1' && env[1] == '\0';
+}
+
+// Whether a call of M rows (at most 64) takes the kernel ..._n<NT>_ring (Plan::kRing):
+// from 2 n8 tiles of x, unless PERSONAPLEX_MATVEC_TC_RING=0 (the kernels that load
+// each step's tile through registers, kept to measure against).
+inline bool matvec_tc_ring(int M) {
+  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_RING");
+  return matvec_tc_tiles(M) >= 2 && !(env && std::strcmp(env, "0") == 0);
+}
+
+// Dynamic workgroup memory of the kernel a call of M rows takes, in bytes (the ring
+// kernels' x tiles; the others declare theirs).
+inline unsigned matvec_tc_dynamic_smem(int M) {
+  return matvec_tc_ring(M) ? unsigned(PP_MATVEC_TC_STAGES * matvec_tc_smem_elems(matvec_tc_tiles(M)) * 2) : 0u;
 }
 
 // The row chunks of a call: fn(first row, rows) for each, at most 64 rows, in order.
