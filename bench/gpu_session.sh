@@ -35,8 +35,8 @@
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
 #   splits     matvec_tc_bench sweeping the split count along K (SPLITS) at SPLITS_BATCHES rows, and tick_bench
 #              at BATCHES with the earlier split rule (PERSONAPLEX_MATVEC_TC_SPLITS=fill)
-#   ring       tick_bench at RING_BATCHES with matvec_tc's x ring off (PERSONAPLEX_MATVEC_TC_RING=0) and with
-#              4-bit weights a step ahead (PERSONAPLEX_MATVEC_TC_AHEAD=1)
+#   ring       tick_bench q4 at RING_BATCHES with matvec_tc's x ring off (PERSONAPLEX_MATVEC_TC_RING=0), 4-bit
+#              weights a step ahead (..._AHEAD=1) and in the ring too (..._WRING=1), RING_VARIANTS
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
 #   ahead      matvec_tc_bench and tick_bench q4 at AHEAD_BATCHES (default 1,8) with PERSONAPLEX_MATVEC_TC_AHEAD=1, 0
@@ -169,16 +169,17 @@ for step in "$@"; do
           --per-op-ticks 0 --json "$out/ours_fill.json" > "$out/ours_fill.log" 2>&1
         echo "== the earlier rule (fill)"; tail -9 "$out/ours_fill.log" ) ;;
     ring)
-      # matvec_tc's x ring (Plan::kRing, the default from 9 rows) against the kernels that load each
-      # step's tile through registers (PERSONAPLEX_MATVEC_TC_RING=0), and with the next step's 4-bit
-      # weights in flight too (PERSONAPLEX_MATVEC_TC_AHEAD=1, ..._ring_ahead): tick_bench q4 (and bf16
-      # for RING=0) at RING_BATCHES (default 32,64). The default's rows are `ours`'.
+      # matvec_tc's variants (Plan) in the q4 tick at RING_BATCHES (default 8,32,64), one tick_bench
+      # each: the x ring off (PERSONAPLEX_MATVEC_TC_RING=0: each step's tile through registers), 4-bit
+      # weights a step ahead (AHEAD=1: ..._ahead, ..._ring_ahead), the weights in the ring too
+      # (WRING=1: ..._wring). The default's rows are `ours`'. Dense projections above 8 rows are
+      # cuBLAS's, so bf16 is not timed here.
       ( mlx_env
-        for v in "RING=0" "AHEAD=1"; do
-          env "PERSONAPLEX_MATVEC_TC_$v" timeout 200 python3 bench/tick_bench.py --batches "${RING_BATCHES:-32,64}" \
-            --formats "$([ "$v" = RING=0 ] && echo 0,4 || echo 4)" --per-op-ticks 0 --json "$out/ours_${v%=*}${v#*=}.json" \
-            > "$out/ours_${v%=*}${v#*=}.log" 2>&1
-          echo "== PERSONAPLEX_MATVEC_TC_$v"; grep '"tick' "$out/ours_${v%=*}${v#*=}.log" | cut -c1-110
+        for v in ${RING_VARIANTS:-RING=0 AHEAD=1 WRING=1}; do
+          tag=$(echo "${v%=*}${v#*=}" | tr 'A-Z' 'a-z')
+          env "PERSONAPLEX_MATVEC_TC_$v" timeout 200 python3 bench/tick_bench.py --batches "${RING_BATCHES:-8,32,64}" \
+            --formats 4 --per-op-ticks 0 --json "$out/ours_$tag.json" > "$out/ours_$tag.log" 2>&1
+          echo "== PERSONAPLEX_MATVEC_TC_$v"; grep '"tick' "$out/ours_$tag.log" | cut -c1-110
         done ) ;;
     dense-tc)
       ( mlx_env

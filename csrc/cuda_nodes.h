@@ -47,7 +47,8 @@ bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 // slots' query also opts the kernel in to its dynamic workgroup memory past 48 KiB.
 inline std::string matvec_tc_kernel(const std::string& dt, int bits, int M) {
   return "matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(M)) +
-         (matvec_tc_ring(M) ? "_ring" : "") + (matvec_tc_ahead(bits, M) ? "_ahead" : "");
+         (matvec_tc_wring(bits) ? std::string("_wring")
+                                : std::string(matvec_tc_ring(M) ? "_ring" : "") + (matvec_tc_ahead(bits, M) ? "_ahead" : ""));
 }
 int matvec_tc_slots(const std::string& dt, int bits, int M, int device);
 
@@ -66,7 +67,7 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t), params, matvec_tc_dynamic_smem(t.M));
+    launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t), params, matvec_tc_dynamic_smem(bits, t.M));
   }
   void* params[] = {&part, &residual, &out, &args};
   launch("matvec_tc_finish_" + dt, matvec_tc_finish_launch(t), params, 0u);

@@ -45,7 +45,7 @@ int cuda::matvec_tc_slots(const std::string& dt, int bits, int M, int device) {
   auto [it, fresh] = cache.try_emplace({device, name}, 0);
   if (fresh) {
     CUfunction f = function(matvec_fatbin, name.c_str(), device);
-    const unsigned smem = matvec_tc_dynamic_smem(M);
+    const unsigned smem = matvec_tc_dynamic_smem(bits, M);
     if (smem > 48 * 1024) {
       check(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(smem)), "matvec",
             "opting a kernel in to its workgroup memory");

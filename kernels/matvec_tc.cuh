@@ -49,7 +49,11 @@ struct MatvecTcArgs {
 
 #define PP_MATVEC_TC_STEP 256   // K per step
 #define PP_MATVEC_TC_WARPS 8
-#define PP_MATVEC_TC_STAGES 3   // x tiles in the ring of the ..._ring kernels (Plan::kRing)
+#define PP_MATVEC_TC_STAGES 3   // steps in the ring of the ..._ring kernels (Plan::kRing)
+// Kernel variants (Plan), bits of project's V:
+#define PP_MATVEC_TC_AHEAD 1  // ..._ahead, ..._ring_ahead: the next step's weights in registers too
+#define PP_MATVEC_TC_RING 2   // ..._ring: x tiles in a ring in workgroup memory
+#define PP_MATVEC_TC_WRING 4  // ..._wring: the weights (4-bit) in the ring too
 
 #if defined(__CUDACC__) || defined(PP_EMULATE)
 
@@ -293,46 +297,101 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F
   }
 }
 
-// kAhead: whether project<F, W, NT, Ahead> loads the next step's weights and x while it
-// multiplies. Only the kernels ..._ahead (Ahead, PERSONAPLEX_MATVEC_TC_AHEAD=1) of 4-bit
+// kAhead: whether project<F, W, NT, V> loads the next step's weights and x while it
+// multiplies. Only the kernels ..._ahead (PERSONAPLEX_MATVEC_TC_AHEAD=1) of 4-bit
 // weights and up to 8 rows, where a lane has only 64 bytes of weights in flight a step
 // otherwise (denser formats have 2 or 4 times that; more rows of x need the registers
 // for accumulators). Not the default: on the H200 (2026-12-02) the q4 tick at 8 sessions
 // took 11.16-11.30 ms without it and 11.76-11.78 with, though matvec_tc_bench timed the
 // 8-row qkv and ffn_out faster with it in isolation.
-// kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor (3 for the
-// ahead kernels: 80 registers, 56 bytes spilled).
-// kRing: whether project<F, W, NT, false, true> (kernels ..._ring, the default from 2
-// n8 tiles: matvec_tc_ring) copies x tiles into a ring of kStages tiles in workgroup
-// memory with cp.async, kStages - 1 steps ahead of the step that multiplies, instead
-// of each step loading its tile through registers between two barriers (the step's
-// round trips to L2 were in every step's path: 8 of them at 64 rows, 2 with kXBatch).
-// The copies are x as read; each thread then normalises and interleaves the vectors
-// it copied itself (visible to it after its wait, before the step's barrier).
+// kRing: whether the kernel (..._ring, the default from 2 n8 tiles: matvec_tc_ring)
+// copies x tiles into a ring of kStages tiles in workgroup memory with cp.async,
+// kStages - 1 steps ahead of the step that multiplies, instead of each step loading its
+// tile through registers between two barriers (the step's round trips to L2 were in
+// every step's path: 8 of them at 64 rows, 2 with kXBatch). The copies are x as read;
+// each thread then normalises and interleaves the vectors it copied itself (visible to
+// it after its wait, before the step's barrier).
 // kRingAhead (kernels ..._ring_ahead, 4-bit weights, PERSONAPLEX_MATVEC_TC_AHEAD=1): the
 // next step's weights in flight too, in a second register set (one block a multiprocessor).
-template <class W, int NT, bool Ahead = false, bool Ring = false>
+// kWRing (kernels ..._wring, 4-bit weights, every tile count, PERSONAPLEX_MATVEC_TC_WRING=1):
+// each thread's weight vectors and its rows' scales and biases of a step in the ring too
+// (WeightSlots), copied as the x tile is, so that no step waits for memory that was not
+// asked for two steps before.
+// kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor (3 for the
+// ahead kernels: 80 registers, 56 bytes spilled).
+template <class W, int NT, int V = 0>
 struct Plan {
-  static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && Ahead;
-  static constexpr bool kRing = Ring && NT >= 2 && !kAhead;
-  static constexpr bool kRingAhead = kRing && Ahead && W::kChunk == 32;
+  static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && (V & PP_MATVEC_TC_AHEAD) && !(V & PP_MATVEC_TC_RING);
+  static constexpr bool kWRing = W::kChunk == 32 && (V & PP_MATVEC_TC_WRING);
+  static constexpr bool kRing = (V & PP_MATVEC_TC_RING) && (NT >= 2 || kWRing);
+  static constexpr bool kRingAhead = kRing && !kWRing && (V & PP_MATVEC_TC_AHEAD) && W::kChunk == 32;
   static constexpr int kStages = kRing ? PP_MATVEC_TC_STAGES : 1;
-  static constexpr int kMinBlocks = kAhead ? 3 : kRingAhead || W::kChunk == 8 ? 1 : 2;
+  static constexpr int kMinBlocks = kAhead ? 3 : kRingAhead || W::kChunk == 8 || (kWRing && NT >= 4) ? 1 : 2;
   // x vectors a thread loads at once for the tile (ptxas sm_90a: 4-bit n8 126 registers
   // either way; dense n2 would pass 128 with 2).
   static constexpr int kXBatch = W::kChunk == 8 && NT == 2 ? 1 : NT < 4 ? NT : 4;
 };
 
+// The weight ring of the ..._wring kernels, after the x tiles: a stage holds each
+// thread's 2 VL weight vectors of the step (row lo's, then hi's) and its rows' 4 groups'
+// scales and biases (8 bytes each: lo's scales, lo's biases, hi's, hi's), slot-major (a
+// slot's 256 threads side by side: a warp's accesses conflict-free). Each thread copies
+// and reads only its own slots, so the wait alone makes them visible to it.
+template <class F, class W>
+struct WeightSlots {
+  static constexpr int VL = StepWeights<F, W>::VL;
+  static constexpr int kBytes = kThreads * (2 * VL * 16 + 4 * 8);  // a stage
+
+  static PP_DEVICE void issue(PP_SHARED_PTR unsigned char* st, const PP_GLOBAL pp_u32* w,
+                              const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
+                              long r_lo, long r_hi, long words, int groups, int kb, int t, int tid) {
+    #pragma unroll
+    for (int i = 0; i < VL; ++i) {
+      const int k = kb + (t + 4 * i) * W::kChunk;
+      pp_cp_async16(st + (i * kThreads + tid) * 16, w + r_lo * words + W::row_words(k), true);
+      pp_cp_async16(st + ((VL + i) * kThreads + tid) * 16, w + r_hi * words + W::row_words(k), true);
+    }
+    PP_SHARED_PTR unsigned char* sc = st + 2 * VL * kThreads * 16;
+    pp_cp_async8(sc + (0 * kThreads + tid) * 8, scales + r_lo * groups + kb / 64);
+    pp_cp_async8(sc + (1 * kThreads + tid) * 8, biases + r_lo * groups + kb / 64);
+    pp_cp_async8(sc + (2 * kThreads + tid) * 8, scales + r_hi * groups + kb / 64);
+    pp_cp_async8(sc + (3 * kThreads + tid) * 8, biases + r_hi * groups + kb / 64);
+  }
+
+  static PP_DEVICE void read(PP_THREAD StepWeights<F, W>& sw, const PP_SHARED_PTR unsigned char* st, int t,
+                             int tid) {
+    typedef Octets<F, W> O;
+    const PP_SHARED_PTR unsigned char* sc = st + 2 * VL * kThreads * 16;
+    pp_u32 g[4][2];  // lo's scales, lo's biases, hi's, hi's: 4 16-bit values each
+    #pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      g[j][0] = pp_load4(sc + (j * kThreads + tid) * 8);
+      g[j][1] = pp_load4(sc + (j * kThreads + tid) * 8 + 4);
+    }
+    #pragma unroll
+    for (int i = 0; i < VL; ++i) {
+      sw.lo[i] = pp_load16(st + (i * kThreads + tid) * 16);
+      sw.hi[i] = pp_load16(st + ((VL + i) * kThreads + tid) * 16);
+      const int gi = (t + 4 * i) * W::kChunk / 64;  // the vector's group of the step's 4
+      auto elem = [&](int j) { return typename F::Elem(((gi >> 1 ? g[j][1] : g[j][0]) >> (16 * (gi & 1))) & 0xffffu); };
+      sw.sl[i] = O::scale(elem(0));
+      sw.bl[i] = O::scale(elem(1));
+      sw.sh[i] = O::scale(elem(2));
+      sw.bh[i] = O::scale(elem(3));
+    }
+  }
+};
+
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
 // part: [splits, M, rows] float32. xs: kStages * NT * 8 * kStep elements of workgroup memory.
-template <class F, class W, int NT, bool Ahead = false, bool Ring = false>
+template <class F, class W, int NT, int V = 0>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
                        int split, int tid) {
-  typedef Plan<W, NT, Ahead, Ring> P;
+  typedef Plan<W, NT, V> P;
   constexpr bool kAhead = P::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int per_warp = a.gate ? 8 : 16;  // units
@@ -387,6 +446,8 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
     const int c8 = tid & 31;               // the octet of its row each of the thread's vectors is
     // Step s's x tile as read (rows past M zero) into stage s % S; a group a step, empty
     // past the split's end, so that the wait below always leaves S - 2 groups in flight.
+    // kWRing: the weight slots' stages after the x tiles'.
+    PP_SHARED_PTR unsigned char* wring = reinterpret_cast<PP_SHARED_PTR unsigned char*>(xs + S * kTile);
     auto issue = [&](int s) {
       if (s < s1) {
         PP_SHARED_PTR typename F::Elem* st = xs + (s % S) * kTile;
@@ -396,6 +457,10 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
           const bool in = n < a.M;
           pp_cp_async16(st + tile_offset<W>(n, c8), x + (in ? long(n) * a.K : 0L) + s * kStep + c8 * 8, in);
         }
+        if constexpr (P::kWRing) {
+          WeightSlots<F, W>::issue(wring + (s % S) * WeightSlots<F, W>::kBytes, w, scales, biases, r_lo, r_hi,
+                                   words, groups, s * kStep, t, tid);
+        }
       }
       pp_cp_async_commit();
     };
@@ -403,10 +468,11 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
     // alpha's octet c8 of the step (norm), loaded a step ahead
     pp_u32x4 al = a.norm && s0 < s1 ? pp_load16(alpha + s0 * kStep + c8 * 8) : pp_zero16();
     // Step s with its weights sw (loaded, or in flight).
-    auto step = [&](PP_THREAD const StepWeights<F, W>& sw, int s) {
+    auto step = [&](PP_THREAD StepWeights<F, W>& sw, int s) {
       const int kb = s * kStep;
       const pp_u32x4 al_next = a.norm && s + 1 < s1 ? pp_load16(alpha + kb + kStep + c8 * 8) : pp_zero16();
       pp_cp_async_wait<S - 2>();  // this thread's copies for step s have landed
+      if constexpr (P::kWRing) WeightSlots<F, W>::read(sw, wring + (s % S) * WeightSlots<F, W>::kBytes, t, tid);
       PP_SHARED_PTR typename F::Elem* st = xs + (s % S) * kTile;
       if (a.norm || Octets<F, W>::kInterleaved) {
         #pragma unroll 2
@@ -440,7 +506,7 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
     } else {
       StepWeights<F, W> sw;
       for (int s = s0; s < s1; ++s) {
-        load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, s * kStep, t);
+        if constexpr (!P::kWRing) load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, s * kStep, t);
         step(sw, s);
       }
     }
@@ -557,9 +623,23 @@ inline bool matvec_tc_ring(int M) {
   return matvec_tc_tiles(M) >= 2 && !(env && std::strcmp(env, "0") == 0);
 }
 
+// Whether a call takes the kernel ..._wring (Plan::kWRing): 4-bit weights and
+// PERSONAPLEX_MATVEC_TC_WRING=1.
+inline bool matvec_tc_wring(int bits) {
+  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_WRING");
+  return bits == 4 && env && std::strcmp(env, "1") == 0;
+}
+
+// The weight ring's bytes a stage (WeightSlots<F, Affine<4>>::kBytes: 4 vectors of 16
+// bytes and 4 of 8 a thread).
+constexpr int kMatvecTcWeightSlotBytes = PP_MATVEC_TC_WARPS * 32 * (4 * 16 + 4 * 8);
+
 // Dynamic workgroup memory of the kernel a call of M rows takes, in bytes (the ring
-// kernels' x tiles; the others declare theirs).
-inline unsigned matvec_tc_dynamic_smem(int M) {
+// kernels' x tiles and weight slots; the others declare theirs).
+inline unsigned matvec_tc_dynamic_smem(int bits, int M) {
+  if (matvec_tc_wring(bits)) {
+    return unsigned(PP_MATVEC_TC_STAGES * (matvec_tc_smem_elems(matvec_tc_tiles(M)) * 2 + kMatvecTcWeightSlotBytes));
+  }
   return matvec_tc_ring(M) ? unsigned(PP_MATVEC_TC_STAGES * matvec_tc_smem_elems(matvec_tc_tiles(M)) * 2) : 0u;
 }
 
@@ -630,5 +710,7 @@ inline PpLaunch matvec_tc_finish_launch(const MatvecTcArgs& a) {
 
 #if defined(__CUDACC__) || defined(PP_EMULATE)
 static_assert(matvec_tc::kThreads == kMatvecTcThreads, "the body's block size is its launch's");
+static_assert(matvec_tc::WeightSlots<pp::BF16, matvec::Affine<4>>::kBytes == kMatvecTcWeightSlotBytes,
+              "the weight ring's stage is the host's");
 #endif
 #endif

@@ -64,7 +64,7 @@ void matvec_format(int bits, const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
 
 // The tensor-core path's three launches, as csrc/matvec_cuda.cpp makes them, with
 // `sms` multiprocessors deciding the K splits. The workspace starts as NaN.
-template <class F, class W, int NT, bool Ahead = false, bool Ring = false>
+template <class F, class W, int NT, int V = 0>
 void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   using E = typename F::Elem;
   std::vector<float> ws(matvec_tc_workspace_floats(a), NAN);
@@ -78,14 +78,16 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   }
   // The x tiles (the ring kernels' stages) as 16-bit elements, poisoned with NaN of T
   // before every block.
-  const int elems = matvec_tc::Plan<W, NT, Ahead, Ring>::kStages * matvec_tc_smem_elems(NT);
+  typedef matvec_tc::Plan<W, NT, V> P;
+  const int elems = P::kStages * matvec_tc_smem_elems(NT) +
+                    (P::kWRing ? P::kStages * matvec_tc::WeightSlots<F, W>::kBytes / int(sizeof(E)) : 0);
   std::vector<float> tile((elems + 1) / 2);
   E* xs = reinterpret_cast<E*>(tile.data());
   const E nan = F::store(NAN);
   pp_emu::launch(
       matvec_tc_launch(a), tile,
       [&](int bx, int by, int, int tid) {
-        matvec_tc::project<F, W, NT, Ahead, Ring>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+        matvec_tc::project<F, W, NT, V>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
                                                   static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
                                                   static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
       },
@@ -100,16 +102,21 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
 
 template <class F, class W, int NT>
 void matvec_tc_ring_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
+  constexpr int kRing = PP_MATVEC_TC_RING;
+  if (W::kChunk == 32 && matvec_tc_wring(4)) return matvec_tc_run<F, W, NT, kRing | PP_MATVEC_TC_WRING>(p, a, seed);
   if (!matvec_tc_ring(a.M)) return matvec_tc_run<F, W, NT>(p, a, seed);
-  if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, NT, true, true>(p, a, seed);
-  return matvec_tc_run<F, W, NT, false, true>(p, a, seed);
+  if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, NT, kRing | PP_MATVEC_TC_AHEAD>(p, a, seed);
+  return matvec_tc_run<F, W, NT, kRing>(p, a, seed);
 }
 
 template <class F, class W>
 void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   switch (matvec_tc_tiles(a.M)) {
-    case 1:  // the ..._ahead kernel where csrc/cuda_nodes.h picks it
-      if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, 1, true>(p, a, seed);
+    case 1:  // the ..._wring and ..._ahead kernels where csrc/cuda_nodes.h picks them
+      if (W::kChunk == 32 && matvec_tc_wring(4)) {
+        return matvec_tc_run<F, W, 1, PP_MATVEC_TC_RING | PP_MATVEC_TC_WRING>(p, a, seed);
+      }
+      if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, 1, PP_MATVEC_TC_AHEAD>(p, a, seed);
       return matvec_tc_run<F, W, 1>(p, a, seed);
     // the ..._ring and ..._ring_ahead kernels where csrc/cuda_nodes.h picks them
     case 2: return matvec_tc_ring_run<F, W, 2>(p, a, seed);

@@ -77,6 +77,7 @@ struct Fiber {
     void* dst;
     const void* src;
     bool valid;
+    int bytes;
   };
   std::vector<AsyncCopy> async_open;
   std::vector<std::vector<AsyncCopy>> async_groups;
@@ -362,7 +363,12 @@ PP_DEVICE pp_u32x4 pp_zero16() { return pp_u32x4{0u, 0u, 0u, 0u}; }
 PP_DEVICE void pp_cp_async16(void* dst, const void* src, bool valid) {
   pp_emu::check_aligned(dst);
   pp_emu::check_aligned(src);
-  pp_emu::g_launch->current->async_open.push_back({dst, src, valid});
+  pp_emu::g_launch->current->async_open.push_back({dst, src, valid, 16});
+}
+PP_DEVICE void pp_cp_async8(void* dst, const void* src) {
+  pp_emu::check_aligned(dst, 8);
+  pp_emu::check_aligned(src, 8);
+  pp_emu::g_launch->current->async_open.push_back({dst, src, true, 8});
 }
 PP_DEVICE void pp_cp_async_commit() {
   pp_emu::Fiber& f = *pp_emu::g_launch->current;
@@ -374,8 +380,8 @@ PP_DEVICE void pp_cp_async_wait() {
   pp_emu::Fiber& f = *pp_emu::g_launch->current;
   while (f.async_groups.size() > static_cast<size_t>(N)) {
     for (const auto& c : f.async_groups.front()) {
-      if (c.valid) std::memcpy(c.dst, c.src, 16);
-      else std::memset(c.dst, 0, 16);
+      if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
+      else std::memset(c.dst, 0, c.bytes);
     }
     f.async_groups.erase(f.async_groups.begin());
   }
