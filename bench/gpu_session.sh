@@ -35,8 +35,6 @@
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
 #   splits     matvec_tc_bench sweeping the split count along K (SPLITS) at SPLITS_BATCHES rows, and tick_bench
 #              at BATCHES with the earlier split rule (PERSONAPLEX_MATVEC_TC_SPLITS=fill)
-#   ring       tick_bench q4 at RING_BATCHES with matvec_tc's x ring off (PERSONAPLEX_MATVEC_TC_RING=0), 4-bit
-#              weights a step ahead (..._AHEAD=1) and in the ring too (..._WRING=1), RING_VARIANTS
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
 #   ahead      matvec_tc_bench and tick_bench q4 at AHEAD_BATCHES (default 1,8) with PERSONAPLEX_MATVEC_TC_AHEAD=1, 0
@@ -168,19 +166,6 @@ for step in "$@"; do
         PERSONAPLEX_MATVEC_TC_SPLITS=fill timeout 300 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 \
           --per-op-ticks 0 --json "$out/ours_fill.json" > "$out/ours_fill.log" 2>&1
         echo "== the earlier rule (fill)"; tail -9 "$out/ours_fill.log" ) ;;
-    ring)
-      # matvec_tc's variants (Plan) in the q4 tick at RING_BATCHES (default 8,32,64), one tick_bench
-      # each: the x ring off (PERSONAPLEX_MATVEC_TC_RING=0: each step's tile through registers), 4-bit
-      # weights a step ahead (AHEAD=1: ..._ahead, ..._ring_ahead), the weights in the ring too
-      # (WRING=1: ..._wring). The default's rows are `ours`'. Dense projections above 8 rows are
-      # cuBLAS's, so bf16 is not timed here.
-      ( mlx_env
-        for v in ${RING_VARIANTS:-RING=0 AHEAD=1 WRING=1}; do
-          tag=$(echo "${v%=*}${v#*=}" | tr 'A-Z' 'a-z')
-          env "PERSONAPLEX_MATVEC_TC_$v" timeout 200 python3 bench/tick_bench.py --batches "${RING_BATCHES:-8,32,64}" \
-            --formats 4 --per-op-ticks 0 --json "$out/ours_$tag.json" > "$out/ours_$tag.log" 2>&1
-          echo "== PERSONAPLEX_MATVEC_TC_$v"; grep '"tick' "$out/ours_$tag.log" | cut -c1-110
-        done ) ;;
     dense-tc)
       ( mlx_env
         PERSONAPLEX_DENSE_PROJ=tc timeout 300 python3 bench/tick_bench.py --batches "${DENSE_TC_BATCHES:-8,32,64}" \
@@ -266,6 +251,6 @@ PY
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, splits, ring, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, splits, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
   esac
 done

@@ -43,18 +43,15 @@ bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 
 // The tensor-core kernel that takes a chunk of M rows (at most 64) of 16-bit x of dtype
 // name dt, and the blocks of it that run at once on `device` (its multiprocessors times
-// the blocks the driver's occupancy calculator fits on one): matvec_tc_args' slots. The
-// slots' query also opts the kernel in to its dynamic workgroup memory past 48 KiB.
+// the blocks the driver's occupancy calculator fits on one): matvec_tc_args' slots.
 inline std::string matvec_tc_kernel(const std::string& dt, int bits, int M) {
   return "matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(M)) +
-         (matvec_tc_wring(bits) ? std::string("_wring")
-                                : std::string(matvec_tc_ring(M) ? "_ring" : "") + (matvec_tc_ahead(bits, M) ? "_ahead" : ""));
+         (matvec_tc_ahead(bits, M) ? "_ahead" : "");
 }
 int matvec_tc_slots(const std::string& dt, int bits, int M, int device);
 
 // The tensor-core path's launches, in order, through launch(image-relative kernel
-// name, plan, params, dynamic workgroup memory bytes); ws holds
-// matvec_tc_workspace_floats(t) floats.
+// name, plan, params); ws holds matvec_tc_workspace_floats(t) floats.
 template <class Launch>
 void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, void* x, void* w, void* scales,
                         void* biases, void* alpha, void* residual, void* out, float* ws, Launch launch) {
@@ -63,14 +60,14 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   void* part = ws + (t.M + 3) / 4 * 4;
   if (t.norm) {
     void* params[] = {&x, &rms, &args};
-    launch("matvec_tc_rms_" + dt, matvec_tc_rms_launch(t), params, 0u);
+    launch("matvec_tc_rms_" + dt, matvec_tc_rms_launch(t), params);
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t), params, matvec_tc_dynamic_smem(bits, t.M));
+    launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t), params);
   }
   void* params[] = {&part, &residual, &out, &args};
-  launch("matvec_tc_finish_" + dt, matvec_tc_finish_launch(t), params, 0u);
+  launch("matvec_tc_finish_" + dt, matvec_tc_finish_launch(t), params);
 }
 
 struct RingNode {

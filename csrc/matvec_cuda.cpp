@@ -44,15 +44,10 @@ int cuda::matvec_tc_slots(const std::string& dt, int bits, int M, int device) {
   std::lock_guard lock(mu);
   auto [it, fresh] = cache.try_emplace({device, name}, 0);
   if (fresh) {
-    CUfunction f = function(matvec_fatbin, name.c_str(), device);
-    const unsigned smem = matvec_tc_dynamic_smem(bits, M);
-    if (smem > 48 * 1024) {
-      check(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(smem)), "matvec",
-            "opting a kernel in to its workgroup memory");
-    }
     int n = 0;
-    check(cuOccupancyMaxActiveBlocksPerMultiprocessor(&n, f, kMatvecTcThreads, smem), "matvec",
-          "cuOccupancyMaxActiveBlocksPerMultiprocessor");
+    check(cuOccupancyMaxActiveBlocksPerMultiprocessor(&n, function(matvec_fatbin, name.c_str(), device),
+                                                      kMatvecTcThreads, 0),
+          "matvec", "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     it->second = std::max(n, 1);
   }
   return sm_count(device) * it->second;
@@ -87,7 +82,7 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
     // finish, which reads it), and the finish writes the outputs.
     bool first = true;
     const size_t es = mx::size_of(n.dtype);
-    auto launch = [&](const std::string& name, const PpLaunch& plan, void** params, unsigned smem) {
+    auto launch = [&](const std::string& name, const PpLaunch& plan, void** params) {
       for (auto* r : reads) enc.set_input_array(*r);
       if (!first) enc.set_input_array(ws);
       enc.set_output_array(ws);
@@ -95,7 +90,7 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
         for (auto* w : writes) enc.set_output_array(*w);
       }
       first = false;
-      cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params, smem);
+      cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params);
     };
     matvec_tc_chunks(a.M, [&](int m0, int rows) {
       matvec_tc_launches(dt, n.bits, args(rows), cuda::offset(n.x, size_t(m0) * a.K * es),

@@ -192,8 +192,9 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
                                        at(o.scales), at(o.biases), at(o.alpha),
                                        cuda::offset(at(o.residual), size_t(m0) * a.n_out * es),
                                        cuda::offset(at(o.out), size_t(m0) * a.n_out * es), ws,
-                                       [&](const std::string& name, const PpLaunch& plan, void** params,
-                                           unsigned smem) { s.kernel(matvec_fatbin, name, plan, params, smem); });
+                                       [&](const std::string& name, const PpLaunch& plan, void** params) {
+                                         s.kernel(matvec_fatbin, name, plan, params);
+                                       });
             });
             return;
           }

@@ -49,11 +49,6 @@ struct MatvecTcArgs {
 
 #define PP_MATVEC_TC_STEP 256   // K per step
 #define PP_MATVEC_TC_WARPS 8
-#define PP_MATVEC_TC_STAGES 3   // steps in the ring of the ..._ring kernels (Plan::kRing)
-// Kernel variants (Plan), bits of project's V:
-#define PP_MATVEC_TC_AHEAD 1  // ..._ahead, ..._ring_ahead: the next step's weights in registers too
-#define PP_MATVEC_TC_RING 2   // ..._ring: x tiles in a ring in workgroup memory
-#define PP_MATVEC_TC_WRING 4  // ..._wring: the weights (4-bit) in the ring too
 
 #if defined(__CUDACC__) || defined(PP_EMULATE)
 
@@ -250,23 +245,20 @@ PP_DEVICE pp_u32x4 load_x(const PP_GLOBAL typename F::Elem* x, MatvecTcArgs a, i
 
 // Normalised (by alpha's matching 8 of the step at kb) and rounded as the reference does
 // (zero past M), interleaved for 4-bit weights, into the tile at its swizzled place.
-template <class F>
-PP_DEVICE pp_u32x4 normalize(pp_u32x4 v, pp_u32x4 alpha8, float rr) {
-  float xf[8], al[8];
-  pp::unpack<F>(v, xf);
-  pp::unpack<F>(alpha8, al);
-  v.x = pp::pack2<F>(al[0] * (xf[0] * rr), al[1] * (xf[1] * rr));
-  v.y = pp::pack2<F>(al[2] * (xf[2] * rr), al[3] * (xf[3] * rr));
-  v.z = pp::pack2<F>(al[4] * (xf[4] * rr), al[5] * (xf[5] * rr));
-  v.w = pp::pack2<F>(al[6] * (xf[6] * rr), al[7] * (xf[7] * rr));
-  return v;
-}
-
 template <class F, class W>
 PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int kb, int e) {
   const int n = x_row(e), c8 = e & 31;
-  if (a.norm && n < a.M) v = normalize<F>(v, pp_load16(alpha + kb + c8 * 8), inv_rms[n]);
+  if (a.norm && n < a.M) {
+    float xf[8], al[8];
+    pp::unpack<F>(v, xf);
+    pp::unpack<F>(pp_load16(alpha + kb + c8 * 8), al);
+    const float rr = inv_rms[n];
+    v.x = pp::pack2<F>(al[0] * (xf[0] * rr), al[1] * (xf[1] * rr));
+    v.y = pp::pack2<F>(al[2] * (xf[2] * rr), al[3] * (xf[3] * rr));
+    v.z = pp::pack2<F>(al[4] * (xf[4] * rr), al[5] * (xf[5] * rr));
+    v.w = pp::pack2<F>(al[6] * (xf[6] * rr), al[7] * (xf[7] * rr));
+  }
   if (Octets<F, W>::kInterleaved) v = interleave(v);
   pp_store16(xs + tile_offset<W>(n, c8), v);
 }
@@ -297,102 +289,34 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F
   }
 }
 
-// kAhead: whether project<F, W, NT, V> loads the next step's weights and x while it
-// multiplies. Only the kernels ..._ahead (PERSONAPLEX_MATVEC_TC_AHEAD=1) of 4-bit
+// kAhead: whether project<F, W, NT, Ahead> loads the next step's weights and x while it
+// multiplies. Only the kernels ..._ahead (Ahead, PERSONAPLEX_MATVEC_TC_AHEAD=1) of 4-bit
 // weights and up to 8 rows, where a lane has only 64 bytes of weights in flight a step
 // otherwise (denser formats have 2 or 4 times that; more rows of x need the registers
 // for accumulators). Not the default: on the H200 (2026-12-02) the q4 tick at 8 sessions
 // took 11.16-11.30 ms without it and 11.76-11.78 with, though matvec_tc_bench timed the
 // 8-row qkv and ffn_out faster with it in isolation.
-// kRing: whether the kernel (..._ring, the default from 2 n8 tiles: matvec_tc_ring)
-// copies x tiles into a ring of kStages tiles in workgroup memory with cp.async,
-// kStages - 1 steps ahead of the step that multiplies, instead of each step loading its
-// tile through registers between two barriers (the step's round trips to L2 were in
-// every step's path: 8 of them at 64 rows, 2 with kXBatch). The copies are x as read;
-// each thread then normalises and interleaves the vectors it copied itself (visible to
-// it after its wait, before the step's barrier).
-// kRingAhead (kernels ..._ring_ahead, 4-bit weights, PERSONAPLEX_MATVEC_TC_AHEAD=1): the
-// next step's weights in flight too, in a second register set (one block a multiprocessor).
-// kWRing (kernels ..._wring, 4-bit weights, every tile count, PERSONAPLEX_MATVEC_TC_WRING=1):
-// each thread's weight vectors and its rows' scales and biases of a step in the ring too
-// (WeightSlots), copied as the x tile is, so that no step waits for memory that was not
-// asked for two steps before.
 // kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor (3 for the
 // ahead kernels: 80 registers, 56 bytes spilled).
-template <class W, int NT, int V = 0>
+template <class W, int NT, bool Ahead = false>
 struct Plan {
-  static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && (V & PP_MATVEC_TC_AHEAD) && !(V & PP_MATVEC_TC_RING);
-  static constexpr bool kWRing = W::kChunk == 32 && (V & PP_MATVEC_TC_WRING);
-  static constexpr bool kRing = (V & PP_MATVEC_TC_RING) && (NT >= 2 || kWRing);
-  static constexpr bool kRingAhead = kRing && !kWRing && (V & PP_MATVEC_TC_AHEAD) && W::kChunk == 32;
-  static constexpr int kStages = kRing ? PP_MATVEC_TC_STAGES : 1;
-  static constexpr int kMinBlocks = kAhead ? 3 : kRingAhead || W::kChunk == 8 || (kWRing && NT >= 4) ? 1 : 2;
+  static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && Ahead;
+  static constexpr int kMinBlocks = kAhead ? 3 : (W::kChunk == 8 ? 1 : 2);
   // x vectors a thread loads at once for the tile (ptxas sm_90a: 4-bit n8 126 registers
   // either way; dense n2 would pass 128 with 2).
   static constexpr int kXBatch = W::kChunk == 8 && NT == 2 ? 1 : NT < 4 ? NT : 4;
 };
 
-// The weight ring of the ..._wring kernels, after the x tiles: a stage holds each
-// thread's 2 VL weight vectors of the step (row lo's, then hi's) and its rows' 4 groups'
-// scales and biases (8 bytes each: lo's scales, lo's biases, hi's, hi's), slot-major (a
-// slot's 256 threads side by side: a warp's accesses conflict-free). Each thread copies
-// and reads only its own slots, so the wait alone makes them visible to it.
-template <class F, class W>
-struct WeightSlots {
-  static constexpr int VL = StepWeights<F, W>::VL;
-  static constexpr int kBytes = kThreads * (2 * VL * 16 + 4 * 8);  // a stage
-
-  static PP_DEVICE void issue(PP_SHARED_PTR unsigned char* st, const PP_GLOBAL pp_u32* w,
-                              const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
-                              long r_lo, long r_hi, long words, int groups, int kb, int t, int tid) {
-    #pragma unroll
-    for (int i = 0; i < VL; ++i) {
-      const int k = kb + (t + 4 * i) * W::kChunk;
-      pp_cp_async16(st + (i * kThreads + tid) * 16, w + r_lo * words + W::row_words(k), true);
-      pp_cp_async16(st + ((VL + i) * kThreads + tid) * 16, w + r_hi * words + W::row_words(k), true);
-    }
-    PP_SHARED_PTR unsigned char* sc = st + 2 * VL * kThreads * 16;
-    pp_cp_async8(sc + (0 * kThreads + tid) * 8, scales + r_lo * groups + kb / 64);
-    pp_cp_async8(sc + (1 * kThreads + tid) * 8, biases + r_lo * groups + kb / 64);
-    pp_cp_async8(sc + (2 * kThreads + tid) * 8, scales + r_hi * groups + kb / 64);
-    pp_cp_async8(sc + (3 * kThreads + tid) * 8, biases + r_hi * groups + kb / 64);
-  }
-
-  static PP_DEVICE void read(PP_THREAD StepWeights<F, W>& sw, const PP_SHARED_PTR unsigned char* st, int t,
-                             int tid) {
-    typedef Octets<F, W> O;
-    const PP_SHARED_PTR unsigned char* sc = st + 2 * VL * kThreads * 16;
-    pp_u32 g[4][2];  // lo's scales, lo's biases, hi's, hi's: 4 16-bit values each
-    #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      g[j][0] = pp_load4(sc + (j * kThreads + tid) * 8);
-      g[j][1] = pp_load4(sc + (j * kThreads + tid) * 8 + 4);
-    }
-    #pragma unroll
-    for (int i = 0; i < VL; ++i) {
-      sw.lo[i] = pp_load16(st + (i * kThreads + tid) * 16);
-      sw.hi[i] = pp_load16(st + ((VL + i) * kThreads + tid) * 16);
-      const int gi = (t + 4 * i) * W::kChunk / 64;  // the vector's group of the step's 4
-      auto elem = [&](int j) { return typename F::Elem(((gi >> 1 ? g[j][1] : g[j][0]) >> (16 * (gi & 1))) & 0xffffu); };
-      sw.sl[i] = O::scale(elem(0));
-      sw.bl[i] = O::scale(elem(1));
-      sw.sh[i] = O::scale(elem(2));
-      sw.bh[i] = O::scale(elem(3));
-    }
-  }
-};
-
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
-// part: [splits, M, rows] float32. xs: kStages * NT * 8 * kStep elements of workgroup memory.
-template <class F, class W, int NT, int V = 0>
+// part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
+template <class F, class W, int NT, bool Ahead = false>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
                        int split, int tid) {
-  typedef Plan<W, NT, V> P;
-  constexpr bool kAhead = P::kAhead;
+  constexpr bool kAhead = Plan<W, NT, Ahead>::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int per_warp = a.gate ? 8 : 16;  // units
   const int u0 = (block * kWarps + warp) * per_warp;
@@ -440,76 +364,6 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       step(w0, w1, s);
       if (s + 1 < s1) step(w1, w0, s + 1);
     }
-  } else if constexpr (P::kRing) {
-    constexpr int S = P::kStages;
-    constexpr int kTile = NT * 8 * kStep;  // elements a stage
-    const int c8 = tid & 31;               // the octet of its row each of the thread's vectors is
-    // Step s's x tile as read (rows past M zero) into stage s % S; a group a step, empty
-    // past the split's end, so that the wait below always leaves S - 2 groups in flight.
-    // kWRing: the weight slots' stages after the x tiles'.
-    PP_SHARED_PTR unsigned char* wring = reinterpret_cast<PP_SHARED_PTR unsigned char*>(xs + S * kTile);
-    auto issue = [&](int s) {
-      if (s < s1) {
-        PP_SHARED_PTR typename F::Elem* st = xs + (s % S) * kTile;
-        #pragma unroll
-        for (int r = 0; r < NT; ++r) {
-          const int n = x_row(tid + r * kThreads);
-          const bool in = n < a.M;
-          pp_cp_async16(st + tile_offset<W>(n, c8), x + (in ? long(n) * a.K : 0L) + s * kStep + c8 * 8, in);
-        }
-        if constexpr (P::kWRing) {
-          WeightSlots<F, W>::issue(wring + (s % S) * WeightSlots<F, W>::kBytes, w, scales, biases, r_lo, r_hi,
-                                   words, groups, s * kStep, t, tid);
-        }
-      }
-      pp_cp_async_commit();
-    };
-    for (int i = 0; i < S - 1; ++i) issue(s0 + i);
-    // alpha's octet c8 of the step (norm), loaded a step ahead
-    pp_u32x4 al = a.norm && s0 < s1 ? pp_load16(alpha + s0 * kStep + c8 * 8) : pp_zero16();
-    // Step s with its weights sw (loaded, or in flight).
-    auto step = [&](PP_THREAD StepWeights<F, W>& sw, int s) {
-      const int kb = s * kStep;
-      const pp_u32x4 al_next = a.norm && s + 1 < s1 ? pp_load16(alpha + kb + kStep + c8 * 8) : pp_zero16();
-      pp_cp_async_wait<S - 2>();  // this thread's copies for step s have landed
-      if constexpr (P::kWRing) WeightSlots<F, W>::read(sw, wring + (s % S) * WeightSlots<F, W>::kBytes, t, tid);
-      PP_SHARED_PTR typename F::Elem* st = xs + (s % S) * kTile;
-      if (a.norm || Octets<F, W>::kInterleaved) {
-        #pragma unroll 2
-        for (int r = 0; r < NT; ++r) {
-          const int n = x_row(tid + r * kThreads);
-          if (n < a.M) {  // zeros past M stay zeros
-            PP_SHARED_PTR typename F::Elem* p = st + tile_offset<W>(n, c8);
-            pp_u32x4 v = pp_load16(p);
-            if (a.norm) v = normalize<F>(v, al, inv_rms[n]);
-            if (Octets<F, W>::kInterleaved) v = interleave(v);
-            pp_store16(p, v);
-          }
-        }
-      }
-      al = al_next;
-      PP_BARRIER();  // step s's tile is whole, and every warp is done with step s - 1's stage
-      issue(s + S - 1);  // into step s - 1's stage
-      multiply<F, W, NT>(acc, sw, st, g, t);
-    };
-    if constexpr (P::kRingAhead) {  // two weight sets in turn: step s + 1's in flight during step s
-      StepWeights<F, W> w0, w1;
-      if (s0 < s1) load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
-      for (int s = s0; s < s1; s += 2) {
-        if (s + 1 < s1) load_weights<F, W>(w1, w, scales, biases, r_lo, r_hi, words, groups, (s + 1) * kStep, t);
-        step(w0, s);
-        if (s + 1 < s1) {
-          if (s + 2 < s1) load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, (s + 2) * kStep, t);
-          step(w1, s + 1);
-        }
-      }
-    } else {
-      StepWeights<F, W> sw;
-      for (int s = s0; s < s1; ++s) {
-        if constexpr (!P::kWRing) load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, s * kStep, t);
-        step(sw, s);
-      }
-    }
   } else {
     StepWeights<F, W> sw;
     for (int s = s0; s < s1; ++s) {
@@ -518,7 +372,7 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       PP_BARRIER();  // the previous step's readers are done with the tile
       // The thread's NT vectors of x in batches of XB: a batch's loads are in flight
       // together, one round trip each; a batch's registers still fit the occupancy.
-      constexpr int XB = P::kXBatch;
+      constexpr int XB = Plan<W, NT, Ahead>::kXBatch;
       #pragma unroll 1
       for (int r0 = 0; r0 < NT; r0 += XB) {
         pp_u32x4 v[XB];
@@ -607,40 +461,11 @@ inline bool matvec_tc_supported(int M, int K, int elem_bytes) {
   return elem_bytes == 2 && M >= 1 && K > 0 && K % PP_MATVEC_TC_STEP == 0;
 }
 
-// Whether a call of M rows (at most 64) takes the kernel ..._n1_ahead or, from 2 n8
-// tiles, ..._ring_ahead (Plan): with PERSONAPLEX_MATVEC_TC_AHEAD=1 and 4-bit weights.
-inline bool matvec_tc_ring(int M);
+// Whether a call of M rows (at most 64) takes the kernel ..._n1_ahead (Plan): with
+// PERSONAPLEX_MATVEC_TC_AHEAD=1, 4-bit weights and one n8 tile of x.
 inline bool matvec_tc_ahead(int bits, int M) {
   const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_AHEAD");
-  return bits == 4 && (matvec_tc_tiles(M) == 1 || matvec_tc_ring(M)) && env && env[0] == '1' && env[1] == '\0';
-}
-
-// Whether a call of M rows (at most 64) takes the kernel ..._n<NT>_ring (Plan::kRing):
-// from 2 n8 tiles of x, unless PERSONAPLEX_MATVEC_TC_RING=0 (the kernels that load
-// each step's tile through registers, kept to measure against).
-inline bool matvec_tc_ring(int M) {
-  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_RING");
-  return matvec_tc_tiles(M) >= 2 && !(env && std::strcmp(env, "0") == 0);
-}
-
-// Whether a call takes the kernel ..._wring (Plan::kWRing): 4-bit weights and
-// PERSONAPLEX_MATVEC_TC_WRING=1.
-inline bool matvec_tc_wring(int bits) {
-  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_WRING");
-  return bits == 4 && env && std::strcmp(env, "1") == 0;
-}
-
-// The weight ring's bytes a stage (WeightSlots<F, Affine<4>>::kBytes: 4 vectors of 16
-// bytes and 4 of 8 a thread).
-constexpr int kMatvecTcWeightSlotBytes = PP_MATVEC_TC_WARPS * 32 * (4 * 16 + 4 * 8);
-
-// Dynamic workgroup memory of the kernel a call of M rows takes, in bytes (the ring
-// kernels' x tiles and weight slots; the others declare theirs).
-inline unsigned matvec_tc_dynamic_smem(int bits, int M) {
-  if (matvec_tc_wring(bits)) {
-    return unsigned(PP_MATVEC_TC_STAGES * (matvec_tc_smem_elems(matvec_tc_tiles(M)) * 2 + kMatvecTcWeightSlotBytes));
-  }
-  return matvec_tc_ring(M) ? unsigned(PP_MATVEC_TC_STAGES * matvec_tc_smem_elems(matvec_tc_tiles(M)) * 2) : 0u;
+  return bits == 4 && matvec_tc_tiles(M) == 1 && env && env[0] == '1' && env[1] == '\0';
 }
 
 // The row chunks of a call: fn(first row, rows) for each, at most 64 rows, in order.
@@ -710,7 +535,5 @@ inline PpLaunch matvec_tc_finish_launch(const MatvecTcArgs& a) {
 
 #if defined(__CUDACC__) || defined(PP_EMULATE)
 static_assert(matvec_tc::kThreads == kMatvecTcThreads, "the body's block size is its launch's");
-static_assert(matvec_tc::WeightSlots<pp::BF16, matvec::Affine<4>>::kBytes == kMatvecTcWeightSlotBytes,
-              "the weight ring's stage is the host's");
 #endif
 #endif

@@ -96,26 +96,6 @@ PP_DEVICE pp_u32 pp_fma2_f16(pp_u32 a, pp_u32 b, pp_u32 c) {
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   return d;
 }
-// Asynchronous copies global -> workgroup memory (cp.async, sm_80 and later; no Metal
-// form): 16 bytes from src to dst, or 16 zero bytes where !valid (src is not read, but
-// must be a valid address); commit closes the thread's group of copies issued since
-// the last commit; wait<N> returns once at most N of the thread's groups are still in
-// flight. What a thread copied is visible to it after the wait, to the block after a
-// barrier that follows the wait.
-PP_DEVICE void pp_cp_async16(void* dst, const void* src, bool valid) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-// 8 bytes, cached in L1 too (cp.async.ca: the 8-byte form).
-PP_DEVICE void pp_cp_async8(void* dst, const void* src) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(d), "l"(src) : "memory");
-}
-PP_DEVICE void pp_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-PP_DEVICE void pp_cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 PP_DEVICE void pp_mma_f16(float* d, const pp_u32* a, pp_u32 b0, pp_u32 b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                "{%0,%1,%2,%3};"

@@ -190,36 +190,6 @@ def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
         assert_matches(got, want, dtype, f"emulated matvec_tc ahead K={K} norm={norm} gate={gate}", res)
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("bits", [0, 4, 8])
-@pytest.mark.parametrize("ring", ["1", "0", "ahead", "wring"])
-def test_matvec_tc_ring_kernel(emulator, dtype, bits, ring, monkeypatch):
-    """From 9 rows of x the ..._ring kernels (x tiles copied by cp.async into a ring of 3,
-    two steps ahead; the emulated copies land at the wait that covers them, so a read
-    before it finds NaN) and, with PERSONAPLEX_MATVEC_TC_RING=0, the kernels that load a
-    step's tile through registers; `ahead`: PERSONAPLEX_MATVEC_TC_AHEAD=1, the 4-bit
-    ..._ring_ahead kernels (the next step's weights in flight too); `wring`:
-    PERSONAPLEX_MATVEC_TC_WRING=1, the 4-bit ..._wring kernels (the weights, scales and
-    biases copied into the ring too, at every row count). 9 steps in one split (the ring
-    wraps three times) and 4 in each of 3 splits, at 5, 9, 17 (1, 2 and 4 n8 tiles, rows
-    past M) and 64 rows."""
-    from test_matvec import emulate, round_to
-
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_RING", "0" if ring == "0" else "1")
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", "1" if ring == "ahead" else "0")
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_WRING", "1" if ring == "wring" else "0")
-    rng = np.random.default_rng(hash((str(dtype), bits, ring, "ring")) % 2**32)
-    cases = [(9, 2304, 1, 1), (17, 3072, 3, 3), (64, 2304, 1, 1), (5, 2304, 1, 1)]
-    for i, (M, K, sms, want_splits) in enumerate(cases):
-        norm, gate, residual = EPILOGUES[(i + bits) % len(EPILOGUES)]
-        x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, norm, gate, residual)
-        got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate, sms=sms,
-                                         seed=i)
-        assert splits == want_splits
-        want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
-        assert_matches(got, want, dtype, f"emulated matvec_tc ring={ring} M={M} norm={norm} gate={gate}", res)
-
-
 def test_matvec_tc_splits_rule(emulator, monkeypatch):
     """The split along K (kernels/matvec_tc.cuh, matvec_tc_splits) at the 7B's projections on
     132 multiprocessors of 2 blocks: the fewest waves times (steps a split + 1), fewer splits

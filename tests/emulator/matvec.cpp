@@ -64,7 +64,7 @@ void matvec_format(int bits, const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
 
 // The tensor-core path's three launches, as csrc/matvec_cuda.cpp makes them, with
 // `sms` multiprocessors deciding the K splits. The workspace starts as NaN.
-template <class F, class W, int NT, int V = 0>
+template <class F, class W, int NT, bool Ahead = false>
 void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   using E = typename F::Elem;
   std::vector<float> ws(matvec_tc_workspace_floats(a), NAN);
@@ -76,22 +76,18 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
       matvec_tc::rms<F>(static_cast<const E*>(p.x), inv_rms, a, smem.data(), bx, tid);
     }, seed);
   }
-  // The x tiles (the ring kernels' stages) as 16-bit elements, poisoned with NaN of T
-  // before every block.
-  typedef matvec_tc::Plan<W, NT, V> P;
-  const int elems = P::kStages * matvec_tc_smem_elems(NT) +
-                    (P::kWRing ? P::kStages * matvec_tc::WeightSlots<F, W>::kBytes / int(sizeof(E)) : 0);
-  std::vector<float> tile((elems + 1) / 2);
+  // The x tile as 16-bit elements, poisoned with NaN of T before every block.
+  std::vector<float> tile((matvec_tc_smem_elems(NT) + 1) / 2);
   E* xs = reinterpret_cast<E*>(tile.data());
   const E nan = F::store(NAN);
   pp_emu::launch(
       matvec_tc_launch(a), tile,
       [&](int bx, int by, int, int tid) {
-        matvec_tc::project<F, W, NT, V>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
-                                                  static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
-                                                  static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
+        matvec_tc::project<F, W, NT, Ahead>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+                                     static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
+                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
       },
-      seed, [&] { std::fill(xs, xs + elems, nan); });
+      seed, [&] { std::fill(xs, xs + matvec_tc_smem_elems(NT), nan); });
   std::vector<float> none;
   const PpLaunch fin = matvec_tc_finish_launch(a);
   pp_emu::launch(fin, none, [&](int bx, int, int, int tid) {
@@ -100,28 +96,15 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   }, seed);
 }
 
-template <class F, class W, int NT>
-void matvec_tc_ring_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
-  constexpr int kRing = PP_MATVEC_TC_RING;
-  if (W::kChunk == 32 && matvec_tc_wring(4)) return matvec_tc_run<F, W, NT, kRing | PP_MATVEC_TC_WRING>(p, a, seed);
-  if (!matvec_tc_ring(a.M)) return matvec_tc_run<F, W, NT>(p, a, seed);
-  if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, NT, kRing | PP_MATVEC_TC_AHEAD>(p, a, seed);
-  return matvec_tc_run<F, W, NT, kRing>(p, a, seed);
-}
-
 template <class F, class W>
 void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   switch (matvec_tc_tiles(a.M)) {
-    case 1:  // the ..._wring and ..._ahead kernels where csrc/cuda_nodes.h picks them
-      if (W::kChunk == 32 && matvec_tc_wring(4)) {
-        return matvec_tc_run<F, W, 1, PP_MATVEC_TC_RING | PP_MATVEC_TC_WRING>(p, a, seed);
-      }
-      if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, 1, PP_MATVEC_TC_AHEAD>(p, a, seed);
+    case 1:  // the ..._ahead kernel where csrc/cuda_nodes.h picks it
+      if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, 1, true>(p, a, seed);
       return matvec_tc_run<F, W, 1>(p, a, seed);
-    // the ..._ring and ..._ring_ahead kernels where csrc/cuda_nodes.h picks them
-    case 2: return matvec_tc_ring_run<F, W, 2>(p, a, seed);
-    case 4: return matvec_tc_ring_run<F, W, 4>(p, a, seed);
-    default: return matvec_tc_ring_run<F, W, 8>(p, a, seed);
+    case 2: return matvec_tc_run<F, W, 2>(p, a, seed);
+    case 4: return matvec_tc_run<F, W, 4>(p, a, seed);
+    default: return matvec_tc_run<F, W, 8>(p, a, seed);
   }
 }
 

@@ -70,17 +70,6 @@ struct Fiber {
   const long* gen = nullptr;  // barrier generation this fiber waits to change
   long waited = 0;
   int phase = 0;  // which of the two shuffle buffers the next shuffle uses
-  // pp_cp_async16's copies: issued since the last commit, and committed groups (oldest
-  // first) not yet waited for. They land at the wait that covers them, the latest a GPU
-  // may land them, so a read before the wait finds the workgroup memory's poison.
-  struct AsyncCopy {
-    void* dst;
-    const void* src;
-    bool valid;
-    int bytes;
-  };
-  std::vector<AsyncCopy> async_open;
-  std::vector<std::vector<AsyncCopy>> async_groups;
 };
 
 // The one launch in progress (the driver is single-threaded).
@@ -235,8 +224,6 @@ void launch(Dim3 grid, int threads, std::vector<float>& smem, Body body, unsigne
           f.done = false;
           f.gen = nullptr;
           f.phase = 0;
-          f.async_open.clear();  // copies never waited for do not land
-          f.async_groups.clear();
         }
         int remaining = threads;
         while (remaining > 0) {
@@ -360,32 +347,6 @@ PP_DEVICE void pp_store16(PP_GLOBAL void* p, pp_u32x4 v) {
   std::memcpy(p, &v, 16);
 }
 PP_DEVICE pp_u32x4 pp_zero16() { return pp_u32x4{0u, 0u, 0u, 0u}; }
-PP_DEVICE void pp_cp_async16(void* dst, const void* src, bool valid) {
-  pp_emu::check_aligned(dst);
-  pp_emu::check_aligned(src);
-  pp_emu::g_launch->current->async_open.push_back({dst, src, valid, 16});
-}
-PP_DEVICE void pp_cp_async8(void* dst, const void* src) {
-  pp_emu::check_aligned(dst, 8);
-  pp_emu::check_aligned(src, 8);
-  pp_emu::g_launch->current->async_open.push_back({dst, src, true, 8});
-}
-PP_DEVICE void pp_cp_async_commit() {
-  pp_emu::Fiber& f = *pp_emu::g_launch->current;
-  f.async_groups.push_back(std::move(f.async_open));
-  f.async_open.clear();
-}
-template <int N>
-PP_DEVICE void pp_cp_async_wait() {
-  pp_emu::Fiber& f = *pp_emu::g_launch->current;
-  while (f.async_groups.size() > static_cast<size_t>(N)) {
-    for (const auto& c : f.async_groups.front()) {
-      if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
-      else std::memset(c.dst, 0, c.bytes);
-    }
-    f.async_groups.erase(f.async_groups.begin());
-  }
-}
 #define PP_NEG_INF (-INFINITY)
 namespace pp_emu {
 // d rounded to float toward zero with the last bit set when inexact ("round to odd"):
