@@ -23,6 +23,10 @@
 # 2026-12-02: build 140-160, test_matvec_gpu + test_tick_gpu + test_selftest_gpu 309, ahead 60. A fresh
 # machine's first engine start runs the kernels' self-test (about a minute) before any tick:
 # a tick_bench given 60 s there timed out with nothing measured.
+# 2026-12-02 later: a lease's first call (stage) held the machine ~38 s; build 132-149; tensor-core
+# every-row-count + forced-split GPU tests 11-13; tick_bench 1,8,32,64 x bf16,q4 with --per-op-ticks 0
+# ~110 on a fresh machine (the self-test included); official 4 batches 60-88; tick_bench --kv-bits 8
+# 64,128 x 2 formats with --per-op-ticks 0 26 (the kv8 step runs the op-by-op engine too: minutes).
 # Ticks are quick once the engine is up: spend a lease's seconds on builds and engine starts
 # as little as possible (one tick_bench with many rows rather than several).
 # `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
