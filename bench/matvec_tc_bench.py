@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     p.add_argument("--tiny", action="store_true", help="the shapes scaled down (a smoke test on the CPU)")
     p.add_argument("--depformer", action="store_true", help="the depformer's projections too")
-    p.add_argument("--splits", help="split counts to time the tensor-core path at (0: the rule, fill: the earlier rule)")
+    p.add_argument("--splits", help="split counts to time the tensor-core path at (0: the rule, fill: the "
+                   "earlier rule)")
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
     shapes = MATVEC_SHAPES + (DEPFORMER_SHAPES if a.depformer else [])
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     rows = []
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s; {versions()}", flush=True)
     if sweep:
-        print("| shape | format | rows | " + " | ".join(f"splits {'rule' if v == '0' else v}" for v in sweep) + " | floor |")
+        names = [f"splits {'rule' if v == '0' else v}" for v in sweep]
+        print("| shape | format | rows | " + " | ".join(names) + " | floor |")
         print("|---|---|---|" + "---|" * (len(sweep) + 1))
     else:
         print("| shape | format | rows | tensor cores | streaming | MLX | floor | tc vs floor |")

@@ -72,7 +72,9 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
                             cuda::matvec_tc_slots(dt, n.bits, rows, device));
     };
     long ws_floats = 0;  // the largest chunk's (a ragged last chunk may split more ways)
-    matvec_tc_chunks(a.M, [&](int, int rows) { ws_floats = std::max(ws_floats, matvec_tc_workspace_floats(args(rows))); });
+    matvec_tc_chunks(a.M, [&](int, int rows) {
+      ws_floats = std::max(ws_floats, matvec_tc_workspace_floats(args(rows)));
+    });
     mx::array ws({static_cast<int>(ws_floats)}, mx::float32, nullptr, {});
     cuda::alloc_output(ws, enc);
     enc.add_temporary(ws);

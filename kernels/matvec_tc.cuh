@@ -478,11 +478,12 @@ void matvec_tc_chunks(int M, Fn fn) {
 inline int matvec_tc_units(int gate) { return PP_MATVEC_TC_WARPS * (gate ? 8 : 16); }
 
 // Splits along K for `blocks` blocks of `steps` steps, `slots` of which run at once
-// (multiprocessors times the blocks one holds). The blocks run in waves of `slots`, a
-// block's time about its steps plus one for its start and its partial sums (the steps
-// are latency-bound: a step costs about as much with two blocks on a multiprocessor as
-// with one), so the count that gives the fewest waves times (steps a split + 1), the
-// fewer splits on a tie (each adds M x rows partial sums to write and sum).
+// (multiprocessors times the blocks one holds). A model: the blocks run in waves of
+// `slots`, a block's time its steps plus one for its start and its partial sums, a step's
+// time the same whatever runs beside it; so the count that gives the fewest waves times
+// (steps a split + 1), the fewer splits on a tie (each adds M x rows partial sums to write
+// and sum). Against the earlier rule (`fill` below) the q4 tick on an H200 took 39.88
+// against 41.55 ms at 64 sessions, 25.07 / 25.76 at 32 (docs/PERF.md, 2026-12-02 later).
 // PERSONAPLEX_MATVEC_TC_SPLITS=N: N for every call instead (bench/matvec_tc_bench.py's
 // sweep); =fill: the earlier rule, blocks for about every slot (slots / blocks, rounded up).
 inline int matvec_tc_splits(int blocks, int steps, int slots) {

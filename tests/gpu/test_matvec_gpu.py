@@ -84,6 +84,27 @@ def test_matvec_tc_every_row_count(dtype, bits, monkeypatch):
         assert_matches(y, want, dtype, f"M={M} norm={norm} gate={gate} residual={residual}", res)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("variant, bits", [("default", 0), ("default", 4), ("default", 8), ("ahead", 4)])
+def test_matvec_tc_long_splits(dtype, variant, bits, monkeypatch):
+    """The tensor-core kernels with the split along K forced to 1 and 2
+    (PERSONAPLEX_MATVEC_TC_SPLITS), so that a block walks 8 or 4 steps (the rule gives
+    the shapes above 1-step splits), at 1 to 64 rows, outputs poisoned; `ahead`: 4-bit
+    weights with PERSONAPLEX_MATVEC_TC_AHEAD=1 (..._ahead up to 8 rows)."""
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS", "1")
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", "1" if variant == "ahead" else "0")
+    rng = np.random.default_rng(hash(("long splits", str(dtype), variant, bits)) % 2**32)
+    epilogues = [(True, True, False), (False, False, True), (True, False, True), (False, False, False)]
+    for i, M in enumerate([1, 5, 8, 9, 17, 33, 63, 64]):
+        monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_SPLITS", str(1 + i % 2))
+        norm, gate, residual = epilogues[i % len(epilogues)]
+        K, N = 2048, 2 * 200 if gate else 200
+        x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, dtype, bits, norm, gate, residual)
+        y = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.gpu)
+        want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
+        assert_matches(y, want, dtype, f"{variant} M={M} norm={norm} gate={gate} residual={residual}", res)
+
+
 def test_matvec_tc_off_by_environment(monkeypatch):
     """PERSONAPLEX_MATVEC_TC_MIN_ROWS=65 keeps every call on the streaming kernel: q4 at
     32 rows then matches the CPU path's float32 sums (scale * q . x + bias * sum x)."""
