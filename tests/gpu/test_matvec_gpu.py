@@ -64,6 +64,17 @@ def test_matvec_gpu_model_shapes(bits, K, N, gate):
                        mx.bfloat16, f"M={M} K={K} N={N} bits={bits}", res)
 
 
+def check_tc(rng, M, K, rows, dtype, bits, epilogue, what):
+    """One matvec on the GPU (whichever path the environment picks) of fresh random operands,
+    `rows` weight rows (twice that gated), against the numpy emulation with W rounded to T."""
+    norm, gate, residual = epilogue
+    x, w, scales, biases, W, alpha, res = operands(rng, M, K, 2 * rows if gate else rows, dtype, bits, norm, gate,
+                                                   residual)
+    y = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.gpu)
+    want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
+    assert_matches(y, want, dtype, f"{what} M={M} norm={norm} gate={gate} residual={residual}", res)
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("bits", [0, 4, 8])
 def test_matvec_tc_every_row_count(dtype, bits, monkeypatch):
@@ -76,12 +87,7 @@ def test_matvec_tc_every_row_count(dtype, bits, monkeypatch):
     epilogues = [(False, False, False), (True, True, False), (False, False, True), (True, False, True),
                  (True, True, True)]
     for M in [*range(1, 65), 65, 130]:  # past 64: chunks of 64 rows
-        norm, gate, residual = epilogues[M % len(epilogues)]
-        K, N = 1536, 2 * 150 if gate else 150
-        x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, dtype, bits, norm, gate, residual)
-        y = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.gpu)
-        want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
-        assert_matches(y, want, dtype, f"M={M} norm={norm} gate={gate} residual={residual}", res)
+        check_tc(rng, M, 1536, 150, dtype, bits, epilogues[M % len(epilogues)], "tc")
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
@@ -97,12 +103,7 @@ def test_matvec_tc_long_splits(dtype, variant, bits, monkeypatch):
     epilogues = [(True, True, False), (False, False, True), (True, False, True), (False, False, False)]
     for i, M in enumerate([1, 5, 8, 9, 17, 33, 63, 64]):
         monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_SPLITS", str(1 + i % 2))
-        norm, gate, residual = epilogues[i % len(epilogues)]
-        K, N = 2048, 2 * 200 if gate else 200
-        x, w, scales, biases, W, alpha, res = operands(rng, M, K, N, dtype, bits, norm, gate, residual)
-        y = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.gpu)
-        want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
-        assert_matches(y, want, dtype, f"{variant} M={M} norm={norm} gate={gate} residual={residual}", res)
+        check_tc(rng, M, 2048, 200, dtype, bits, epilogues[i % len(epilogues)], f"{variant}, {1 + i % 2} splits:")
 
 
 def test_matvec_tc_off_by_environment(monkeypatch):
