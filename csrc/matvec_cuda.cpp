@@ -6,6 +6,8 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "cuda_nodes.h"
 #include "matvec.h"
@@ -67,13 +69,14 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
   if (matvec_takes_tc(a, n.dtype, n.bits)) {
     const int device = enc.device().cuda_device();
     const std::string dt = cuda::kernel_dtype("matvec", n.dtype);
-    auto args = [&](int rows) {
-      return matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps,
-                            cuda::matvec_tc_slots(dt, n.bits, rows, device));
-    };
-    long ws_floats = 0;  // the largest chunk's (a ragged last chunk may split more ways)
-    matvec_tc_chunks(a.M, [&](int, int rows) {
-      ws_floats = std::max(ws_floats, matvec_tc_workspace_floats(args(rows)));
+    // Each chunk's scalars (first row, args), and one workspace for the largest chunk's
+    // (a ragged last chunk may split more ways).
+    std::vector<std::pair<int, MatvecTcArgs>> chunks;
+    long ws_floats = 0;
+    matvec_tc_chunks(a.M, [&](int m0, int rows) {
+      chunks.emplace_back(m0, matvec_tc_args(rows, a.K, a.n_out, a.norm, a.gate, a.residual, a.eps,
+                                             cuda::matvec_tc_slots(dt, n.bits, rows, device)));
+      ws_floats = std::max(ws_floats, matvec_tc_workspace_floats(chunks.back().second));
     });
     mx::array ws({static_cast<int>(ws_floats)}, mx::float32, nullptr, {});
     cuda::alloc_output(ws, enc);
@@ -94,11 +97,11 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
       first = false;
       cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), device), plan, params);
     };
-    matvec_tc_chunks(a.M, [&](int m0, int rows) {
-      matvec_tc_launches(dt, n.bits, args(rows), cuda::offset(n.x, size_t(m0) * a.K * es),
-                         n.w, n.scales, n.biases, n.alpha, cuda::offset(n.residual, size_t(m0) * a.n_out * es),
+    for (const auto& [m0, t] : chunks) {
+      matvec_tc_launches(dt, n.bits, t, cuda::offset(n.x, size_t(m0) * a.K * es), n.w, n.scales, n.biases,
+                         n.alpha, cuda::offset(n.residual, size_t(m0) * a.n_out * es),
                          cuda::offset(n.out, size_t(m0) * a.n_out * es), static_cast<float*>(cuda::ptr(ws)), launch);
-    });
+    }
     return;
   }
   const std::string name = std::string("matvec_") + cuda::kernel_dtype("matvec", n.dtype) + "_" +
