@@ -190,6 +190,27 @@ def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
         assert_matches(got, want, dtype, f"emulated matvec_tc ahead K={K} norm={norm} gate={gate}", res)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_matvec_tc_wide_kernel(emulator, dtype, bits, monkeypatch):
+    """PERSONAPLEX_MATVEC_TC_WIDE=1: from 4 n8 tiles of x, ..._wide (a warp's 2 m16 tiles
+    share each x fragment; blocks of 4 warps, each thread copying twice the x vectors):
+    at 17, 40 and 64 rows, 150 weight rows (the second tile of a warp partly past the end,
+    gated 75 units), 9 steps in one split and 4 in each of 3, against the same emulation."""
+    from test_matvec import emulate, round_to
+
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_WIDE", "1")
+    rng = np.random.default_rng(hash((str(dtype), bits, "wide")) % 2**32)
+    for i, (M, K, sms, want_splits) in enumerate([(17, 2304, 1, 1), (40, 3072, 3, 3), (64, 2304, 1, 1)]):
+        for j, (norm, gate, residual) in enumerate(EPILOGUES[i::3]):
+            x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, norm, gate, residual)
+            got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate,
+                                             sms=sms, seed=i + j)
+            assert splits == want_splits
+            want = emulate(x, round_to(W, dtype), dtype, alpha, gate, res)
+            assert_matches(got, want, dtype, f"emulated matvec_tc wide M={M} norm={norm} gate={gate}", res)
+
+
 def test_matvec_tc_splits_rule(emulator, monkeypatch):
     """The split along K (kernels/matvec_tc.cuh, matvec_tc_splits) at the 7B's projections on
     132 multiprocessors of 2 blocks: the fewest waves times (steps a split + 1), fewer splits
