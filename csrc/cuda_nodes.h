@@ -58,7 +58,7 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   MatvecTcArgs args = t;
   void* rms = ws;
   void* part = ws + (t.M + 3) / 4 * 4;
-  if (t.norm) {
+  if (t.norm && !t.fold) {
     void* params[] = {&x, &rms, &args};
     launch("matvec_tc_rms_" + dt, matvec_tc_rms_launch(t), params);
   }

@@ -45,6 +45,7 @@ struct MatvecTcArgs {
   float eps;
   int splits;    // blocks along K (grid y)
   int steps;     // 256-wide K steps per split (the last split may have fewer)
+  int fold;      // norm: inv_rms computed by each block of matvec_tc itself, no matvec_tc_rms
 };
 
 #define PP_MATVEC_TC_STEP 256   // K per step
@@ -245,8 +246,8 @@ PP_DEVICE pp_u32x4 load_x(const PP_GLOBAL typename F::Elem* x, MatvecTcArgs a, i
 
 // Normalised (by alpha's matching 8 of the step at kb) and rounded as the reference does
 // (zero past M), interleaved for 4-bit weights, into the tile at its swizzled place.
-template <class F, class W>
-PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
+template <class F, class W, class Rms>
+PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, Rms inv_rms,
                        MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int kb, int e) {
   const int n = x_row(e), c8 = e & 31;
   if (a.norm && n < a.M) {
@@ -325,15 +326,37 @@ struct Plan {
   static constexpr int kXBatch = W::kChunk == 8 && NT == 2 ? 1 : kXVectors < 4 ? kXVectors : 4;
 };
 
+// a.fold (one n8 tile of x): warp m of the block computes row m's inv_rms into rr[m], as
+// matvec_tc_rms would (the sum of squares in another order: float32 rounding apart), so
+// that the call needs no launch of matvec_tc_rms (PERSONAPLEX_MATVEC_TC_FOLD_RMS=1).
+template <class F>
+PP_DEVICE void fold_rms(const PP_GLOBAL typename F::Elem* x, MatvecTcArgs a, PP_SHARED_PTR float* rr, int tid) {
+  const int m = tid >> 5, lane = tid & 31;
+  if (m < a.M) {
+    float s = 0.f;
+    const PP_GLOBAL typename F::Elem* xr = x + long(m) * a.K;
+    for (int k = lane * 8; k < a.K; k += 32 * 8) {
+      float v[8];
+      pp::unpack<F>(pp_load16(xr + k), v);
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) s += v[e] * v[e];
+    }
+    s = matvec::warp_sum(s);
+    if (lane == 0) rr[m] = 1.f / sqrt(s / float(a.K) + a.eps);
+  }
+  PP_BARRIER();
+}
+
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
-// part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
+// part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory; rr: 8
+// floats of it (a.fold).
 template <class F, class W, int NT, bool Ahead = false, bool Wide = false>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
-                       PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
-                       int split, int tid) {
+                       PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs,
+                       PP_SHARED_PTR float* rr, int block, int split, int tid) {
   typedef Plan<W, NT, Ahead, Wide> P;
   constexpr bool kAhead = P::kAhead;
   constexpr int MT = P::kMT, kT = P::kThreads;
@@ -363,6 +386,12 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
     }
   }
 
+  if (NT == 1 && a.fold && a.norm) fold_rms<F>(x, a, rr, tid);
+  auto store = [&](pp_u32x4 v, int kb, int e) {
+    if (NT == 1 && a.fold) store_x<F, W>(v, alpha, rr, a, xs, kb, e);
+    else store_x<F, W>(v, alpha, inv_rms, a, xs, kb, e);
+  };
+
   const int total = a.K / kStep;
   const int s0 = split * a.steps;
   const int s1 = s0 + a.steps < total ? s0 + a.steps : total;
@@ -376,7 +405,7 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       if (s + 1 < s1) load_weights<F, W>(nxt, w, scales, biases, r_lo[0], r_hi[0], words, groups, kb + kStep, t);
       PP_BARRIER();  // the previous step's readers are done with the tile
       #pragma unroll
-      for (int r = 0; r < NT; ++r) store_x<F, W>(xn[r], alpha, inv_rms, a, xs, kb, tid + r * kThreads);
+      for (int r = 0; r < NT; ++r) store(xn[r], kb, tid + r * kThreads);
       PP_BARRIER();
       if (s + 1 < s1) {
         #pragma unroll
@@ -409,7 +438,7 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
         #pragma unroll
         for (int b = 0; b < XB; ++b) v[b] = load_x<F>(x, a, kb, tid + (r0 + b) * kT);
         #pragma unroll
-        for (int b = 0; b < XB; ++b) store_x<F, W>(v[b], alpha, inv_rms, a, xs, kb, tid + (r0 + b) * kT);
+        for (int b = 0; b < XB; ++b) store(v[b], kb, tid + (r0 + b) * kT);
       }
       PP_BARRIER();
       multiply<F, W, NT, MT>(acc, sw, xs, g, t);
@@ -549,6 +578,13 @@ inline int matvec_tc_splits(int blocks, int steps, int slots) {
   return splits < 1 ? 1 : splits > steps ? steps : splits;
 }
 
+// Whether a call with the norm has matvec_tc compute inv_rms itself (MatvecTcArgs::fold):
+// one n8 tile of x (a warp a row) and PERSONAPLEX_MATVEC_TC_FOLD_RMS=1.
+inline bool matvec_tc_fold_rms(int M, int norm) {
+  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_FOLD_RMS");
+  return norm && matvec_tc_tiles(M) == 1 && env && std::strcmp(env, "1") == 0;
+}
+
 // The launches' scalars for M rows (at most 64); `slots` as matvec_tc_splits says.
 inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, int residual, float eps,
                                    int slots) {
@@ -557,7 +593,7 @@ inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, 
   const int splits = matvec_tc_splits(blocks, steps, slots);
   const int per = (steps + splits - 1) / splits;
   return {.M = M, .K = K, .n_out = n_out, .norm = norm, .gate = gate, .residual = residual, .eps = eps,
-          .splits = (steps + per - 1) / per, .steps = per};
+          .splits = (steps + per - 1) / per, .steps = per, .fold = matvec_tc_fold_rms(M, norm) ? 1 : 0};
 }
 
 // Floats of the workspace: inv_rms [M] (rounded up to 4), then the partials.

@@ -211,6 +211,25 @@ def test_matvec_tc_wide_kernel(emulator, dtype, bits, monkeypatch):
             assert_matches(got, want, dtype, f"emulated matvec_tc wide M={M} norm={norm} gate={gate}", res)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits", [0, 4])
+def test_matvec_tc_fold_rms(emulator, dtype, bits, monkeypatch):
+    """PERSONAPLEX_MATVEC_TC_FOLD_RMS=1: with the norm and up to 8 rows, each block of the
+    projection computes inv_rms itself (a warp a row) and matvec_tc_rms is not launched
+    (its workspace stays NaN); 1, 5 and 8 rows, one split and three, norm with and without
+    the gate, against the same emulation."""
+    from test_matvec import emulate, round_to
+
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_FOLD_RMS", "1")
+    rng = np.random.default_rng(hash((str(dtype), bits, "fold")) % 2**32)
+    for i, (M, K, sms) in enumerate([(1, 2304, 1), (5, 3072, 3), (8, 768, 2)]):
+        gate = i % 2 == 1
+        x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, True, gate, False)
+        got, _ = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate, sms=sms, seed=i)
+        want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
+        assert_matches(got, want, dtype, f"emulated matvec_tc fold_rms M={M} gate={gate}", res)
+
+
 def test_matvec_tc_splits_rule(emulator, monkeypatch):
     """The split along K (kernels/matvec_tc.cuh, matvec_tc_splits) at the 7B's projections on
     132 multiprocessors of 2 blocks: the fewest waves times (steps a split + 1), fewer splits

@@ -42,7 +42,8 @@ MATVEC_DTYPE(f16, pp::F16)
           const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                 \
     pp_grid_dependency();                                                                            \
     __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStep];                                  \
-    matvec_tc::project<F, W, NT, AHEAD, WIDE>(x, w, scales, biases, alpha, inv_rms, part, a, xs,     \
+    __shared__ float rr[8];                                                                          \
+    matvec_tc::project<F, W, NT, AHEAD, WIDE>(x, w, scales, biases, alpha, inv_rms, part, a, xs, rr, \
                                               blockIdx.x, blockIdx.y, threadIdx.x);                  \
   }
 

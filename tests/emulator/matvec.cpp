@@ -71,21 +71,24 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   float* inv_rms = ws.data();
   float* part = ws.data() + (a.M + 3) / 4 * 4;
   std::vector<float> smem(kMatvecTcThreads / 32);
-  if (a.norm) {
+  if (a.norm && !a.fold) {
     pp_emu::launch(matvec_tc_rms_launch(a), smem, [&](int bx, int, int, int tid) {
       matvec_tc::rms<F>(static_cast<const E*>(p.x), inv_rms, a, smem.data(), bx, tid);
     }, seed);
   }
   // The x tile as 16-bit elements, poisoned with NaN of T before every block.
-  std::vector<float> tile((matvec_tc_smem_elems(NT) + 1) / 2);
+  // ... and the 8 floats of inv_rms a block computes itself (a.fold) after it.
+  const int tile_floats = (matvec_tc_smem_elems(NT) + 1) / 2;
+  std::vector<float> tile(tile_floats + 8);
   E* xs = reinterpret_cast<E*>(tile.data());
+  float* rr = tile.data() + tile_floats;
   const E nan = F::store(NAN);
   pp_emu::launch(
       matvec_tc_launch(a, matvec_tc::Plan<W, NT, Ahead, Wide>::kThreads), tile,
       [&](int bx, int by, int, int tid) {
         matvec_tc::project<F, W, NT, Ahead, Wide>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
                                      static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
-                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
+                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, rr, bx, by, tid);
       },
       seed, [&] { std::fill(xs, xs + matvec_tc_smem_elems(NT), nan); });
   std::vector<float> none;
