@@ -56,7 +56,6 @@ template <class Launch>
 void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, void* x, void* w, void* scales,
                         void* biases, void* alpha, void* residual, void* out, float* ws, Launch launch) {
   MatvecTcArgs args = t;
-  if (x == out) args.direct = 0;  // out written while other blocks still read x: through finish
   void* rms = ws;
   void* part = ws + (t.M + 3) / 4 * 4;
   if (t.norm && !t.fold) {
@@ -64,10 +63,9 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
     launch("matvec_tc_rms_" + dt, matvec_tc_rms_launch(t), params);
   }
   {
-    void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &residual, &out, &args};
+    void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
     launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t, matvec_tc_threads(bits, t.M)), params);
   }
-  if (args.direct) return;
   void* params[] = {&part, &residual, &out, &args};
   launch("matvec_tc_finish_" + dt, matvec_tc_finish_launch(t), params);
 }

@@ -46,7 +46,6 @@ struct MatvecTcArgs {
   int splits;    // blocks along K (grid y)
   int steps;     // 256-wide K steps per split (the last split may have fewer)
   int fold;      // norm: inv_rms computed by each block of matvec_tc itself, no matvec_tc_rms
-  int direct;    // one split: matvec_tc applies the epilogue and writes out itself, no matvec_tc_finish
 };
 
 #define PP_MATVEC_TC_STEP 256   // K per step
@@ -204,41 +203,6 @@ PP_DEVICE void store_partials(PP_THREAD float (*acc)[4], PP_GLOBAL float* part, 
   }
 }
 
-// matvec's epilogue of output `item` (row m, unit u): y0, y1 the sums of the unit's rows
-// (gate and value when gated), each rounded to T first.
-template <class F>
-PP_DEVICE void epilogue(float y0, float y1, const PP_GLOBAL typename F::Elem* residual,
-                        PP_GLOBAL typename F::Elem* out, MatvecTcArgs a, long item) {
-  y0 = pp::round_trip<F>(y0);
-  float o = y0;
-  if (a.gate) {
-    y1 = pp::round_trip<F>(y1);
-    const float sig = pp::round_trip<F>(1.f / (1.f + pp_exp(-y0)));
-    o = pp::round_trip<F>(pp::round_trip<F>(y0 * sig) * y1);
-  }
-  if (a.residual) o = pp::round_trip<F>(F::load(residual[item]) + o);
-  out[item] = F::store(o);
-}
-
-// a.direct (one split): the warp's outputs through the epilogue, as finish would write
-// them from one split's partials (0 + the sum, as finish adds it: -0 becomes +0).
-template <class F, int NT>
-PP_DEVICE void store_outputs(PP_THREAD float (*acc)[4], const PP_GLOBAL typename F::Elem* residual,
-                             PP_GLOBAL typename F::Elem* out, MatvecTcArgs a, int u_lo, int u_hi, int t) {
-  #pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (a.gate && e >= 2) continue;  // the value rows, taken with their gate rows
-      const int n = j * 8 + 2 * t + (e & 1);
-      const int u = e < 2 ? u_lo : u_hi;
-      if (n < a.M && u < a.n_out) {
-        epilogue<F>(0.f + acc[j][e], 0.f + acc[j][e + 2 < 4 ? e + 2 : e], residual, out, a, long(n) * a.n_out + u);
-      }
-    }
-  }
-}
-
 // One step's weights for a lane: VL 16-byte vectors of rows lo and hi, and their groups'
 // scales and biases (affine only).
 template <class F, class W>
@@ -391,8 +355,7 @@ template <class F, class W, int NT, bool Ahead = false, bool Wide = false>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
-                       PP_GLOBAL float* part, const PP_GLOBAL typename F::Elem* residual,
-                       PP_GLOBAL typename F::Elem* out, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs,
+                       PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs,
                        PP_SHARED_PTR float* rr, int block, int split, int tid) {
   typedef Plan<W, NT, Ahead, Wide> P;
   constexpr bool kAhead = P::kAhead;
@@ -483,10 +446,7 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
   }
 
   #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    if (a.direct) store_outputs<F, NT>(acc[m], residual, out, a, u_lo[m], u_hi[m], t);
-    else store_partials<NT>(acc[m], part, a, split, u_lo[m], u_hi[m], t);
-  }
+  for (int m = 0; m < MT; ++m) store_partials<NT>(acc[m], part, a, split, u_lo[m], u_hi[m], t);
 }
 
 // One block per row of x: inv_rms[m].
@@ -521,8 +481,15 @@ PP_DEVICE void finish(const PP_GLOBAL float* part, const PP_GLOBAL typename F::E
   float y[2] = {0.f, 0.f};
   for (int h = 0; h < (a.gate ? 2 : 1); ++h) {
     for (int s = 0; s < a.splits; ++s) y[h] += part[(long(s) * a.M + m) * rows + u + h * a.n_out];
+    y[h] = pp::round_trip<F>(y[h]);
   }
-  epilogue<F>(y[0], y[1], residual, out, a, item);
+  float o = y[0];
+  if (a.gate) {
+    const float sig = pp::round_trip<F>(1.f / (1.f + pp_exp(-y[0])));
+    o = pp::round_trip<F>(pp::round_trip<F>(y[0] * sig) * y[1]);
+  }
+  if (a.residual) o = pp::round_trip<F>(F::load(residual[item]) + o);
+  out[item] = F::store(o);
 }
 
 }  // namespace matvec_tc
@@ -591,9 +558,7 @@ inline int matvec_tc_units(int gate) { return PP_MATVEC_TC_WARPS * (gate ? 8 : 1
 // against 41.55 ms at 64 sessions, 25.07 / 25.76 at 32 (docs/PERF.md, 2026-12-02 later).
 // PERSONAPLEX_MATVEC_TC_SPLITS=N: N for every call instead (bench/matvec_tc_bench.py's
 // sweep); =fill: the earlier rule, blocks for about every slot (slots / blocks, rounded up).
-// finish >= 0 (matvec_tc_direct_cost): one split writes the outputs itself, more need the
-// finish launch, which costs `finish` steps more.
-inline int matvec_tc_splits(int blocks, int steps, int slots, int finish = -1) {
+inline int matvec_tc_splits(int blocks, int steps, int slots) {
   const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_SPLITS");
   int splits = 0;
   if (env && std::strcmp(env, "fill") == 0) {
@@ -606,7 +571,7 @@ inline int matvec_tc_splits(int blocks, int steps, int slots, int finish = -1) {
       const int n = (steps + per - 1) / per;
       if ((steps + n - 1) / n != per) continue;  // the same n as a larger per
       const long waves = (long(blocks) * n + slots - 1) / slots;
-      const long cost = waves * (per + 1) + (finish > 0 && n > 1 ? finish : 0);
+      const long cost = waves * (per + 1);
       if (best < 0 || cost < best) best = cost, splits = n;
     }
   }
@@ -620,27 +585,15 @@ inline bool matvec_tc_fold_rms(int M, int norm) {
   return norm && matvec_tc_tiles(M) == 1 && env && std::strcmp(env, "1") == 0;
 }
 
-// PERSONAPLEX_MATVEC_TC_DIRECT=F (F >= 0): a call of one split applies the epilogue in
-// matvec_tc and writes out (MatvecTcArgs::direct), no matvec_tc_finish launch; F: what the
-// split rule counts that launch as, in steps (0: the rule as it is). Unset: -1, always the
-// finish launch.
-inline int matvec_tc_direct_cost() {
-  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_DIRECT");
-  return env && env[0] >= '0' && env[0] <= '9' ? std::atoi(env) : -1;
-}
-
 // The launches' scalars for M rows (at most 64); `slots` as matvec_tc_splits says.
 inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, int residual, float eps,
                                    int slots) {
   const int steps = K / PP_MATVEC_TC_STEP;
   const int blocks = (n_out + matvec_tc_units(gate) - 1) / matvec_tc_units(gate);
-  const int finish = matvec_tc_direct_cost();
-  const int splits = matvec_tc_splits(blocks, steps, slots, finish);
+  const int splits = matvec_tc_splits(blocks, steps, slots);
   const int per = (steps + splits - 1) / splits;
-  const int n = (steps + per - 1) / per;
   return {.M = M, .K = K, .n_out = n_out, .norm = norm, .gate = gate, .residual = residual, .eps = eps,
-          .splits = n, .steps = per, .fold = matvec_tc_fold_rms(M, norm) ? 1 : 0,
-          .direct = finish >= 0 && n == 1 ? 1 : 0};
+          .splits = (steps + per - 1) / per, .steps = per, .fold = matvec_tc_fold_rms(M, norm) ? 1 : 0};
 }
 
 // Floats of the workspace: inv_rms [M] (rounded up to 4), then the partials.

@@ -51,15 +51,13 @@ enum TickFusedKind {
 };
 
 // One phase: a launch as it would have been made. p: the kernel's pointer parameters in
-// order (then nothing else but its one scalars struct, copied into args). 256 bytes, so
-// that the kernel copies the next one into workgroup memory in 16-byte pieces.
-struct alignas(16) TickFusedPhase {
+// order (then nothing else but its one scalars struct, copied into args).
+struct TickFusedPhase {
   int kind;
   unsigned int grid_x, grid_y, grid_z;
   void* p[kTickFusedPointers];
   alignas(8) unsigned char args[kTickFusedArgBytes];
 };
-static_assert(sizeof(TickFusedPhase) == 256, "a phase is 16 pieces of 16 bytes");
 
 // Threads of a virtual block of `kind`: 128 for the bodies written for 4 warps.
 #if defined(__CUDACC__)
@@ -78,7 +76,6 @@ inline int tick_fused_pointers(int kind) {
     case kFusedTcFinish: case kFusedGumbel: return 3;
     case kFusedSample: case kFusedEmbed: case kFusedNorm: return 4;
     case kFusedAttendI8D64: case kFusedAttendI8D128: case kFusedRingFinish: return 9;
-    case kFusedTcN1: case kFusedTcN2: case kFusedTcN4: case kFusedTcN8: return 9;
     case kFusedRingFinishI8: return 13;
     default: return 7;  // the projections and the plain attention
   }

@@ -224,25 +224,6 @@ def test_matvec_tc_fold_rms(emulator, dtype, bits, monkeypatch):
         check_tc_variant(emulator["matvec"], rng, M, K, sms, dtype, bits, (True, i % 2 == 1, False), i, "fold_rms")
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("bits", [0, 4, 8])
-def test_matvec_tc_direct(emulator, dtype, bits, monkeypatch):
-    """PERSONAPLEX_MATVEC_TC_DIRECT=F: a projection of one split applies the epilogue (the
-    gate, the residual, the roundings) and writes out itself, matvec_tc_finish not launched
-    (the workspace's partials stay NaN: were they the path, the outputs would be NaN); at
-    every n8 tile count (1, 5, 17, 40, 64 rows), each epilogue, with the fold too; F large:
-    one split wherever it can (9 steps in one), F = 0: the split rule as it is (3 splits,
-    through finish)."""
-    rng = np.random.default_rng(hash((str(dtype), bits, "direct")) % 2**32)
-    for i, (M, fold) in enumerate([(1, "0"), (5, "1"), (17, "0"), (40, "0"), (64, "0")]):
-        monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_FOLD_RMS", fold)
-        for j, epilogue in enumerate(EPILOGUES if M in (5, 64) else EPILOGUES[i % 2::2]):
-            for cost, K, sms, want in (("100", 2304, 3, 1), ("0", 3072, 3, 3)):
-                monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_DIRECT", cost)
-                assert check_tc_variant(emulator["matvec"], rng, M, K, sms, dtype, bits, epilogue, i + j,
-                                        f"direct={cost}") == want
-
-
 def test_matvec_tc_splits_rule(emulator, monkeypatch):
     """The split along K (kernels/matvec_tc.cuh, matvec_tc_splits) at the 7B's projections on
     132 multiprocessors of 2 blocks: the fewest waves times (steps a split + 1), fewer splits

@@ -45,44 +45,23 @@ static_assert(2 * 8 * 8 * matvec_tc::kStep <= kTickFusedSmemBytes &&
 namespace tick_fused {
 
 // Every block: arrive, wait for all, then see every block's writes before the phase.
-// bar[0] counts arrivals within a launch (barrier k is passed at k x blocks): one atomic
-// (release: the block's writes, ordered before it by the CTA barrier, go first) and
-// acquire loads until the count is there. bar[1] counts the blocks that have left; the
-// last one zeroes both for the next launch (nobody still waits on bar[0] then).
-__device__ __forceinline__ void grid_barrier(unsigned int* bar, unsigned int& target) {
+__device__ __forceinline__ void grid_barrier(unsigned int* bar) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    target += gridDim.x;
-    unsigned int v;
-    asm volatile("atom.add.release.gpu.global.u32 %0, [%1], 1;" : "=r"(v) : "l"(bar) : "memory");
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
-    } while (v < target);
-  }
-  __syncthreads();
-}
-
-__device__ __forceinline__ void grid_exit(unsigned int* bar) {
-  if (threadIdx.x == 0 && atomicAdd(bar + 1, 1u) == gridDim.x - 1) {
-    bar[0] = 0u;
-    bar[1] = 0u;
+    volatile unsigned int* gen = bar + 1;
+    const unsigned int g = *gen;
+    __threadfence();
+    if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+      atomicExch(bar, 0u);
+      __threadfence();
+      atomicAdd(bar + 1, 1u);
+    } else {
+      while (*gen == g) {
+      }
+    }
     __threadfence();
   }
-}
-
-// Phase `from` copied into workgroup memory `to` by the first 16 threads (16 bytes each),
-// asynchronously: cp.async, waited for by fetch_wait before the barrier that ends the
-// phase running meanwhile.
-__device__ __forceinline__ void fetch(TickFusedPhase* to, const TickFusedPhase* from) {
-  if (threadIdx.x < 16) {
-    const unsigned int dst = static_cast<unsigned int>(__cvta_generic_to_shared(to)) + 16u * threadIdx.x;
-    const char* src = reinterpret_cast<const char*>(from) + 16 * threadIdx.x;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  }
-}
-__device__ __forceinline__ void fetch_wait() {
-  if (threadIdx.x < 16) asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
 }
 
 template <class T>
@@ -92,8 +71,8 @@ __device__ __forceinline__ T arg(const TickFusedPhase& ph) {
 
 // One virtual block (x, y, z) of phase ph, by thread tid of its group.
 template <class F, class W>
-__device__ __forceinline__ void run_block(const TickFusedPhase& ph, unsigned char* smem, float* rr, int x, int y,
-                                          int z, int tid) {
+__device__ __forceinline__ void run_block(const TickFusedPhase& ph, unsigned char* smem, int x, int y, int z,
+                                          int tid) {
   typedef typename F::Elem E;
   void* const* p = ph.p;
   auto e = [&](int i) { return static_cast<E*>(p[i]); };
@@ -108,8 +87,7 @@ __device__ __forceinline__ void run_block(const TickFusedPhase& ph, unsigned cha
 #define TC(N)                                                                                            \
   case kFusedTcN##N:                                                                                     \
     matvec_tc::project<F, W, N, false>(e(0), static_cast<const pp_u32*>(p[1]), e(2), e(3), e(4), f(5), f(6), \
-                                       e(7), e(8), arg<MatvecTcArgs>(ph), reinterpret_cast<E*>(smem), rr, x, y, \
-                                       tid);                                                             \
+                                       arg<MatvecTcArgs>(ph), reinterpret_cast<E*>(smem), x, y, tid);   \
     break;
       TC(1) TC(2) TC(4) TC(8)
 #undef TC
@@ -161,31 +139,23 @@ __device__ __forceinline__ void run_block(const TickFusedPhase& ph, unsigned cha
 }
 
 // The run: each phase's virtual blocks spread over the grid (two at a time in a block
-// for 128-thread bodies), then a barrier. The phases are read from workgroup memory, the
-// next one copied there while the current one runs (cur: two slots in turn).
+// for 128-thread bodies), then a barrier.
 template <class F, class W>
-__device__ void run(const TickFusedPhase* phases, int n, unsigned int* bar, unsigned char* smem,
-                    TickFusedPhase* cur, float* rr) {
-  unsigned int target = 0;
-  fetch(&cur[0], &phases[0]);
-  fetch_wait();
+__device__ void run(const TickFusedPhase* phases, int n, unsigned int* bar, unsigned char* smem) {
   for (int i = 0; i < n; ++i) {
-    if (i + 1 < n) fetch(&cur[(i + 1) & 1], &phases[i + 1]);
-    if (threadIdx.x == 0) tick_fused_group_threads = tick_fused_group(cur[i & 1].kind);
-    __syncthreads();  // the phase (fetched before the last barrier) and its group size
-    const TickFusedPhase& ph = cur[i & 1];
-    const int group = tick_fused_group_threads, groups = kTickFusedThreads / group;
+    const TickFusedPhase& ph = phases[i];
+    const int group = tick_fused_group(ph.kind), groups = kTickFusedThreads / group;
+    if (threadIdx.x == 0) tick_fused_group_threads = group;
+    __syncthreads();
     const int g = int(threadIdx.x) / group, tid = int(threadIdx.x) % group;
     const long gx = ph.grid_x, gxy = gx * ph.grid_y, total = gxy * ph.grid_z;
     unsigned char* mine = smem + g * (kTickFusedSmemBytes / groups);
     for (long vb = long(blockIdx.x) * groups + g; vb < total; vb += long(gridDim.x) * groups) {
-      run_block<F, W>(ph, mine, rr, int(vb % gx), int(vb % gxy / gx), int(vb / gxy), tid);
+      run_block<F, W>(ph, mine, int(vb % gx), int(vb % gxy / gx), int(vb / gxy), tid);
       PP_BARRIER();  // the group's workgroup memory is free for its next block
     }
-    fetch_wait();
-    if (i + 1 < n) grid_barrier(bar, target);
+    if (i + 1 < n) grid_barrier(bar);
   }
-  grid_exit(bar);
 }
 
 }  // namespace tick_fused
@@ -195,9 +165,7 @@ __device__ void run(const TickFusedPhase* phases, int n, unsigned int* bar, unsi
       tick_fused_##DT##_##WN(const TickFusedPhase* phases, int n, unsigned int* bar) {                   \
     pp_grid_dependency();                                                                                \
     __shared__ __align__(16) unsigned char smem[kTickFusedSmemBytes];                                   \
-    __shared__ TickFusedPhase cur[2];                                                                    \
-    __shared__ float rr[8];                                                                              \
-    tick_fused::run<F, W>(phases, n, bar, smem, cur, rr);                                                \
+    tick_fused::run<F, W>(phases, n, bar, smem);                                                         \
   }
 
 TICK_FUSED(bf16, pp::BF16, dense, matvec::Dense<pp::BF16>)

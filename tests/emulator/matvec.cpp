@@ -62,12 +62,10 @@ void matvec_format(int bits, const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
   else throw std::invalid_argument("matvec: bits must be 0, 4 or 8");
 }
 
-// The tensor-core path's launches, as csrc/cuda_nodes.h makes them (no finish when the
-// projection writes out itself, a.direct), with `sms` multiprocessors deciding the K
-// splits. The workspace starts as NaN.
+// The tensor-core path's three launches, as csrc/matvec_cuda.cpp makes them, with
+// `sms` multiprocessors deciding the K splits. The workspace starts as NaN.
 template <class F, class W, int NT, bool Ahead = false, bool Wide = false>
-void matvec_tc_run(const MatvecPtrs& p, MatvecTcArgs a, unsigned seed) {
-  if (p.x == p.out) a.direct = 0;
+void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   using E = typename F::Elem;
   std::vector<float> ws(matvec_tc_workspace_floats(a), NAN);
   float* inv_rms = ws.data();
@@ -90,12 +88,9 @@ void matvec_tc_run(const MatvecPtrs& p, MatvecTcArgs a, unsigned seed) {
       [&](int bx, int by, int, int tid) {
         matvec_tc::project<F, W, NT, Ahead, Wide>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
                                      static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
-                                     static_cast<const E*>(p.alpha), inv_rms, part,
-                                     static_cast<const E*>(p.residual), static_cast<E*>(p.out), a, xs, rr, bx,
-                                     by, tid);
+                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, rr, bx, by, tid);
       },
       seed, [&] { std::fill(xs, xs + matvec_tc_smem_elems(NT), nan); });
-  if (a.direct) return;
   std::vector<float> none;
   const PpLaunch fin = matvec_tc_finish_launch(a);
   pp_emu::launch(fin, none, [&](int bx, int, int, int tid) {

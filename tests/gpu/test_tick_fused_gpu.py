@@ -8,9 +8,7 @@ or a virtual block of 128 threads waiting on its neighbour's barrier, would not)
 Two shapes: the tiny checkpoint (its projections too narrow for the tensor-core path: the
 streaming matvec, the rings' finish, embeddings, sampling and the norm fuse; its heads of
 32 and 16 do not) and a small one whose every projection takes the tensor-core path and
-whose heads (128 temporal, 64 depformer) the fused attention covers; and that one with the
-projections' inv_rms computed in them and one-split projections writing out themselves
-(PERSONAPLEX_MATVEC_TC_FOLD_RMS=1, PERSONAPLEX_MATVEC_TC_DIRECT).
+whose heads (128 temporal, 64 depformer) the fused attention covers.
 """
 
 import mlx.core as mx
@@ -53,14 +51,11 @@ def ticks(runner, pcms, seeds):
     return out
 
 
-@pytest.mark.parametrize("shape", ["tiny", "small", "small-direct"])
+@pytest.mark.parametrize("shape", ["tiny", "small"])
 @pytest.mark.parametrize("form", ["bf16", "q4", "q8", "bf16-8bit-cache"])
 @pytest.mark.parametrize("B", [1, 5])
 def test_fused_ticks_equal_unfused(request, monkeypatch, shape, form, B):
-    if shape == "small-direct":  # inv_rms in the projection, one-split projections without finish
-        monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_FOLD_RMS", "1")
-        monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_DIRECT", "4")
-    model = load_model(request.getfixturevalue(shape.split("-")[0]), dtype=mx.bfloat16)
+    model = load_model(request.getfixturevalue(shape), dtype=mx.bfloat16)
     if form in ("q4", "q8"):
         nn.quantize(model.lm, group_size=64, bits=int(form[1]), class_predicate=quantizable(64))
     kv_bits = 8 if form.endswith("8bit-cache") else None
@@ -74,7 +69,7 @@ def test_fused_ticks_equal_unfused(request, monkeypatch, shape, form, B):
         runs.append(list(runner.program.fused_runs))
     assert runs[0] == []
     assert runs[1] and min(runs[1]) >= 2, runs[1]
-    if shape != "tiny":
+    if shape == "small":
         # the LM step's layers run fused: at least one run holds a whole decoder layer
         assert max(runs[1]) >= 8, runs[1]
     for n, ((pa, ta), (pb, tb)) in enumerate(zip(*outs)):
