@@ -39,8 +39,6 @@
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
 #   splits     matvec_tc_bench sweeping the split count along K (SPLITS) at SPLITS_BATCHES rows, and tick_bench
 #              at BATCHES with the earlier split rule (PERSONAPLEX_MATVEC_TC_SPLITS=fill)
-#   wide       tick_bench q4 (bf16 and 8-bit KV) at WIDE_BATCHES with matvec_tc's ..._wide kernels and without
-#   fold       tick_bench bf16 and q4 at FOLD_BATCHES with and without inv_rms in the projection kernel
 #   fuse       tick_bench bf16 and q4 at FUSE_BATCHES with the tick program's fused runs and without
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
@@ -184,26 +182,6 @@ for step in "$@"; do
         PERSONAPLEX_MATVEC_TC_SPLITS=fill timeout 300 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 \
           --per-op-ticks 0 --json "$out/ours_fill.json" > "$out/ours_fill.log" 2>&1
         echo "== the earlier rule (fill)"; tail -9 "$out/ours_fill.log" ) ;;
-    wide)
-      # matvec_tc's ..._wide kernels (2 m16 tiles a warp, PERSONAPLEX_MATVEC_TC_WIDE=1, 4- and 8-bit
-      # weights from 17 rows) against the default: tick_bench q4 at WIDE_BATCHES (default 32,64), with
-      # and without the 8-bit KV cache, one process each.
-      ( mlx_env
-        for v in 1 0; do
-          PERSONAPLEX_MATVEC_TC_WIDE=$v timeout 200 python3 bench/tick_bench.py --batches "${WIDE_BATCHES:-32,64}" \
-            --formats 4 --kv-bits 16,8 --per-op-ticks 0 --json "$out/ours_wide$v.json" > "$out/ours_wide$v.log" 2>&1
-          echo "== PERSONAPLEX_MATVEC_TC_WIDE=$v"; grep '"tick' "$out/ours_wide$v.log" | cut -c1-100
-        done ) ;;
-    fold)
-      # matvec_tc's inv_rms computed in the projection kernel for up to 8 rows (PERSONAPLEX_MATVEC_TC_FOLD_RMS=1:
-      # one launch fewer for every normed projection, 160 a tick) against the default: tick_bench bf16 and q4
-      # at FOLD_BATCHES (default 1,8), one process each.
-      ( mlx_env
-        for v in 1 0; do
-          PERSONAPLEX_MATVEC_TC_FOLD_RMS=$v timeout 200 python3 bench/tick_bench.py --batches "${FOLD_BATCHES:-1,8}" \
-            --formats 0,4 --per-op-ticks 0 --json "$out/ours_fold$v.json" > "$out/ours_fold$v.log" 2>&1
-          echo "== PERSONAPLEX_MATVEC_TC_FOLD_RMS=$v"; grep '"tick' "$out/ours_fold$v.log" | cut -c1-100
-        done ) ;;
     dense-tc)
       ( mlx_env
         PERSONAPLEX_DENSE_PROJ=tc timeout 300 python3 bench/tick_bench.py --batches "${DENSE_TC_BATCHES:-8,32,64}" \
@@ -289,6 +267,6 @@ PY
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, splits, wide, fold, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, splits, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
   esac
 done

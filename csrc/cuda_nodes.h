@@ -46,7 +46,7 @@ bool matvec_takes_tc(const MatvecArgs& a, mx::Dtype dtype, int bits);
 // the blocks the driver's occupancy calculator fits on one): matvec_tc_args' slots.
 inline std::string matvec_tc_kernel(const std::string& dt, int bits, int M) {
   return "matvec_tc_" + dt + "_" + matvec_weights_name(bits) + "_n" + std::to_string(matvec_tc_tiles(M)) +
-         (matvec_tc_ahead(bits, M) ? "_ahead" : matvec_tc_wide(bits, M) ? "_wide" : "");
+         (matvec_tc_ahead(bits, M) ? "_ahead" : "");
 }
 int matvec_tc_slots(const std::string& dt, int bits, int M, int device);
 
@@ -58,13 +58,13 @@ void matvec_tc_launches(const std::string& dt, int bits, const MatvecTcArgs& t, 
   MatvecTcArgs args = t;
   void* rms = ws;
   void* part = ws + (t.M + 3) / 4 * 4;
-  if (t.norm && !t.fold) {
+  if (t.norm) {
     void* params[] = {&x, &rms, &args};
     launch("matvec_tc_rms_" + dt, matvec_tc_rms_launch(t), params);
   }
   {
     void* params[] = {&x, &w, &scales, &biases, &alpha, &rms, &part, &args};
-    launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t, matvec_tc_threads(bits, t.M)), params);
+    launch(matvec_tc_kernel(dt, bits, t.M), matvec_tc_launch(t), params);
   }
   void* params[] = {&part, &residual, &out, &args};
   launch("matvec_tc_finish_" + dt, matvec_tc_finish_launch(t), params);

@@ -48,7 +48,7 @@ int cuda::matvec_tc_slots(const std::string& dt, int bits, int M, int device) {
   if (fresh) {
     int n = 0;
     check(cuOccupancyMaxActiveBlocksPerMultiprocessor(&n, function(matvec_fatbin, name.c_str(), device),
-                                                      matvec_tc_threads(bits, M), 0),
+                                                      kMatvecTcThreads, 0),
           "matvec", "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     it->second = std::max(n, 1);
   }

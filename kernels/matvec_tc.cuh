@@ -45,7 +45,6 @@ struct MatvecTcArgs {
   float eps;
   int splits;    // blocks along K (grid y)
   int steps;     // 256-wide K steps per split (the last split may have fewer)
-  int fold;      // norm: inv_rms computed by each block of matvec_tc itself, no matvec_tc_rms
 };
 
 #define PP_MATVEC_TC_STEP 256   // K per step
@@ -246,8 +245,8 @@ PP_DEVICE pp_u32x4 load_x(const PP_GLOBAL typename F::Elem* x, MatvecTcArgs a, i
 
 // Normalised (by alpha's matching 8 of the step at kb) and rounded as the reference does
 // (zero past M), interleaved for 4-bit weights, into the tile at its swizzled place.
-template <class F, class W, class Rms>
-PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, Rms inv_rms,
+template <class F, class W>
+PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int kb, int e) {
   const int n = x_row(e), c8 = e & 31;
   if (a.norm && n < a.M) {
@@ -264,10 +263,9 @@ PP_DEVICE void store_x(pp_u32x4 v, const PP_GLOBAL typename F::Elem* alpha, Rms 
   pp_store16(xs + tile_offset<W>(n, c8), v);
 }
 
-// acc[m] += the step's weights of m16 tile m (sw[m]) times the x tile: each x fragment
-// loaded once for the MT tiles.
-template <class F, class W, int NT, int MT>
-PP_DEVICE void multiply(PP_THREAD float (*acc)[NT][4], PP_THREAD const StepWeights<F, W>* sw,
+// acc += the step's weights times the x tile.
+template <class F, class W, int NT>
+PP_DEVICE void multiply(PP_THREAD float (*acc)[4], PP_THREAD const StepWeights<F, W>& sw,
                         const PP_SHARED_PTR typename F::Elem* xs, int g, int t) {
   typedef Octets<F, W> O;
   constexpr int OCT = O::kPerVec;
@@ -275,24 +273,17 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[NT][4], PP_THREAD const StepWeigh
   for (int i = 0; i < StepWeights<F, W>::VL; ++i) {
     #pragma unroll
     for (int o = 0; o < OCT; ++o) {
-      pp_u32 a1[MT][4], a2[MT][4];
-      #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        pp_u32 lo[4], hi[4];
-        O::get(sw[m].lo[i], o, sw[m].sl[i], sw[m].bl[i], lo);
-        O::get(sw[m].hi[i], o, sw[m].sh[i], sw[m].bh[i], hi);
-        a1[m][0] = lo[0], a1[m][1] = hi[0], a1[m][2] = lo[1], a1[m][3] = hi[1];
-        a2[m][0] = lo[2], a2[m][1] = hi[2], a2[m][2] = lo[3], a2[m][3] = hi[3];
-      }
+      pp_u32 lo[4], hi[4];
+      O::get(sw.lo[i], o, sw.sl[i], sw.bl[i], lo);
+      O::get(sw.hi[i], o, sw.sh[i], sw.bh[i], hi);
+      const pp_u32 a1[4] = {lo[0], hi[0], lo[1], hi[1]};
+      const pp_u32 a2[4] = {lo[2], hi[2], lo[3], hi[3]};
       const PP_SHARED_PTR typename F::Elem* xr = xs + fragment_offset<W>(g, t, i, o);
       #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const pp_u32x4 xv = pp_load16(xr + j * 8 * kStep);
-        #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          mma<F>(acc[m][j], a1[m], xv.x, xv.y);
-          mma<F>(acc[m][j], a2[m], xv.z, xv.w);
-        }
+        mma<F>(acc[j], a1, xv.x, xv.y);
+        mma<F>(acc[j], a2, xv.z, xv.w);
       }
     }
   }
@@ -307,90 +298,41 @@ PP_DEVICE void multiply(PP_THREAD float (*acc)[NT][4], PP_THREAD const StepWeigh
 // 8-row qkv and ffn_out faster with it in isolation.
 // kMinBlocks: the kernel's __launch_bounds__ minimum of blocks a multiprocessor (3 for the
 // ahead kernels: 80 registers, 56 bytes spilled).
-// kMT (kernels ..._wide, PERSONAPLEX_MATVEC_TC_WIDE=1, affine weights from 4 n8 tiles): a
-// warp owns 2 m16 tiles of weight rows (32, gated 16 units) and a block 4 warps, so the
-// block's units stay the same and each x fragment a warp loads feeds both tiles: half
-// the workgroup-memory reads a multiply-add, which bound the 64-row kernel (71% busy,
-// docs/PERF.md 2026-12-02 later), for twice the accumulators (3 blocks of 4 warps a
-// multiprocessor instead of 2 of 8). Not timed yet.
-template <class W, int NT, bool Ahead = false, bool Wide = false>
+template <class W, int NT, bool Ahead = false>
 struct Plan {
   static constexpr bool kAhead = W::kChunk == 32 && NT == 1 && Ahead;
-  static constexpr int kMT = Wide && NT >= 4 && W::kAffine ? 2 : 1;
-  static constexpr int kWarps = PP_MATVEC_TC_WARPS / kMT;
-  static constexpr int kThreads = kWarps * 32;
-  static constexpr int kMinBlocks = kAhead || kMT == 2 ? 3 : (W::kChunk == 8 ? 1 : 2);
-  // x vectors a thread copies into the tile a step, and how many it loads at once
-  // (ptxas sm_90a: 4-bit n8 126 registers either way; dense n2 would pass 128 with 2).
-  static constexpr int kXVectors = NT * 8 * (kStep / 8) / kThreads;
-  static constexpr int kXBatch = W::kChunk == 8 && NT == 2 ? 1 : kXVectors < 4 ? kXVectors : 4;
+  static constexpr int kMinBlocks = kAhead ? 3 : (W::kChunk == 8 ? 1 : 2);
+  // x vectors a thread loads at once for the tile (ptxas sm_90a: 4-bit n8 126 registers
+  // either way; dense n2 would pass 128 with 2).
+  static constexpr int kXBatch = W::kChunk == 8 && NT == 2 ? 1 : NT < 4 ? NT : 4;
 };
-
-// a.fold (one n8 tile of x): warp m of the block computes row m's inv_rms into rr[m], as
-// matvec_tc_rms would (the sum of squares in another order: float32 rounding apart), so
-// that the call needs no launch of matvec_tc_rms (PERSONAPLEX_MATVEC_TC_FOLD_RMS=1).
-template <class F>
-PP_DEVICE void fold_rms(const PP_GLOBAL typename F::Elem* x, MatvecTcArgs a, PP_SHARED_PTR float* rr, int tid) {
-  const int m = tid >> 5, lane = tid & 31;
-  if (m < a.M) {
-    float s = 0.f;
-    const PP_GLOBAL typename F::Elem* xr = x + long(m) * a.K;
-    for (int k = lane * 8; k < a.K; k += 32 * 8) {
-      float v[8];
-      pp::unpack<F>(pp_load16(xr + k), v);
-      #pragma unroll
-      for (int e = 0; e < 8; ++e) s += v[e] * v[e];
-    }
-    s = matvec::warp_sum(s);
-    if (lane == 0) rr[m] = 1.f / sqrt(s / float(a.K) + a.eps);
-  }
-  PP_BARRIER();
-}
 
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
-// part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory; rr: 8
-// floats of it (a.fold).
-template <class F, class W, int NT, bool Ahead = false, bool Wide = false>
+// part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
+template <class F, class W, int NT, bool Ahead = false>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
-                       PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs,
-                       PP_SHARED_PTR float* rr, int block, int split, int tid) {
-  typedef Plan<W, NT, Ahead, Wide> P;
-  constexpr bool kAhead = P::kAhead;
-  constexpr int MT = P::kMT, kT = P::kThreads;
+                       PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
+                       int split, int tid) {
+  constexpr bool kAhead = Plan<W, NT, Ahead>::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int per_tile = a.gate ? 8 : 16;  // units an m16 tile
-  const int u0 = (block * P::kWarps + warp) * per_tile * MT;
-  int u_lo[MT], u_hi[MT];
-  long r_lo[MT], r_hi[MT];
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-    const int um = u0 + m * per_tile;
-    u_lo[m] = um + g, u_hi[m] = a.gate ? um + g : um + 8 + g;
-    // Past the end: read a valid row, store nothing.
-    r_lo[m] = u_lo[m] < a.n_out ? u_lo[m] : a.n_out - 1;
-    r_hi[m] = (u_hi[m] < a.n_out ? u_hi[m] : a.n_out - 1) + (a.gate ? a.n_out : 0);
-  }
+  const int per_warp = a.gate ? 8 : 16;  // units
+  const int u0 = (block * kWarps + warp) * per_warp;
+  const int u_lo = u0 + g, u_hi = a.gate ? u0 + g : u0 + 8 + g;
+  // Past the end: read a valid row, store nothing.
+  const long r_lo = u_lo < a.n_out ? u_lo : a.n_out - 1;
+  const long r_hi = (u_hi < a.n_out ? u_hi : a.n_out - 1) + (a.gate ? a.n_out : 0);
   const long words = W::row_words(a.K);
   const int groups = a.K / 64;
 
-  float acc[MT][NT][4];
+  float acc[NT][4];
   #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+  for (int j = 0; j < NT; ++j) {
     #pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
-    }
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
   }
-
-  if (NT == 1 && a.fold && a.norm) fold_rms<F>(x, a, rr, tid);
-  auto store = [&](pp_u32x4 v, int kb, int e) {
-    if (NT == 1 && a.fold) store_x<F, W>(v, alpha, rr, a, xs, kb, e);
-    else store_x<F, W>(v, alpha, inv_rms, a, xs, kb, e);
-  };
 
   const int total = a.K / kStep;
   const int s0 = split * a.steps;
@@ -402,19 +344,19 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
     pp_u32x4 xn[NT];
     auto step = [&](PP_THREAD StepWeights<F, W>& cur, PP_THREAD StepWeights<F, W>& nxt, int s) {
       const int kb = s * kStep;
-      if (s + 1 < s1) load_weights<F, W>(nxt, w, scales, biases, r_lo[0], r_hi[0], words, groups, kb + kStep, t);
+      if (s + 1 < s1) load_weights<F, W>(nxt, w, scales, biases, r_lo, r_hi, words, groups, kb + kStep, t);
       PP_BARRIER();  // the previous step's readers are done with the tile
       #pragma unroll
-      for (int r = 0; r < NT; ++r) store(xn[r], kb, tid + r * kThreads);
+      for (int r = 0; r < NT; ++r) store_x<F, W>(xn[r], alpha, inv_rms, a, xs, kb, tid + r * kThreads);
       PP_BARRIER();
       if (s + 1 < s1) {
         #pragma unroll
         for (int r = 0; r < NT; ++r) xn[r] = load_x<F>(x, a, kb + kStep, tid + r * kThreads);
       }
-      multiply<F, W, NT, 1>(acc, &cur, xs, g, t);
+      multiply<F, W, NT>(acc, cur, xs, g, t);
     };
     if (s0 < s1) {
-      load_weights<F, W>(w0, w, scales, biases, r_lo[0], r_hi[0], words, groups, s0 * kStep, t);
+      load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
       #pragma unroll
       for (int r = 0; r < NT; ++r) xn[r] = load_x<F>(x, a, s0 * kStep, tid + r * kThreads);
     }
@@ -423,30 +365,28 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       if (s + 1 < s1) step(w1, w0, s + 1);
     }
   } else {
-    StepWeights<F, W> sw[MT];
+    StepWeights<F, W> sw;
     for (int s = s0; s < s1; ++s) {
       const int kb = s * kStep;
-      #pragma unroll
-      for (int m = 0; m < MT; ++m) load_weights<F, W>(sw[m], w, scales, biases, r_lo[m], r_hi[m], words, groups, kb, t);
+      load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, kb, t);
       PP_BARRIER();  // the previous step's readers are done with the tile
-      // The thread's vectors of x in batches of XB: a batch's loads are in flight
+      // The thread's NT vectors of x in batches of XB: a batch's loads are in flight
       // together, one round trip each; a batch's registers still fit the occupancy.
-      constexpr int XB = P::kXBatch;
+      constexpr int XB = Plan<W, NT, Ahead>::kXBatch;
       #pragma unroll 1
-      for (int r0 = 0; r0 < P::kXVectors; r0 += XB) {
+      for (int r0 = 0; r0 < NT; r0 += XB) {
         pp_u32x4 v[XB];
         #pragma unroll
-        for (int b = 0; b < XB; ++b) v[b] = load_x<F>(x, a, kb, tid + (r0 + b) * kT);
+        for (int b = 0; b < XB; ++b) v[b] = load_x<F>(x, a, kb, tid + (r0 + b) * kThreads);
         #pragma unroll
-        for (int b = 0; b < XB; ++b) store(v[b], kb, tid + (r0 + b) * kT);
+        for (int b = 0; b < XB; ++b) store_x<F, W>(v[b], alpha, inv_rms, a, xs, kb, tid + (r0 + b) * kThreads);
       }
       PP_BARRIER();
-      multiply<F, W, NT, MT>(acc, sw, xs, g, t);
+      multiply<F, W, NT>(acc, sw, xs, g, t);
     }
   }
 
-  #pragma unroll
-  for (int m = 0; m < MT; ++m) store_partials<NT>(acc[m], part, a, split, u_lo[m], u_hi[m], t);
+  store_partials<NT>(acc, part, a, split, u_lo, u_hi, t);
 }
 
 // One block per row of x: inv_rms[m].
@@ -528,18 +468,6 @@ inline bool matvec_tc_ahead(int bits, int M) {
   return bits == 4 && matvec_tc_tiles(M) == 1 && env && env[0] == '1' && env[1] == '\0';
 }
 
-// Whether a call of M rows (at most 64) takes the kernel ..._wide (Plan::kMT): with
-// PERSONAPLEX_MATVEC_TC_WIDE=1, 4- or 8-bit weights and at least 4 n8 tiles of x.
-inline bool matvec_tc_wide(int bits, int M) {
-  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_WIDE");
-  return bits != 0 && matvec_tc_tiles(M) >= 4 && env && std::strcmp(env, "1") == 0;
-}
-
-// Threads a block of the kernel a call of M rows takes (Plan::kThreads).
-inline int matvec_tc_threads(int bits, int M) {
-  return matvec_tc_wide(bits, M) ? kMatvecTcThreads / 2 : kMatvecTcThreads;
-}
-
 // The row chunks of a call: fn(first row, rows) for each, at most 64 rows, in order.
 template <class Fn>
 void matvec_tc_chunks(int M, Fn fn) {
@@ -578,13 +506,6 @@ inline int matvec_tc_splits(int blocks, int steps, int slots) {
   return splits < 1 ? 1 : splits > steps ? steps : splits;
 }
 
-// Whether a call with the norm has matvec_tc compute inv_rms itself (MatvecTcArgs::fold):
-// one n8 tile of x (a warp a row) and PERSONAPLEX_MATVEC_TC_FOLD_RMS=1.
-inline bool matvec_tc_fold_rms(int M, int norm) {
-  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_FOLD_RMS");
-  return norm && matvec_tc_tiles(M) == 1 && env && std::strcmp(env, "1") == 0;
-}
-
 // The launches' scalars for M rows (at most 64); `slots` as matvec_tc_splits says.
 inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, int residual, float eps,
                                    int slots) {
@@ -593,7 +514,7 @@ inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, 
   const int splits = matvec_tc_splits(blocks, steps, slots);
   const int per = (steps + splits - 1) / splits;
   return {.M = M, .K = K, .n_out = n_out, .norm = norm, .gate = gate, .residual = residual, .eps = eps,
-          .splits = (steps + per - 1) / per, .steps = per, .fold = matvec_tc_fold_rms(M, norm) ? 1 : 0};
+          .splits = (steps + per - 1) / per, .steps = per};
 }
 
 // Floats of the workspace: inv_rms [M] (rounded up to 4), then the partials.
@@ -604,9 +525,9 @@ inline long matvec_tc_workspace_floats(const MatvecTcArgs& a) {
 inline PpLaunch matvec_tc_rms_launch(const MatvecTcArgs& a) {
   return {.grid_x = static_cast<unsigned int>(a.M), .grid_y = 1, .grid_z = 1, .threads = kMatvecTcThreads};
 }
-inline PpLaunch matvec_tc_launch(const MatvecTcArgs& a, int threads = kMatvecTcThreads) {
+inline PpLaunch matvec_tc_launch(const MatvecTcArgs& a) {
   return {.grid_x = pp_blocks_for("matvec", a.n_out, matvec_tc_units(a.gate)),
-          .grid_y = static_cast<unsigned int>(a.splits), .grid_z = 1, .threads = static_cast<unsigned int>(threads)};
+          .grid_y = static_cast<unsigned int>(a.splits), .grid_z = 1, .threads = kMatvecTcThreads};
 }
 inline PpLaunch matvec_tc_finish_launch(const MatvecTcArgs& a) {
   return {.grid_x = pp_blocks_for("matvec", long(a.M) * a.n_out, kMatvecTcFinishThreads), .grid_y = 1,

@@ -169,19 +169,6 @@ def test_matvec_tc_kernel(emulator, dtype, bits, M):
         assert_matches(got, want, dtype, f"emulated matvec_tc norm={norm} gate={gate} residual={residual}", res)
 
 
-def check_tc_variant(emu, rng, M, K, sms, dtype, bits, epilogue, seed, what):
-    """One emulated tensor-core call (the kernel the environment picks) of fresh operands with
-    150 weight rows against the emulation with W rounded to T; returns its split count."""
-    from test_matvec import emulate, round_to
-
-    norm, gate, residual = epilogue
-    x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, norm, gate, residual)
-    got, splits = emulated_matvec_tc(emu, x, w, scales, biases, alpha, res, bits, gate, sms=sms, seed=seed)
-    want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
-    assert_matches(got, want, dtype, f"emulated matvec_tc {what} M={M} K={K} norm={norm} gate={gate}", res)
-    return splits
-
-
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("M", [1, 5, 8])
 def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
@@ -189,39 +176,18 @@ def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
     and x loaded while a step multiplies, two register sets in turn): 9 steps of 256 in one
     split (an odd count: the last step has no successor) and 4 in each of 3, against the
     same emulation as the default kernel."""
+    from test_matvec import emulate, round_to
+
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", "1")
     rng = np.random.default_rng(hash((str(dtype), M, "ahead")) % 2**32)
     for i, (K, sms, want_splits) in enumerate([(2304, 1, 1), (3072, 3, 3)]):
-        epilogue = EPILOGUES[(M + i) % len(EPILOGUES)]
-        assert check_tc_variant(emulator["matvec"], rng, M, K, sms, dtype, 4, epilogue, i, "ahead") == want_splits
-
-
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_matvec_tc_wide_kernel(emulator, dtype, bits, monkeypatch):
-    """PERSONAPLEX_MATVEC_TC_WIDE=1: from 4 n8 tiles of x, ..._wide (a warp's 2 m16 tiles
-    share each x fragment; blocks of 4 warps, each thread copying twice the x vectors):
-    at 17, 40 and 64 rows, 150 weight rows (the second tile of a warp partly past the end,
-    gated 75 units), 9 steps in one split and 4 in each of 3, against the same emulation."""
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_WIDE", "1")
-    rng = np.random.default_rng(hash((str(dtype), bits, "wide")) % 2**32)
-    for i, (M, K, sms, want_splits) in enumerate([(17, 2304, 1, 1), (40, 3072, 3, 3), (64, 2304, 1, 1)]):
-        for j, epilogue in enumerate(EPILOGUES[i::3]):
-            assert check_tc_variant(emulator["matvec"], rng, M, K, sms, dtype, bits, epilogue, i + j,
-                                    "wide") == want_splits
-
-
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("bits", [0, 4])
-def test_matvec_tc_fold_rms(emulator, dtype, bits, monkeypatch):
-    """PERSONAPLEX_MATVEC_TC_FOLD_RMS=1: with the norm and up to 8 rows, each block of the
-    projection computes inv_rms itself (a warp a row) and matvec_tc_rms is not launched
-    (its workspace stays NaN, so a fold not done shows); 1, 5 and 8 rows, one split and
-    three, norm with and without the gate, against the same emulation."""
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_FOLD_RMS", "1")
-    rng = np.random.default_rng(hash((str(dtype), bits, "fold")) % 2**32)
-    for i, (M, K, sms) in enumerate([(1, 2304, 1), (5, 3072, 3), (8, 768, 2)]):
-        check_tc_variant(emulator["matvec"], rng, M, K, sms, dtype, bits, (True, i % 2 == 1, False), i, "fold_rms")
+        norm, gate, residual = EPILOGUES[(M + i) % len(EPILOGUES)]
+        x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, 4, norm, gate, residual)
+        got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, 4, gate, sms=sms,
+                                         seed=i)
+        assert splits == want_splits
+        want = emulate(x, round_to(W, dtype), dtype, alpha, gate, res)
+        assert_matches(got, want, dtype, f"emulated matvec_tc ahead K={K} norm={norm} gate={gate}", res)
 
 
 def test_matvec_tc_splits_rule(emulator, monkeypatch):

@@ -32,22 +32,20 @@ MATVEC_DTYPE(f16, pp::F16)
 // matvec_tc_<dtype>_<dense|q4|q8>_n<n8 tiles of x rows>, matvec_tc_finish_<dtype>.
 #include "../matvec_tc.cuh"
 
-// AHEAD, WIDE: the Plan's load-ahead and 2 m16 tiles a warp (kernels ..._ahead, ..._wide;
-// csrc/cuda_nodes.h picks them).
-#define MATVEC_TC_KERNEL(DT, F, WN, W, NT, AHEAD, WIDE, SUFFIX)                                     \
-  extern "C" __global__ void __launch_bounds__((matvec_tc::Plan<W, NT, AHEAD, WIDE>::kThreads),      \
-                                               (matvec_tc::Plan<W, NT, AHEAD, WIDE>::kMinBlocks))    \
+// AHEAD: the Plan's load-ahead (kernels ..._ahead, csrc/cuda_nodes.h picks them).
+#define MATVEC_TC_KERNEL(DT, F, WN, W, NT, AHEAD, SUFFIX)                                           \
+  extern "C" __global__ void __launch_bounds__(matvec_tc::kThreads,                                  \
+                                               (matvec_tc::Plan<W, NT, AHEAD>::kMinBlocks))          \
       matvec_tc_##DT##_##WN##_n##NT##SUFFIX(                                                         \
           const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,           \
           const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                 \
     pp_grid_dependency();                                                                            \
     __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStep];                                  \
-    __shared__ float rr[8];                                                                          \
-    matvec_tc::project<F, W, NT, AHEAD, WIDE>(x, w, scales, biases, alpha, inv_rms, part, a, xs, rr, \
-                                              blockIdx.x, blockIdx.y, threadIdx.x);                  \
+    matvec_tc::project<F, W, NT, AHEAD>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x, \
+                                        blockIdx.y, threadIdx.x);                                    \
   }
 
-#define MATVEC_TC(DT, F, WN, W, NT) MATVEC_TC_KERNEL(DT, F, WN, W, NT, false, false, )
+#define MATVEC_TC(DT, F, WN, W, NT) MATVEC_TC_KERNEL(DT, F, WN, W, NT, false, )
 
 #define MATVEC_TC_N(DT, F, WN, W) PP_TILES(MATVEC_TC, DT, F, WN, W)
 
@@ -72,13 +70,5 @@ MATVEC_TC_DTYPE(f16, pp::F16)
 
 // 4-bit weights and up to 8 rows of x, loading the next step ahead (PERSONAPLEX_MATVEC_TC_AHEAD=1):
 // measured against the default.
-MATVEC_TC_KERNEL(bf16, pp::BF16, q4, matvec::Affine<4>, 1, true, false, _ahead)
-MATVEC_TC_KERNEL(f16, pp::F16, q4, matvec::Affine<4>, 1, true, false, _ahead)
-
-// 4- and 8-bit weights from 4 n8 tiles of x, 2 m16 tiles a warp (PERSONAPLEX_MATVEC_TC_WIDE=1).
-#define MATVEC_TC_WIDE(DT, F, WN, W) \
-  MATVEC_TC_KERNEL(DT, F, WN, W, 4, false, true, _wide) MATVEC_TC_KERNEL(DT, F, WN, W, 8, false, true, _wide)
-MATVEC_TC_WIDE(bf16, pp::BF16, q4, matvec::Affine<4>)
-MATVEC_TC_WIDE(bf16, pp::BF16, q8, matvec::Affine<8>)
-MATVEC_TC_WIDE(f16, pp::F16, q4, matvec::Affine<4>)
-MATVEC_TC_WIDE(f16, pp::F16, q8, matvec::Affine<8>)
+MATVEC_TC_KERNEL(bf16, pp::BF16, q4, matvec::Affine<4>, 1, true, _ahead)
+MATVEC_TC_KERNEL(f16, pp::F16, q4, matvec::Affine<4>, 1, true, _ahead)

@@ -64,31 +64,28 @@ void matvec_format(int bits, const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
 
 // The tensor-core path's three launches, as csrc/matvec_cuda.cpp makes them, with
 // `sms` multiprocessors deciding the K splits. The workspace starts as NaN.
-template <class F, class W, int NT, bool Ahead = false, bool Wide = false>
+template <class F, class W, int NT, bool Ahead = false>
 void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
   using E = typename F::Elem;
   std::vector<float> ws(matvec_tc_workspace_floats(a), NAN);
   float* inv_rms = ws.data();
   float* part = ws.data() + (a.M + 3) / 4 * 4;
   std::vector<float> smem(kMatvecTcThreads / 32);
-  if (a.norm && !a.fold) {
+  if (a.norm) {
     pp_emu::launch(matvec_tc_rms_launch(a), smem, [&](int bx, int, int, int tid) {
       matvec_tc::rms<F>(static_cast<const E*>(p.x), inv_rms, a, smem.data(), bx, tid);
     }, seed);
   }
   // The x tile as 16-bit elements, poisoned with NaN of T before every block.
-  // ... and the 8 floats of inv_rms a block computes itself (a.fold) after it.
-  const int tile_floats = (matvec_tc_smem_elems(NT) + 1) / 2;
-  std::vector<float> tile(tile_floats + 8);
+  std::vector<float> tile((matvec_tc_smem_elems(NT) + 1) / 2);
   E* xs = reinterpret_cast<E*>(tile.data());
-  float* rr = tile.data() + tile_floats;
   const E nan = F::store(NAN);
   pp_emu::launch(
-      matvec_tc_launch(a, matvec_tc::Plan<W, NT, Ahead, Wide>::kThreads), tile,
+      matvec_tc_launch(a), tile,
       [&](int bx, int by, int, int tid) {
-        matvec_tc::project<F, W, NT, Ahead, Wide>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+        matvec_tc::project<F, W, NT, Ahead>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
                                      static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
-                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, rr, bx, by, tid);
+                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
       },
       seed, [&] { std::fill(xs, xs + matvec_tc_smem_elems(NT), nan); });
   std::vector<float> none;
@@ -106,13 +103,8 @@ void matvec_tc_tiles_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned se
       if (W::kChunk == 32 && matvec_tc_ahead(4, a.M)) return matvec_tc_run<F, W, 1, true>(p, a, seed);
       return matvec_tc_run<F, W, 1>(p, a, seed);
     case 2: return matvec_tc_run<F, W, 2>(p, a, seed);
-    // the ..._wide kernels where csrc/cuda_nodes.h picks them
-    case 4:
-      if (W::kAffine && matvec_tc_wide(8, a.M)) return matvec_tc_run<F, W, 4, false, true>(p, a, seed);
-      return matvec_tc_run<F, W, 4>(p, a, seed);
-    default:
-      if (W::kAffine && matvec_tc_wide(8, a.M)) return matvec_tc_run<F, W, 8, false, true>(p, a, seed);
-      return matvec_tc_run<F, W, 8>(p, a, seed);
+    case 4: return matvec_tc_run<F, W, 4>(p, a, seed);
+    default: return matvec_tc_run<F, W, 8>(p, a, seed);
   }
 }
 
