@@ -39,7 +39,6 @@
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
 #   splits     matvec_tc_bench sweeping the split count along K (SPLITS) at SPLITS_BATCHES rows, and tick_bench
 #              at BATCHES with the earlier split rule (PERSONAPLEX_MATVEC_TC_SPLITS=fill)
-#   fuse       tick_bench bf16 and q4 at FUSE_BATCHES with the tick program's fused runs and without
 #   dense-tc   bench/tick_bench.py bf16 with PERSONAPLEX_DENSE_PROJ=tc (dense projections by the
 #              tensor-core path instead of cuBLAS) at DENSE_TC_BATCHES (default 8,32,64)
 #   ahead      matvec_tc_bench and tick_bench q4 at AHEAD_BATCHES (default 1,8) with PERSONAPLEX_MATVEC_TC_AHEAD=1, 0
@@ -159,17 +158,6 @@ for step in "$@"; do
           PERSONAPLEX_MATVEC_TC_AHEAD=$a timeout 200 python3 bench/tick_bench.py --batches "${AHEAD_BATCHES:-1,8}" \
             --formats 4 --per-op-ticks 0 --json "$out/ours_ahead$a.json" > "$out/ours_ahead$a.log" 2>&1
           echo "== ahead=$a"; grep -iE "q4|tc" "$out/matvec_tc_ahead$a.log" | tail -12; tail -3 "$out/ours_ahead$a.log"
-        done ) ;;
-    fuse)
-      # the tick program's fused runs (kernels/tick_fused.cuh: the LM step's small kernels in one
-      # persistent kernel, PERSONAPLEX_TICK_FUSE=1) against their own launches: tick_bench bf16 and q4
-      # at FUSE_BATCHES (default 1,8,32,64), KV cache bits FUSE_KV (default 16; e.g. 16,8), one process each.
-      ( mlx_env
-        for v in 1 0; do
-          PERSONAPLEX_TICK_FUSE=$v timeout 260 python3 bench/tick_bench.py --batches "${FUSE_BATCHES:-1,8,32,64}" \
-            --formats 0,4 --kv-bits "${FUSE_KV:-16}" --per-op-ticks 0 --json "$out/ours_fuse$v.json" \
-            > "$out/ours_fuse$v.log" 2>&1
-          echo "== PERSONAPLEX_TICK_FUSE=$v"; grep '"tick' "$out/ours_fuse$v.log" | cut -c1-100
         done ) ;;
     splits)
       # matvec_tc's split along K (matvec_tc_splits): matvec_tc_bench at the 7B's and the depformer's

@@ -45,7 +45,6 @@ void TickProgram::run_cuda(void*, const void*, const void*, void*, void*) {
 }
 void TickProgram::write_cuda(int, long, const mx::array&) { run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr); }
 void TickProgram::read_cuda(int, long, void*, long) { run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr); }
-std::vector<int> TickProgram::fused_runs() const { return {}; }
 std::vector<double> TickProgram::profile_cuda() {
   run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr);
   return {};

@@ -199,9 +199,6 @@ class TickProgram {
   int device() const { return device_; }
   long arena_bytes() const { return arena_bytes_; }
   int ops() const { return static_cast<int>(ops_.size()); }
-  // The phases of each fused run of the CUDA graph (PERSONAPLEX_TICK_FUSE=1,
-  // kernels/tick_fused.cuh), once captured (its first tick); else empty.
-  std::vector<int> fused_runs() const;
 
   // The ops once, on a CPU program's arena, without the tick's copies (tests).
   void run_ops();

@@ -68,7 +68,6 @@ void bind_tick(nb::module_& m) {
       .def("run_ops", &P::run_ops, "The ops once on a CPU program's arena (tests of single ops).")
       .def_prop_ro("arena_bytes", &P::arena_bytes)
       .def_prop_ro("ops", &P::ops)
-      .def_prop_ro("fused_runs", &P::fused_runs, "Phases of each fused run of the CUDA graph (empty: none).")
       .def_prop_ro("gpu", &P::gpu)
       .def(
           "matvec",

@@ -21,8 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
-#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -31,7 +29,6 @@
 #include "cuda_common.h"
 #include "cuda_nodes.h"
 #include "tick.h"
-#include "tick_fused.cuh"
 
 extern "C" const unsigned char matvec_fatbin[];
 extern "C" const unsigned char ring_attention_fatbin[];
@@ -41,7 +38,6 @@ extern "C" const unsigned char rvq_fatbin[];
 extern "C" const unsigned char sample_topk_fatbin[];
 extern "C" const unsigned char depformer_frame_fatbin[];
 extern "C" const unsigned char tick_fatbin[];
-extern "C" const unsigned char tick_fused_fatbin[];
 
 namespace personaplex {
 
@@ -87,17 +83,8 @@ struct CudaState {
   void* cublas = nullptr;            // handle, made in the dry pass
   CUdeviceptr cublas_ws = 0;
 
-  // One kernel launch of an op: resolved in the dry pass, launched in the capture; or,
-  // while a fused run is being recorded, a phase of it (see fuse_phase).
+  // One kernel launch of an op: resolved in the dry pass, launched in the capture.
   void kernel(const unsigned char* image, const std::string& name, const PpLaunch& plan, void** params,
-              unsigned smem = 0) {
-    if (fusing) {
-      if (fuse_phase(image, name, plan, params)) return;
-      flush_run();
-    }
-    launch(image, name, plan, params, smem);
-  }
-  void launch(const unsigned char* image, const std::string& name, const PpLaunch& plan, void** params,
               unsigned smem = 0) {
     CUfunction f = cuda::function(image, name.c_str(), device);
     if (dry) {
@@ -128,7 +115,6 @@ struct CudaState {
     after_ours = true;
   }
   void copy(void* dst, const void* src, size_t bytes) {
-    flush_run();
     if (dry || bytes == 0) return;
     after_ours = false;
     ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes, launch_stream),
@@ -137,7 +123,6 @@ struct CudaState {
   // Row-major y [M, N] (+)= x [M, K] w [N, K]^T, float32 accumulation. Runs eagerly in
   // the dry pass too (on the scratch it will own), so cuBLAS settles before the capture.
   void gemm(mx::Dtype dt, const void* x, const void* w, void* y, int M, int N, int K, bool accumulate) {
-    flush_run();
     const Cublas& cb = Cublas::get();
     if (!cublas) {
       cublas_check(cb.create(&cublas), "cublasCreate");
@@ -154,142 +139,6 @@ struct CudaState {
                             Cublas::kCompute32F, Cublas::kGemmDefault),
                  "cublasGemmEx");
   }
-  // Fused runs (kernels/tick_fused.cuh), with PERSONAPLEX_TICK_FUSE=1: consecutive launches
-  // of the bodies tick_fused_<dtype>_<weights> runs are recorded as phases and launched
-  // as one kernel when something else comes (another kernel, a copy, a GEMM, the end).
-  // The dry pass records the same runs (the same names and grids decide them), sizes
-  // their tables and allocates them; the capture fills them, uploaded after it ends.
-  struct Recorded {
-    const unsigned char* image;
-    std::string name;
-    PpLaunch plan;
-    TickFusedPhase phase;
-  };
-  bool fuse = false;    // PERSONAPLEX_TICK_FUSE=1
-  bool fusing = false;  // recording now: the dry pass and the capture, not the profile
-  std::string run_weights;  // the run's weight format ("" until a projection joins it)
-  std::vector<Recorded> run;
-  std::vector<CUdeviceptr> tables;  // one a fused run, dry pass order
-  size_t next_table = 0;
-  std::vector<std::pair<CUdeviceptr, std::vector<TickFusedPhase>>> uploads;  // the capture's tables
-  CUdeviceptr barrier = 0;  // the grid barrier's count and generation
-  long fused_blocks = 0;    // blocks a fused kernel runs as (all resident at once), 0: not asked yet
-  std::vector<int> fused_sizes;  // the capture's runs' phases (TickProgram::fused_runs)
-
-  // The blocks of tick_fused_bf16_<w> that fit on the device at once, the fewest of the
-  // three weight formats' kernels (one grid for all).
-  long fused_grid() {
-    if (fused_blocks) return fused_blocks;
-    long least = -1;
-    for (const char* w : {"dense", "q4", "q8"}) {
-      const std::string name = std::string("tick_fused_bf16_") + w;
-      CUfunction f = cuda::function(tick_fused_fatbin, name.c_str(), device);
-      int per = 0;
-      ck(cuOccupancyMaxActiveBlocksPerMultiprocessor(&per, f, kTickFusedThreads, 0), "occupancy (fused)");
-      const long blocks = long(per) * cuda::sm_count(device);
-      least = least < 0 ? blocks : std::min(least, blocks);
-    }
-    if (least < 1) throw std::runtime_error("tick (CUDA): a fused kernel does not fit on the device");
-    fused_blocks = least;
-    return least;
-  }
-
-  // Records the launch as a phase of the current run if a fused kernel runs its body:
-  // bf16, the bodies of kernels/tick_fused.cuh, and no more virtual blocks than one
-  // round of the fused grid runs at once (a larger grid is faster as its own launch,
-  // at its own occupancy).
-  bool fuse_phase(const unsigned char* image, const std::string& name, const PpLaunch& plan, void** params) {
-    struct Known {
-      int kind;
-      size_t args;
-    };
-    static const std::map<std::string, Known> fixed = {
-        {"matvec_tc_rms_bf16", {kFusedTcRms, sizeof(MatvecTcArgs)}},
-        {"matvec_tc_finish_bf16", {kFusedTcFinish, sizeof(MatvecTcArgs)}},
-        {"ring_attend_bf16_d64_q1", {kFusedAttendD64, sizeof(RingArgs)}},
-        {"ring_attend_bf16_d128_q1", {kFusedAttendD128, sizeof(RingArgs)}},
-        {"ring_attend_bf16_i8_d64_q1", {kFusedAttendI8D64, sizeof(RingArgs)}},
-        {"ring_attend_bf16_i8_d128_q1", {kFusedAttendI8D128, sizeof(RingArgs)}},
-        {"ring_finish_bf16", {kFusedRingFinish, sizeof(RingArgs)}},
-        {"ring_finish_bf16_i8", {kFusedRingFinishI8, sizeof(RingArgs)}},
-        {"sample_topk_bf16", {kFusedSample, sizeof(SampleArgs)}},
-        {"embed_add_bf16", {kFusedEmbed, sizeof(EmbedArgs)}},
-        {"tick_norm_bf16", {kFusedNorm, sizeof(NormArgs)}},
-        {"tick_gumbel", {kFusedGumbel, sizeof(GumbelArgs)}},
-    };
-    Known k{-1, 0};
-    std::string weights;
-    if (auto it = fixed.find(name); it != fixed.end()) {
-      k = it->second;
-    } else {
-      for (const char* w : {"dense", "q4", "q8"}) {
-        for (int n : {1, 2, 4, 8}) {
-          const int i = n == 1 ? 0 : n == 2 ? 1 : n == 4 ? 2 : 3;
-          if (name == std::string("matvec_tc_bf16_") + w + "_n" + std::to_string(n)) {
-            k = {kFusedTcN1 + i, sizeof(MatvecTcArgs)}, weights = w;
-          } else if (name == std::string("matvec_bf16_") + w + "_m" + std::to_string(n)) {
-            k = {kFusedMvM1 + i, sizeof(MatvecArgs)}, weights = w;
-          }
-        }
-      }
-    }
-    if (k.kind < 0 || static_cast<int>(plan.threads) != tick_fused_group(k.kind)) return false;
-    const long blocks = long(plan.grid_x) * plan.grid_y * plan.grid_z;
-    if (blocks > fused_grid() * (kTickFusedThreads / plan.threads)) return false;
-    if (!weights.empty() && !run_weights.empty() && weights != run_weights) flush_run();
-    if (!weights.empty()) run_weights = weights;
-    Recorded r{image, name, plan, {}};
-    r.phase.kind = k.kind;
-    r.phase.grid_x = plan.grid_x;
-    r.phase.grid_y = plan.grid_y;
-    r.phase.grid_z = plan.grid_z;
-    const int np = tick_fused_pointers(k.kind);
-    for (int i = 0; i < np; ++i) r.phase.p[i] = *static_cast<void**>(params[i]);
-    std::memcpy(r.phase.args, params[np], k.args);
-    run.push_back(std::move(r));
-    return true;
-  }
-
-  // The run so far: one launch of its own kernel, or (a single phase) the launch as it was.
-  void flush_run() {
-    if (run.empty()) return;
-    std::vector<Recorded> phases;
-    phases.swap(run);
-    const std::string weights = run_weights.empty() ? "dense" : run_weights;
-    run_weights.clear();
-    if (phases.size() == 1) {
-      Recorded& r = phases[0];
-      void* params[kTickFusedPointers + 1];
-      const int np = tick_fused_pointers(r.phase.kind);
-      for (int i = 0; i < np; ++i) params[i] = &r.phase.p[i];
-      params[np] = r.phase.args;
-      launch(r.image, r.name, r.plan, params);
-      return;
-    }
-    CUdeviceptr table = 0;
-    if (dry) {
-      ck(cuMemAlloc(&table, sizeof(TickFusedPhase) * phases.size()), "cuMemAlloc (fused run)");
-      tables.push_back(table);
-      if (!barrier) {
-        ck(cuMemAlloc(&barrier, 256), "cuMemAlloc (grid barrier)");
-        ck(cuMemsetD8(barrier, 0, 256), "cuMemsetD8 (grid barrier)");
-      }
-    } else {
-      table = tables.at(next_table++);
-      std::vector<TickFusedPhase> host;
-      for (const auto& r : phases) host.push_back(r.phase);
-      uploads.push_back({table, std::move(host)});
-      fused_sizes.push_back(static_cast<int>(phases.size()));
-    }
-    int n = static_cast<int>(phases.size());
-    void* tp = reinterpret_cast<void*>(table);
-    void* bp = reinterpret_cast<void*>(barrier);
-    void* params[] = {&tp, &n, &bp};
-    const PpLaunch plan{.grid_x = static_cast<unsigned int>(fused_grid()), .grid_y = 1, .grid_z = 1,
-                        .threads = kTickFusedThreads};
-    launch(tick_fused_fatbin, "tick_fused_bf16_" + weights, plan, params);
-  }
-
   // Scratch that no op needs past its own launches (the tensor-core matvec's
   // partials): one region for all, as large as the largest asked for in the dry pass
   // (which launches nothing and gets null), allocated before the capture.
@@ -542,8 +391,6 @@ TickProgram::~TickProgram() {
   if (s.graph) cuGraphDestroy(s.graph);
   if (s.capture) cuStreamDestroy(s.capture);
   for (auto w : s.workspaces) cuMemFree(w);
-  for (auto t : s.tables) cuMemFree(t);
-  if (s.barrier) cuMemFree(s.barrier);
   if (s.shared_ws) cuMemFree(s.shared_ws);
   if (s.cublas_ws) cuMemFree(s.cublas_ws);
   if (s.arena) cuMemFree(s.arena);
@@ -601,13 +448,6 @@ static bool pdl_enabled() {
   return !(e && std::string(e) == "0");
 }
 
-// Whether the capture runs the program's small kernels in fused runs
-// (kernels/tick_fused.cuh): PERSONAPLEX_TICK_FUSE=1.
-static bool fuse_enabled() {
-  const char* e = std::getenv("PERSONAPLEX_TICK_FUSE");
-  return e && std::string(e) == "1";
-}
-
 // The dry pass and the capture, once.
 static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::Op>& ops) {
   if (s.exec) return;
@@ -615,10 +455,7 @@ static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::
   ck(cuStreamCreate(&s.capture, CU_STREAM_NON_BLOCKING), "cuStreamCreate");
   s.launch_stream = s.capture;
   s.dry = true;
-  s.fuse = fuse_enabled();
-  s.fusing = s.fuse;
   for (const auto& op : ops) launch_op(s, p, op, resolve);
-  s.flush_run();
   ck(cuStreamSynchronize(s.capture), "cuStreamSynchronize (dry pass)");
   s.dry = false;
   s.next_workspace = 0;
@@ -626,28 +463,17 @@ static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::
   ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
   s.pdl = pdl_enabled();
   s.after_ours = false;
-  s.next_table = 0;
-  s.uploads.clear();
-  s.fused_sizes.clear();
   try {
     for (const auto& op : ops) launch_op(s, p, op, resolve);
-    s.flush_run();
   } catch (...) {
     s.pdl = false;
-    s.fusing = false;
-    s.run.clear();
     CUgraph g = nullptr;
     cuStreamEndCapture(s.capture, &g);
     if (g) cuGraphDestroy(g);
     throw;
   }
   s.pdl = false;
-  s.fusing = false;
   ck(cuStreamEndCapture(s.capture, &s.graph), "cuStreamEndCapture");
-  for (const auto& [table, phases] : s.uploads) {
-    ck(cuMemcpyHtoD(table, phases.data(), sizeof(TickFusedPhase) * phases.size()), "cuMemcpyHtoD (fused run)");
-  }
-  s.uploads.clear();
   ck(cuGraphInstantiate(&s.exec, s.graph, 0), "cuGraphInstantiate");
 }
 
@@ -670,8 +496,6 @@ void TickProgram::run_cuda(void* stream, const void* pcm, const void* control, v
   ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(tokens), dev(tokens_), sizeof(int32_t) * B_ * G_, st),
      "copy tokens out");
 }
-
-std::vector<int> TickProgram::fused_runs() const { return cuda_ ? cuda_->fused_sizes : std::vector<int>{}; }
 
 std::vector<double> TickProgram::profile_cuda() {
   make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
