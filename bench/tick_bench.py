@@ -50,11 +50,19 @@ def main(argv=None):
                    "32 MB (small weights by matvec up to 8 rows), e.g. 4,8")
     p.add_argument("--pdl", default="1", help="programmatic dependent launch in the tick's graph, each timed: "
                    "1 (on, the default), 0 (PERSONAPLEX_PDL=0), e.g. 0,1")
+    p.add_argument("--variants", default="", help="each row also timed under these environments, read when a "
+                   "tick's graph is captured: NAME:VAR=VALUE,VAR=VALUE;NAME:... (rows named 'tick <format> [NAME]'; "
+                   "the base row, as the environment is, comes first unless --no-base)")
+    p.add_argument("--no-base", action="store_true", help="with --variants: only the variants")
     p.add_argument("--json", help="write the results here (rewritten after every row)")
     a = p.parse_args(argv)
     if a.tiny:
         use_tiny_sizes()
     batches = [int(x) for x in a.batches.split(",")]
+    variants = [] if a.variants and a.no_base else [("", {})]
+    for v in filter(None, a.variants.split(";")):
+        name, _, env = v.partition(":")
+        variants.append((name, dict(kv.split("=", 1) for kv in filter(None, env.split(",")))))
     result = {"meta": dict(versions=versions(), device=str(mx.default_device()), structure=a.structure,
                            ticks=a.ticks, warmup=a.warmup, date=time.strftime("%Y-%m-%d")), "rows": []}
 
@@ -75,15 +83,25 @@ def main(argv=None):
             record(dict(what=f"per-op engine {fmt}", B=batches[0],
                         **engine_ticks(lm, mimi, batches[0], a.per_op_ticks, 5, program=False)))
         for B in batches:
-            for kv, pdl in ((int(x), y) for x in a.kv_bits.split(",") for y in a.pdl.split(",")):
+            for kv, pdl, (vname, venv) in ((int(x), y, v) for x in a.kv_bits.split(",") for y in a.pdl.split(",")
+                                           for v in variants):
                 kv_bits, name = (8, f"tick {fmt} kv8") if kv == 8 else (None, f"tick {fmt}")
+                saved = {k: os.environ.get(k) for k in venv}
+                os.environ.update(venv)
                 os.environ["PERSONAPLEX_PDL"] = pdl  # read when the engine's graph is captured
                 try:
                     row = engine_ticks(lm, mimi, B, a.ticks, a.warmup, program=True, profile=a.profile,
                                        kv_bits=kv_bits)
                 except Exception as e:  # out of memory at the largest batches: say so, go on
                     row = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                record(dict(what=name + (" no-pdl" if pdl == "0" else ""), B=B, **row))
+                finally:
+                    for k, old in saved.items():
+                        if old is None:
+                            os.environ.pop(k, None)
+                        else:
+                            os.environ[k] = old
+                record(dict(what=name + (" no-pdl" if pdl == "0" else "") + (f" [{vname}]" if vname else ""),
+                            B=B, **({"env": venv} if venv else {}), **row))
             os.environ.pop("PERSONAPLEX_PDL", None)
             if str(B) in a.matvec_small.split(",") and bits == 0:
                 from personaplex_fast import tick
