@@ -45,6 +45,7 @@ struct MatvecTcArgs {
   float eps;
   int splits;    // blocks along K (grid y)
   int steps;     // 256-wide K steps per split (the last split may have fewer)
+  int early;     // the first step's weights loaded before waiting for the previous kernel
 };
 
 #define PP_MATVEC_TC_STEP 256   // K per step
@@ -310,12 +311,15 @@ struct Plan {
 // x: [M, K]; w: [rows, row_words] (dense rows reinterpreted); scales, biases:
 // [rows, K / 64] (affine only); alpha: [K] and inv_rms: [M] (norm only);
 // part: [splits, M, rows] float32. xs: NT * 8 * kStep elements of workgroup memory.
-template <class F, class W, int NT, bool Ahead = false>
+// wait(): the wait for the kernel before (programmatic dependent launch, portable.h), called
+// before x, inv_rms or the partials are touched; with a.early the block's first step of
+// weights (never written by any kernel) is already on its way then.
+template <class F, class W, int NT, bool Ahead = false, class Wait>
 PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                        const PP_GLOBAL typename F::Elem* scales, const PP_GLOBAL typename F::Elem* biases,
                        const PP_GLOBAL typename F::Elem* alpha, const PP_GLOBAL float* inv_rms,
                        PP_GLOBAL float* part, MatvecTcArgs a, PP_SHARED_PTR typename F::Elem* xs, int block,
-                       int split, int tid) {
+                       int split, int tid, Wait wait) {
   constexpr bool kAhead = Plan<W, NT, Ahead>::kAhead;
   const int lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int per_warp = a.gate ? 8 : 16;  // units
@@ -355,8 +359,10 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
       }
       multiply<F, W, NT>(acc, cur, xs, g, t);
     };
+    if (!a.early) wait();
+    if (s0 < s1) load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
+    if (a.early) wait();
     if (s0 < s1) {
-      load_weights<F, W>(w0, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
       #pragma unroll
       for (int r = 0; r < NT; ++r) xn[r] = load_x<F>(x, a, s0 * kStep, tid + r * kThreads);
     }
@@ -366,9 +372,11 @@ PP_DEVICE void project(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u
     }
   } else {
     StepWeights<F, W> sw;
+    if (a.early && s0 < s1) load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, s0 * kStep, t);
+    wait();
     for (int s = s0; s < s1; ++s) {
       const int kb = s * kStep;
-      load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, kb, t);
+      if (!a.early || s > s0) load_weights<F, W>(sw, w, scales, biases, r_lo, r_hi, words, groups, kb, t);
       PP_BARRIER();  // the previous step's readers are done with the tile
       // The thread's NT vectors of x in batches of XB: a batch's loads are in flight
       // together, one round trip each; a batch's registers still fit the occupancy.
@@ -506,6 +514,13 @@ inline int matvec_tc_splits(int blocks, int steps, int slots) {
   return splits < 1 ? 1 : splits > steps ? steps : splits;
 }
 
+// Whether matvec_tc loads its first step of weights before waiting for the kernel before
+// it (MatvecTcArgs::early): PERSONAPLEX_MATVEC_TC_EARLY=1.
+inline bool matvec_tc_early() {
+  const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_EARLY");
+  return env && std::strcmp(env, "1") == 0;
+}
+
 // The launches' scalars for M rows (at most 64); `slots` as matvec_tc_splits says.
 inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, int residual, float eps,
                                    int slots) {
@@ -514,7 +529,7 @@ inline MatvecTcArgs matvec_tc_args(int M, int K, int n_out, int norm, int gate, 
   const int splits = matvec_tc_splits(blocks, steps, slots);
   const int per = (steps + splits - 1) / splits;
   return {.M = M, .K = K, .n_out = n_out, .norm = norm, .gate = gate, .residual = residual, .eps = eps,
-          .splits = (steps + per - 1) / per, .steps = per};
+          .splits = (steps + per - 1) / per, .steps = per, .early = matvec_tc_early() ? 1 : 0};
 }
 
 // Floats of the workspace: inv_rms [M] (rounded up to 4), then the partials.

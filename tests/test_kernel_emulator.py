@@ -169,6 +169,40 @@ def test_matvec_tc_kernel(emulator, dtype, bits, M):
         assert_matches(got, want, dtype, f"emulated matvec_tc norm={norm} gate={gate} residual={residual}", res)
 
 
+def check_tc_variant(emu, rng, M, K, sms, dtype, bits, epilogue, seed, what):
+    """One emulated tensor-core call (the kernel the environment picks) of fresh operands with
+    150 weight rows against the emulation with W rounded to T; returns its split count."""
+    from test_matvec import emulate, round_to
+
+    norm, gate, residual = epilogue
+    x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, norm, gate, residual)
+    got, splits = emulated_matvec_tc(emu, x, w, scales, biases, alpha, res, bits, gate, sms=sms, seed=seed)
+    want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
+    assert_matches(got, want, dtype, f"emulated matvec_tc {what} M={M} K={K} norm={norm} gate={gate}", res)
+    return splits
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits", [0, 4, 8])
+@pytest.mark.parametrize("ahead", ["0", "1"])
+def test_matvec_tc_early_weights(emulator, dtype, bits, ahead, monkeypatch):
+    """PERSONAPLEX_MATVEC_TC_EARLY=1: the block's first step of weights loaded before the wait
+    for the kernel before (programmatic dependent launch), its x and inv_rms only after: the
+    emulator keeps x and inv_rms NaN until the wait (so any of them read early shows), at 1
+    to 64 rows, one split of 9 steps and 3 of 4, with the 4-bit load-ahead kernel too."""
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", "1")
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", ahead)
+    if ahead == "1" and bits != 4:
+        pytest.skip("the load-ahead kernel takes 4-bit weights")
+    rng = np.random.default_rng(hash((str(dtype), bits, ahead, "early")) % 2**32)
+    for i, (M, K, sms, want) in enumerate([(1, 2304, 1, 1), (5, 3072, 3, 3), (8, 2304, 1, 1), (17, 3072, 3, 3),
+                                           (64, 2304, 1, 1)]):
+        if ahead == "1" and M > 8:
+            continue
+        epilogue = EPILOGUES[(i + bits) % len(EPILOGUES)]
+        assert check_tc_variant(emulator["matvec"], rng, M, K, sms, dtype, bits, epilogue, i, "early") == want
+
+
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("M", [1, 5, 8])
 def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
@@ -176,18 +210,11 @@ def test_matvec_tc_ahead_kernel(emulator, dtype, M, monkeypatch):
     and x loaded while a step multiplies, two register sets in turn): 9 steps of 256 in one
     split (an odd count: the last step has no successor) and 4 in each of 3, against the
     same emulation as the default kernel."""
-    from test_matvec import emulate, round_to
-
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", "1")
     rng = np.random.default_rng(hash((str(dtype), M, "ahead")) % 2**32)
     for i, (K, sms, want_splits) in enumerate([(2304, 1, 1), (3072, 3, 3)]):
-        norm, gate, residual = EPILOGUES[(M + i) % len(EPILOGUES)]
-        x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, 4, norm, gate, residual)
-        got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, 4, gate, sms=sms,
-                                         seed=i)
-        assert splits == want_splits
-        want = emulate(x, round_to(W, dtype), dtype, alpha, gate, res)
-        assert_matches(got, want, dtype, f"emulated matvec_tc ahead K={K} norm={norm} gate={gate}", res)
+        epilogue = EPILOGUES[(M + i) % len(EPILOGUES)]
+        assert check_tc_variant(emulator["matvec"], rng, M, K, sms, dtype, 4, epilogue, i, "ahead") == want_splits
 
 
 def test_matvec_tc_splits_rule(emulator, monkeypatch):

@@ -39,10 +39,9 @@ MATVEC_DTYPE(f16, pp::F16)
       matvec_tc_##DT##_##WN##_n##NT##SUFFIX(                                                         \
           const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,           \
           const F::Elem* alpha, const float* inv_rms, float* part, MatvecTcArgs a) {                 \
-    pp_grid_dependency();                                                                            \
     __shared__ __align__(16) F::Elem xs[NT * 8 * matvec_tc::kStep];                                  \
     matvec_tc::project<F, W, NT, AHEAD>(x, w, scales, biases, alpha, inv_rms, part, a, xs, blockIdx.x, \
-                                        blockIdx.y, threadIdx.x);                                    \
+                                        blockIdx.y, threadIdx.x, [] { pp_grid_dependency(); });      \
   }
 
 #define MATVEC_TC(DT, F, WN, W, NT) MATVEC_TC_KERNEL(DT, F, WN, W, NT, false, )

@@ -76,18 +76,31 @@ void matvec_tc_run(const MatvecPtrs& p, const MatvecTcArgs& a, unsigned seed) {
       matvec_tc::rms<F>(static_cast<const E*>(p.x), inv_rms, a, smem.data(), bx, tid);
     }, seed);
   }
-  // The x tile as 16-bit elements, poisoned with NaN of T before every block.
+  // The x tile as 16-bit elements, poisoned with NaN of T before every block. So are x
+  // and inv_rms (the kernels before this one write them) until the block's first thread
+  // waits for those kernels: what is read before the wait is NaN.
   std::vector<float> tile((matvec_tc_smem_elems(NT) + 1) / 2);
   E* xs = reinterpret_cast<E*>(tile.data());
   const E nan = F::store(NAN);
+  const E* x = static_cast<const E*>(p.x);
+  std::vector<E> xb(size_t(a.M) * a.K);
+  std::vector<float> rms_b(inv_rms, inv_rms + a.M);
+  auto wait = [&] {
+    std::copy(x, x + xb.size(), xb.begin());
+    std::copy(rms_b.begin(), rms_b.end(), inv_rms);
+  };
   pp_emu::launch(
       matvec_tc_launch(a), tile,
       [&](int bx, int by, int, int tid) {
-        matvec_tc::project<F, W, NT, Ahead>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+        matvec_tc::project<F, W, NT, Ahead>(xb.data(), static_cast<const pp_u32*>(p.w),
                                      static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
-                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid);
+                                     static_cast<const E*>(p.alpha), inv_rms, part, a, xs, bx, by, tid, wait);
       },
-      seed, [&] { std::fill(xs, xs + matvec_tc_smem_elems(NT), nan); });
+      seed, [&] {
+        std::fill(xs, xs + matvec_tc_smem_elems(NT), nan);
+        std::fill(xb.begin(), xb.end(), nan);
+        std::fill(inv_rms, inv_rms + a.M, NAN);
+      });
   std::vector<float> none;
   const PpLaunch fin = matvec_tc_finish_launch(a);
   pp_emu::launch(fin, none, [&](int bx, int, int, int tid) {

@@ -19,14 +19,26 @@ import numpy as np
 import pytest
 
 from personaplex_fast import _ext, reference, tick
+from personaplex_fast.config import DepformerConfig, LMConfig
 from personaplex_fast.engine import Engine
 from personaplex_fast.loading import load_model
 from personaplex_fast.sampling import SamplingConfig
+from personaplex_fast.tiny import make_tiny
 
 GREEDY = SamplingConfig(greedy=True)
 
 
 pytestmark = pytest.mark.usefixtures("poison")
+
+# Every projection of this shape takes the tensor-core path (K a multiple of 256), which
+# the tiny checkpoint's (K of 64 and 128) never does.
+SMALL = LMConfig(dim=512, num_heads=4, num_layers=2, context=250, text_card=1000, card=64, hidden_scale=3.0,
+                 depformer=DepformerConfig(dim=256, num_heads=4, num_layers=2, dim_feedforward=768))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("small"), cfg=SMALL)
 
 
 def frames(n, B, seed):
@@ -216,22 +228,26 @@ def test_gpu_program_with_8bit_cache_equals_cpu_program(tiny):
 # --- programmatic dependent launch -----------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["f32", "bf16", "q4", "bf16-8bit-cache"])
-def test_gpu_program_is_the_same_with_and_without_programmatic_launch(tiny, monkeypatch, form):
+@pytest.mark.parametrize("form", ["f32", "bf16", "q4", "bf16-8bit-cache", "q4-small", "q4-small-early",
+                                  "bf16-small-early"])
+def test_gpu_program_is_the_same_with_and_without_programmatic_launch(request, monkeypatch, form):
     """The capture chains our kernels by programmatic dependent launch (csrc/tick_cuda.cpp,
     kernels/portable.h's pp_grid_dependency) unless PERSONAPLEX_PDL=0. Every kernel is
     deterministic, so the two graphs' ticks must agree to the bit: a kernel reading its
     predecessor's output before that one ended would not (here: the tensor-core matvec's
     three launches over one scratch (q4), cuBLAS GEMMs between our kernels (4 rows in
-    bf16), the 8-bit rings written by one launch and read by the next)."""
+    bf16), the 8-bit rings written by one launch and read by the next; -early: the tensor-core
+    matvec loading its first weights before its wait, PERSONAPLEX_MATVEC_TC_EARLY=1; -small: a
+    checkpoint whose projections all take the tensor-core path)."""
     import mlx.nn as nn
 
     from personaplex_fast.checkpoint import quantizable
 
     dtype = mx.float32 if form == "f32" else mx.bfloat16
-    model = load_model(tiny, dtype=dtype)
-    if form == "q4":
+    model = load_model(request.getfixturevalue("small" if "-small" in form else "tiny"), dtype=dtype)
+    if form.startswith("q4"):
         nn.quantize(model.lm, group_size=64, bits=4, class_predicate=quantizable(64))
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", "1" if form.endswith("early") else "0")
     B, kv_bits = 4, 8 if form.endswith("8bit-cache") else None
     pcms = frames(12, B, seed=5)
     outs = []
