@@ -515,10 +515,13 @@ inline int matvec_tc_splits(int blocks, int steps, int slots) {
 }
 
 // Whether matvec_tc loads its first step of weights before waiting for the kernel before
-// it (MatvecTcArgs::early): PERSONAPLEX_MATVEC_TC_EARLY=1.
+// it (MatvecTcArgs::early): unless PERSONAPLEX_MATVEC_TC_EARLY=0. On an H200 (2026-12-02,
+// docs/PERF.md) the tick at 4 and 8 sessions took 0.1-0.4 ms less with it (q4 at 8:
+// 10.81 / 10.88 against 11.18 / 11.08 ms; bf16 12.65 / 12.57 against 13.02 / 12.92), even
+// from 32 (bf16 runs on cuBLAS there).
 inline bool matvec_tc_early() {
   const char* env = std::getenv("PERSONAPLEX_MATVEC_TC_EARLY");
-  return env && std::strcmp(env, "1") == 0;
+  return !(env && std::strcmp(env, "0") == 0);
 }
 
 // The launches' scalars for M rows (at most 64); `slots` as matvec_tc_splits says.

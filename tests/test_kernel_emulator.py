@@ -185,16 +185,18 @@ def check_tc_variant(emu, rng, M, K, sms, dtype, bits, epilogue, seed, what):
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("bits", [0, 4, 8])
 @pytest.mark.parametrize("ahead", ["0", "1"])
-def test_matvec_tc_early_weights(emulator, dtype, bits, ahead, monkeypatch):
-    """PERSONAPLEX_MATVEC_TC_EARLY=1: the block's first step of weights loaded before the wait
-    for the kernel before (programmatic dependent launch), its x and inv_rms only after: the
-    emulator keeps x and inv_rms NaN until the wait (so any of them read early shows), at 1
-    to 64 rows, one split of 9 steps and 3 of 4, with the 4-bit load-ahead kernel too."""
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", "1")
+@pytest.mark.parametrize("early", ["1", "0"])
+def test_matvec_tc_early_weights(emulator, dtype, bits, ahead, early, monkeypatch):
+    """The default (PERSONAPLEX_MATVEC_TC_EARLY unset or 1): the block's first step of
+    weights loaded before the wait for the kernel before (programmatic dependent launch),
+    its x and inv_rms only after: the emulator keeps x and inv_rms NaN until the wait (so any
+    of them read early shows), at 1 to 64 rows, one split of 9 steps and 3 of 4, with the
+    4-bit load-ahead kernel too; and with PERSONAPLEX_MATVEC_TC_EARLY=0, every load after it."""
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", early)
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", ahead)
     if ahead == "1" and bits != 4:
         pytest.skip("the load-ahead kernel takes 4-bit weights")
-    rng = np.random.default_rng(hash((str(dtype), bits, ahead, "early")) % 2**32)
+    rng = np.random.default_rng(hash((str(dtype), bits, ahead, early, "early")) % 2**32)
     for i, (M, K, sms, want) in enumerate([(1, 2304, 1, 1), (5, 3072, 3, 3), (8, 2304, 1, 1), (17, 3072, 3, 3),
                                            (64, 2304, 1, 1)]):
         if ahead == "1" and M > 8:

@@ -92,17 +92,17 @@ def test_matvec_tc_every_row_count(dtype, bits, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("variant, bits", [("default", 0), ("default", 4), ("default", 8), ("ahead", 4),
-                                           ("early", 0), ("early", 4), ("early", 8), ("ahead-early", 4)])
+                                           ("late", 0), ("late", 4), ("late", 8), ("ahead-late", 4)])
 def test_matvec_tc_long_splits(dtype, variant, bits, monkeypatch):
     """The tensor-core kernels with the split along K forced to 1 and 2
     (PERSONAPLEX_MATVEC_TC_SPLITS), so that a block walks 8 or 4 steps (the rule gives
     the shapes above 1-step splits), at 1 to 64 rows, outputs poisoned; `ahead`: 4-bit
-    weights with PERSONAPLEX_MATVEC_TC_AHEAD=1 (..._ahead up to 8 rows); `early`:
-    PERSONAPLEX_MATVEC_TC_EARLY=1 (the first step's weights loaded before the wait for the
-    kernel before)."""
+    weights with PERSONAPLEX_MATVEC_TC_AHEAD=1 (..._ahead up to 8 rows); the first step's
+    weights loaded before the wait for the kernel before (the default), or `late`, after it
+    (PERSONAPLEX_MATVEC_TC_EARLY=0)."""
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_MIN_ROWS", "1")
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", "1" if variant.startswith("ahead") else "0")
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", "1" if variant.endswith("early") else "0")
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", "0" if variant.endswith("late") else "1")
     rng = np.random.default_rng(hash(("long splits", str(dtype), variant, bits)) % 2**32)
     epilogues = [(True, True, False), (False, False, True), (True, False, True), (False, False, False)]
     for i, M in enumerate([1, 5, 8, 9, 17, 33, 63, 64]):

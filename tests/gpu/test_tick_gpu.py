@@ -228,17 +228,18 @@ def test_gpu_program_with_8bit_cache_equals_cpu_program(tiny):
 # --- programmatic dependent launch -----------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["f32", "bf16", "q4", "bf16-8bit-cache", "q4-small", "q4-small-early",
-                                  "bf16-small-early"])
+@pytest.mark.parametrize("form", ["f32", "bf16", "q4", "bf16-8bit-cache", "q4-small", "q4-small-late",
+                                  "bf16-small"])
 def test_gpu_program_is_the_same_with_and_without_programmatic_launch(request, monkeypatch, form):
     """The capture chains our kernels by programmatic dependent launch (csrc/tick_cuda.cpp,
     kernels/portable.h's pp_grid_dependency) unless PERSONAPLEX_PDL=0. Every kernel is
     deterministic, so the two graphs' ticks must agree to the bit: a kernel reading its
     predecessor's output before that one ended would not (here: the tensor-core matvec's
     three launches over one scratch (q4), cuBLAS GEMMs between our kernels (4 rows in
-    bf16), the 8-bit rings written by one launch and read by the next; -early: the tensor-core
-    matvec loading its first weights before its wait, PERSONAPLEX_MATVEC_TC_EARLY=1; -small: a
-    checkpoint whose projections all take the tensor-core path)."""
+    bf16), the 8-bit rings written by one launch and read by the next; the tensor-core matvec
+    loading its first weights before its wait (the default; -late: after it,
+    PERSONAPLEX_MATVEC_TC_EARLY=0); -small: a checkpoint whose projections all take the
+    tensor-core path)."""
     import mlx.nn as nn
 
     from personaplex_fast.checkpoint import quantizable
@@ -247,7 +248,7 @@ def test_gpu_program_is_the_same_with_and_without_programmatic_launch(request, m
     model = load_model(request.getfixturevalue("small" if "-small" in form else "tiny"), dtype=dtype)
     if form.startswith("q4"):
         nn.quantize(model.lm, group_size=64, bits=4, class_predicate=quantizable(64))
-    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", "1" if form.endswith("early") else "0")
+    monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", "0" if form.endswith("late") else "1")
     B, kv_bits = 4, 8 if form.endswith("8bit-cache") else None
     pcms = frames(12, B, seed=5)
     outs = []
