@@ -240,7 +240,10 @@ def test_dense_projections_by_tensor_cores_up_to_8_rows_or_when_asked(monkeypatc
 def test_every_cuda_kernel_waits_for_its_predecessor_first():
     """The GPU tick program launches a kernel that follows one of ours before that one has
     ended (programmatic dependent launch, csrc/tick_cuda.cpp); that is only sound if every
-    kernel's first statement is pp_grid_dependency() (kernels/portable.h), which waits."""
+    kernel's first statement is pp_grid_dependency() (kernels/portable.h), which waits. The
+    one exception: the tensor-core projections (matvec_tc_...) hand the wait to their body as
+    a callable, which loads weights before it and nothing a kernel writes (the kernel
+    emulator's test_matvec_tc_early_weights keeps x and inv_rms NaN until the wait)."""
     import re
     from pathlib import Path
 
@@ -253,6 +256,8 @@ def test_every_cuda_kernel_waits_for_its_predecessor_first():
             # the parameter list's ')' is the first ') {' after the kernel's name
             body = head[head.index(") {") + 3:].lstrip()
             name = re.search(r"\)\s+(\w+)", head).group(1)
-            assert body.startswith("pp_grid_dependency();"), f"{f.name}: kernel {name} does not begin by waiting"
+            own = body.split("__global__")[0]
+            handed = name.startswith("matvec_tc_") and "[] { pp_grid_dependency(); }" in own
+            assert body.startswith("pp_grid_dependency();") or handed, f"{f.name}: kernel {name} does not begin by waiting"
             seen += 1
     assert seen >= 29
