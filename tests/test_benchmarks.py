@@ -55,6 +55,17 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
     assert {("codec", 1), ("tick bf16", 2), ("tick q4", 1), ("per-op engine bf16", 1), ("tick bf16 kv8", 2),
             ("tick q4 kv8 no-pdl", 1)} <= whats
     assert all(r["median"] > 0 and r["p99"] >= r["median"] and r["profile"] for r in rows if r["what"] == "tick bf16")
+    # the profile by section: the tick's named parts, each op in one, the parts' sum the kinds' sum
+    for r in rows:
+        if r["what"] == "tick bf16":
+            sections, kinds = r["sections"], r["profile"]
+            assert list(sections) == ["mimi encode", "lm input", "temporal", "text", "depformer", "lm output",
+                                      "mimi decode", "state"]
+            assert all(n > 0 for _, n in sections.values())
+            assert sum(n for _, n in sections.values()) == sum(n for _, n in kinds.values())
+            assert abs(sum(ms for ms, _ in sections.values()) - sum(ms for ms, _ in kinds.values())) < 1e-2
+        if r["what"] == "codec":
+            assert list(r["sections"])[:2] == ["mimi encode", "mimi decode"]
     png = tmp_path / "tick.png"
     report = subprocess.run([sys.executable, str(ROOT / "bench" / "perf_report.py"), "--ours", str(ours),
                              "--plot", str(png)], capture_output=True, text=True, timeout=120)

@@ -63,15 +63,30 @@ def random_mimi(cfg=None):
     return mimi
 
 
-def op_profile(program) -> dict:
+def op_profile(program, sections=()) -> tuple[dict, dict]:
     """GPU ms per op kind (sum, count) of one tick run op by op outside the graph, the
-    second of two runs; the sum over kinds is the kernels' time without the graph."""
+    second of two runs; the sum over kinds is the kernels' time without the graph. And the
+    same ops' ms per section (name, first op, end op as the builder counted them, e.g.
+    TickRunner.sections; the program puts its fill_rows op first when it is made, so the
+    builder's ops come one later), the program's own ops (the resets, the counters) as
+    "state"."""
     program.profile()
+    times = program.profile()
     kinds = {}
-    for name, ms in program.profile():
+    for name, ms in times:
         total, n = kinds.get(name, (0.0, 0))
         kinds[name] = (total + ms, n + 1)
-    return {k: [round(v[0], 4), v[1]] for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
+    by_kind = {k: [round(v[0], 4), v[1]] for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
+    shift = 1 if times and times[0][0] == "fill_rows" else 0
+    by_section, covered = {}, set()
+    for name, first, end in sections:
+        ops = range(first + shift, end + shift)
+        by_section[name] = [round(sum(times[i][1] for i in ops), 4), len(ops)]
+        covered.update(ops)
+    rest = [ms for i, (_, ms) in enumerate(times) if i not in covered]
+    if rest and sections:
+        by_section["state"] = [round(sum(rest), 4), len(rest)]
+    return by_kind, by_section
 
 
 def engine_ticks(lm, mimi, B, ticks, warmup, program=None, profile=False, kv_bits=None) -> dict:
@@ -108,7 +123,7 @@ def engine_ticks(lm, mimi, B, ticks, warmup, program=None, profile=False, kv_bit
     out = summary(total, host)
     out["program"] = run is not None
     if profile and run is not None:
-        out["profile"] = op_profile(run.program)
+        out["profile"], out["sections"] = op_profile(run.program, run.sections)
     del engine, run
     gc.collect()
     mx.clear_cache()
@@ -132,7 +147,7 @@ def codec_ticks(mimi, B, ticks, warmup, profile=False) -> dict:
             total.append(1e3 * (time.perf_counter() - t0))
     out = summary(total)
     if profile:
-        out["profile"] = op_profile(run.program)
+        out["profile"], out["sections"] = op_profile(run.program, run.sections)
     del run
     gc.collect()
     return out

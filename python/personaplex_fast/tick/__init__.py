@@ -61,12 +61,15 @@ class TickRunner:
         tokens_out = b.buf((slots, G), mx.int32)
         b.p.set_io(pcm_in=pcm_in, control=control, pcm_out=pcm_out, tokens=tokens_out, B=slots, F=F,
                    C=CONTROL_COLS, G=G)
+        b.mark("mimi encode")
         sem, ac = emit_encoder(b, mimi, pcm_in)
         self.lm, out = emit_lm(b, lm, sampling, sem, ac, n_sem, n_ac, kv_bits)
+        b.mark("mimi decode")
         b.p.copy(dst=tokens_out, src=out.tokens, bytes=slots * G * 4)
         emit_decoder(b, mimi, out.codes_sem, out.codes_ac, out.valid, pcm_out)
         b.finish()
         self.program = b.p
+        self.sections = b.sections()  # (name, first op, end op): where a tick's time goes
         self._builder = b  # holds the weights' source arrays
 
     def __call__(self, pcm: mx.array, control: mx.array) -> tuple[mx.array, mx.array]:
@@ -139,11 +142,14 @@ class CodecRunner:
         n_sem = mimi.cfg.quantizer.n_q_semantic
         codes = b.buf((slots, n_sem), mx.int32)
         b.p.set_io(pcm_in=pcm_in, control=control, pcm_out=pcm_out, tokens=codes, B=slots, F=F, C=1, G=n_sem)
+        b.mark("mimi encode")
         sem, ac = emit_encoder(b, mimi, pcm_in)
+        b.mark("mimi decode")
         b.p.copy(dst=codes, src=sem, bytes=slots * n_sem * 4)
         emit_decoder(b, mimi, sem, ac, b.const(np.ones(slots, np.int32)), pcm_out)
         b.finish()
         self.program, self._builder = b.p, b
+        self.sections = b.sections()
 
     def __call__(self, pcm: mx.array, reset: mx.array) -> tuple[mx.array, mx.array]:
         """pcm [B, frame]; reset [B, 1] int32 (RESET_CODEC restarts a session) ->

@@ -93,6 +93,7 @@ class Builder:
 
         self.p = _ext.TickProgram(gpu)
         self.B = slots
+        self._marks: list[tuple[str, int]] = []
         self.gemm_forms = gpu if gemm_forms is None else gemm_forms
         self._scratch: dict[tuple, int] = {}
         self._dtypes: dict[int, mx.Dtype] = {}
@@ -173,6 +174,16 @@ class Builder:
 
     def dtype_of(self, h: int) -> mx.Dtype:
         return self._dtypes[h]
+
+    def mark(self, name: str) -> None:
+        """The ops added from here on, until the next mark, are the section `name`
+        (profiles sum each section's ops: bench/tick_bench.py --profile)."""
+        self._marks.append((name, self.p.ops))
+
+    def sections(self) -> list[tuple[str, int, int]]:
+        """(name, first op, end op) of each marked section, in order."""
+        ends = [first for _, first in self._marks[1:]] + [self.p.ops]
+        return [(name, first, end) for (name, first), end in zip(self._marks, ends)]
 
     def finish(self) -> None:
         for h, row, mask, pattern, col in self.resets:

@@ -75,6 +75,7 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
     [B, n_ac]). kv_bits 8: the temporal transformer's rings in 8 bits (models/cache.py)."""
     cfg, dt, B = lm.cfg, lm.dtype, b.B
     C, Q, R = cfg.dim, cfg.dep_q, cfg.max_delay + 2
+    b.mark("lm input")
     offsets = b.buf((B,), mx.int32, reset=RESET_LM)
     tokens = b.buf((B, 1 + cfg.n_q, R), mx.int32, reset=RESET_LM, pattern=UNGENERATED)
     forced = b.buf((B, 1 + Q, R), mx.int32, reset=RESET_LM, pattern=NOT_FORCED)
@@ -95,6 +96,7 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
                       B=B, D=C, rows=t.shape[0])
 
     # Temporal transformer.
+    b.mark("temporal")
     keys, values, key_scales, value_scales = [], [], [], []
     ring = (B, cfg.num_heads, cfg.context, cfg.head_dim)
     for layer in lm.transformer.layers:
@@ -110,6 +112,7 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
     b.p.norm(x=x, w=b.w(lm.out_norm.alpha), out=h, rows=B, dim=C, eps=lm.out_norm.eps)
 
     # Text token.
+    b.mark("text")
     gen = b.buf((1 + Q, B), mx.int32)
     greedy = sampling.greedy
     text_logits = b.buf((B, cfg.text_card), dt)
@@ -122,6 +125,7 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
                top_k=sampling.topk_text, greedy=greedy, noise=noise, forced=now)
 
     # Depformer: the dep_q codebooks, one after the other.
+    b.mark("depformer")
     d = cfg.depformer
     Dd = d.dim
     rope = d.max_period if d.pos_emb == "rope" else 0.0
@@ -151,6 +155,7 @@ def emit_lm(b: Builder, lm: LM, sampling: SamplingConfig, user_sem: int, user_ac
                    noise=-1 if noise < 0 else b.view(noise, 4 * k * B * cfg.card, mx.float32),
                    forced=b.view(now, 4 * (1 + k) * B, mx.int32))
 
+    b.mark("lm output")
     out = b.buf((B, 1 + Q), mx.int32)
     dec_sem = b.buf((B, n_sem), mx.int32)
     dec_ac = b.buf((B, Q - n_sem), mx.int32)
