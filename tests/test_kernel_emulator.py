@@ -147,28 +147,6 @@ def emulated_matvec_tc(emu, x, w, scales, biases, alpha, res, bits, gate, sms, s
     return from_raw(out, x.dtype), splits.value
 
 
-@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
-@pytest.mark.parametrize("bits", [0, 4, 8])
-# n8 tiles NT = 1, 1, 4 (17 -> 3 rows of x past M), 8, 8; 130: chunks of 64, 64 and 2 rows
-@pytest.mark.parametrize("M", [1, 3, 17, 40, 64, 130])
-def test_matvec_tc_kernel(emulator, dtype, bits, M):
-    """The tensor-core body (mma emulated with the PTX fragment layout) against the
-    numpy emulation of the reference with W as mx.dequantize gives it (rounded to T),
-    split along K in 2 or 3, outputs and workspace NaN first. 150 weight rows: a second
-    block of 8 warps, mostly past the end (gated: 75 units over two blocks of 64)."""
-    from test_matvec import emulate, round_to
-
-    rng = np.random.default_rng(hash((str(dtype), bits, M, "tc")) % 2**32)
-    K = 768
-    for i, (norm, gate, residual) in enumerate(EPILOGUES if M in (3, 64, 130) else EPILOGUES[2:3]):
-        x, w, scales, biases, W, alpha, res = operands(rng, M, K, 150, dtype, bits, norm, gate, residual)
-        got, splits = emulated_matvec_tc(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate,
-                                         sms=2, seed=i)
-        assert splits in (2, 3), splits  # 3 steps of 256 split two or three ways
-        want = emulate(x, round_to(W, dtype) if bits else W, dtype, alpha, gate, res)
-        assert_matches(got, want, dtype, f"emulated matvec_tc norm={norm} gate={gate} residual={residual}", res)
-
-
 def check_tc_variant(emu, rng, M, K, sms, dtype, bits, epilogue, seed, what):
     """One emulated tensor-core call (the kernel the environment picks) of fresh operands with
     150 weight rows against the emulation with W rounded to T; returns its split count."""
@@ -184,7 +162,21 @@ def check_tc_variant(emu, rng, M, K, sms, dtype, bits, epilogue, seed, what):
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("bits", [0, 4, 8])
-@pytest.mark.parametrize("ahead", ["0", "1"])
+# n8 tiles NT = 1, 1, 4 (17 -> 3 rows of x past M), 8, 8; 130: chunks of 64, 64 and 2 rows
+@pytest.mark.parametrize("M", [1, 3, 17, 40, 64, 130])
+def test_matvec_tc_kernel(emulator, dtype, bits, M):
+    """The tensor-core body (mma emulated with the PTX fragment layout) against the
+    numpy emulation of the reference with W as mx.dequantize gives it (rounded to T),
+    split along K in 2 or 3, outputs and workspace NaN first. 150 weight rows: a second
+    block of 8 warps, mostly past the end (gated: 75 units over two blocks of 64)."""
+    rng = np.random.default_rng(hash((str(dtype), bits, M, "tc")) % 2**32)
+    for i, epilogue in enumerate(EPILOGUES if M in (3, 64, 130) else EPILOGUES[2:3]):
+        splits = check_tc_variant(emulator["matvec"], rng, M, 768, 2, dtype, bits, epilogue, i, "default")
+        assert splits in (2, 3), splits  # 3 steps of 256 split two or three ways
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("bits, ahead", [(0, "0"), (4, "0"), (8, "0"), (4, "1")])  # ahead: 4-bit weights only
 @pytest.mark.parametrize("early", ["1", "0"])
 def test_matvec_tc_early_weights(emulator, dtype, bits, ahead, early, monkeypatch):
     """The default (PERSONAPLEX_MATVEC_TC_EARLY unset or 1): the block's first step of
@@ -194,8 +186,6 @@ def test_matvec_tc_early_weights(emulator, dtype, bits, ahead, early, monkeypatc
     4-bit load-ahead kernel too; and with PERSONAPLEX_MATVEC_TC_EARLY=0, every load after it."""
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_EARLY", early)
     monkeypatch.setenv("PERSONAPLEX_MATVEC_TC_AHEAD", ahead)
-    if ahead == "1" and bits != 4:
-        pytest.skip("the load-ahead kernel takes 4-bit weights")
     rng = np.random.default_rng(hash((str(dtype), bits, ahead, early, "early")) % 2**32)
     for i, (M, K, sms, want) in enumerate([(1, 2304, 1, 1), (5, 3072, 3, 3), (8, 2304, 1, 1), (17, 3072, 3, 3),
                                            (64, 2304, 1, 1)]):
