@@ -111,6 +111,7 @@ void cuda::add_matvec(cu::CommandEncoder& enc, const MatvecNode& n, const Arrays
   for (auto* w : writes) enc.set_output_array(*w);
   void *x = n.x, *w = n.w, *sc = n.scales, *bi = n.biases, *al = n.alpha, *res = n.residual, *out = n.out;
   MatvecArgs args = a;
+  args.early = matvec_early() ? 1 : 0;
   void* params[] = {&x, &w, &sc, &bi, &al, &res, &out, &args};
   cuda::add_launch(enc, cuda::function(matvec_fatbin, name.c_str(), enc.device().cuda_device()),
                    matvec_launch(a), params);

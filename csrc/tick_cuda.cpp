@@ -202,6 +202,7 @@ void launch_op(prog::CudaState& s, const TickProgram& p, const prog::Op& op, At 
                                    "_m" + std::to_string(matvec_x_rows(a.M));
           void *x = at(o.x), *w = at(o.w), *sc = at(o.scales), *bi = at(o.biases), *al = at(o.alpha),
                *res = at(o.residual), *out = at(o.out);
+          a.early = matvec_early() ? 1 : 0;
           void* params[] = {&x, &w, &sc, &bi, &al, &res, &out, &a};
           s.kernel(matvec_fatbin, name, matvec_launch(a), params);
         } else if constexpr (std::is_same_v<O, prog::Attention>) {

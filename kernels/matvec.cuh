@@ -32,6 +32,7 @@ struct MatvecArgs {
   int n_out;     // output columns (weight rows: n_out, or 2 * n_out gated)
   int norm, gate, residual;
   float eps;
+  int early;     // the first chunk of weights loaded before waiting for the kernel before
 };
 
 // Weight rows per block; a block makes that many outputs, or half as many gated.
@@ -46,6 +47,12 @@ namespace matvec {
 PP_CONSTANT constexpr int kThreads = 128;
 PP_CONSTANT constexpr int kWarps = kThreads / 32;
 PP_CONSTANT constexpr int kRows = PP_MATVEC_ROWS;
+
+// The wait for the kernel before (programmatic dependent launch, portable.h) a body takes
+// as a callable: none on Metal and in the emulator's plain runs.
+struct NoWait {
+  PP_DEVICE void operator()() const {}
+};
 
 // Dense weights in the activations' storage format.
 template <class F>
@@ -89,13 +96,83 @@ PP_DEVICE float warp_sum(float s) {
 // smem: kWarps * kRows * MT + MT floats.
 // w: [N, row_words] as uint32 (dense rows are reinterpreted); scales, biases:
 // [N, K / 64] (affine only); alpha: [K] (norm only); residual, out: [M, n_out].
+// One chunk of a thread's weight rows: 16 bytes of each of the block's rows at k0, and
+// their group's scale and bias (affine).
+template <class F, class W>
+PP_DEVICE void load_chunk(PP_THREAD pp_u32x4* wr, PP_THREAD float* sc, PP_THREAD float* bi,
+                          const PP_GLOBAL pp_u32* w, const PP_GLOBAL typename F::Elem* scales,
+                          const PP_GLOBAL typename F::Elem* biases, PP_THREAD const long* row, long words,
+                          int groups, int k0, int K) {
+  #pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    wr[r] = pp_load16(w + row[r] * words + long(k0) * words / K);
+    if (W::kAffine) {
+      sc[r] = F::load(scales[row[r] * groups + k0 / 64]);
+      bi[r] = F::load(biases[row[r] * groups + k0 / 64]);
+    }
+  }
+}
+
+// The chunk's dot products with the MT rows of x (one quantization group at most), SUB
+// weights at a time: each weight is unpacked once for all MT rows; added to acc.
 template <class F, class W, int MT>
+PP_DEVICE void multiply_chunk(PP_THREAD const pp_u32x4* wr, PP_THREAD const float* sc, PP_THREAD const float* bi,
+                              const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL typename F::Elem* alpha,
+                              PP_SHARED_PTR const float* inv_rms, MatvecArgs a, int m0, int k0,
+                              PP_THREAD float (*acc)[MT]) {
+  constexpr int C = W::kChunk, SUB = W::kSub;
+  float d[kRows][MT], sx[MT];
+  #pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    sx[m] = 0.f;
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) d[r][m] = 0.f;
+  }
+  #pragma unroll
+  for (int sub = 0; sub < C / SUB; ++sub) {
+    const int k = k0 + sub * SUB;
+    float wf[kRows][SUB];
+    #pragma unroll
+    for (int r = 0; r < kRows; ++r) W::unpack_sub(wr[r], sub, wf[r]);
+    float al[SUB];
+    if (a.norm) pp::load_elems<F>(alpha + k, SUB, al);
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (m0 + m >= a.M) break;
+      float xf[SUB];
+      pp::load_elems<F>(x + long(m0 + m) * a.K + k, SUB, xf);
+      if (a.norm) {
+        #pragma unroll
+        for (int e = 0; e < SUB; ++e) xf[e] = pp::round_trip<F>(al[e] * (xf[e] * inv_rms[m]));
+      }
+      if (W::kAffine) {
+        #pragma unroll
+        for (int e = 0; e < SUB; ++e) sx[m] += xf[e];
+      }
+      #pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        #pragma unroll
+        for (int e = 0; e < SUB; ++e) d[r][m] += wf[r][e] * xf[e];
+      }
+    }
+  }
+  #pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    #pragma unroll
+    for (int m = 0; m < MT; ++m) acc[r][m] += W::kAffine ? sc[r] * d[r][m] + bi[r] * sx[m] : d[r][m];
+  }
+}
+
+// wait(): the wait for the kernel before, called before x is read; with a.early the
+// thread's first chunk of weights (never written by a kernel) is already on its way then.
+template <class F, class W, int MT, class Wait = NoWait>
 PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u32* w,
                       const PP_GLOBAL typename F::Elem* scales,
                       const PP_GLOBAL typename F::Elem* biases,
                       const PP_GLOBAL typename F::Elem* alpha,
                       const PP_GLOBAL typename F::Elem* residual, PP_GLOBAL typename F::Elem* out,
-                      MatvecArgs a, PP_SHARED_PTR float* smem, int block, int mblock, int tid) {
+                      MatvecArgs a, PP_SHARED_PTR float* smem, int block, int mblock, int tid,
+                      Wait wait = Wait()) {
   constexpr int C = W::kChunk;
   constexpr int UNITS = kRows;  // outputs per block when not gated; half that gated
   const int units = a.gate ? UNITS / 2 : UNITS;
@@ -103,6 +180,23 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
   const int m0 = mblock * MT;
   const int lane = tid & 31, warp = tid >> 5;
   PP_SHARED_PTR float* inv_rms = smem + kWarps * kRows * MT;
+
+  // Row r of the block: unit r % units, gate half r / units.
+  long row[kRows];
+  #pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    int u = u0 + r % units;
+    u = u < a.n_out ? u : a.n_out - 1;  // past the end: read a valid row, store nothing
+    row[r] = u + (r / units) * long(a.n_out);
+  }
+  const long words = W::row_words(a.K);
+  const int groups = a.K / 64;
+  // The thread's first chunk of weights (k0 = tid * C), before the wait (a.early).
+  pp_u32x4 wr[kRows];
+  float sc[kRows], bi[kRows];
+  const bool early = a.early && tid * C < a.K;
+  if (early) load_chunk<F, W>(wr, sc, bi, w, scales, biases, row, words, groups, tid * C, a.K);
+  wait();
 
   if (a.norm) {
     for (int m = 0; m < MT; ++m) {
@@ -128,17 +222,6 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
     }
   }
 
-  // Row r of the block: unit r % units, gate half r / units.
-  long row[kRows];
-  #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    int u = u0 + r % units;
-    u = u < a.n_out ? u : a.n_out - 1;  // past the end: read a valid row, store nothing
-    row[r] = u + (r / units) * long(a.n_out);
-  }
-  const long words = W::row_words(a.K);
-  const int groups = a.K / 64;
-
   float acc[kRows][MT];
   #pragma unroll
   for (int r = 0; r < kRows; ++r) {
@@ -146,60 +229,14 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
     for (int m = 0; m < MT; ++m) acc[r][m] = 0.f;
   }
 
-  constexpr int SUB = W::kSub;
-  for (int k0 = tid * C; k0 < a.K; k0 += kThreads * C) {
-    pp_u32x4 wr[kRows];
-    float sc[kRows], bi[kRows];
-    #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      wr[r] = pp_load16(w + row[r] * words + long(k0) * words / a.K);
-      if (W::kAffine) {
-        sc[r] = F::load(scales[row[r] * groups + k0 / 64]);
-        bi[r] = F::load(biases[row[r] * groups + k0 / 64]);
-      }
-    }
-    // Dot products of this chunk (one quantization group at most), SUB weights at
-    // a time: each weight is unpacked once for all MT rows of x.
-    float d[kRows][MT], sx[MT];
-    #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      sx[m] = 0.f;
-      #pragma unroll
-      for (int r = 0; r < kRows; ++r) d[r][m] = 0.f;
-    }
-    #pragma unroll
-    for (int sub = 0; sub < C / SUB; ++sub) {
-      const int k = k0 + sub * SUB;
-      float wf[kRows][SUB];
-      #pragma unroll
-      for (int r = 0; r < kRows; ++r) W::unpack_sub(wr[r], sub, wf[r]);
-      float al[SUB];
-      if (a.norm) pp::load_elems<F>(alpha + k, SUB, al);
-      #pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        if (m0 + m >= a.M) break;
-        float xf[SUB];
-        pp::load_elems<F>(x + long(m0 + m) * a.K + k, SUB, xf);
-        if (a.norm) {
-          #pragma unroll
-          for (int e = 0; e < SUB; ++e) xf[e] = pp::round_trip<F>(al[e] * (xf[e] * inv_rms[m]));
-        }
-        if (W::kAffine) {
-          #pragma unroll
-          for (int e = 0; e < SUB; ++e) sx[m] += xf[e];
-        }
-        #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          #pragma unroll
-          for (int e = 0; e < SUB; ++e) d[r][m] += wf[r][e] * xf[e];
-        }
-      }
-    }
-    #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      #pragma unroll
-      for (int m = 0; m < MT; ++m) acc[r][m] += W::kAffine ? sc[r] * d[r][m] + bi[r] * sx[m] : d[r][m];
-    }
+  int k0 = tid * C;
+  if (early) {
+    multiply_chunk<F, W, MT>(wr, sc, bi, x, alpha, inv_rms, a, m0, k0, acc);
+    k0 += kThreads * C;
+  }
+  for (; k0 < a.K; k0 += kThreads * C) {
+    load_chunk<F, W>(wr, sc, bi, w, scales, biases, row, words, groups, k0, a.K);
+    multiply_chunk<F, W, MT>(wr, sc, bi, x, alpha, inv_rms, a, m0, k0, acc);
   }
 
   // Threads of a warp, then the warps of the block.
@@ -239,7 +276,17 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
 #if !defined(__METAL_VERSION__)
 // Launch plan, for csrc/matvec_cuda.cpp and tests/emulator/matvec.cpp.
 
+#include <cstdlib>
+#include <cstring>
+
 #include "launch.cuh"
+
+// Whether the CUDA kernels load their first chunk of weights before waiting for the
+// kernel before them (MatvecArgs::early): PERSONAPLEX_MATVEC_EARLY=1 (not yet timed).
+inline bool matvec_early() {
+  const char* env = std::getenv("PERSONAPLEX_MATVEC_EARLY");
+  return env && std::strcmp(env, "1") == 0;
+}
 
 constexpr int kMatvecThreads = 128;
 

@@ -32,7 +32,7 @@ BITS_OF = {mx.float32: mx.uint32, mx.bfloat16: mx.uint16, mx.float16: mx.uint16}
 
 class MatvecArgs(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int) for n in ("M", "K", "n_out", "norm", "gate", "residual")] + [
-        ("eps", ctypes.c_float)]
+        ("eps", ctypes.c_float), ("early", ctypes.c_int)]
 
 
 class RingArgs(ctypes.Structure):
@@ -104,11 +104,11 @@ EPILOGUES = [(False, False, False), (True, False, False), (True, True, False), (
              (True, True, True), (False, True, True)]
 
 
-def emulated_matvec(emu, x, w, scales, biases, alpha, res, bits, gate, seed):
+def emulated_matvec(emu, x, w, scales, biases, alpha, res, bits, gate, seed, early=0):
     M, K = x.shape
     n_out = w.shape[0] // 2 if gate else w.shape[0]
     out = nan_raw((M, n_out), x.dtype)
-    args = MatvecArgs(M, K, n_out, alpha is not None, gate, res is not None, EPS)
+    args = MatvecArgs(M, K, n_out, alpha is not None, gate, res is not None, EPS, early)
     operands_ = [None if a is None else raw(a) for a in (x, w, scales, biases, alpha, res)]
     check(emu, emu.emu_matvec(DTYPE_CODE[x.dtype], bits, *map(ptr, operands_), ptr(out),
                               ctypes.byref(args), seed))
@@ -118,15 +118,19 @@ def emulated_matvec(emu, x, w, scales, biases, alpha, res, bits, gate, seed):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 @pytest.mark.parametrize("bits", [0, 4, 8])
 @pytest.mark.parametrize("M", [1, 2, 3, 8, 11])  # the kernel's x tiles MT = 1, 2, 4, 8; 11: two tiles
-def test_matvec_kernel(emulator, dtype, bits, M):
-    rng = np.random.default_rng(hash((str(dtype), bits, M)) % 2**32)
+@pytest.mark.parametrize("early", [0, 1])
+def test_matvec_kernel(emulator, dtype, bits, M, early):
+    """The streaming kernel against the CPU path; early: each thread's first chunk of weights
+    loaded before the wait for the kernel before (MatvecArgs::early, PERSONAPLEX_MATVEC_EARLY=1
+    on CUDA), x NaN until the wait either way (the emulator's driver)."""
+    rng = np.random.default_rng(hash((str(dtype), bits, M, early)) % 2**32)
     # 18 rows: a last block only half full, gated or not. K = 4160 takes every thread
     # through the K loop twice with most of them idle the second time (q4: 32
     # weights a thread); 256 leaves most threads without any weights.
     K = 4160 if M == 3 else 256
     for i, (norm, gate, residual) in enumerate(EPILOGUES):
         x, w, scales, biases, _, alpha, res = operands(rng, M, K, 18, dtype, bits, norm, gate, residual)
-        got = emulated_matvec(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate, i)
+        got = emulated_matvec(emulator["matvec"], x, w, scales, biases, alpha, res, bits, gate, i, early)
         want = _ext.matvec(x, w, scales, biases, alpha, res, bits, gate, EPS, stream=mx.cpu)
         assert_matches(got, np.array(want.astype(mx.float32)).astype(np.float64), dtype,
                        f"emulated matvec norm={norm} gate={gate} residual={residual}", res)

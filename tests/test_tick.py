@@ -241,9 +241,9 @@ def test_every_cuda_kernel_waits_for_its_predecessor_first():
     """The GPU tick program launches a kernel that follows one of ours before that one has
     ended (programmatic dependent launch, csrc/tick_cuda.cpp); that is only sound if every
     kernel's first statement is pp_grid_dependency() (kernels/portable.h), which waits. The
-    one exception: the tensor-core projections (matvec_tc_...) hand the wait to their body as
-    a callable, which loads weights before it and nothing a kernel writes (the kernel
-    emulator's test_matvec_tc_early_weights keeps x and inv_rms NaN until the wait)."""
+    one exception: the projections (matvec_...) hand the wait to their body as a callable,
+    which loads weights before it and nothing a kernel writes (the kernel emulator keeps x
+    and inv_rms NaN until the wait: test_matvec_tc_early_weights, test_matvec_kernel)."""
     import re
     from pathlib import Path
 
@@ -257,7 +257,7 @@ def test_every_cuda_kernel_waits_for_its_predecessor_first():
             body = head[head.index(") {") + 3:].lstrip()
             name = re.search(r"\)\s+(\w+)", head).group(1)
             own = body.split("__global__")[0]
-            handed = name.startswith("matvec_tc_") and "[] { pp_grid_dependency(); }" in own
+            handed = name.startswith("matvec_") and "[] { pp_grid_dependency(); }" in own
             waits = body.startswith("pp_grid_dependency();") or handed
             assert waits, f"{f.name}: kernel {name} does not begin by waiting"
             seen += 1

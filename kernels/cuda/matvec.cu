@@ -7,10 +7,9 @@
   extern "C" __global__ void __launch_bounds__(matvec::kThreads) matvec_##DT##_##WN##_m##MT(   \
       const F::Elem* x, const pp_u32* w, const F::Elem* scales, const F::Elem* biases,         \
       const F::Elem* alpha, const F::Elem* residual, F::Elem* out, MatvecArgs a) {             \
-    pp_grid_dependency();                                                                      \
     __shared__ float smem[matvec::kWarps * matvec::kRows * MT + MT];                           \
     matvec::matvec<F, W, MT>(x, w, scales, biases, alpha, residual, out, a, smem, blockIdx.x,  \
-                             blockIdx.y, threadIdx.x);                                         \
+                             blockIdx.y, threadIdx.x, [] { pp_grid_dependency(); });          \
   }
 
 // KERNEL(..., n) for the 4 tile sizes of rows of x each family is instantiated for.

@@ -24,19 +24,24 @@ struct MatvecPtrs {
   void* out;
 };
 
+// x is NaN in each block until its first thread waits for the kernels before (which
+// write it): what is read before the wait is NaN.
 template <class F, class W, int MT>
 void matvec_run(const MatvecPtrs& p, MatvecArgs a, unsigned seed) {
   using E = typename F::Elem;
   std::vector<float> smem(matvec_smem_floats(MT));
+  const E* x = static_cast<const E*>(p.x);
+  std::vector<E> xb(size_t(a.M) * a.K);
+  auto wait = [&] { std::copy(x, x + xb.size(), xb.begin()); };
   pp_emu::launch(
       matvec_launch(a), smem,
       [&](int bx, int by, int, int tid) {
-        matvec::matvec<F, W, MT>(static_cast<const E*>(p.x), static_cast<const pp_u32*>(p.w),
+        matvec::matvec<F, W, MT>(xb.data(), static_cast<const pp_u32*>(p.w),
                                  static_cast<const E*>(p.scales), static_cast<const E*>(p.biases),
                                  static_cast<const E*>(p.alpha), static_cast<const E*>(p.residual),
-                                 static_cast<E*>(p.out), a, smem.data(), bx, by, tid);
+                                 static_cast<E*>(p.out), a, smem.data(), bx, by, tid, wait);
       },
-      seed);
+      seed, [&] { std::fill(xb.begin(), xb.end(), F::store(NAN)); });
 }
 
 template <class F, class W>
