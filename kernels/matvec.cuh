@@ -282,10 +282,12 @@ PP_DEVICE void matvec(const PP_GLOBAL typename F::Elem* x, const PP_GLOBAL pp_u3
 #include "launch.cuh"
 
 // Whether the CUDA kernels load their first chunk of weights before waiting for the
-// kernel before them (MatvecArgs::early): PERSONAPLEX_MATVEC_EARLY=1 (not yet timed).
+// kernel before them (MatvecArgs::early): unless PERSONAPLEX_MATVEC_EARLY=0. On an H200
+// (2026-12-02, docs/PERF.md) the tick at 1 session took 0.27 ms less with it (q4 7.64
+// against 7.91 ms, bf16 7.79 against 8.06), at 8 sessions 0.05-0.08 less.
 inline bool matvec_early() {
   const char* env = std::getenv("PERSONAPLEX_MATVEC_EARLY");
-  return env && std::strcmp(env, "1") == 0;
+  return !(env && std::strcmp(env, "0") == 0);
 }
 
 constexpr int kMatvecThreads = 128;

@@ -121,8 +121,8 @@ def emulated_matvec(emu, x, w, scales, biases, alpha, res, bits, gate, seed, ear
 @pytest.mark.parametrize("early", [0, 1])
 def test_matvec_kernel(emulator, dtype, bits, M, early):
     """The streaming kernel against the CPU path; early: each thread's first chunk of weights
-    loaded before the wait for the kernel before (MatvecArgs::early, PERSONAPLEX_MATVEC_EARLY=1
-    on CUDA), x NaN until the wait either way (the emulator's driver)."""
+    loaded before the wait for the kernel before (MatvecArgs::early, the CUDA default;
+    PERSONAPLEX_MATVEC_EARLY=0 turns it off), x NaN until the wait either way (the emulator's driver)."""
     rng = np.random.default_rng(hash((str(dtype), bits, M, early)) % 2**32)
     # 18 rows: a last block only half full, gated or not. K = 4160 takes every thread
     # through the K loop twice with most of them idle the second time (q4: 32
