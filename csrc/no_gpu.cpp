@@ -50,6 +50,11 @@ std::vector<double> TickProgram::profile_cuda() {
   return {};
 }
 
+std::vector<double> TickProgram::time_range_cuda(int, int, int) {
+  run_cuda(nullptr, nullptr, nullptr, nullptr, nullptr);
+  return {};
+}
+
 int64_t ring_cache_waits() { return 0; }  // no CUDA: its waits never happen (Metal copies instead)
 
 }  // namespace personaplex

@@ -183,6 +183,23 @@ std::vector<std::pair<std::string, double>> TickProgram::profile() {
   return out;
 }
 
+std::vector<double> TickProgram::time_range(int first, int end, int reps) {
+  materialize();
+  check(0 <= first && first < end && end <= ops(), "time_range: ops [" + std::to_string(first) + ", " +
+                                                        std::to_string(end) + ") are not a part of the " +
+                                                        std::to_string(ops()) + " ops");
+  check(reps >= 1, "time_range: reps must be at least 1");
+  if (gpu_) return time_range_cuda(first, end, reps);
+  std::vector<double> out;
+  for (int i = first; i < end; ++i) run_cpu_op(ops_[i]);  // warm, as the graph's first launch
+  for (int r = 0; r < reps; ++r) {
+    const auto t = std::chrono::steady_clock::now();
+    for (int i = first; i < end; ++i) run_cpu_op(ops_[i]);
+    out.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count());
+  }
+  return out;
+}
+
 void TickProgram::run_ops() {
   check(!gpu_, "run_ops runs a CPU program's ops");
   materialize();

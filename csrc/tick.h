@@ -205,6 +205,18 @@ class TickProgram {
   // Each op's time in ms, running them once outside the graph (benchmarks; it
   // advances the sessions like a tick, with whatever the operands hold).
   std::vector<std::pair<std::string, double>> profile();
+  // Ops [first, end) alone, once to warm and then `reps` times one after another: each
+  // of those times' ms. On CUDA they are captured as the tick captures them (programmatic
+  // dependent launch included) into a graph of their own, its launches between events: a
+  // part of the tick (e.g. the temporal transformer) as the graph runs it. It advances
+  // the sessions as those ops do, on what the operands hold (benchmarks).
+  std::vector<double> time_range(int first, int end, int reps);
+  // Where op i as add() was called sits among the ops the ticks run (the program puts
+  // its reset op first when it has one): i + op_offset(). Seals the program.
+  int op_offset() {
+    materialize();
+    return fill_op_ >= 0 ? 1 : 0;
+  }
   // One tick on host memory (the CPU task of Tick).
   void run_cpu(const float* pcm, const int32_t* control, float* pcm_out, int32_t* tokens);
   // One tick on `stream` (CUstream); device pointers of the four operands.
@@ -224,6 +236,7 @@ class TickProgram {
   void materialize();
   void write_cuda(int h, long offset, const mx::array& src);
   std::vector<double> profile_cuda();
+  std::vector<double> time_range_cuda(int first, int end, int reps);
   void read_cuda(int h, long offset, void* dst, long bytes);
   void check_handle(int h, const char* what) const;
   void run_cpu_op(const prog::Op& op);

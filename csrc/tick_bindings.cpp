@@ -376,6 +376,12 @@ void bind_tick(nb::module_& m) {
           },
           "x"_a, "out"_a, "rows"_a, "cols"_a, "out = silu(first half of x) * second half, as matvec's gate.")
       .def("profile", &P::profile, "Each op's time (ms), the ops run once outside the graph.")
+      .def("time_range", &P::time_range, "first"_a, "end"_a, "reps"_a = 50,
+           "Ops [first, end) alone, reps times in a row: each time's ms (on CUDA, as a graph of their own, "
+           "captured as the tick's).")
+      .def("op_offset", &P::op_offset,
+           "Where the op added i-th sits among the ops the ticks run: i + op_offset() (the program's reset op "
+           "comes first). Seals the program.")
       .def(
           "mute",
           [](P& p, int x, int valid, int out, int rows, int cols) {

@@ -80,6 +80,9 @@ struct CudaState {
   // launches (events between kernels).
   bool pdl = false;
   bool after_ours = false;
+  // time_range: the ops outside the range are walked (their workspaces handed out in
+  // order) but launch nothing; the range's first kernel is then launched plainly.
+  bool muted = false;
   void* cublas = nullptr;            // handle, made in the dry pass
   CUdeviceptr cublas_ws = 0;
 
@@ -92,6 +95,10 @@ struct CudaState {
         ck(cuFuncSetAttribute(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, static_cast<int>(smem)),
            "opting a kernel in to its workgroup memory");
       }
+      return;
+    }
+    if (muted) {
+      after_ours = false;
       return;
     }
     // The wait is compiled for compute_90 and later only: a kernel JIT-compiled from the
@@ -115,7 +122,7 @@ struct CudaState {
     after_ours = true;
   }
   void copy(void* dst, const void* src, size_t bytes) {
-    if (dry || bytes == 0) return;
+    if (dry || muted || bytes == 0) return;
     after_ours = false;
     ck(cuMemcpyAsync(reinterpret_cast<CUdeviceptr>(dst), reinterpret_cast<CUdeviceptr>(src), bytes, launch_stream),
        "cuMemcpyAsync");
@@ -123,6 +130,10 @@ struct CudaState {
   // Row-major y [M, N] (+)= x [M, K] w [N, K]^T, float32 accumulation. Runs eagerly in
   // the dry pass too (on the scratch it will own), so cuBLAS settles before the capture.
   void gemm(mx::Dtype dt, const void* x, const void* w, void* y, int M, int N, int K, bool accumulate) {
+    if (muted) {
+      after_ours = false;
+      return;
+    }
     const Cublas& cb = Cublas::get();
     if (!cublas) {
       cublas_check(cb.create(&cublas), "cublasCreate");
@@ -521,6 +532,60 @@ std::vector<double> TickProgram::profile_cuda() {
     ms[i] = t;
   }
   for (auto& e : ev) cuEventDestroy(e);
+  return ms;
+}
+
+std::vector<double> TickProgram::time_range_cuda(int first, int end, int reps) {
+  make_arena(*this, cuda_, cuda_base_, arena_bytes_, inits_);
+  auto& s = *cuda_;
+  Ctx push(s.ctx);
+  ck(cuCtxSynchronize(), "cuCtxSynchronize (time_range)");
+  prepare(*this, s, ops_);
+  auto resolve = [this](int h) { return at(h); };
+  CUgraph graph = nullptr;
+  CUgraphExec exec = nullptr;
+  std::vector<CUevent> ev(reps + 1);
+  for (auto& e : ev) ck(cuEventCreate(&e, CU_EVENT_DEFAULT), "cuEventCreate");
+  std::vector<double> ms(reps);
+  try {
+    ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
+    s.pdl = pdl_enabled();
+    s.after_ours = false;
+    s.next_workspace = 0;
+    try {
+      for (int i = 0; i < ops(); ++i) {
+        s.muted = i < first || i >= end;
+        launch_op(s, *this, ops_[i], resolve);
+      }
+    } catch (...) {
+      s.muted = s.pdl = false;
+      cuStreamEndCapture(s.capture, &graph);
+      throw;
+    }
+    s.muted = s.pdl = false;
+    ck(cuStreamEndCapture(s.capture, &graph), "cuStreamEndCapture");
+    ck(cuGraphInstantiate(&exec, graph, 0), "cuGraphInstantiate");
+    ck(cuGraphLaunch(exec, s.capture), "cuGraphLaunch");  // warm
+    for (int r = 0; r < reps; ++r) {
+      ck(cuEventRecord(ev[r], s.capture), "cuEventRecord");
+      ck(cuGraphLaunch(exec, s.capture), "cuGraphLaunch");
+    }
+    ck(cuEventRecord(ev[reps], s.capture), "cuEventRecord");
+    ck(cuStreamSynchronize(s.capture), "cuStreamSynchronize (time_range)");
+    for (int r = 0; r < reps; ++r) {
+      float t = 0.f;
+      ck(cuEventElapsedTime(&t, ev[r], ev[r + 1]), "cuEventElapsedTime");
+      ms[r] = t;
+    }
+  } catch (...) {
+    for (auto& e : ev) cuEventDestroy(e);
+    if (exec) cuGraphExecDestroy(exec);
+    if (graph) cuGraphDestroy(graph);
+    throw;
+  }
+  for (auto& e : ev) cuEventDestroy(e);
+  cuGraphExecDestroy(exec);
+  cuGraphDestroy(graph);
   return ms;
 }
 

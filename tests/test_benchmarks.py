@@ -66,6 +66,9 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
             assert abs(sum(ms for ms, _ in sections.values()) - sum(ms for ms, _ in kinds.values())) < 1e-2
         if r["what"] == "codec":
             assert list(r["sections"])[:2] == ["mimi encode", "mimi decode"]
+        if "sections" in r:  # and each named part timed alone (median, p99 of its runs)
+            assert list(r["graph_sections"]) == [s for s in r["sections"] if s != "state"]
+            assert all(0 < med <= p99 for med, p99 in r["graph_sections"].values())
     png = tmp_path / "tick.png"
     report = subprocess.run([sys.executable, str(ROOT / "bench" / "perf_report.py"), "--ours", str(ours),
                              "--plot", str(png)], capture_output=True, text=True, timeout=120)

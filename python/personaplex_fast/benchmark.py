@@ -67,9 +67,8 @@ def op_profile(program, sections=()) -> tuple[dict, dict]:
     """GPU ms per op kind (sum, count) of one tick run op by op outside the graph, the
     second of two runs; the sum over kinds is the kernels' time without the graph. And the
     same ops' ms per section (name, first op, end op as the builder counted them, e.g.
-    TickRunner.sections; the program puts its fill_rows op first when it is made, so the
-    builder's ops come one later), the program's own ops (the resets, the counters) as
-    "state"."""
+    TickRunner.sections, shifted by the program's op_offset), the program's own ops (the
+    resets, the counters) as "state"."""
     program.profile()
     times = program.profile()
     kinds = {}
@@ -77,7 +76,7 @@ def op_profile(program, sections=()) -> tuple[dict, dict]:
         total, n = kinds.get(name, (0.0, 0))
         kinds[name] = (total + ms, n + 1)
     by_kind = {k: [round(v[0], 4), v[1]] for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
-    shift = 1 if times and times[0][0] == "fill_rows" else 0
+    shift = program.op_offset()
     by_section, covered = {}, set()
     for name, first, end in sections:
         ops = range(first + shift, end + shift)
@@ -87,6 +86,19 @@ def op_profile(program, sections=()) -> tuple[dict, dict]:
     if rest and sections:
         by_section["state"] = [round(sum(rest), 4), len(rest)]
     return by_kind, by_section
+
+
+def section_times(program, sections, reps=30) -> dict:
+    """Each section's (name, first op, end op, as op_profile takes them) median and p99 ms,
+    its ops run alone `reps` times in a row, on CUDA as a graph of their own captured as the
+    tick's (TickProgram.time_range): where a tick's time goes as the graph runs it, not op
+    by op. They run on the program's state as a tick would; time the tick before this."""
+    shift = program.op_offset()
+    out = {}
+    for name, first, end in sections:
+        ms = sorted(program.time_range(first + shift, end + shift, reps))
+        out[name] = [round(ms[len(ms) // 2], 4), round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 4)]
+    return out
 
 
 def engine_ticks(lm, mimi, B, ticks, warmup, program=None, profile=False, kv_bits=None) -> dict:
@@ -124,6 +136,7 @@ def engine_ticks(lm, mimi, B, ticks, warmup, program=None, profile=False, kv_bit
     out["program"] = run is not None
     if profile and run is not None:
         out["profile"], out["sections"] = op_profile(run.program, run.sections)
+        out["graph_sections"] = section_times(run.program, run.sections)
     del engine, run
     gc.collect()
     mx.clear_cache()
@@ -148,6 +161,7 @@ def codec_ticks(mimi, B, ticks, warmup, profile=False) -> dict:
     out = summary(total)
     if profile:
         out["profile"], out["sections"] = op_profile(run.program, run.sections)
+        out["graph_sections"] = section_times(run.program, run.sections)
     del run
     gc.collect()
     return out
