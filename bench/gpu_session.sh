@@ -27,6 +27,8 @@
 # every-row-count + forced-split GPU tests 11-13; tick_bench 1,8,32,64 x bf16,q4 with --per-op-ticks 0
 # ~110 on a fresh machine (the self-test included); official 4 batches 60-88; tick_bench --kv-bits 8
 # 64,128 x 2 formats with --per-op-ticks 0 26 (the kv8 step runs the op-by-op engine too: minutes).
+# 2026-12-02 lease F: build 114, tests/gpu whole 241 + 261 (in two calls), official 94 (with --structure),
+# `table` 46 + 17, tc at 1,8,32,64 x bits 0,4,8 111 (it timed out at 110 s the first time: give it 180).
 # Ticks are quick once the engine is up: spend a lease's seconds on builds and engine starts
 # as little as possible (one tick_bench with many rows rather than several).
 # `build` is a no-op when the sources did not change. GPU_TESTS="tests/gpu/test_x.py ..."
@@ -35,6 +37,8 @@
 # OFFICIAL_DIR (default: $out), so copy it back there when the calls' $OUT differ.
 #   official   bench/official_loop.py (moshi's loop, its own process): full 7B and --structure
 #   ours       bench/tick_bench.py: full (bf16, q4, per-op at B=1, codec, profiles) and --structure
+#   table      issue 18's rows: bf16 and q4, the bf16 and the 8-bit KV cache, at BATCHES (parts timed in graphs
+#              of their own), and the 8-bit cache at 128 sessions (ours.json, ours_kv8.json for `report`)
 #   tc         bench/matvec_tc_bench.py: matvec's tensor-core path vs its streaming kernel vs MLX vs the
 #              floor at the 7B's projection shapes, TC_BATCHES rows (default 1,8,32,64)
 #   splits     matvec_tc_bench sweeping the split count along K (SPLITS) at SPLITS_BATCHES rows, and tick_bench
@@ -142,6 +146,22 @@ for step in "$@"; do
         timeout 150 python3 bench/tick_bench.py --batches 1,8 --formats 0 --structure --profile --per-op-ticks 0 \
           --json "$out/ours_structure.json" >> "$out/ours.log" 2>&1
         grep -v '"profile"' "$out/ours.log" | tail -5; tail -c 600 "$out/ours.log" ) ;;
+    table)
+      # Issue 18's rows in one go: bf16 and q4, each with the bf16 and the 8-bit KV cache, at
+      # BATCHES, every row's parts also timed each in a graph of its own (--profile:
+      # graph_sections), then the 8-bit cache at TABLE_KV8_BATCHES (default 128, where the bf16
+      # cache does not fit). Lease F (2026-12-02): 46 s and 17 s on a machine whose self-test
+      # verdict was cached; `report` makes the tables and the picture from them.
+      ( mlx_env
+        timeout 300 python3 bench/tick_bench.py --batches "$batches" --formats 0,4 --kv-bits 16,8 --profile \
+          --per-op-ticks 0 --json "$out/ours.json" > "$out/ours.log" 2>&1
+        timeout 150 python3 bench/tick_bench.py --batches "${TABLE_KV8_BATCHES:-128}" --formats 0,4 --kv-bits 8 \
+          --per-op-ticks 0 --json "$out/ours_kv8.json" > "$out/ours_kv8.log" 2>&1
+        grep -h '"median"' "$out/ours.log" "$out/ours_kv8.log" | python3 -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print(f\"{r['what']:18s} B={r['B']:<4d} {r['median']:7.2f} / {r['p99']:7.2f} ms\")" ) ;;
     tc)
       ( mlx_env
         timeout 240 python3 bench/matvec_tc_bench.py --batches "${TC_BATCHES:-1,8,32,64}" --json "$out/matvec_tc.json" \
@@ -186,8 +206,10 @@ for step in "$@"; do
         extra=()
         [ -f "$out/ours_kv8.json" ] && extra+=(--ours "$out/ours_kv8.json")
         python3 -c "import matplotlib" 2>/dev/null && extra+=(--plot "$out/tick.png")
-        python3 bench/perf_report.py --ours "$out/ours.json" "${extra[@]}" --ours-structure "$out/ours_structure.json" \
-          --official "$dir/official.json" --official-structure "$dir/official_structure.json" > "$out/tables.md"
+        [ -f "$out/ours_structure.json" ] && extra+=(--ours-structure "$out/ours_structure.json")
+        [ -f "$dir/official_structure.json" ] && extra+=(--official-structure "$dir/official_structure.json")
+        python3 bench/perf_report.py --ours "$out/ours.json" "${extra[@]}" --official "$dir/official.json" \
+          > "$out/tables.md"
         tail -30 "$out/tables.md" ) ;;
     pdl)
       ( mlx_env
@@ -255,6 +277,6 @@ PY
         timeout 400 python3 bench/gpu_bench.py --formats 0,4 --ref-batches 1 --iters 6 \
           --torch-json "$out/torch.json" --markdown "$out/perf.md" > "$out/bench.log" 2>&1
         tail -5 "$out/bench.log" ) ;;
-    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, pdl, ncu, tc, splits, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
+    *) echo "gpu_session.sh: unknown step $step (build, test, official, ours, table, pdl, ncu, tc, splits, dense-tc, kv8, report, parts, ray, random-7b, serve, bench)" >&2; exit 2 ;;
   esac
 done

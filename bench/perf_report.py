@@ -127,15 +127,18 @@ def ratio(a, b):
 
 def tick_table(ours, official, title):
     batches = sorted({B for (w, B) in ours if w.startswith("tick")} | set(official))
+    kv8 = [w for w in ("tick bf16 kv8", "tick q4 kv8") if any(k[0] == w for k in ours)]
     lines = [f"### {title}", "",
-             "| sessions | ours bf16 (median / p99 ms) | ours q4 | official loop bf16 | official / ours bf16 "
-             "| p99 / median (bf16) | host ms / tick (bf16) |",
-             "|---|---|---|---|---|---|---|"]
+             "| sessions | ours bf16 (median / p99 ms) | ours q4 | " +
+             "".join(f"ours {w.split()[1]}, 8-bit KV | " for w in kv8) +
+             "official loop bf16 | official / ours bf16 | p99 / median (bf16) | host ms / tick (bf16) |",
+             "|---|---|---|" + "---|" * len(kv8) + "---|---|---|---|"]
     for B in batches:
         bf, q4, off = ours.get(("tick bf16", B)), ours.get(("tick q4", B)), official.get(B)
         jitter = f"{bf['p99'] / bf['median']:.2f}" if bf and "median" in bf else "-"
         host = f"{bf['host']:.2f}" if bf and "host" in bf else "-"
-        lines.append(f"| {B} | {cell(bf)} | {cell(q4)} | {cell(off)} | {ratio(bf, off)} | {jitter} | {host} |")
+        lines.append(f"| {B} | {cell(bf)} | {cell(q4)} | " + "".join(f"{cell(ours.get((w, B)))} | " for w in kv8) +
+                     f"{cell(off)} | {ratio(bf, off)} | {jitter} | {host} |")
     return lines
 
 
@@ -148,6 +151,18 @@ def targets(ours, ours_s, official, official_s):
         r = rows.get(key)
         return r["p99"] / r["median"] if r and "median" in r else None
 
+    def temporal(key):  # the temporal transformer's step inside the tick, its ops alone in a graph
+        r = ours.get(key)
+        return r["graph_sections"]["temporal"][0] if r and "temporal" in r.get("graph_sections", {}) else None
+
+    # Issue 18's (many sessions); the 8-bit KV rows where tick_bench --kv-bits 8 ran.
+    many = [(f"whole tick {fmt}{' kv8' * kv}, B={B}", med(ours, (f"tick {fmt}{' kv8' * kv}", B)), target,
+             official.get(B) if fmt == "bf16" and not kv else None)
+            for B, bf16, q4 in ((8, 11.0, 9.0), (32, 22.0, 16.0), (64, 35.0, 26.0), (128, 60.0, 50.0))
+            for kv in ((False, True) if B < 128 else (True,))
+            for fmt, target in (("bf16", bf16), ("q4", q4))
+            if kv or ("tick bf16", B) in ours or ("tick q4", B) in ours]
+    many = [c for c in many if c[1] is not None or "kv8" not in c[0]]
     checks = [
         ("structure-only tick, B=1", med(ours_s, ("tick bf16", 1)), 2.0, official_s.get(1)),
         ("structure-only tick, B=8", med(ours_s, ("tick bf16", 8)), 3.0, official_s.get(8)),
@@ -155,6 +170,9 @@ def targets(ours, ours_s, official, official_s):
         ("Mimi encode + decode, B=64", med(ours, ("codec", 64)), 4.0, None),
         ("whole tick bf16, B=1", med(ours, ("tick bf16", 1)), 7.0, official.get(1)),
         ("whole tick q4, B=1", med(ours, ("tick q4", 1)), 5.0, None),
+        *many,
+        ("temporal step bf16 in the tick, B=1", temporal(("tick bf16", 1)), 4.5, None),
+        ("temporal step q4 in the tick, B=1", temporal(("tick q4", 1)), 2.0, None),
     ]
     lines = ["| what | ours (ms) | target | met | official loop (ms) |", "|---|---|---|---|---|"]
     for what, got, target, off in checks:
@@ -165,6 +183,13 @@ def targets(ours, ours_s, official, official_s):
     if worst:
         lines.append(f"| p99 / median of consecutive ticks (worst row) | {worst:.2f} | <= 1.2 | "
                      f"{'yes' if worst <= 1.2 else 'no'} | |")
+    pairs = [(B, med(ours, ("tick q4", B)), med(ours, ("tick bf16", B))) for B in sorted({k[1] for k in ours})]
+    pairs = [(B, q, b) for B, q, b in pairs if q is not None and b is not None]
+    if pairs:
+        slower = [str(B) for B, q, b in pairs if q >= b]
+        lines.append(f"| q4 faster than bf16 at every batch size | not at {', '.join(slower)} | | "
+                     f"{'no' if slower else 'yes'} | |" if slower else
+                     "| q4 faster than bf16 at every batch size | at all | | yes | |")
     return lines
 
 

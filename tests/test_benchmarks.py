@@ -75,6 +75,10 @@ def test_tick_bench_and_report_run_tiny(tmp_path):
     assert report.returncode == 0, report.stderr[-3000:]
     assert "| 2 |" in report.stdout and "whole tick bf16, B=1" in report.stdout
     assert "Real-time sessions (the largest measured batch whose p99 tick is under 80 ms): bf16 " in report.stdout
+    assert "| ours bf16, 8-bit KV | ours q4, 8-bit KV |" in report.stdout
+    temporal = [l for l in report.stdout.splitlines() if l.startswith("| temporal step q4 in the tick, B=1 |")]
+    assert len(temporal) == 1 and float(temporal[0].split("|")[2]) > 0  # from the row's graph_sections
+    assert "| q4 faster than bf16 at every batch size |" in report.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
