@@ -101,15 +101,15 @@ def test_codec_reset_keeps_the_lm_rows(model):
     assert (after["tokens"][1][:, 2:R] == -2).all()
 
 
-def test_time_range_runs_those_ops_alone(model):
+def check_time_range(model, B, gpu):
     """TickProgram.time_range (a part of the tick timed alone, bench/tick_bench.py --profile)
     runs ops [first, end) reps + 1 times (once to warm) and nothing else: all of them after
     two ticks leave the program as three more ticks of the same frame do, bit for bit; the
     frame's last op alone (TickRunner.sections' "lm output") moves the offsets and no ring.
-    A range that is not one is an error."""
-    B, reps = 2, 2
+    Returns that program's runner (tests/gpu/test_tick_gpu.py times a part of it)."""
+    reps = 2
     pcm = mx.array(frames(1, B, seed=9)[0])
-    runners = [tick.TickRunner(model.lm, model.mimi, B, GREEDY, gpu=False) for _ in range(2)]
+    runners = [tick.TickRunner(model.lm, model.mimi, B, GREEDY, gpu=gpu) for _ in range(2)]
     for runner in runners:
         control = np.zeros((B, tick.CONTROL_COLS), np.int32)
         control[:, 0] = tick.RESET_ALL
@@ -117,23 +117,33 @@ def test_time_range_runs_those_ops_alone(model):
             mx.eval(*runner(pcm, mx.array(control)))
             control[:, 0] = 0  # the control the ops find in the arena from here on
     ranged, ticked = runners
-    n = ranged.program.ops
-    times = ranged.program.time_range(0, n, reps)
+    times = ranged.program.time_range(0, ranged.program.ops, reps)
     assert len(times) == reps and all(t > 0 for t in times)
     for _ in range(reps + 1):
         mx.eval(*ticked(pcm, mx.array(control)))
     for key, want in ticked.read_lm().items():
         np.testing.assert_array_equal(ranged.read_lm()[key], want, err_msg=key)
     assert (ranged.read_lm()["offsets"] == 2 + reps + 1).all()
-    for got, want in zip(*(sum(r.read_kv(), []) for r in runners)):
-        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+
+    def rings(runner):
+        return [np.array(r.astype(mx.float32)) for r in sum(runner.read_kv(), [])]
+
+    for got, want in zip(rings(ranged), rings(ticked)):
+        np.testing.assert_array_equal(got, want)
     (first, end), = [(f, e) for name, f, e in ranged.sections if name == "lm output"]  # the frame's end
     shift = ranged.program.op_offset()
-    before, rings = ranged.read_lm(), sum(ranged.read_kv(), [])
+    before, kv = ranged.read_lm(), rings(ranged)
     ranged.program.time_range(first + shift, end + shift, 3)
     np.testing.assert_array_equal(ranged.read_lm()["offsets"], before["offsets"] + 4)
-    for got, want in zip(sum(ranged.read_kv(), []), rings):  # no layer ran
-        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    for got, want in zip(rings(ranged), kv):  # no layer ran
+        np.testing.assert_array_equal(got, want)
+    return ranged
+
+
+def test_time_range_runs_those_ops_alone(model):
+    """check_time_range on the CPU; a range that is not one is an error."""
+    ranged = check_time_range(model, B=2, gpu=False)
+    n = ranged.program.ops
     for first, end, r in ((3, 3, 1), (-1, 2, 1), (0, n + 1, 1), (0, 1, 0)):
         with pytest.raises(ValueError, match="time_range"):
             ranged.program.time_range(first, end, r)

@@ -24,6 +24,7 @@ from personaplex_fast.engine import Engine
 from personaplex_fast.loading import load_model
 from personaplex_fast.sampling import SamplingConfig
 from personaplex_fast.tiny import make_tiny
+from tests.test_tick import check_time_range
 
 GREEDY = SamplingConfig(greedy=True)
 
@@ -267,12 +268,10 @@ def test_gpu_program_is_the_same_with_and_without_programmatic_launch(request, m
 
 @pytest.mark.parametrize("form", ["bf16", "q4-small"])
 def test_gpu_time_range_runs_those_ops_alone(request, form):
-    """TickProgram.time_range on CUDA captures ops [first, end) into a graph of their own (the
-    others walked for their workspaces, launching nothing) and launches it reps + 1 times:
-    all ops after two ticks leave the program as three more ticks of the same frame do, bit
-    for bit (every kernel is deterministic: the PDL test above); the frame's last op alone
-    (TickRunner.sections' "lm output") moves the offsets and no ring; the temporal
-    transformer's ops alone take less time than the whole tick's."""
+    """tests/test_tick.py's check_time_range on CUDA, where time_range captures ops [first,
+    end) into a graph of their own (the others walked for their workspaces, launching
+    nothing): bit for bit against ticks, as every kernel is deterministic (the PDL test
+    above); and the temporal transformer's ops alone take less time than the whole tick's."""
     import mlx.nn as nn
 
     from personaplex_fast.checkpoint import quantizable
@@ -280,34 +279,13 @@ def test_gpu_time_range_runs_those_ops_alone(request, form):
     model = load_model(request.getfixturevalue("small" if form.endswith("small") else "tiny"), dtype=mx.bfloat16)
     if form.startswith("q4"):
         nn.quantize(model.lm, group_size=64, bits=4, class_predicate=quantizable(64))
-    B, reps = 3, 2
-    pcm = mx.array(frames(1, B, seed=9)[0])
-    runners = [tick.TickRunner(model.lm, model.mimi, B, GREEDY, gpu=True) for _ in range(2)]
-    control = np.zeros((B, tick.CONTROL_COLS), np.int32)
-    for runner in runners:
-        control[:, 0] = tick.RESET_ALL
-        for _ in range(2):
-            mx.eval(*runner(pcm, mx.array(control)))
-            control[:, 0] = 0
-    ranged, ticked = runners
-    n = ranged.program.ops
-    times = ranged.program.time_range(0, n, reps)
-    assert len(times) == reps and all(t > 0 for t in times)
-    for _ in range(reps + 1):
-        mx.eval(*ticked(pcm, mx.array(control)))
-    for key, want in ticked.read_lm().items():
-        np.testing.assert_array_equal(ranged.read_lm()[key], want, err_msg=key)
-    for got, want in zip(*(sum(r.read_kv(), []) for r in runners)):
-        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
-    (first, end), = [(f, e) for name, f, e in ranged.sections if name == "lm output"]  # the frame's end
-    shift = ranged.program.op_offset()
-    before, rings = ranged.read_lm(), sum(ranged.read_kv(), [])
-    ranged.program.time_range(first + shift, end + shift, 3)
-    np.testing.assert_array_equal(ranged.read_lm()["offsets"], before["offsets"] + 4)
-    for got, want in zip(sum(ranged.read_kv(), []), rings):  # no layer ran
-        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)))
+    ranged = check_time_range(model, B=3, gpu=True)
     (first, end), = [(f, e) for name, f, e in ranged.sections if name == "temporal"]
+    shift = ranged.program.op_offset()
     part = ranged.program.time_range(first + shift, end + shift, 5)
-    whole = ranged.program.time_range(0, n, 5)
+    whole = ranged.program.time_range(0, ranged.program.ops, 5)
     assert 0 < np.median(part) < np.median(whole)
-    mx.eval(*ranged(pcm, mx.array(control)))  # the tick's own graph still runs after the others
+    control = mx.zeros((3, tick.CONTROL_COLS), mx.int32)
+    audio, tokens = ranged(mx.array(frames(1, 3, seed=9)[0]), control)  # the tick's own graph still runs
+    mx.eval(audio, tokens)
+    assert np.isfinite(np.array(audio)).all()
