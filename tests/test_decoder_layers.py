@@ -111,9 +111,37 @@ def test_matches_the_pure_mlx_reference(dtype):
     assert 0 <= ops.check_report()["decoder_layers"] <= tol
 
 
+def test_more_than_8_sessions_where_every_projection_takes_tensor_cores(monkeypatch):
+    """ops.fused_rows_limit: above MATVEC_MAX_ROWS rows the fused projections (and so
+    decoder_layers) apply only on a CUDA device with 16-bit x, every K a multiple of the
+    tensor-core step (C and the FFN's width) and that path not failed in the self-test;
+    here the device is stood in for, the rule is what is tested."""
+    rng = np.random.default_rng(9)
+    C, H, hidden = 256, 2, 512
+    stacks = {bits: make_stack(rng, 1, C, hidden, bits, mx.bfloat16) for bits in (0, 4)}
+    failed = {}
+    monkeypatch.setattr(ops, "fallbacks", lambda: failed)
+    monkeypatch.setattr(ops, "_cuda_device", lambda: True)
+    for rows in (9, 17, 64, 130):
+        x = mx.zeros((rows, C), mx.bfloat16)
+        assert all(ops.decoder_layers_fusable(x, s, H) for s in stacks.values())
+        assert ops.matvec_fusable(x, stacks[0].layers[0].in_proj.w)
+        assert not ops.decoder_layers_fusable(x.astype(mx.float32), make_stack(rng, 1, C, hidden, 0, mx.float32), H)
+    x = mx.zeros((9, C), mx.bfloat16)
+    assert not ops.decoder_layers_fusable(x, make_stack(rng, 1, C, 320, 0, mx.bfloat16), H)  # FFN K off the step
+    assert not ops.decoder_layers_fusable(mx.zeros((9, 128), mx.bfloat16), make_stack(rng, 1, 128, hidden, 0,
+                                                                                       mx.bfloat16), H)
+    assert ops.decoder_layers_fusable(x[:8], make_stack(rng, 1, C, 320, 0, mx.bfloat16), H)  # 8: always
+    failed[ops.MATVEC_TC] = "failed"
+    assert not ops.decoder_layers_fusable(x, stacks[0], H) and ops.decoder_layers_fusable(x[:8], stacks[0], H)
+    failed.clear()
+    monkeypatch.setattr(ops, "_cuda_device", lambda: False)  # the CPU, Metal
+    assert not ops.decoder_layers_fusable(x, stacks[0], H) and not ops.matvec_fusable(x, stacks[0].layers[0].in_proj.w)
+
+
 def test_where_the_primitive_applies():
-    """ops.decoder_layers_fusable: one decode step of at most MATVEC_MAX_ROWS sessions,
-    head dims the attention kernels take, one bit width, not in reference mode; where
+    """ops.decoder_layers_fusable: one decode step of at most MATVEC_MAX_ROWS sessions (here,
+    on the CPU), head dims the attention kernels take, one bit width, not in reference mode; where
     it says no, ops.decoder_layers is the reference."""
     rng = np.random.default_rng(8)
     C, H = 128, 2

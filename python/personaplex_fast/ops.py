@@ -307,16 +307,42 @@ ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
 
 
 # Largest number of activation rows (sessions x new positions) sent to the fused
-# matvec; above it MLX's own matmul (a GEMM) reads the weights fewer times.
+# matvec where only its streaming kernel runs (the CPU, Metal, float32 x, a K off the
+# tensor-core step): it reads the weights once per 8 rows, so above 8 MLX's own matmul (a
+# GEMM) reads them fewer times.
 MATVEC_MAX_ROWS = 8
+# matvec's tensor-core path on CUDA (kernels/matvec_tc.cuh) takes 16-bit rows whose K is a
+# multiple of its step, any number of them (in chunks of 64, each reading the weights once),
+# as the tick program does at every batch size.
+TC_STEP = 256
+
+
+def _cuda_device() -> bool:
+    return mx.default_device().type == mx.gpu and _cuda_build()
+
+
+def fused_rows_limit(dtype, Ks) -> int | None:
+    """The most rows of x the fused projections take for x of `dtype` against weights of
+    these K: None (no limit) where every projection takes the tensor-core path (a CUDA
+    device, 16-bit x, every K a multiple of TC_STEP, the path not failed in the self-test),
+    else MATVEC_MAX_ROWS."""
+    if (_cuda_device() and dtype in (mx.bfloat16, mx.float16) and all(K % TC_STEP == 0 for K in Ks)
+            and MATVEC_TC not in fallbacks()):
+        return None
+    return MATVEC_MAX_ROWS
+
+
+def _rows_ok(rows: int, dtype, Ks) -> bool:
+    limit = fused_rows_limit(dtype, Ks) if rows > MATVEC_MAX_ROWS else MATVEC_MAX_ROWS
+    return 0 < rows and (limit is None or rows <= limit)
 
 
 def matvec_fusable(x, w, bits: int = 0) -> bool:
     """Whether ops.matvec takes the fused primitive for these operands."""
     K = x.shape[-1]
     rows = x.size // K if K else 0
-    return (0 < rows <= MATVEC_MAX_ROWS and x.dtype in FLOAT_DTYPES
-            and K % 8 == 0 and (w.dtype == x.dtype if bits == 0 else bits in (4, 8)))
+    return (x.dtype in FLOAT_DTYPES and K % 8 == 0 and (w.dtype == x.dtype if bits == 0 else bits in (4, 8))
+            and _rows_ok(rows, x.dtype, (K,)))
 
 
 def projection(layer: nn.Module) -> Projection | None:
@@ -404,15 +430,22 @@ def depformer_arrays(weights: DepformerWeights) -> tuple[list, list, list, list]
     return _derive(weights)[1]
 
 
+def _hidden(stack: LayerStack) -> int:
+    """The FFN's width: linear_out's K."""
+    p = stack.layers[0].linear_out
+    return p.w.shape[1] if p.bits == 0 else p.scales.shape[1] * 64
+
+
 def decoder_layers_fusable(x, stack: LayerStack | None, heads: int, k_cache=None) -> bool:
     """Whether ops.decoder_layers takes the fused primitive: one decode step (x [B, C],
-    or [B, 1, C]) of at most MATVEC_MAX_ROWS sessions in a float dtype, head dims the
+    or [B, 1, C]) of sessions in a float dtype, at most MATVEC_MAX_ROWS of them unless
+    every projection takes the tensor-core path (fused_rows_limit), head dims the
     attention kernels take, one bit width through the stack, and caches it attends over
     (cache_fusable; k_cache: a layer's, None: in x's dtype)."""
     return (stack is not None and not _reference() and (x.ndim == 2 or (x.ndim == 3 and x.shape[1] == 1))
-            and 0 < x.shape[0] <= MATVEC_MAX_ROWS and x.dtype in FLOAT_DTYPES
-            and x.shape[-1] // heads in ATTENTION_HEAD_DIMS and bits_of(stack) is not None
-            and (k_cache is None or cache_fusable(k_cache)))
+            and x.dtype in FLOAT_DTYPES and x.shape[-1] // heads in ATTENTION_HEAD_DIMS
+            and bits_of(stack) is not None and (k_cache is None or cache_fusable(k_cache))
+            and _rows_ok(x.shape[0], x.dtype, (x.shape[-1], _hidden(stack))))
 
 
 def decoder_layers(x, pos, stack: LayerStack, k_caches, v_caches, *, heads: int,

@@ -25,6 +25,8 @@ SHAPES = [  # B, C, H, hidden, W, L, rope
     (8, 1024, 16, 2816, 8, 2, None),         # depformer
     (1, 4096, 32, 11264, 3000, 2, 10000.0),  # 7B temporal, bfloat16 only (float32 adds
     (8, 4096, 32, 11264, 3000, 2, 10000.0),  # nothing there but minutes)
+    (17, 1024, 16, 2816, 8, 2, None),        # above 8 sessions: the tensor-core path in 16 bits
+    (64, 1024, 16, 2816, 8, 2, 10000.0),
 ]
 
 
@@ -37,7 +39,9 @@ def test_decoder_layers_gpu(dtype, bits, B, C, H, hidden, W, L, rope):
     stack = make_stack(rng, L, C, hidden, bits, dtype)
     ks, vs = caches(rng, L, B, H, W, C // H, dtype)
     x = mx.array(rng.standard_normal((B, C)).astype(np.float32)).astype(dtype)
-    for pos in ([0, 5, 2 * W + 1, W - 1, W, 7, 8, 9][:B], [3 * W + 2] * B):
+    # Above 8 sessions only 16-bit rows take the primitive (ops.fused_rows_limit), else the reference.
+    assert ops.decoder_layers_fusable(x, stack, H) == (B <= 8 or dtype == mx.bfloat16)
+    for pos in (([0, 5, 2 * W + 1, W - 1, W, 7, 8, 9] * 8)[:B], [3 * W + 2] * B):
         pos = mx.array(pos)
         with mx.stream(mx.gpu):
             y, k2, v2 = ops.decoder_layers(x, pos, stack, ks, vs, heads=H, rope_max_period=rope)
