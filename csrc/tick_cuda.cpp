@@ -460,7 +460,34 @@ static bool pdl_enabled() {
   return !(e && std::string(e) == "0");
 }
 
-// The dry pass and the capture, once.
+// One capture of the ops on s.capture into a graph the caller owns: those in [first, end)
+// launched as the tick launches them (programmatic dependent launch included), the others
+// walked for their workspaces and launching nothing (time_range). After the dry pass.
+static CUgraph capture(TickProgram& p, prog::CudaState& s, const std::vector<prog::Op>& ops, size_t first,
+                       size_t end) {
+  auto resolve = [&p](int h) { return p.at(h); };
+  s.next_workspace = 0;
+  ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
+  s.pdl = pdl_enabled();
+  s.after_ours = false;
+  CUgraph g = nullptr;
+  try {
+    for (size_t i = 0; i < ops.size(); ++i) {
+      s.muted = i < first || i >= end;
+      launch_op(s, p, ops[i], resolve);
+    }
+  } catch (...) {
+    s.muted = s.pdl = false;
+    cuStreamEndCapture(s.capture, &g);
+    if (g) cuGraphDestroy(g);
+    throw;
+  }
+  s.muted = s.pdl = false;
+  ck(cuStreamEndCapture(s.capture, &g), "cuStreamEndCapture");
+  return g;
+}
+
+// The dry pass and the tick's capture, once.
 static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::Op>& ops) {
   if (s.exec) return;
   auto resolve = [&p](int h) { return p.at(h); };
@@ -470,22 +497,8 @@ static void prepare(TickProgram& p, prog::CudaState& s, const std::vector<prog::
   for (const auto& op : ops) launch_op(s, p, op, resolve);
   ck(cuStreamSynchronize(s.capture), "cuStreamSynchronize (dry pass)");
   s.dry = false;
-  s.next_workspace = 0;
   if (s.shared_bytes && !s.shared_ws) ck(cuMemAlloc(&s.shared_ws, s.shared_bytes), "cuMemAlloc (shared scratch)");
-  ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
-  s.pdl = pdl_enabled();
-  s.after_ours = false;
-  try {
-    for (const auto& op : ops) launch_op(s, p, op, resolve);
-  } catch (...) {
-    s.pdl = false;
-    CUgraph g = nullptr;
-    cuStreamEndCapture(s.capture, &g);
-    if (g) cuGraphDestroy(g);
-    throw;
-  }
-  s.pdl = false;
-  ck(cuStreamEndCapture(s.capture, &s.graph), "cuStreamEndCapture");
+  s.graph = capture(p, s, ops, 0, ops.size());
   ck(cuGraphInstantiate(&s.exec, s.graph, 0), "cuGraphInstantiate");
 }
 
@@ -541,29 +554,13 @@ std::vector<double> TickProgram::time_range_cuda(int first, int end, int reps) {
   Ctx push(s.ctx);
   ck(cuCtxSynchronize(), "cuCtxSynchronize (time_range)");
   prepare(*this, s, ops_);
-  auto resolve = [this](int h) { return at(h); };
   CUgraph graph = nullptr;
   CUgraphExec exec = nullptr;
   std::vector<CUevent> ev(reps + 1);
   for (auto& e : ev) ck(cuEventCreate(&e, CU_EVENT_DEFAULT), "cuEventCreate");
   std::vector<double> ms(reps);
   try {
-    ck(cuStreamBeginCapture(s.capture, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL), "cuStreamBeginCapture");
-    s.pdl = pdl_enabled();
-    s.after_ours = false;
-    s.next_workspace = 0;
-    try {
-      for (int i = 0; i < ops(); ++i) {
-        s.muted = i < first || i >= end;
-        launch_op(s, *this, ops_[i], resolve);
-      }
-    } catch (...) {
-      s.muted = s.pdl = false;
-      cuStreamEndCapture(s.capture, &graph);
-      throw;
-    }
-    s.muted = s.pdl = false;
-    ck(cuStreamEndCapture(s.capture, &graph), "cuStreamEndCapture");
+    graph = capture(*this, s, ops_, first, end);
     ck(cuGraphInstantiate(&exec, graph, 0), "cuGraphInstantiate");
     ck(cuGraphLaunch(exec, s.capture), "cuGraphLaunch");  // warm
     for (int r = 0; r < reps; ++r) {
