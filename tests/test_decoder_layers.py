@@ -112,7 +112,7 @@ def test_matches_the_pure_mlx_reference(dtype):
 
 
 def test_more_than_8_sessions_where_every_projection_takes_tensor_cores(monkeypatch):
-    """ops.fused_rows_limit: above MATVEC_MAX_ROWS rows the fused projections (and so
+    """ops.tensor_cores_take: above MATVEC_MAX_ROWS rows the fused projections (and so
     decoder_layers) apply only on a CUDA device with 16-bit x, every K a multiple of the
     tensor-core step (C and the FFN's width) and that path not failed in the self-test;
     here the device is stood in for, the rule is what is tested."""

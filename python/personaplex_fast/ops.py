@@ -321,20 +321,17 @@ def _cuda_device() -> bool:
     return mx.default_device().type == mx.gpu and _cuda_build()
 
 
-def fused_rows_limit(dtype, Ks) -> int | None:
-    """The most rows of x the fused projections take for x of `dtype` against weights of
-    these K: None (no limit) where every projection takes the tensor-core path (a CUDA
-    device, 16-bit x, every K a multiple of TC_STEP, the path not failed in the self-test),
-    else MATVEC_MAX_ROWS."""
-    if (_cuda_device() and dtype in (mx.bfloat16, mx.float16) and all(K % TC_STEP == 0 for K in Ks)
-            and MATVEC_TC not in fallbacks()):
-        return None
-    return MATVEC_MAX_ROWS
+def tensor_cores_take(dtype, Ks) -> bool:
+    """Whether every projection of x in `dtype` against weights of these K takes the
+    tensor-core path, so any number of rows: a CUDA device, 16-bit x, every K a multiple of
+    TC_STEP, the path not failed in the self-test."""
+    return (_cuda_device() and dtype in (mx.bfloat16, mx.float16) and all(K % TC_STEP == 0 for K in Ks)
+            and MATVEC_TC not in fallbacks())
 
 
 def _rows_ok(rows: int, dtype, Ks) -> bool:
-    limit = fused_rows_limit(dtype, Ks) if rows > MATVEC_MAX_ROWS else MATVEC_MAX_ROWS
-    return 0 < rows and (limit is None or rows <= limit)
+    """At most MATVEC_MAX_ROWS rows, or any number where the tensor cores take them all."""
+    return 0 < rows and (rows <= MATVEC_MAX_ROWS or tensor_cores_take(dtype, Ks))
 
 
 def matvec_fusable(x, w, bits: int = 0) -> bool:
@@ -439,7 +436,7 @@ def _hidden(stack: LayerStack) -> int:
 def decoder_layers_fusable(x, stack: LayerStack | None, heads: int, k_cache=None) -> bool:
     """Whether ops.decoder_layers takes the fused primitive: one decode step (x [B, C],
     or [B, 1, C]) of sessions in a float dtype, at most MATVEC_MAX_ROWS of them unless
-    every projection takes the tensor-core path (fused_rows_limit), head dims the
+    every projection takes the tensor-core path (tensor_cores_take), head dims the
     attention kernels take, one bit width through the stack, and caches it attends over
     (cache_fusable; k_cache: a layer's, None: in x's dtype)."""
     return (stack is not None and not _reference() and (x.ndim == 2 or (x.ndim == 3 and x.shape[1] == 1))

@@ -39,7 +39,7 @@ def test_decoder_layers_gpu(dtype, bits, B, C, H, hidden, W, L, rope):
     stack = make_stack(rng, L, C, hidden, bits, dtype)
     ks, vs = caches(rng, L, B, H, W, C // H, dtype)
     x = mx.array(rng.standard_normal((B, C)).astype(np.float32)).astype(dtype)
-    # Above 8 sessions only 16-bit rows take the primitive (ops.fused_rows_limit), else the reference.
+    # Above 8 sessions only 16-bit rows take the primitive (ops.tensor_cores_take), else the reference.
     assert ops.decoder_layers_fusable(x, stack, H) == (B <= 8 or dtype == mx.bfloat16)
     for pos in (([0, 5, 2 * W + 1, W - 1, W, 7, 8, 9] * 8)[:B], [3 * W + 2] * B):
         pos = mx.array(pos)
