@@ -96,8 +96,8 @@ def section_times(program, sections, reps=30) -> dict:
     shift = program.op_offset()
     out = {}
     for name, first, end in sections:
-        ms = sorted(program.time_range(first + shift, end + shift, reps))
-        out[name] = [round(ms[len(ms) // 2], 4), round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 4)]
+        s = summary(program.time_range(first + shift, end + shift, reps))
+        out[name] = [round(s["median"], 4), round(s["p99"], 4)]
     return out
 
 
